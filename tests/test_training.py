@@ -1,0 +1,125 @@
+"""Training and export: identity at init, loss goes down on held-out data, determinism, ONNX parity."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from simskip_faiss.training import SimSkip, TrainConfig, nt_xent, supcon, train  # noqa: E402
+
+
+def test_untrained_refiner_is_identity(data):
+    x, _ = data
+    model = SimSkip(x.shape[1], hidden=64, depth=2, normalize=False).eval()
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(y, x)
+    normed = SimSkip(x.shape[1], normalize=True).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(normed(torch.from_numpy(x)).numpy(), x, atol=1e-6)  # x is unit-norm
+
+
+def test_nt_xent_matches_formula():
+    """NT-Xent against a direct per-anchor computation of -log softmax over the 2n-1 others."""
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    t = 0.5
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    total = 0.0
+    for i in range(10):
+        j = (i + 5) % 10
+        others = [k for k in range(10) if k != i]
+        denom = sum(torch.exp(z[i] @ z[k] / t) for k in others)
+        total += -torch.log(torch.exp(z[i] @ z[j] / t) / denom)
+    assert float(nt_xent(z1, z2, t)) == pytest.approx(float(total / 10), rel=1e-5)
+
+
+def test_supcon_prefers_label_aligned_embeddings():
+    labels = torch.tensor([0, 0, 1, 1])
+    aligned = torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]])
+    crossed = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1]])
+    assert float(supcon(aligned, labels, 0.1)) < float(supcon(crossed, labels, 0.1))
+
+
+def test_training_lowers_heldout_loss(trained):
+    hist = trained.history
+    assert hist[0]["epoch"] == 0 and len(hist) >= 2
+    # val is minus the held-out contrastive loss: it must rise above the identity's value
+    assert max(h["val"] for h in hist[1:]) > hist[0]["val"] + 0.05
+    assert trained.best_epoch >= 1
+
+
+def test_same_seed_same_weights(data):
+    x, _ = data
+    cfg = TrainConfig(hidden=16, epochs=1, batch_size=100, seed=3, threads=1, progress=False)
+    a, b = train(x, cfg), train(x, cfg)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    c = train(x, TrainConfig(hidden=16, epochs=1, batch_size=100, seed=4, threads=1, progress=False))
+    assert not torch.equal(a.model.f[0].weight, c.model.f[0].weight)
+
+
+def test_trains_from_memmapped_npy(tmp_path, data):
+    x, _ = data
+    path = tmp_path / "corpus.npy"
+    np.save(path, x)
+    cfg = TrainConfig(hidden=16, epochs=1, batch_size=100, seed=0, threads=1, progress=False)
+    from_file, from_array = train(path, cfg), train(x, cfg)
+    assert torch.equal(from_file.model.f[0].weight, from_array.model.f[0].weight)
+
+
+@pytest.mark.parametrize("bad, err", [
+    (dict(activation="swish"), "activation"), (dict(metric="cosine"), "metric"),
+    (dict(batch_size=1), "batch_size"), (dict(temperature=0), "temperature"),
+    (dict(unsupervised=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
+])
+def test_config_rejects_bad_values(bad, err):
+    with pytest.raises(ValueError, match=err):
+        TrainConfig(**bad)
+
+
+def test_train_rejects_bad_corpus(tmp_path):
+    with pytest.raises(ValueError, match="NaN"):
+        train(np.full((10, 4), np.nan, np.float32), TrainConfig(progress=False))
+    with pytest.raises(TypeError, match="dtype"):
+        train(np.zeros((10, 4), np.int32), TrainConfig(progress=False))
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        train(tmp_path / "missing.npy", TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="labels"):
+        train(np.eye(8, dtype=np.float32), TrainConfig(labels=1.0, progress=False))
+
+
+def test_export_parity_and_metadata(trained, onnx_path, data):
+    from simskip_faiss import Refiner
+
+    path, meta = onnx_path
+    assert meta["parity_max_abs_err"] <= 1e-5
+    ref = Refiner.load(path)
+    assert (ref.d_in, ref.d_out, ref.normalize) == (16, 16, True)
+    assert ref.metadata["metric"] == "ip" and ref.metadata["version"]
+    x, _ = data
+    with torch.no_grad():
+        want = trained.model(torch.from_numpy(x)).numpy()
+    for n in (1, 7, len(x)):
+        np.testing.assert_allclose(ref.transform(x[:n]), want[:n], atol=1e-5)
+    assert np.abs(ref.transform(x) - x).max() > 1e-3  # trained: not the identity
+
+
+def test_export_refuses_mismatch(trained, tmp_path, monkeypatch):
+    """verify() must raise when onnxruntime disagrees with torch (simulated by perturbing torch's output)."""
+    from simskip_faiss import export as ex
+
+    class Off(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.f, self.normalize, self.alpha = m, m.f, m.normalize, m.alpha
+
+        def forward(self, x):
+            return self.m(x) + (1e-3 if not torch.onnx.is_in_onnx_export() else 0.0)
+
+    real = ex.to_onnx_proto
+    monkeypatch.setattr(ex, "to_onnx_proto", lambda model, d, opset=18: real(model.m, d, opset))
+    with pytest.raises(RuntimeError, match="does not match torch"):
+        ex.export(Off(trained.model), tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
