@@ -10,7 +10,7 @@ from .index import RefinedIndex  # noqa: E402
 from .persistence import BundleError  # noqa: E402
 
 _LAZY = {
-    "TrainConfig": ("training", "TrainConfig"),
+    "TrainConfig": ("config", "TrainConfig"),
     "Supervision": ("training", "Supervision"),
     "train": ("training", "train"),
     "export": ("export", "export"),

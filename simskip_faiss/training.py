@@ -22,67 +22,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checks import as_matrix, check_finite
+from .config import ACTIVATION_NAMES, TrainConfig
 
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. Defaults follow DESIGN.md §2 and the project's measurements."""
-
-    # network: refined = x + alpha * f(x), f = MLP with `depth` hidden layers of width `hidden`
-    hidden: int = 512
-    depth: int = 1
-    activation: str = "gelu"
-    normalize: bool = True          # L2-normalise the output (required for inner-product / cosine indexes)
-    metric: str = "ip"              # the index metric the refiner is meant for: "ip" or "l2"
-    head_dim: int = 128             # projection head width (unsupervised loss only; dropped at export)
-    # signals: weights of each loss term; 0 switches it off
-    unsupervised: float = 1.0       # SimSkip: two augmented views of the same embedding
-    labels: float = 0.0             # supervised contrastive: same label = positive
-    pairs: float = 0.0              # query -> document InfoNCE
-    pair_mode: str = "symmetric"    # "symmetric" (one refiner for both) or "query_only" (documents stay raw)
-    # augmentations (unsupervised signal)
-    mask_prob: float = 0.1          # each coordinate zeroed with this probability
-    noise_scale: float = 0.1        # Gaussian noise, in units of the corpus's per-dimension std
-    # optimisation
-    temperature: float = 0.05
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 512
-    epochs: int = 10
-    patience: int = 3               # epochs without held-out improvement before stopping
-    val_fraction: float = 0.1       # held-out slice of the corpus for early stopping (unsupervised)
-    max_val: int = 4096             # cap on held-out vectors scored each epoch
-    seed: int = 0
-    threads: int | None = None      # torch intra-op threads; None leaves torch's default
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if self.metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
-        if self.pair_mode not in ("symmetric", "query_only"):
-            raise ValueError(f"pair_mode must be 'symmetric' or 'query_only', got {self.pair_mode!r}")
-        for name in ("hidden", "depth", "head_dim", "batch_size", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError("batch_size must be at least 2 (contrastive losses need negatives)")
-        if not 0 <= self.mask_prob < 1:
-            raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if min(self.unsupervised, self.labels, self.pairs) < 0 or self.unsupervised + self.labels + self.pairs == 0:
-            raise ValueError("signal weights must be >= 0 and at least one must be > 0")
-        if self.pair_mode == "query_only" and (self.unsupervised > 0 or self.labels > 0):
-            raise ValueError("pair_mode='query_only' refines queries only; combine it with no other signal")
-        if self.metric == "ip" and not self.normalize:
-            raise ValueError("an inner-product refiner must L2-normalise its output (normalize=True): "
-                             "after a non-isometric transform raw inner products are not comparable")
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
 
 
 class SimSkip(nn.Module):
@@ -214,6 +159,9 @@ class _Augment:
         return x * keep + torch.randn(x.shape, generator=gen) * self.std
 
 
+WEIGHTS = {"unsupervised": "unsupervised_weight", "labels": "label_weight", "pairs": "pair_weight"}
+
+
 class _Losses(nn.Module):
     """The weighted training objective; holds the projection head so it is dropped with this object."""
 
@@ -225,13 +173,13 @@ class _Losses(nn.Module):
     def forward(self, model: SimSkip, x: torch.Tensor, rows: np.ndarray, corpus: np.ndarray,
                 gen: torch.Generator, pair_batch: np.ndarray | None) -> dict[str, torch.Tensor]:
         cfg, out = self.cfg, {}
-        if cfg.unsupervised > 0:
+        if cfg.unsupervised_weight > 0:
             z1 = self.head(model(self.augment(x, gen)))
             z2 = self.head(model(self.augment(x, gen)))
             out["unsupervised"] = nt_xent(z1, z2, cfg.temperature)
-        if cfg.labels > 0:
+        if cfg.label_weight > 0:
             out["labels"] = supcon(model(x), torch.from_numpy(self.sup.labels[rows]), cfg.temperature)
-        if cfg.pairs > 0 and pair_batch is not None and len(pair_batch) > 1:
+        if cfg.pair_weight > 0 and pair_batch is not None and len(pair_batch) > 1:
             qi, di = self.sup.pair_query[pair_batch], self.sup.pair_doc[pair_batch]
             q = model(_rows(self.sup.queries, qi))
             if cfg.pair_mode == "query_only":
@@ -241,7 +189,7 @@ class _Losses(nn.Module):
         return out
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(getattr(self.cfg, k) * v for k, v in parts.items())
+        return sum(getattr(self.cfg, WEIGHTS[k]) * v for k, v in parts.items())
 
 
 def train(corpus, config: TrainConfig | None = None, supervision: Supervision | None = None,
@@ -271,18 +219,18 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
     if len(train_rows) < 2:
         raise ValueError(f"only {len(train_rows)} training vectors; need at least 2")
     sup = _check_supervision(cfg, supervision, n, d)
-    if cfg.labels > 0:  # supcon needs labelled rows; unlabelled rows still serve the unsupervised term
+    if cfg.label_weight > 0:  # supcon needs labelled rows; unlabelled rows still serve the unsupervised term
         labelled = train_rows[sup.labels[train_rows] >= 0]
-        if cfg.unsupervised == 0:
+        if cfg.unsupervised_weight == 0:
             train_rows = labelled
-    pairs_train = np.arange(len(sup.pair_query)) if cfg.pairs > 0 else None
+    pairs_train = np.arange(len(sup.pair_query)) if cfg.pair_weight > 0 else None
 
     model = SimSkip(d, cfg.hidden, cfg.depth, cfg.activation, cfg.normalize)
-    doc_bank = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32)) if cfg.pair_mode == "query_only" and cfg.pairs > 0 else None
+    doc_bank = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32)) if cfg.pair_mode == "query_only" and cfg.pair_weight > 0 else None
     losses = _Losses(cfg, d, _Augment(_column_std(corpus, rng), cfg.mask_prob, cfg.noise_scale), sup, doc_bank)
     opt = torch.optim.AdamW(list(model.parameters()) + list(losses.head.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    steps = max(1, math.ceil((len(pairs_train) if cfg.unsupervised == 0 and cfg.labels == 0 else len(train_rows)) / cfg.batch_size))
+    steps = max(1, math.ceil((len(pairs_train) if cfg.unsupervised_weight == 0 and cfg.label_weight == 0 else len(train_rows)) / cfg.batch_size))
     val_x = _rows(corpus, val_rows[: cfg.max_val]) if len(val_rows) else None
     val_seed = cfg.seed + 7919
 
@@ -349,14 +297,14 @@ def _state(model: nn.Module) -> dict:
 
 def _check_supervision(cfg: TrainConfig, sup: Supervision | None, n: int, d: int) -> Supervision:
     sup = sup or Supervision()
-    if cfg.labels > 0:
+    if cfg.label_weight > 0:
         if sup.labels is None:
             raise ValueError("labels weight > 0 but no labels were given")
         sup.labels = np.asarray(sup.labels)
         if sup.labels.dtype.kind not in "iu" or sup.labels.shape != (n,):
             raise ValueError(f"labels must be integers of shape ({n},), got {sup.labels.dtype} {sup.labels.shape}")
         sup.labels = sup.labels.astype(np.int64)
-    if cfg.pairs > 0:
+    if cfg.pair_weight > 0:
         if sup.queries is None or sup.pair_query is None or sup.pair_doc is None:
             raise ValueError("pairs weight > 0 but no queries and query->document pairs were given")
         sup.queries = as_matrix(sup.queries, d, "queries")
@@ -375,3 +323,187 @@ def _check_supervision(cfg: TrainConfig, sup: Supervision | None, n: int, d: int
 
 def config_dict(cfg: TrainConfig) -> dict:
     return asdict(cfg)
+
+
+# -- the guard: training on an EmbeddingData, alpha and epoch chosen on validation --------------
+
+@dataclass
+class GuardReport:
+    """What the guard saw and chose; stored in the ONNX metadata and printed."""
+
+    alpha: float
+    epoch: int
+    criterion: str
+    raw: dict[str, float]
+    candidates: list[dict]
+    reason: str
+
+    def summary(self) -> str:
+        lines = [f"guard: alpha={self.alpha:g} (epoch {self.epoch}), criterion: {self.criterion}", f"  {self.reason}"]
+        keys = list(self.raw)
+        lines.append("  alpha  " + "  ".join(f"{k:>16}" for k in keys) + "  objective")
+        lines.append("  raw    " + "  ".join(f"{self.raw[k]:16.4f}" for k in keys))
+        for c in self.candidates:
+            mark = " <" if c["alpha"] == self.alpha and self.alpha > 0 else ""
+            lines.append(f"  {c['alpha']:<5g}  " + "  ".join(f"{c['metrics'][k]:16.4f}" for k in keys)
+                         + f"  {c['objective']:+.4f}{'' if c['feasible'] else ' (drops)'}{mark}")
+        return "\n".join(lines)
+
+
+class _Validator:
+    """Scores a model on the validation split at every alpha of the grid, with exact FAISS search."""
+
+    def __init__(self, data, cfg: TrainConfig):
+        import faiss  # noqa: F401  (imported here: training already depends on it via the index)
+
+        from .evaluation import task_queries
+
+        self.data, self.cfg = data, cfg
+        try:
+            self.queries = task_queries(data, "val", cfg.max_val_queries, cfg.seed)
+        except ValueError:
+            self.queries = {}
+        if cfg.label_weight > 0 and "labels" not in self.queries:
+            raise ValueError("labels training needs labelled validation rows to guard against")
+        if cfg.pair_weight > 0 and "pairs" not in self.queries:
+            raise ValueError("pairs training needs validation queries with qrels to guard against")
+        if not self.queries:  # unsupervised and nothing to validate on: raw-neighbour agreement proxy
+            rows = data.split_rows("val")
+            self.queries = {"agreement": rows[: cfg.max_val_queries]}
+        self.criterion = ("neighbour agreement with raw >= %g" % cfg.min_agreement if "agreement" in self.queries
+                          else "no validation metric below raw by more than %g; maximise mean relative gain" % cfg.tolerance)
+        self.raw = self._metrics(data.corpus, self._query_vectors(lambda x: x))
+        self.best: tuple[float, float, list] = (0.0, 0.0, [])
+
+    def _query_vectors(self, refine) -> dict[str, np.ndarray]:
+        q = {}
+        if "labels" in self.queries or "agreement" in self.queries:
+            rows = self.queries.get("labels", self.queries.get("agreement"))
+            q["rows"] = refine(np.asarray(self.data.corpus[rows]))
+        if "pairs" in self.queries:
+            q["pairs"] = refine(self.data.queries[self.queries["pairs"]])
+        return q
+
+    def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray]) -> dict[str, float]:
+        import faiss
+
+        from .metrics import drop_self, knn_recall, per_query_metrics
+
+        index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
+        index.add(np.ascontiguousarray(docs, dtype=np.float32))
+        out, data = {}, self.data
+        if "labels" in self.queries:
+            rows = self.queries["labels"]
+            I = drop_self(index.search(q["rows"], 101)[1], rows, 100)
+            counts = np.bincount(data.labels[data.labels >= 0])
+            ql = data.labels[rows]
+            pq = per_query_metrics(I, query_labels=ql, db_labels=data.labels,
+                                   n_relevant=np.where(ql >= 0, counts[np.maximum(ql, 0)] - 1, 0), ks=(10, 100))
+            out["labels:precision@10"], out["labels:map@100"] = float(pq["precision@10"].mean()), float(pq["map@100"].mean())
+        if "pairs" in self.queries:
+            I = index.search(q["pairs"], 10)[1]
+            pq = per_query_metrics(I, [data.qrels[i] for i in self.queries["pairs"]], ks=(10,))
+            out["pairs:ndcg@10"] = float(pq["ndcg@10"].mean())
+        if "agreement" in self.queries:
+            rows = self.queries["agreement"]
+            I = drop_self(index.search(q["rows"], 11)[1], rows, 10)
+            if not hasattr(self, "_raw_nn"):
+                self._raw_nn = I
+            out["agreement@10"] = knn_recall(self._raw_nn, I, ks=(10,))["10-recall@10"]
+        return out
+
+    def _objective(self, m: dict[str, float]) -> tuple[bool, float]:
+        if "agreement@10" in m:
+            return m["agreement@10"] >= self.cfg.min_agreement, 0.0
+        feasible = all(m[k] >= self.raw[k] - self.cfg.tolerance for k in m)
+        return feasible, float(np.mean([(m[k] - self.raw[k]) / max(self.raw[k], 1e-9) for k in m]))
+
+    def sweep(self, model: SimSkip) -> tuple[float, float, list[dict]]:
+        """(best objective, its alpha, all candidates) for the model's current weights."""
+        saved = model.alpha.clone()
+        docs_raw = self.data.corpus
+        cands = []
+        with torch.no_grad():
+            for a in self.cfg.alphas:
+                model.alpha.fill_(a)
+                refine = lambda x: model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()  # noqa: E731
+                docs = docs_raw if self.cfg.pair_mode == "query_only" else _refine_all(model, docs_raw)
+                m = self._metrics(docs, self._query_vectors(refine))
+                feasible, obj = self._objective(m)
+                cands.append({"alpha": a, "metrics": m, "feasible": feasible, "objective": obj})
+        model.alpha.copy_(saved)
+        ok = [c for c in cands if c["feasible"] and c["alpha"] > 0]
+        if "agreement" in self.queries:  # proxy: the boldest alpha that keeps the raw neighbourhoods
+            best = max(ok, key=lambda c: c["alpha"], default=None)
+            return (best["alpha"] if best else 0.0), (best["alpha"] if best else 0.0), cands
+        best = max(ok, key=lambda c: c["objective"], default=None)
+        if best is None or best["objective"] <= 0:
+            return 0.0, 0.0, cands
+        return best["objective"], best["alpha"], cands
+
+
+def _refine_all(model: SimSkip, x: np.ndarray, batch: int = 8192) -> np.ndarray:
+    out = np.empty((x.shape[0], x.shape[1]), dtype=np.float32)
+    for s in range(0, x.shape[0], batch):
+        out[s:s + batch] = model(torch.from_numpy(np.ascontiguousarray(x[s:s + batch], dtype=np.float32))).numpy()
+    return out
+
+
+@dataclass
+class FitResult(TrainResult):
+    guard: GuardReport | None = None
+
+    def metadata(self) -> dict:
+        """What export() stamps into the ONNX file besides dimensions."""
+        meta = {"config": config_dict(self.config), "metric": self.config.metric, "best_epoch": self.best_epoch,
+                "train_seconds": round(self.seconds, 2), "n_train": self.n_train,
+                "apply_to": "queries" if self.config.pair_mode == "query_only" and self.config.pair_weight > 0 else "both"}
+        if self.guard is not None:
+            meta["guard"] = asdict(self.guard)
+        return meta
+
+
+def fit(data, config: TrainConfig | None = None) -> FitResult:
+    """Train on an `EmbeddingData`'s train split; with `config.guard`, pick epoch and alpha on its val split.
+
+    Labels of non-train rows and pairs of non-train queries are hidden from training. If no alpha
+    beats raw on validation, the result is the identity (alpha = 0) and the guard report says so.
+    """
+    cfg = config or TrainConfig()
+    labels = None
+    if data.labels is not None:
+        labels = np.where(data.corpus_split == 0, data.labels, -1).astype(np.int64)
+    sup = Supervision(labels=labels)
+    if data.queries is not None and data.qrels is not None:
+        train_q = data.split_queries("train")
+        pq = np.concatenate([np.full(len(data.qrels[i]), i, dtype=np.int64) for i in train_q] or [np.zeros(0, np.int64)])
+        pd = np.concatenate([data.qrels[i] for i in train_q] or [np.zeros(0, np.int64)]).astype(np.int64)
+        sup = Supervision(labels=labels, queries=data.queries, pair_query=pq, pair_doc=pd)
+    validator = _Validator(data, cfg) if cfg.guard else None
+    proxy = validator is not None and "agreement" in validator.queries
+    chosen: dict[int, tuple[float, list]] = {}
+    epoch_counter = iter(range(10**9))
+
+    def val_score(model):
+        obj, alpha, cands = validator.sweep(model)
+        chosen[next(epoch_counter)] = (alpha, cands)
+        return obj
+
+    # with only the agreement proxy there is no quality signal: epochs follow the held-out loss,
+    # and alpha is chosen once, for the best epoch
+    res = train(data.corpus, cfg, sup, data.split_rows("train"), data.split_rows("val"),
+                val_score=val_score if validator and not proxy else None)
+    out = FitResult(**{k: getattr(res, k) for k in ("model", "config", "history", "best_epoch", "seconds", "n_train")})
+    if validator:
+        alpha, cands = validator.sweep(out.model)[1:] if proxy else chosen[out.best_epoch]
+        out.model.alpha.fill_(alpha)
+        if alpha == 0:
+            reason = "no alpha > 0 beat the raw vectors on validation without a drop: shipping the identity"
+        else:
+            reason = f"alpha={alpha:g} at epoch {out.best_epoch} gave the best validation result with no metric dropping"
+        if "agreement" in validator.queries:
+            reason += " (no labels or pairs to validate on: quality was not measured, only closeness to raw)"
+        out.guard = GuardReport(alpha=alpha, epoch=out.best_epoch, criterion=validator.criterion,
+                                raw=validator.raw, candidates=cands, reason=reason)
+        log.info("%s", out.guard.summary())
+    return out

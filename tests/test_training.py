@@ -72,7 +72,7 @@ def test_trains_from_memmapped_npy(tmp_path, data):
 @pytest.mark.parametrize("bad, err", [
     (dict(activation="swish"), "activation"), (dict(metric="cosine"), "metric"),
     (dict(batch_size=1), "batch_size"), (dict(temperature=0), "temperature"),
-    (dict(unsupervised=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
+    (dict(unsupervised_weight=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
 ])
 def test_config_rejects_bad_values(bad, err):
     with pytest.raises(ValueError, match=err):
@@ -87,7 +87,7 @@ def test_train_rejects_bad_corpus(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         train(tmp_path / "missing.npy", TrainConfig(progress=False))
     with pytest.raises(ValueError, match="labels"):
-        train(np.eye(8, dtype=np.float32), TrainConfig(labels=1.0, progress=False))
+        train(np.eye(8, dtype=np.float32), TrainConfig(label_weight=1.0, progress=False))
 
 
 def test_export_parity_and_metadata(trained, onnx_path, data):
