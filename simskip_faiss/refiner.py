@@ -144,3 +144,60 @@ def load_refiner(path: str | os.PathLike | None, d: int | None = None, threads: 
             raise ValueError("an identity refiner needs the dimension d")
         return IdentityRefiner(d, normalize=normalize)
     return Refiner.load(path, threads=threads)
+
+
+class LinearRefiner:
+    """y = normalize?((x - mean) @ A.T): centring, whitening, all-but-the-top, or a distilled linear refiner.
+
+    Linear maps need no ONNX: `to_faiss` puts them inside a native faiss.IndexPreTransform.
+    """
+
+    is_identity = False
+    apply_to = "both"
+
+    def __init__(self, A: np.ndarray, mean: np.ndarray, normalize: bool = True, name: str = "linear"):
+        self.A = np.ascontiguousarray(A, dtype=np.float32)
+        self.mean = np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
+        if self.A.ndim != 2 or self.A.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"A must be (d_out, d_in) with d_in = len(mean); got {self.A.shape} and {self.mean.shape}")
+        self.d_out, self.d_in = self.A.shape
+        self.normalize = bool(normalize)
+        self.name = name
+        self.sha256 = hashlib.sha256(self.A.tobytes() + self.mean.tobytes()).hexdigest()
+        self.metadata = {"kind": "linear", "name": name, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize}
+
+    def transform(self, x) -> np.ndarray:
+        return self.apply(as_matrix(x, self.d_in))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        y = (x - self.mean) @ self.A.T
+        return l2_normalize(y) if self.normalize else y
+
+    __call__ = transform
+
+    @classmethod
+    def centring(cls, x: np.ndarray, normalize: bool = True) -> "LinearRefiner":
+        """Subtract the corpus mean (and renormalise): the free baseline SimSkip must beat."""
+        x = as_matrix(x)
+        return cls(np.eye(x.shape[1], dtype=np.float32), x.mean(0), normalize, "centred")
+
+    @classmethod
+    def whitening(cls, x: np.ndarray, normalize: bool = True, eps: float = 1e-5) -> "LinearRefiner":
+        """PCA whitening: decorrelate and equalise the variance of every principal direction."""
+        x = as_matrix(x)
+        mean, (evals, evecs) = x.mean(0), np.linalg.eigh(np.cov(x - x.mean(0), rowvar=False))
+        scale = 1.0 / np.sqrt(np.maximum(evals, 0) + eps * max(evals.max(), 1e-12))
+        return cls((evecs * scale).T, mean, normalize, "whitened")
+
+    @classmethod
+    def all_but_the_top(cls, x: np.ndarray, n_components: int | None = None, normalize: bool = True) -> "LinearRefiner":
+        """Mu & Viswanath (ICLR 2018): remove the mean and the top principal directions (default d/100)."""
+        x = as_matrix(x)
+        d = x.shape[1]
+        D = n_components if n_components is not None else max(1, round(d / 100))
+        _, evecs = np.linalg.eigh(np.cov(x - x.mean(0), rowvar=False))
+        top = evecs[:, ::-1][:, :D]
+        return cls(np.eye(d, dtype=np.float32) - top @ top.T, x.mean(0), normalize, f"all-but-the-top({D})")
+
+    def __repr__(self) -> str:
+        return f"LinearRefiner({self.name}, d_in={self.d_in}, d_out={self.d_out}, normalize={self.normalize})"

@@ -1,0 +1,292 @@
+"""Does refinement help? Retrieval quality and ANN fidelity, refined vs raw vs free baselines.
+
+Two axes, never conflated (DESIGN.md §4):
+1. retrieval quality on held-out queries (labels: precision@10, mAP@100; pairs: nDCG@10,
+   Recall@10/100, MRR@10), every method searched through the same `RefinedIndex` path as
+   production, with a paired-bootstrap interval on the change against raw;
+2. ANN fidelity in each refined space: 1-recall@1, 1-recall@10, 10-recall@10 and queries/s over a
+   sweep of efSearch / nprobe, ground truth = exact search over the refined vectors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
+from tqdm.auto import tqdm
+
+from .datasets import EmbeddingData
+from .index import RefinedIndex, metric_code
+from .metrics import drop_self, knn_recall, paired_bootstrap, per_query_metrics
+from .persistence import atomic_write_bytes
+from .refiner import IdentityRefiner, LinearRefiner
+
+log = logging.getLogger(__name__)
+
+LABEL_METRICS = ("precision@10", "map@100")
+PAIR_METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
+HEADLINE = {"labels": "map@100", "pairs": "ndcg@10"}
+BASELINES = ("raw", "centred", "whitened", "abtt")
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate. `factory` is the index quality is measured through (exact by default, so
+    that ANN error does not blur quality); `ann_factory` is the one whose recall/speed is swept."""
+
+    factory: str = "Flat"
+    metric: str = "ip"
+    split: str = "test"
+    baselines: tuple[str, ...] = BASELINES
+    abtt_components: int | None = None       # None: d/100 (Mu & Viswanath)
+    max_queries: int | None = 5000           # per task, seeded subsample of the split's queries
+    ann_factory: str | None = "HNSW32"       # None skips the ANN axis
+    ann_sweep: tuple[int, ...] | None = None  # efSearch / nprobe values; None picks by index type
+    ann_methods: tuple[str, ...] | None = None  # None: raw + every refiner under test
+    threads: int = 2
+    bootstrap: int = 1000
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class EvalReport:
+    """Long-format results: one row per (method, task, metric), plus the ANN sweep."""
+
+    quality: list[dict] = field(default_factory=list)
+    ann: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def value(self, method: str, task: str, metric: str) -> float:
+        for r in self.quality:
+            if (r["method"], r["task"], r["metric"]) == (method, task, metric):
+                return r["value"]
+        raise KeyError(f"no result for {method}/{task}/{metric}")
+
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r["method"] for r in self.quality))
+
+    def table(self) -> str:
+        """A plain-text table: methods as rows, task metrics as columns, Δ vs raw on headline metrics."""
+        if not self.quality:
+            return "(no labels or qrels: retrieval quality not measured)\n\n" + _ann_table(self.ann)
+        cols = list(dict.fromkeys((r["task"], r["metric"]) for r in self.quality))
+        head = ["method"] + [f"{t}:{m}" for t, m in cols]
+        rows = []
+        for meth in self.methods():
+            cells = [meth]
+            for t, m in cols:
+                r = next((r for r in self.quality if (r["method"], r["task"], r["metric"]) == (meth, t, m)), None)
+                if r is None:
+                    cells.append("")
+                elif meth != "raw" and HEADLINE.get(t) == m:
+                    cells.append(f"{r['value']:.4f} ({r['delta']:+.4f}{'*' if r['significant'] else ''})")
+                else:
+                    cells.append(f"{r['value']:.4f}")
+            rows.append(cells)
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        lines.append("(Δ vs raw in brackets on headline metrics; * = 95% paired-bootstrap interval excludes 0)")
+        if self.ann:
+            lines += ["", _ann_table(self.ann)]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        cols = list(dict.fromkeys((r["task"], r["metric"]) for r in self.quality))
+        out = ["| method | " + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for meth in self.methods():
+            cells = []
+            for t, m in cols:
+                r = next((r for r in self.quality if (r["method"], r["task"], r["metric"]) == (meth, t, m)), None)
+                cells.append("" if r is None else f"{r['value']:.4f}" + (f" ({r['delta']:+.4f})" if meth != "raw" else ""))
+            out.append(f"| {meth} | " + " | ".join(cells) + " |")
+        if self.ann:
+            out += ["", "ANN fidelity in each method's own space (ground truth: exact search there):", "",
+                    "| method | index | param | 1-recall@1 | 1-recall@10 | 10-recall@10 | queries/s |", "|---" * 7 + "|"]
+            for a in self.ann:
+                out.append(f"| {a['method']} | {a['factory']} | {a['param']}={a['value']} | {a['1-recall@1']:.4f} | "
+                           f"{a['1-recall@10']:.4f} | {a['10-recall@10']:.4f} | {a['qps']:.0f} |")
+        return "\n".join(out)
+
+    def to_json(self) -> str:
+        return json.dumps({"quality": self.quality, "ann": self.ann, "info": self.info}, indent=2, default=_jsonable)
+
+    def write(self, directory: str | os.PathLike, plots: bool = True) -> Path:
+        """report.json, report.md and (if matplotlib is installed) quality.png and ann.png."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(d / "report.json", self.to_json().encode())
+        atomic_write_bytes(d / "report.md", (_md_header(self.info) + self.to_markdown() + "\n").encode())
+        if plots:
+            try:
+                from .plots import plot_ann, plot_quality
+            except ImportError:
+                log.warning("matplotlib is not installed: no PNG plots")
+            else:
+                plot_quality(self, d / "quality.png")
+                if self.ann:
+                    plot_ann(self, d / "ann.png")
+        return d
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _md_header(info: dict) -> str:
+    lines = ["# simskip-faiss evaluation", ""]
+    for k in ("data", "split", "factory", "metric", "queries", "machine", "command"):
+        if k in info:
+            lines.append(f"- **{k}**: {info[k]}")
+    return "\n".join(lines) + "\n\n"
+
+
+def _ann_table(ann: list[dict]) -> str:
+    head = f"{'method':<16} {'index':<10} {'param':<14} {'1-R@1':>7} {'1-R@10':>7} {'10-R@10':>8} {'q/s':>9}"
+    lines = [head, "-" * len(head)]
+    for a in ann:
+        lines.append(f"{a['method']:<16} {a['factory']:<10} {a['param'] + '=' + str(a['value']):<14} "
+                     f"{a['1-recall@1']:7.4f} {a['1-recall@10']:7.4f} {a['10-recall@10']:8.4f} {a['qps']:9.0f}")
+    return "\n".join(lines)
+
+
+def baselines(x_train: np.ndarray, names=BASELINES, abtt_components: int | None = None) -> dict:
+    """The free baselines, fitted on training rows only: raw, centred, PCA-whitened, all-but-the-top."""
+    d = x_train.shape[1]
+    made = {"raw": lambda: IdentityRefiner(d), "centred": lambda: LinearRefiner.centring(x_train),
+            "whitened": lambda: LinearRefiner.whitening(x_train),
+            "abtt": lambda: LinearRefiner.all_but_the_top(x_train, abtt_components)}
+    unknown = set(names) - set(made)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {list(made)}")
+    return {n: made[n]() for n in names}
+
+
+def task_queries(data: EmbeddingData, split: str, max_queries: int | None, seed: int = 0) -> dict:
+    """Query ids per task for a split (seeded subsample when capped)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    if data.labels is not None:
+        rows = data.split_rows(split)
+        out["labels"] = np.sort(rng.choice(rows, max_queries, replace=False)) if max_queries and len(rows) > max_queries else rows
+    if data.queries is not None and data.qrels is not None:
+        q = data.split_queries(split)
+        out["pairs"] = np.sort(rng.choice(q, max_queries, replace=False)) if max_queries and len(q) > max_queries else q
+    return out
+
+
+def score(index: RefinedIndex, data: EmbeddingData, queries: dict, k: int = 100) -> dict[str, dict[str, np.ndarray]]:
+    """Per-query metrics of one built index, for each task (label queries are corpus rows: self is dropped)."""
+    out = {}
+    k = min(k, index.ntotal - 1)
+    if "labels" in queries:
+        rows = queries["labels"]
+        _, I = index.search(np.asarray(data.corpus[rows]), k + 1)
+        I = drop_self(I, rows, k)
+        counts = np.bincount(data.labels[data.labels >= 0], minlength=int(data.labels.max()) + 1)
+        ql = data.labels[rows]
+        out["labels"] = per_query_metrics(I, query_labels=ql, db_labels=data.labels,
+                                          n_relevant=np.where(ql >= 0, counts[np.maximum(ql, 0)] - 1, 0), ks=(10, 100))
+    if "pairs" in queries:
+        qids = queries["pairs"]
+        _, I = index.search(data.queries[qids], k)
+        out["pairs"] = per_query_metrics(I, [data.qrels[i] for i in qids], ks=(10, 100))
+    return out
+
+
+def build(refiner, data: EmbeddingData, factory: str = "Flat", metric="ip") -> RefinedIndex:
+    index = RefinedIndex(refiner, factory, metric)
+    if not index.is_trained:
+        index.train(data.corpus)
+    index.add(data.corpus)
+    return index
+
+
+def evaluate(data: EmbeddingData, refiners: dict | None = None, config: EvalConfig | None = None) -> EvalReport:
+    """Evaluate raw vectors, the free baselines and each refiner in `refiners` (name -> refiner) on `data`."""
+    cfg = config or EvalConfig()
+    faiss.omp_set_num_threads(cfg.threads)
+    metric_code(cfg.metric)
+    methods = baselines(data.corpus[data.split_rows("train")], cfg.baselines, cfg.abtt_components)
+    clash = set(methods) & set(refiners or {})
+    if clash:
+        raise ValueError(f"refiner names {sorted(clash)} clash with baseline names")
+    methods.update(refiners or {})
+    if "raw" not in methods:
+        methods = {"raw": IdentityRefiner(data.corpus.shape[1]), **methods}
+    queries = task_queries(data, cfg.split, cfg.max_queries, cfg.seed)
+    if not queries and not cfg.ann_factory:
+        raise ValueError(f"{data.name} has neither labels nor queries with qrels, and the ANN axis is off: "
+                         "nothing to evaluate")
+    report = EvalReport(info={"data": data.summary(), "split": cfg.split, "factory": cfg.factory, "metric": cfg.metric,
+                              "queries": {t: int(len(q)) for t, q in queries.items()}, "config": asdict(cfg)})
+    per_method = {}
+    for name, ref in tqdm(methods.items() if queries else (), desc="evaluate", unit="method", disable=not cfg.progress):
+        per_method[name] = score(build(ref, data, cfg.factory, cfg.metric), data, queries)
+    for name, tasks in per_method.items():
+        for task, pq in tasks.items():
+            for m in (LABEL_METRICS if task == "labels" else PAIR_METRICS):
+                row = {"method": name, "task": task, "metric": m, "value": float(pq[m].mean()),
+                       "std": float(pq[m].std()), "n": int(len(pq[m]))}
+                bs = paired_bootstrap(per_method["raw"][task][m], pq[m], n=cfg.bootstrap, seed=cfg.seed)
+                row.update(delta=bs["diff"], ci_low=bs["ci_low"], ci_high=bs["ci_high"],
+                           significant=bool(bs["significant"]) and name != "raw")
+                report.quality.append(row)
+    if cfg.ann_factory:
+        ann_names = cfg.ann_methods or ["raw", *(refiners or {})]
+        if "pairs" in queries:
+            qx = data.queries[queries["pairs"]]
+        else:  # no relevance judgements needed: held-out corpus rows serve as queries
+            qx = np.asarray(data.corpus[queries.get("labels", data.split_rows(cfg.split)[: cfg.max_queries])])
+        for name in ann_names:
+            report.ann += ann_sweep(methods[name], data.corpus, qx, cfg.ann_factory, cfg.metric, cfg.ann_sweep,
+                                    cfg.threads, name)
+    return report
+
+
+def _sweep_param(factory: str) -> tuple[str | None, tuple]:
+    f = factory.upper()
+    if "HNSW" in f:
+        return "efSearch", (16, 32, 64, 128, 256)
+    if "IVF" in f:
+        return "nprobe", (1, 2, 4, 8, 16, 32, 64)
+    return None, (0,)
+
+
+def ann_sweep(refiner, corpus: np.ndarray, queries: np.ndarray, factory: str = "HNSW32", metric="ip",
+              values=None, threads: int = 2, name: str = "refined", k: int = 10, repeats: int = 3) -> list[dict]:
+    """Recall against exact search in the refined space, and queries/s through RefinedIndex (refining included)."""
+    faiss.omp_set_num_threads(threads)
+    index = RefinedIndex(refiner, factory, metric)
+    if not index.is_trained:
+        index.train(corpus)
+    index.add(corpus)
+    mcode = metric_code(metric)
+    docs = refiner.transform(corpus) if refiner.apply_to == "both" else np.ascontiguousarray(corpus, np.float32)
+    _, gt = knn_ground_truth(refiner.transform(queries), iter([docs]), k, metric_type=mcode)
+    param, default_values = _sweep_param(factory)
+    rows = []
+    for v in values or default_values:
+        if param:
+            faiss.ParameterSpace().set_index_parameter(index.index, param, v)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _, I = index.search(queries, k)
+            best = min(best, time.perf_counter() - t0)
+        rows.append({"method": name, "factory": factory, "param": param or "-", "value": v,
+                     **knn_recall(gt, I, ks=(1, 10)), "qps": len(queries) / best, "threads": threads})
+    return rows
