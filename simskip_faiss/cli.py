@@ -1,0 +1,321 @@
+"""simskip-faiss: train, build, search, inspect and evaluate refined FAISS indexes from the shell.
+
+Every command has --help; bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+
+log = logging.getLogger("simskip_faiss")
+
+
+class CLIError(Exception):
+    """A user error reported as one line."""
+
+
+def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{what} file not found: {p}")
+    with open(p, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise CLIError(f"{what} file {p} is not a .npy file")
+    try:
+        return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as e:
+        raise CLIError(f"{p} is not a readable .npy array ({e})") from None
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, so the CLI and the Python API cannot drift apart."""
+    from .config import TrainConfig
+
+    g = p.add_argument_group("training (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("progress", "threads"):  # --threads and --quiet are common options
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, tuple):
+            g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
+        else:
+            g.add_argument(flag, type=type(default), default=default)
+
+
+def _train_config(args):
+    from .config import TrainConfig
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("progress", "threads")}
+    kw["alphas"] = tuple(kw["alphas"])
+    return TrainConfig(**kw, threads=args.threads, progress=not args.quiet)
+
+
+def _data_from_args(args):
+    """A named data set (--data) or the user's files (--corpus, --queries, --qrels, --labels)."""
+    from . import datasets
+
+    if getattr(args, "corpus", None):
+        return datasets.load_user(args.corpus, queries=args.queries, labels=args.labels, qrels=args.qrels,
+                                  seed=args.split_seed)
+    if args.queries or args.qrels or args.labels:
+        raise CLIError("--queries/--qrels/--labels go with --corpus")
+    kw = {"seed": args.split_seed}
+    if args.data == "wordnet":
+        kw.update(n_synsets=args.n_synsets, progress=not args.quiet)
+    return datasets.load(args.data, **kw)
+
+
+def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=default, choices=["wordnet", "digits", "synthetic"],
+                   help=f"a built-in data set (default: {default}); ignored with --corpus")
+    g.add_argument("--n-synsets", type=int, default=20000, help="WordNet subset size (default: 20000)")
+    g.add_argument("--corpus", help="your corpus embeddings, .npy (n, d)")
+    g.add_argument("--queries", help="your query embeddings, .npy (m, d)")
+    g.add_argument("--qrels", help="BEIR-style TSV: query_row<TAB>doc_row[<TAB>grade]")
+    g.add_argument("--labels", help="one label per corpus row, .npy")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+
+
+def cmd_train(args) -> None:
+    from .export import export
+    from .training import fit, train
+
+    cfg = _train_config(args)
+    supervised = args.labels or args.qrels or cfg.label_weight > 0 or cfg.pair_weight > 0
+    if args.corpus_npy and not supervised and not cfg.guard:
+        res = train(args.corpus_npy, cfg)  # streamed from the memory-mapped file
+        meta = {"config": dataclasses.asdict(cfg), "metric": cfg.metric, "best_epoch": res.best_epoch}
+        model, seconds = res.model, res.seconds
+    else:
+        if args.corpus_npy:
+            args.corpus = args.corpus_npy
+        data = _data_from_args(args)
+        res = fit(data, cfg)
+        model, meta, seconds = res.model, res.metadata(), res.seconds
+        if res.guard:
+            print(res.guard.summary(), file=sys.stderr)
+    meta = export(model, args.output, meta)
+    print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, trained in {seconds:.1f}s, "
+          f"ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
+
+
+def cmd_build(args) -> None:
+    from .index import RefinedIndex
+    from .refiner import load_refiner
+
+    x = _load_npy(args.corpus, "corpus")
+    if x.ndim != 2:
+        raise CLIError(f"{args.corpus}: corpus must be 2-D (n, d), got shape {x.shape}")
+    refiner = load_refiner(args.refiner, d=x.shape[1], threads=args.threads)
+    index = RefinedIndex(refiner, args.factory, args.metric, progress=not args.quiet)
+    if not index.is_trained:
+        n = min(len(x), args.train_size)
+        sample = np.sort(np.random.default_rng(0).choice(len(x), n, replace=False))
+        index.train(np.asarray(x[sample]))
+    if args.ids:
+        index.add_with_ids(x, _load_npy(args.ids, "ids", mmap=False))
+    else:
+        index.add(x)
+    index.save(args.output)
+    print(f"wrote bundle {args.output}: {index}")
+
+
+def cmd_search(args) -> None:
+    import faiss
+
+    from .index import RefinedIndex
+
+    index = RefinedIndex.load(args.bundle, threads=args.threads)
+    for kv in args.param or []:
+        name, _, value = kv.partition("=")
+        try:
+            faiss.ParameterSpace().set_index_parameter(index.index, name, float(value))
+        except (RuntimeError, ValueError) as e:
+            raise CLIError(f"cannot set index parameter {kv!r}: {str(e).strip().splitlines()[-1]}") from None
+    q = _load_npy(args.queries, "queries", mmap=False)
+    t0 = time.perf_counter()
+    D, I = index.search(q, args.k)
+    dt = time.perf_counter() - t0
+    from .persistence import atomic_write_bytes
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, D=D, I=I)
+    atomic_write_bytes(Path(args.output), buf.getvalue())
+    print(f"wrote {args.output}: D, I of shape {I.shape} ({len(q) / dt:.0f} queries/s)")
+
+
+def cmd_info(args) -> None:
+    from .persistence import read_manifest
+    from .refiner import Refiner
+
+    p = Path(args.path)
+    if p.is_dir():
+        info = read_manifest(p)
+    elif p.is_file():
+        r = Refiner.load(p)
+        info = {"file": str(p), "sha256": r.sha256, "d_in": r.d_in, "d_out": r.d_out, "normalize": r.normalize,
+                "apply_to": r.apply_to, "metadata": r.metadata}
+    else:
+        raise CLIError(f"no bundle or refiner at {p}")
+    print(json.dumps(info, indent=2))
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import EvalConfig, evaluate
+    from .refiner import Refiner
+
+    data = _data_from_args(args)
+    refiners = {}
+    for spec in args.refiner or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).stem, spec
+        refiners[name] = Refiner.load(path, threads=args.threads)
+    cfg = EvalConfig(factory=args.factory, metric=args.metric, ann_factory=args.ann_factory or None,
+                     threads=args.threads, progress=not args.quiet, max_queries=args.max_queries)
+    report = evaluate(data, refiners, cfg)
+    report.info["command"] = "simskip-faiss " + " ".join(sys.argv[1:])
+    print(report.table())
+    if args.output:
+        report.write(args.output)
+        print(f"\nwrote {args.output}/report.md, report.json and plots")
+
+
+def cmd_run(args) -> None:
+    """The main job: data -> train (guarded) -> export -> bundle -> evaluate against baselines -> report."""
+    from .evaluation import EvalConfig, evaluate
+    from .export import export
+    from .index import RefinedIndex
+    from .refiner import Refiner
+    from .training import fit
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = _data_from_args(args)
+    print(data.summary())
+    cfg = _train_config(args)
+    res = fit(data, cfg)
+    if res.guard:
+        print(res.guard.summary())
+    meta = export(res.model, out / "refiner.onnx", res.metadata())
+    refiner = Refiner.load(out / "refiner.onnx", threads=args.threads)
+    print(f"exported {out / 'refiner.onnx'} (alpha={meta['alpha']:g}, parity max abs err {meta['parity_max_abs_err']:.1e})")
+    index = RefinedIndex(refiner, args.factory, args.metric, progress=not args.quiet)
+    if not index.is_trained:
+        index.train(data.corpus)
+    index.add(data.corpus)
+    index.save(out / "bundle")
+    print(f"saved bundle {out / 'bundle'}: {index}")
+    ecfg = EvalConfig(factory="Flat", metric=args.metric, ann_factory=args.factory if args.factory != "Flat" else None,
+                      threads=args.threads, progress=not args.quiet)
+    report = evaluate(data, {"simskip": refiner}, ecfg)
+    report.info.update(command="simskip-faiss " + " ".join(sys.argv[1:]), guard=meta.get("guard"),
+                       seconds=round(time.perf_counter() - t0, 1))
+    report.write(out)
+    print(report.table())
+    print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - t0:.0f}s in all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="simskip-faiss", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="log details")
+    common.add_argument("--threads", type=int, default=2, help="onnxruntime and FAISS threads (default: 2)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("train", parents=[common], help="train a refiner and export it to ONNX",
+                       description="Train a SimSkip refiner on CORPUS.npy (or a data set) and export it to one ONNX file.")
+    s.add_argument("corpus_npy", nargs="?", help="corpus embeddings .npy (n, d); omit to use --data")
+    s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
+    _add_data_options(s, default="wordnet")
+    _add_train_options(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("build", parents=[common], help="build a refined index bundle",
+                       description="Refine CORPUS.npy and add it to a FAISS index; save index + refiner as a bundle.")
+    s.add_argument("refiner", help="refiner .onnx, or 'identity'")
+    s.add_argument("corpus", help="corpus embeddings .npy (n, d)")
+    s.add_argument("-o", "--output", required=True, help="bundle directory to write")
+    s.add_argument("--factory", default="HNSW32", help="FAISS index factory string (default: HNSW32)")
+    s.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    s.add_argument("--ids", help="int64 ids .npy, one per vector (use an IDMap factory for HNSW)")
+    s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ indexes")
+    s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("search", parents=[common], help="search a bundle",
+                       description="Refine QUERIES.npy and search the bundle; writes D and I to an .npz file.")
+    s.add_argument("bundle")
+    s.add_argument("queries", help="query embeddings .npy (m, d)")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-o", "--output", required=True, help="results .npz (arrays D, I)")
+    s.add_argument("--param", action="append", help="index parameter, e.g. efSearch=128 or nprobe=16")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("info", parents=[common], help="describe a bundle or refiner",
+                       description="Print a bundle's manifest or a refiner's metadata as JSON.")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("eval", parents=[common], help="evaluate refiners against raw and baselines",
+                       description="Retrieval quality (labels and/or query->document pairs) and ANN recall in the "
+                                   "refined space, for raw, mean-centred, PCA-whitened, all-but-the-top and each --refiner.")
+    _add_data_options(s, default="wordnet")
+    s.add_argument("--refiner", action="append", help="NAME=PATH.onnx or PATH.onnx (repeatable)")
+    s.add_argument("--factory", default="Flat", help="index for quality metrics (default: exact Flat)")
+    s.add_argument("--ann-factory", default="HNSW32", help="index for the ANN recall sweep ('' to skip)")
+    s.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    s.add_argument("--max-queries", type=int, default=5000)
+    s.add_argument("-o", "--output", help="directory for report.md, report.json and PNG plots")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("run", parents=[common], help="the main job: train, export, build, evaluate, report",
+                       description="Load a data set (WordNet + MiniLM by default), train a guarded refiner on its "
+                                   "train split, export it, build a refined index and evaluate it against baselines.")
+    _add_data_options(s, default="wordnet")
+    s.add_argument("-o", "--output", default="runs/wordnet", help="output directory (default: runs/wordnet)")
+    s.add_argument("--factory", default="HNSW32", help="index of the bundle and of the ANN sweep")
+    _add_train_options(s)  # includes --metric
+    s.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("simskip-faiss: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"simskip-faiss: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
