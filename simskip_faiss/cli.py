@@ -49,6 +49,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         default = f.default
         if isinstance(default, bool):
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "guard_tasks":
+            g.add_argument(flag, nargs="*", choices=["labels", "pairs"], default=list(default),
+                           help="tasks the guard protects (default: every task with validation data)")
         elif isinstance(default, tuple):
             g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
         else:
@@ -59,7 +62,7 @@ def _train_config(args):
     from .config import TrainConfig
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("progress", "threads")}
-    kw["alphas"] = tuple(kw["alphas"])
+    kw.update(alphas=tuple(kw["alphas"]), guard_tasks=tuple(kw["guard_tasks"]))
     return TrainConfig(**kw, threads=args.threads, progress=not args.quiet)
 
 

@@ -39,8 +39,9 @@ class TrainConfig:
     progress: bool = True
     # the guard: choose alpha in refined = x + alpha * f(x) (and the epoch) on validation metrics
     guard: bool = True
-    alphas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    alphas: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
     tolerance: float = 0.0          # allowed validation drop of any metric below raw (0: no drop at all)
+    guard_tasks: tuple[str, ...] = ()  # tasks the guard protects and scores ("labels", "pairs"); () = all available
     min_agreement: float = 0.9      # no labels/pairs to validate on: keep >= this share of raw 10-NN
     max_val_queries: int = 2000     # per task, for the guard's validation search
 
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ValueError("signal weights must be >= 0 and at least one must be > 0")
         if self.pair_mode == "query_only" and (self.unsupervised_weight > 0 or self.label_weight > 0):
             raise ValueError("pair_mode='query_only' refines queries only; combine it with no other signal")
+        if any(t not in ("labels", "pairs") for t in self.guard_tasks):
+            raise ValueError(f"guard_tasks must name 'labels' and/or 'pairs', got {self.guard_tasks}")
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
             raise ValueError(f"alphas must be values in [0, 1], got {self.alphas}")
         if self.metric == "ip" and not self.normalize:

@@ -188,13 +188,17 @@ def task_queries(data: EmbeddingData, split: str, max_queries: int | None, seed:
     return out
 
 
-def score(index: RefinedIndex, data: EmbeddingData, queries: dict, k: int = 100) -> dict[str, dict[str, np.ndarray]]:
-    """Per-query metrics of one built index, for each task (label queries are corpus rows: self is dropped)."""
-    out = {}
+def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per-query metrics for each task, searching `index` (anything with FAISS's `search`).
+
+    Query vectors come from `data` (a RefinedIndex refines them) unless `vectors` gives them per
+    task, already transformed. Label queries are corpus rows: each one's own row is dropped.
+    """
+    out, vectors = {}, vectors or {}
     k = min(k, index.ntotal - 1)
     if "labels" in queries:
         rows = queries["labels"]
-        _, I = index.search(np.asarray(data.corpus[rows]), k + 1)
+        _, I = index.search(vectors.get("labels", np.asarray(data.corpus[rows])), k + 1)
         I = drop_self(I, rows, k)
         counts = np.bincount(data.labels[data.labels >= 0], minlength=int(data.labels.max()) + 1)
         ql = data.labels[rows]
@@ -202,7 +206,7 @@ def score(index: RefinedIndex, data: EmbeddingData, queries: dict, k: int = 100)
                                           n_relevant=np.where(ql >= 0, counts[np.maximum(ql, 0)] - 1, 0), ks=(10, 100))
     if "pairs" in queries:
         qids = queries["pairs"]
-        _, I = index.search(data.queries[qids], k)
+        _, I = index.search(vectors.get("pairs", data.queries[qids]), k)
         out["pairs"] = per_query_metrics(I, [data.qrels[i] for i in qids], ks=(10, 100))
     return out
 

@@ -194,12 +194,13 @@ class _Losses(nn.Module):
 
 def train(corpus, config: TrainConfig | None = None, supervision: Supervision | None = None,
           train_rows: np.ndarray | None = None, val_rows: np.ndarray | None = None,
-          val_score=None) -> TrainResult:
+          val_score=None, keep_initial: bool = True) -> TrainResult:
     """Train a SimSkip refiner on `corpus` (array or .npy path, memory-mapped).
 
     `train_rows`/`val_rows` choose the corpus rows to learn from and to hold out; by default a
     seeded `val_fraction` slice is held out. Early stopping keeps the epoch with the best held-out
     score: `val_score(model) -> float` (higher is better) when given, else minus the held-out loss.
+    `keep_initial=False` excludes the untrained (identity) weights from that choice.
     """
     cfg = config or TrainConfig()
     corpus = _corpus(corpus)
@@ -247,6 +248,8 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
     result = TrainResult(model=model, config=cfg, n_train=len(train_rows))
     best, best_state, bad = held_out(), _state(model), 0
     result.history.append({"epoch": 0, "loss": float("nan"), "val": best})
+    if not keep_initial:
+        best = float("-inf")
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.epochs * steps, desc="train", unit="batch", disable=not cfg.progress)
     for epoch in range(1, cfg.epochs + 1):
@@ -354,15 +357,19 @@ class _Validator:
     """Scores a model on the validation split at every alpha of the grid, with exact FAISS search."""
 
     def __init__(self, data, cfg: TrainConfig):
-        import faiss  # noqa: F401  (imported here: training already depends on it via the index)
-
         from .evaluation import task_queries
 
         self.data, self.cfg = data, cfg
+        self.alphas = cfg.alphas if cfg.guard else (1.0,)  # unguarded: alpha = 1, only the epoch is chosen
         try:
             self.queries = task_queries(data, "val", cfg.max_val_queries, cfg.seed)
         except ValueError:
             self.queries = {}
+        if cfg.guard_tasks:
+            unknown = set(cfg.guard_tasks) - set(self.queries)
+            if unknown:
+                raise ValueError(f"guard_tasks {sorted(unknown)} have no validation data (available: {sorted(self.queries)})")
+            self.queries = {t: v for t, v in self.queries.items() if t in cfg.guard_tasks}
         if cfg.label_weight > 0 and "labels" not in self.queries:
             raise ValueError("labels training needs labelled validation rows to guard against")
         if cfg.pair_weight > 0 and "pairs" not in self.queries:
@@ -379,7 +386,7 @@ class _Validator:
         q = {}
         if "labels" in self.queries or "agreement" in self.queries:
             rows = self.queries.get("labels", self.queries.get("agreement"))
-            q["rows"] = refine(np.asarray(self.data.corpus[rows]))
+            q["labels"] = refine(np.asarray(self.data.corpus[rows]))
         if "pairs" in self.queries:
             q["pairs"] = refine(self.data.queries[self.queries["pairs"]])
         return q
@@ -387,30 +394,19 @@ class _Validator:
     def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray]) -> dict[str, float]:
         import faiss
 
-        from .metrics import drop_self, knn_recall, per_query_metrics
+        from .evaluation import LABEL_METRICS, PAIR_METRICS, score
+        from .metrics import drop_self, knn_recall
 
         index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
         index.add(np.ascontiguousarray(docs, dtype=np.float32))
-        out, data = {}, self.data
-        if "labels" in self.queries:
-            rows = self.queries["labels"]
-            I = drop_self(index.search(q["rows"], 101)[1], rows, 100)
-            counts = np.bincount(data.labels[data.labels >= 0])
-            ql = data.labels[rows]
-            pq = per_query_metrics(I, query_labels=ql, db_labels=data.labels,
-                                   n_relevant=np.where(ql >= 0, counts[np.maximum(ql, 0)] - 1, 0), ks=(10, 100))
-            out["labels:precision@10"], out["labels:map@100"] = float(pq["precision@10"].mean()), float(pq["map@100"].mean())
-        if "pairs" in self.queries:
-            I = index.search(q["pairs"], 10)[1]
-            pq = per_query_metrics(I, [data.qrels[i] for i in self.queries["pairs"]], ks=(10,))
-            out["pairs:ndcg@10"] = float(pq["ndcg@10"].mean())
         if "agreement" in self.queries:
-            rows = self.queries["agreement"]
-            I = drop_self(index.search(q["rows"], 11)[1], rows, 10)
+            I = drop_self(index.search(q["labels"], 11)[1], self.queries["agreement"], 10)
             if not hasattr(self, "_raw_nn"):
                 self._raw_nn = I
-            out["agreement@10"] = knn_recall(self._raw_nn, I, ks=(10,))["10-recall@10"]
-        return out
+            return {"agreement@10": knn_recall(self._raw_nn, I, ks=(10,))["10-recall@10"]}
+        per_task = score(index, self.data, self.queries, vectors=q)
+        return {f"{t}:{m}": float(pq[m].mean()) for t, pq in per_task.items()
+                for m in (LABEL_METRICS if t == "labels" else PAIR_METRICS)}
 
     def _objective(self, m: dict[str, float]) -> tuple[bool, float]:
         if "agreement@10" in m:
@@ -424,7 +420,7 @@ class _Validator:
         docs_raw = self.data.corpus
         cands = []
         with torch.no_grad():
-            for a in self.cfg.alphas:
+            for a in self.alphas:
                 model.alpha.fill_(a)
                 refine = lambda x: model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()  # noqa: E731
                 docs = docs_raw if self.cfg.pair_mode == "query_only" else _refine_all(model, docs_raw)
@@ -432,6 +428,8 @@ class _Validator:
                 feasible, obj = self._objective(m)
                 cands.append({"alpha": a, "metrics": m, "feasible": feasible, "objective": obj})
         model.alpha.copy_(saved)
+        if not self.cfg.guard:
+            return cands[0]["objective"], 1.0, cands
         ok = [c for c in cands if c["feasible"] and c["alpha"] > 0]
         if "agreement" in self.queries:  # proxy: the boldest alpha that keeps the raw neighbourhoods
             best = max(ok, key=lambda c: c["alpha"], default=None)
@@ -479,8 +477,10 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
         pq = np.concatenate([np.full(len(data.qrels[i]), i, dtype=np.int64) for i in train_q] or [np.zeros(0, np.int64)])
         pd = np.concatenate([data.qrels[i] for i in train_q] or [np.zeros(0, np.int64)]).astype(np.int64)
         sup = Supervision(labels=labels, queries=data.queries, pair_query=pq, pair_doc=pd)
-    validator = _Validator(data, cfg) if cfg.guard else None
-    proxy = validator is not None and "agreement" in validator.queries
+    validator = _Validator(data, cfg)
+    proxy = "agreement" in validator.queries
+    if proxy and not cfg.guard:
+        validator = None  # nothing to choose: alpha = 1 at the epoch of best held-out loss
     chosen: dict[int, tuple[float, list]] = {}
     epoch_counter = iter(range(10**9))
 
@@ -492,12 +492,14 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
     # with only the agreement proxy there is no quality signal: epochs follow the held-out loss,
     # and alpha is chosen once, for the best epoch
     res = train(data.corpus, cfg, sup, data.split_rows("train"), data.split_rows("val"),
-                val_score=val_score if validator and not proxy else None)
+                val_score=val_score if validator and not proxy else None, keep_initial=cfg.guard)
     out = FitResult(**{k: getattr(res, k) for k in ("model", "config", "history", "best_epoch", "seconds", "n_train")})
     if validator:
         alpha, cands = validator.sweep(out.model)[1:] if proxy else chosen[out.best_epoch]
         out.model.alpha.fill_(alpha)
-        if alpha == 0:
+        if not cfg.guard:
+            reason = f"unguarded: alpha=1 at the epoch with the best validation objective ({out.best_epoch})"
+        elif alpha == 0:
             reason = "no alpha > 0 beat the raw vectors on validation without a drop: shipping the identity"
         else:
             reason = f"alpha={alpha:g} at epoch {out.best_epoch} gave the best validation result with no metric dropping"
