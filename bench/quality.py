@@ -1,0 +1,137 @@
+"""Quality bench: raw vs free baselines vs SimSkip variants (guarded and not) on the WordNet default.
+
+Every method is evaluated on the held-out test split through the same exact FAISS path, over
+several seeds (each seed re-draws the train/val/test split and the training seed). Writes
+bench/results/quality.json and bench/results/quality.md.
+
+    python bench/quality.py                      # 3 seeds, every variant (~15 min on 2 cores, embeddings cached)
+    python bench/quality.py --seeds 0 --variants unsup-guarded labels-guarded
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import faiss  # noqa: E402
+import torch  # noqa: E402
+
+from simskip_faiss import datasets  # noqa: E402
+from simskip_faiss.config import TrainConfig  # noqa: E402
+from simskip_faiss.evaluation import EvalConfig, evaluate  # noqa: E402
+from simskip_faiss.export import export  # noqa: E402
+from simskip_faiss.refiner import Refiner  # noqa: E402
+from simskip_faiss.training import fit  # noqa: E402
+
+VARIANTS = {
+    "unsup-unguarded": dict(guard=False),
+    "unsup-guarded": dict(),
+    "labels-unguarded": dict(unsupervised_weight=0, label_weight=1, guard=False),
+    "labels-guarded": dict(unsupervised_weight=0, label_weight=1),
+    "pairs-sym-guarded": dict(unsupervised_weight=0, pair_weight=1),
+    "pairs-query-only-unguarded": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only", guard=False),
+    "pairs-query-only-guarded": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only"),
+    "pairs-query-only-guard-pairs": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only",
+                                         guard_tasks=("pairs",)),
+    "labels+pairs-guarded": dict(unsupervised_weight=0, label_weight=1, pair_weight=1),
+}
+METRICS = [("labels", "precision@10"), ("labels", "map@100"), ("pairs", "ndcg@10"), ("pairs", "recall@10"),
+           ("pairs", "recall@100"), ("pairs", "mrr@10")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--n-synsets", type=int, default=20000)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, t0 = [], time.perf_counter()
+    for seed in args.seeds:
+        data = datasets.load_wordnet(n_synsets=args.n_synsets, seed=0, progress=False,
+                                     fractions=datasets.DEFAULT_FRACTIONS)
+        data = resplit(data, seed)
+        refiners, guards = {}, {}
+        for name in args.variants:
+            cfg = TrainConfig(seed=seed, epochs=args.epochs, threads=args.threads, progress=False, **VARIANTS[name])
+            t = time.perf_counter()
+            res = fit(data, cfg)
+            path = out / "refiners" / f"{name}-seed{seed}.onnx"
+            meta = export(res.model, path, res.metadata())
+            refiners[name] = Refiner.load(path, threads=args.threads)
+            guards[name] = {"alpha": meta["alpha"], "epoch": res.best_epoch, "train_seconds": round(time.perf_counter() - t, 1)}
+            print(f"seed {seed} {name}: alpha={meta['alpha']:g} epoch={res.best_epoch} ({guards[name]['train_seconds']}s)", flush=True)
+        rep = evaluate(data, refiners, EvalConfig(ann_factory=None, threads=args.threads, progress=False, seed=seed))
+        print(rep.table(), flush=True)
+        runs.append({"seed": seed, "quality": rep.quality, "guards": guards, "info": rep.info})
+    summary = summarise(runs)
+    meta = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "machine": _machine(),
+            "seconds": round(time.perf_counter() - t0), "seeds": args.seeds, "n_synsets": args.n_synsets}
+    (out / "quality.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1, default=float))
+    (out / "quality.md").write_text(markdown(summary, meta))
+    print(markdown(summary, meta))
+
+
+def resplit(data, seed: int):
+    """Same corpus, a new seeded train/val/test split; each usage example follows its synset."""
+    split = datasets.make_splits(len(data.corpus), seed=seed)
+    qs = np.array([split[r[0]] for r in data.qrels], dtype=np.int8)
+    return dataclasses.replace(data, corpus_split=split, query_split=qs, info={**data.info, "split_seed": seed})
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    rows = []
+    methods = list(dict.fromkeys(r["method"] for r in runs[0]["quality"]))
+    for m in methods:
+        row = {"method": m}
+        for task, metric in METRICS:
+            vals = [q["value"] for run in runs for q in run["quality"] if (q["method"], q["task"], q["metric"]) == (m, task, metric)]
+            deltas = [q["delta"] for run in runs for q in run["quality"] if (q["method"], q["task"], q["metric"]) == (m, task, metric)]
+            raw = [q["value"] for run in runs for q in run["quality"] if (q["method"], q["task"], q["metric"]) == ("raw", task, metric)]
+            row[f"{task}:{metric}"] = (float(np.mean(vals)), float(np.std(vals)))
+            row[f"{task}:{metric}:delta"] = (float(np.mean(deltas)), float(np.std(deltas)))
+            row[f"{task}:{metric}:ratio"] = float(np.mean(np.array(vals) / np.array(raw)))
+        alphas = [run["guards"][m]["alpha"] for run in runs if m in run["guards"]]
+        row["alpha"] = alphas
+        rows.append(row)
+    return rows
+
+
+def markdown(summary: list[dict], meta: dict) -> str:
+    head = "| method | α per seed | " + " | ".join(f"{t} {m}" for t, m in METRICS) + " |"
+    lines = [f"Command: `{meta['command']}` — {meta['machine']}, {meta['seconds']} s, seeds {meta['seeds']}.",
+             "Mean ± std over seeds on held-out test queries; Δ = mean change vs raw.", "", head,
+             "|---" * (len(METRICS) + 2) + "|"]
+    for r in summary:
+        cells = []
+        for t, m in METRICS:
+            v, s = r[f"{t}:{m}"]
+            dv, _ = r[f"{t}:{m}:delta"]
+            cells.append(f"{v:.4f} ± {s:.4f}" + ("" if r["method"] == "raw" else f" (Δ {dv:+.4f})"))
+        alphas = ", ".join(f"{a:g}" for a in r["alpha"]) if r["alpha"] else "—"
+        lines.append(f"| {r['method']} | {alphas} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}, faiss {faiss.__version__}"
+
+
+if __name__ == "__main__":
+    main()
