@@ -18,19 +18,21 @@ imported lazily inside the functions that need them.
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.metadata
 import importlib.util
 import logging
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from .persistence import atomic_write_bytes
 
 __all__ = [
     "SPLITS", "EmbeddingData", "Synset", "make_splits", "parse_wordnet", "wordnet_dir",
@@ -388,25 +390,9 @@ def _cache_key(identity: str, texts: Sequence[str]) -> str:
 
 def _save_atomic(path: Path, arr: np.ndarray) -> None:
     """Write ``arr`` as .npy so that readers see either no file or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def encode_cached(texts: Sequence[str], identity: str, get_encoder: Callable[[], Encoder],
