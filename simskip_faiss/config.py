@@ -22,6 +22,7 @@ class TrainConfig:
     label_weight: float = 0.0             # supervised contrastive: same label = positive
     pair_weight: float = 0.0              # query -> document InfoNCE
     pair_mode: str = "symmetric"    # "symmetric" (one refiner for both) or "query_only" (documents stay raw)
+    preserve_weight: float = 0.0    # neighbourhood preservation: KL between raw and refined in-batch similarities
     # augmentations (unsupervised signal)
     mask_prob: float = 0.1          # each coordinate zeroed with this probability
     noise_scale: float = 0.1        # Gaussian noise, in units of the corpus's per-dimension std
@@ -61,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.preserve_weight < 0:
+            raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
         if min(self.unsupervised_weight, self.label_weight, self.pair_weight) < 0 or self.unsupervised_weight + self.label_weight + self.pair_weight == 0:
             raise ValueError("signal weights must be >= 0 and at least one must be > 0")
         if self.pair_mode == "query_only" and (self.unsupervised_weight > 0 or self.label_weight > 0):

@@ -78,6 +78,19 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.T
     return -mean_logp.mean()
 
 
+def similarity_kl(raw: torch.Tensor, refined: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Neighbourhood preservation: KL(raw || refined) between each row's in-batch similarity distributions.
+
+    Zero when the refined space ranks the batch exactly as the raw space does (up to the softmax).
+    """
+    eye = torch.eye(raw.shape[0], dtype=torch.bool)
+    def logp(z):
+        z = F.normalize(z, dim=-1)
+        return F.log_softmax((z @ z.T / temperature).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
+    p_raw = logp(raw)
+    return (p_raw.exp() * (p_raw - logp(refined))).sum(1).mean()
+
+
 def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float, target: torch.Tensor | None = None) -> torch.Tensor:
     """Query->document InfoNCE: d holds the positives (row i for query i, or `target`) and the negatives."""
     logits = F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T / temperature
@@ -159,7 +172,8 @@ class _Augment:
         return x * keep + torch.randn(x.shape, generator=gen) * self.std
 
 
-WEIGHTS = {"unsupervised": "unsupervised_weight", "labels": "label_weight", "pairs": "pair_weight"}
+WEIGHTS = {"unsupervised": "unsupervised_weight", "labels": "label_weight", "pairs": "pair_weight",
+           "preserve": "preserve_weight"}
 
 
 class _Losses(nn.Module):
@@ -186,6 +200,8 @@ class _Losses(nn.Module):
                 out["pairs"] = info_nce(q, self.doc_bank, cfg.temperature, torch.from_numpy(di))
             else:
                 out["pairs"] = info_nce(q, model(_rows(corpus, di)), cfg.temperature)
+        if cfg.preserve_weight > 0:
+            out["preserve"] = similarity_kl(x, model(x), cfg.temperature)
         return out
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -97,3 +97,13 @@ def test_guard_tasks_and_agreement_proxy(planted):
     assert chosen["metrics"]["agreement@10"] >= 0.95 and "not measured" in res.guard.reason
     with pytest.raises(ValueError, match="guard_tasks"):
         fit(corpus_only, TrainConfig(epochs=1, guard_tasks=("labels",), **BASE))
+
+
+def test_similarity_kl_is_zero_only_when_neighbourhoods_agree():
+    from simskip_faiss.training import similarity_kl
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g)
+    assert float(similarity_kl(x, x, 0.1)) == pytest.approx(0.0, abs=1e-6)
+    assert float(similarity_kl(x, 3 * x, 0.1)) == pytest.approx(0.0, abs=1e-6)  # scale-free (cosine)
+    assert float(similarity_kl(x, torch.randn(32, 8, generator=g), 0.1)) > 0.1
