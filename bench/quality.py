@@ -44,6 +44,9 @@ VARIANTS = {
     "pairs-query-only-guard-pairs": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only",
                                          guard_tasks=("pairs",)),
     "labels+pairs-guarded": dict(unsupervised_weight=0, label_weight=1, pair_weight=1),
+    # neighbourhood preservation (similarity-distribution KL) instead of / besides the alpha guard
+    "labels+preserve-unguarded": dict(unsupervised_weight=0, label_weight=1, preserve_weight=1, guard=False),
+    "labels+preserve-guarded": dict(unsupervised_weight=0, label_weight=1, preserve_weight=1),
 }
 METRICS = [("labels", "precision@10"), ("labels", "map@100"), ("pairs", "ndcg@10"), ("pairs", "recall@10"),
            ("pairs", "recall@100"), ("pairs", "mrr@10")]
