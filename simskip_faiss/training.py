@@ -517,6 +517,10 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
             reason = f"unguarded: alpha=1 at the epoch with the best validation objective ({out.best_epoch})"
         elif alpha == 0:
             reason = "no alpha > 0 beat the raw vectors on validation without a drop: shipping the identity"
+            if not proxy and len(chosen) > 1:  # show the trained epoch that came closest, so the trade-off is visible
+                closest = max((e for e in chosen if e > 0), key=lambda e: max(c["objective"] for c in chosen[e][1]))
+                cands = chosen[closest][1]
+                reason += f"; the table shows epoch {closest}, the trained epoch that came closest"
         else:
             reason = f"alpha={alpha:g} at epoch {out.best_epoch} gave the best validation result with no metric dropping"
         if "agreement" in validator.queries:
