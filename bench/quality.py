@@ -4,7 +4,7 @@ Every method is evaluated on the held-out test split through the same exact FAIS
 several seeds (each seed re-draws the train/val/test split and the training seed). Writes
 bench/results/quality.json and bench/results/quality.md.
 
-    python bench/quality.py                      # 3 seeds, every variant (~15 min on 2 cores, embeddings cached)
+    python bench/quality.py                      # 3 seeds, every variant (~25 min on 2 cores, embeddings cached)
     python bench/quality.py --seeds 0 --variants unsup-guarded labels-guarded
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ VARIANTS = {
     "unsup-guarded": dict(),
     "labels-unguarded": dict(unsupervised_weight=0, label_weight=1, guard=False),
     "labels-guarded": dict(unsupervised_weight=0, label_weight=1),
+    "labels-guarded-tol0.003": dict(unsupervised_weight=0, label_weight=1, tolerance=0.003),
     "pairs-sym-guarded": dict(unsupervised_weight=0, pair_weight=1),
     "pairs-query-only-unguarded": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only", guard=False),
     "pairs-query-only-guarded": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only"),

@@ -190,7 +190,7 @@ class _Losses(nn.Module):
         if cfg.unsupervised_weight > 0:
             z1 = self.head(model(self.augment(x, gen)))
             z2 = self.head(model(self.augment(x, gen)))
-            out["unsupervised"] = nt_xent(z1, z2, cfg.temperature)
+            out["unsupervised"] = nt_xent(z1, z2, cfg.unsupervised_temperature)
         if cfg.label_weight > 0:
             out["labels"] = supcon(model(x), torch.from_numpy(self.sup.labels[rows]), cfg.temperature)
         if cfg.pair_weight > 0 and pair_batch is not None and len(pair_batch) > 1:
