@@ -2,10 +2,12 @@
 
 Every vector that is added and every query is refined before FAISS sees it (a query-only refiner
 leaves stored vectors raw). A Python/ONNX transform cannot live inside faiss.IndexPreTransform
-(DESIGN.md §3), so the wrapper holds both and persists them together as a bundle.
+(DESIGN.md §3), so the wrapper holds both and persists them together as a bundle. (A linear
+refiner can: `LinearRefiner.to_faiss` builds one native faiss.IndexPreTransform instead.)
 """
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checks import as_ids, as_matrix, check_k, check_matrix
 from .persistence import BundleError, read_manifest, save_bundle, verified_path
-from .refiner import IdentityRefiner, Refiner
+from .refiner import IdentityRefiner, Refiner, as_input
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 METRIC_NAMES = {v: k for k, v in METRICS.items()}
@@ -33,6 +35,86 @@ def metric_code(metric) -> int:
     return int(metric)
 
 
+def release_rows(x: np.ndarray, start: int, stop: int) -> None:
+    """Unmap rows [start, stop) of a memory-mapped array from this process (madvise MADV_DONTNEED).
+
+    Pages read through a memmap count in the process's resident set until unmapped, so streaming
+    a 1.5 GB .npy would otherwise add its whole size to the peak memory of an ingest. The data
+    stay in the kernel's page cache. Only 'r' and 'r+' maps (file-backed, shared): dropping a
+    copy-on-write ('c') map's pages would discard its writes. Anything else is left alone.
+    """
+    mm = getattr(x, "_mmap", None)
+    if (mm is None or getattr(x, "mode", None) not in ("r", "r+") or not hasattr(mmap, "MADV_DONTNEED")
+            or not x.flags.c_contiguous or stop <= start):
+        return
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+        row = x.strides[0]
+        lo = x.ctypes.data - base + start * row
+        hi = min(x.ctypes.data - base + stop * row, len(mm))
+        lo -= lo % mmap.PAGESIZE
+        if hi > lo >= 0:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError, TypeError, BufferError):
+        pass  # an optimisation only
+
+
+def check_finite_streamed(x: np.ndarray, name: str, chunk: int) -> None:
+    """checks.check_finite for large inputs, releasing a memmap's pages behind the scan."""
+    for s in range(0, x.shape[0], chunk):
+        e = min(s + chunk, x.shape[0])
+        bad = ~np.isfinite(np.asarray(x[s:e])).all(axis=1)
+        release_rows(x, s, e)
+        if bad.any():
+            raise ValueError(f"{name} contains NaN or Inf (first at row {s + int(np.flatnonzero(bad)[0])})")
+
+
+def reserve(index: faiss.Index, n: int) -> None:
+    """Grow a flat index's code storage once, to hold `n` more vectors, before they are streamed in.
+
+    Adding chunk by chunk grows FAISS's std::vector by doubling; near the end of a large ingest the
+    old and the new buffer are both resident (up to ~2x the index). Resizing up then back down
+    keeps the capacity (the standard guarantees it), so later adds never reallocate. Only flat
+    codes (Flat, SQ, PQ, ...) own one such buffer; other indexes are left alone.
+    """
+    idx = faiss.downcast_index(index)
+    while isinstance(idx, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+        idx = faiss.downcast_index(idx.index)
+    if not isinstance(idx, faiss.IndexFlatCodes) or not idx.codes.is_owned:
+        return
+    have, need = idx.ntotal * idx.code_size, (idx.ntotal + int(n)) * idx.code_size
+    if idx.codes.size() == have and need > have:
+        idx.codes.resize(need)
+        idx.codes.resize(have)
+
+
+def build_index(index, d: int, metric, refiner) -> faiss.Index:
+    """A FAISS index of dimension `d` for vectors refined by `refiner`: built from a factory string or checked.
+
+    Refuses a metric mismatch, a dimension mismatch, and an inner-product index behind a refiner
+    that does not L2-normalise (DESIGN.md §3: recall collapses without renormalisation).
+    """
+    metric = metric_code(metric)
+    if isinstance(index, str):
+        try:
+            index = faiss.index_factory(d, index, metric)
+        except RuntimeError as e:
+            raise ValueError(f"FAISS could not build {index!r}: {str(e).strip().splitlines()[-1]}") from None
+    else:
+        if not isinstance(index, faiss.Index):
+            raise TypeError(f"index must be a faiss.Index or a factory string, got {type(index).__name__}")
+        if index.metric_type != metric:
+            raise ValueError(f"the index uses metric {METRIC_NAMES.get(index.metric_type, index.metric_type)!r} "
+                             f"but metric={METRIC_NAMES[metric]!r} was given")
+    if index.d != d:
+        raise ValueError(f"refiner outputs {d}-d vectors but the index has dimension {index.d}")
+    if (metric == faiss.METRIC_INNER_PRODUCT and refiner.apply_to == "both"
+            and not refiner.is_identity and not refiner.normalize):
+        raise ValueError("an inner-product index needs a refiner that L2-normalises its output; "
+                         "this refiner does not (use metric='l2' or export with normalize=True)")
+    return index
+
+
 class RefinedIndex:
     """A FAISS index that searches in the refined space.
 
@@ -41,33 +123,15 @@ class RefinedIndex:
     metric: "ip" (inner product; cosine with a normalising refiner) or "l2".
     """
 
-    def __init__(self, refiner, index="Flat", metric="ip", chunk_size: int = 65536, progress: bool = False):
+    def __init__(self, refiner, index="Flat", metric="ip", chunk_size: int = 16384, progress: bool = False):
         if isinstance(refiner, (str, os.PathLike)):
             refiner = Refiner.load(refiner)
         self.refiner = refiner
         self.metric = metric_code(metric)
         self.chunk_size = int(chunk_size)
         self.progress = progress
-        if isinstance(index, str):
-            self.factory: str | None = index
-            try:
-                index = faiss.index_factory(refiner.d_out, index, self.metric)
-            except RuntimeError as e:
-                raise ValueError(f"FAISS could not build {index!r}: {str(e).strip().splitlines()[-1]}") from None
-        else:
-            self.factory = None
-            if not isinstance(index, faiss.Index):
-                raise TypeError(f"index must be a faiss.Index or a factory string, got {type(index).__name__}")
-            if index.metric_type != self.metric:
-                raise ValueError(f"the index uses metric {METRIC_NAMES.get(index.metric_type, index.metric_type)!r} "
-                                 f"but metric={METRIC_NAMES[self.metric]!r} was given")
-        if index.d != refiner.d_out:
-            raise ValueError(f"refiner outputs {refiner.d_out}-d vectors but the index has dimension {index.d}")
-        if (self.metric == faiss.METRIC_INNER_PRODUCT and refiner.apply_to == "both"
-                and not refiner.is_identity and not refiner.normalize):
-            raise ValueError("an inner-product index needs a refiner that L2-normalises its output; "
-                             "this refiner does not (use metric='l2' or export with normalize=True)")
-        self.index = index
+        self.factory: str | None = index if isinstance(index, str) else None
+        self.index = build_index(index, refiner.d_out, metric, refiner)
 
     # -- FAISS-style properties -------------------------------------------------------------
     @property
@@ -89,7 +153,7 @@ class RefinedIndex:
 
     # -- refinement ---------------------------------------------------------------------------
     def refine_queries(self, x) -> np.ndarray:
-        return self.refiner.apply(as_matrix(x, self.d, "queries"))
+        return self.refiner.apply(as_input(x, self.d, "queries"))
 
     def refine_documents(self, x) -> np.ndarray:
         """Documents go through the refiner unless it is query-only (then they are stored raw)."""
@@ -97,17 +161,30 @@ class RefinedIndex:
         return self.refiner.apply(x) if self.refiner.apply_to == "both" else x
 
     def _chunks(self, x, desc: str):
+        """(start, refined rows) in chunks of `chunk_size`; a memmap's pages are unmapped once refined."""
         n = x.shape[0]
         bar = tqdm(total=n, desc=desc, unit="vec", disable=not self.progress or n <= self.chunk_size)
         for s in range(0, n, self.chunk_size):
-            yield s, self.refine_documents(np.asarray(x[s:s + self.chunk_size]))
-            bar.update(min(self.chunk_size, n - s))
+            e = min(s + self.chunk_size, n)
+            block = np.asarray(x[s:e])
+            refined = self.refine_documents(block)
+            if not np.may_share_memory(refined, block):
+                release_rows(x, s, e)  # before FAISS copies the chunk: one less chunk resident at the peak
+            yield s, refined
+            del refined, block  # or they stay alive while the next chunk is refined
+            release_rows(x, s, e)
+            bar.update(e - s)
         bar.close()
 
     def _check_stream(self, x, name: str = "x") -> np.ndarray:
-        """Validate a whole input before anything is stored (all or nothing); large inputs stay uncopied."""
+        """Validate a whole input before anything is stored (all or nothing); large inputs stay uncopied.
+
+        A large array is scanned in chunks, and a memmap's pages are released as the scan passes.
+        """
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > self.chunk_size:
-            return check_matrix(x, self.d, name)
+            check_matrix(x[:1], self.d, name)  # dtype and shape
+            check_finite_streamed(x, name, self.chunk_size)
+            return x
         return as_matrix(x, self.d, name)
 
     # -- FAISS API ------------------------------------------------------------------------------
@@ -122,22 +199,33 @@ class RefinedIndex:
             raise RuntimeError("the index must be trained before adding vectors: call train(x) first")
 
     def add(self, x) -> None:
-        """Refine and add vectors; a memmap (np.load(..., mmap_mode="r")) is streamed in chunks of `chunk_size`."""
+        """Refine and add vectors; a memmap (np.load(..., mmap_mode="r")) is streamed in chunks of `chunk_size`.
+
+        Memory stays bounded: the memmap's pages are released chunk by chunk and a flat index's
+        storage is grown once to its final size (see `reserve`), so the peak resident set is about
+        the final index plus two chunks.
+        """
         x = self._check_stream(x)
         self._ready()
+        if x.shape[0] > self.chunk_size:
+            reserve(self.index, x.shape[0])
         for _, chunk in self._chunks(x, "add"):
             self.index.add(chunk)
+            del chunk  # the loop variable would keep it alive while the next chunk is refined
 
     def add_with_ids(self, x, ids) -> None:
         x = self._check_stream(x)
         ids = as_ids(ids, x.shape[0])
         self._ready()
+        if x.shape[0] > self.chunk_size:
+            reserve(self.index, x.shape[0])
         for s, chunk in self._chunks(x, "add"):
             try:
                 self.index.add_with_ids(chunk, ids[s:s + len(chunk)])
             except RuntimeError as e:
                 raise ValueError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
                                  f"build it as 'IDMap,<factory>': {str(e).strip().splitlines()[-1]}") from None
+            del chunk
 
     def search(self, x, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does."""

@@ -17,6 +17,22 @@ from .checks import as_matrix
 METADATA_KEY = "simskip"
 
 
+DEFAULT_BATCH = 1024  # rows per onnxruntime run: the fastest sub-batch for large inputs in bench/speed.py
+FAST_ROWS = 64  # inputs up to this many rows skip the general validation when already in shape
+
+
+def as_input(x, d: int, name: str = "x") -> np.ndarray:
+    """`as_matrix` with a fast path for small C-contiguous float32 (n, d) arrays of finite values.
+
+    Single queries spend a few microseconds in general validation; this path checks the same
+    things for the common case in about half the time and defers everything else to `as_matrix`.
+    """
+    if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == d
+            and 0 < x.shape[0] <= FAST_ROWS and x.flags.c_contiguous and np.isfinite(x).all()):
+        return x
+    return as_matrix(x, d, name)
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation in place-safe form; zero rows stay zero."""
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -55,13 +71,17 @@ class Refiner:
     """An exported ONNX refiner run by onnxruntime in bounded-size batches.
 
     `threads` sets onnxruntime's intra-op pool explicitly (it otherwise takes every core and
-    fights FAISS and BLAS for them); `batch_size` bounds the memory of one run.
+    fights FAISS and BLAS for them). `spin=False` lets that pool's threads sleep between runs
+    instead of busy-waiting: a spinning pool measurably halved the speed of the next FAISS/BLAS
+    call on 2 cores, for ~3% of onnxruntime's own large-batch throughput (single-thread
+    refiners have no pool and are unaffected). `batch_size` bounds the memory of one run; its
+    default, 1024 rows, was the fastest sub-batch for large inputs in bench/speed.py.
     """
 
     is_identity = False
 
-    def __init__(self, model: bytes, threads: int | None = 1, batch_size: int = 4096,
-                 source: str = "<bytes>"):
+    def __init__(self, model: bytes, threads: int | None = 1, batch_size: int = DEFAULT_BATCH,
+                 source: str = "<bytes>", spin: bool = False):
         import onnxruntime as ort
 
         if batch_size <= 0:
@@ -75,6 +95,7 @@ class Refiner:
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(self.model_bytes, opts, providers=["CPUExecutionProvider"])
@@ -99,12 +120,14 @@ class Refiner:
             raise ValueError(f"{source}: cannot tell the refiner's dimensions: input shape "
                              f"{inputs[0].shape}, output shape {outputs[0].shape}")
         self.normalize = bool(self.metadata.get("normalize", False))
+        self.precision = str(self.metadata.get("precision", "fp32"))
         self.apply_to = self.metadata.get("apply_to", "both")
         if self.apply_to not in ("both", "queries"):
             raise ValueError(f"{source}: apply_to must be 'both' or 'queries', got {self.apply_to!r}")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int | None = 1, batch_size: int = 4096) -> "Refiner":
+    def load(cls, path: str | os.PathLike, threads: int | None = 1, batch_size: int = DEFAULT_BATCH,
+             spin: bool = False) -> "Refiner":
         """Load an ONNX refiner file; missing, empty and non-ONNX files raise with the path named."""
         p = Path(path)
         if not p.is_file():
@@ -112,11 +135,11 @@ class Refiner:
         data = p.read_bytes()
         if not data:
             raise ValueError(f"{p} is empty, not an ONNX model")
-        return cls(data, threads=threads, batch_size=batch_size, source=str(p))
+        return cls(data, threads=threads, batch_size=batch_size, source=str(p), spin=spin)
 
     def transform(self, x) -> np.ndarray:
         """Refine a float32 (n, d_in) array into (n, d_out)."""
-        return self.apply(as_matrix(x, self.d_in))
+        return self.apply(as_input(x, self.d_in))
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """`transform` for input already validated as C-contiguous float32 (n, d_in)."""
@@ -133,7 +156,8 @@ class Refiner:
     def __repr__(self) -> str:
         a = self.metadata.get("alpha")
         return (f"Refiner({self.source}, d_in={self.d_in}, d_out={self.d_out}, normalize={self.normalize}, "
-                f"apply_to={self.apply_to}" + (f", alpha={a}" if a is not None else "") + ")")
+                f"apply_to={self.apply_to}" + (f", alpha={a}" if a is not None else "")
+                + (f", precision={self.precision}" if self.precision != "fp32" else "") + ")")
 
 
 def load_refiner(path: str | os.PathLike | None, d: int | None = None, threads: int | None = 1,
@@ -147,33 +171,79 @@ def load_refiner(path: str | os.PathLike | None, d: int | None = None, threads: 
 
 
 class LinearRefiner:
-    """y = normalize?((x - mean) @ A.T): centring, whitening, all-but-the-top, or a distilled linear refiner.
+    """y = normalize?((x - mean) @ A.T + bias): centring, whitening, all-but-the-top, or a distilled linear refiner.
 
-    Linear maps need no ONNX: `to_faiss` puts them inside a native faiss.IndexPreTransform.
+    Linear maps need no ONNX: `to_faiss` puts them inside a native faiss.IndexPreTransform, so
+    the whole refined index is one FAISS file with no Python on its search path.
     """
 
     is_identity = False
     apply_to = "both"
 
-    def __init__(self, A: np.ndarray, mean: np.ndarray, normalize: bool = True, name: str = "linear"):
+    def __init__(self, A: np.ndarray, mean: np.ndarray, normalize: bool = True, name: str = "linear",
+                 bias: np.ndarray | None = None):
         self.A = np.ascontiguousarray(A, dtype=np.float32)
         self.mean = np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
         if self.A.ndim != 2 or self.A.shape[1] != self.mean.shape[0]:
             raise ValueError(f"A must be (d_out, d_in) with d_in = len(mean); got {self.A.shape} and {self.mean.shape}")
         self.d_out, self.d_in = self.A.shape
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+        if self.bias is not None and self.bias.shape != (self.d_out,):
+            raise ValueError(f"bias must have d_out = {self.d_out} entries, got shape {self.bias.shape}")
         self.normalize = bool(normalize)
         self.name = name
-        self.sha256 = hashlib.sha256(self.A.tobytes() + self.mean.tobytes()).hexdigest()
+        self.sha256 = hashlib.sha256(self.A.tobytes() + self.mean.tobytes()
+                                     + (b"" if self.bias is None else self.bias.tobytes())).hexdigest()
         self.metadata = {"kind": "linear", "name": name, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize}
 
     def transform(self, x) -> np.ndarray:
-        return self.apply(as_matrix(x, self.d_in))
+        return self.apply(as_input(x, self.d_in))
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         y = (x - self.mean) @ self.A.T
+        if self.bias is not None:
+            y += self.bias
         return l2_normalize(y) if self.normalize else y
 
     __call__ = transform
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(A, b) with y = normalize?(A x + b): the form faiss.LinearTransform applies."""
+        b = -(self.A.astype(np.float64) @ self.mean.astype(np.float64))
+        if self.bias is not None:
+            b += self.bias
+        return self.A, b.astype(np.float32)
+
+    def faiss_transforms(self) -> list:
+        """The refiner as FAISS VectorTransforms: a LinearTransform, then L2 normalisation if it normalises."""
+        import faiss
+
+        A, b = self.affine()
+        lt = faiss.LinearTransform(self.d_in, self.d_out, True)
+        faiss.copy_array_to_vector(A.ravel(), lt.A)
+        faiss.copy_array_to_vector(b, lt.b)
+        lt.is_trained = True
+        return [lt] + ([faiss.NormalizationTransform(self.d_out, 2.0)] if self.normalize else [])
+
+    def to_faiss(self, index="Flat", metric="ip"):
+        """An empty faiss.IndexPreTransform that applies this refiner before `index`.
+
+        index: a factory string ("Flat", "HNSW32", "IVF1024,Flat") or an empty faiss.Index of
+        dimension d_out. Train/add/search it with raw vectors, persist it with faiss.write_index:
+        the refiner travels inside the FAISS file.
+        """
+        import faiss
+
+        from .index import build_index
+
+        inner = build_index(index, self.d_out, metric, self)
+        if inner.ntotal:
+            raise ValueError(f"to_faiss needs an empty index, this one holds {inner.ntotal} vectors")
+        *first, last = self.faiss_transforms()
+        pre = faiss.IndexPreTransform(last, inner)
+        for t in reversed(first):
+            pre.prepend_transform(t)
+        return pre
 
     @classmethod
     def centring(cls, x: np.ndarray, normalize: bool = True) -> "LinearRefiner":
@@ -201,3 +271,28 @@ class LinearRefiner:
 
     def __repr__(self) -> str:
         return f"LinearRefiner({self.name}, d_in={self.d_in}, d_out={self.d_out}, normalize={self.normalize})"
+
+
+def distil_linear(refiner, sample, ridge: float = 1e-3, name: str = "distilled") -> LinearRefiner:
+    """The least-squares affine map x -> refiner(x) on `sample`, as a `LinearRefiner`.
+
+    It keeps the refiner's normalisation, so it can replace it inside a native FAISS index
+    (`LinearRefiner.to_faiss`). `ridge` regularises relative to the mean input variance; use a
+    sample of several times d_in vectors. The fit's R^2 (share of the refined vectors' variance
+    explained) is stamped in the metadata as `fit_r2`: how linear the refiner is on this data.
+    """
+    x = as_matrix(sample, refiner.d_in, "sample")
+    if x.shape[0] < 2:
+        raise ValueError("distil_linear needs at least 2 sample vectors")
+    y = np.asarray(refiner.apply(x), dtype=np.float64)
+    x = x.astype(np.float64)
+    mu, ybar = x.mean(0), y.mean(0)
+    xc, yc = x - mu, y - ybar
+    gram = xc.T @ xc
+    gram[np.diag_indices_from(gram)] += ridge * max(np.trace(gram) / len(gram), 1e-12)
+    W = np.linalg.solve(gram, xc.T @ yc)  # (d_in, d_out)
+    resid = yc - xc @ W
+    r2 = 1.0 - float((resid ** 2).sum() / max((yc ** 2).sum(), 1e-30))
+    lin = LinearRefiner(W.T, mu, normalize=refiner.normalize, name=name, bias=ybar)
+    lin.metadata.update(distilled_from=getattr(refiner, "sha256", None), fit_r2=r2, n_sample=int(x.shape[0]))
+    return lin
