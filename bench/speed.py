@@ -1,0 +1,614 @@
+"""Speed bench: what refinement costs at ingest and at search, as ratios against references timed in the same run.
+
+Sections (each ratio's numerator and denominator are measured in this process, interleaved, so
+that the machine's noise hits both alike; medians throughout):
+  1. refine throughput at batch 1/16/1024/8192: onnxruntime (fp32, int8) vs torch eager vs a numpy
+     matrix-multiply roofline (the two matmuls of the same shapes, i.e. the same FLOPs);
+  2. single-vector refine latency of the default model (d=384, hidden=512, depth 1) and smaller widths;
+  3. single-query RefinedIndex.search vs raw FAISS (Flat, HNSW32, IVF1024,Flat) on 100k x 384;
+  4. the native linear path (LinearRefiner.to_faiss) vs the same pre-transform built by hand;
+  5. quality parity of every speed option: 10-recall@10 vs the fp32 refiner on WordNet/MiniLM;
+  6. streamed ingest of 1M x 384 from a .npy (in subprocesses): throughput vs raw add, peak RSS.
+Thread counts of onnxruntime, FAISS (OpenMP), BLAS (threadpoolctl) and torch are set explicitly.
+Writes bench/results/speed.json and speed.md.
+
+    python bench/speed.py                 # full run (~15-20 min on 2 cores; writes 1.5 GB under --tmp, then deletes it)
+    python bench/speed.py --quick         # small sizes, a smoke test of the script
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import faiss  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+
+from simskip_faiss import RefinedIndex, Refiner  # noqa: E402
+from simskip_faiss.config import TrainConfig  # noqa: E402
+from simskip_faiss.export import export  # noqa: E402
+from simskip_faiss.refiner import LinearRefiner, distil_linear  # noqa: E402
+from simskip_faiss.training import SimSkip, train  # noqa: E402
+
+D, HIDDEN = 384, 512
+OWN = {"int8": "fp32", "fp16": "fp32", "hidden 256 int8": "hidden 256 fp32", "distilled linear": "fp32"}
+TARGETS = {"roofline_ratio": 0.85, "single_vector_us": 40.0, "search_overhead_us": 10.0,
+           "recall_parity": 0.99, "ingest_rss_over_index_mb": 300.0, "native_vs_hand": 0.05}
+
+
+# -- timing ------------------------------------------------------------------------------------
+def set_threads(n: int) -> None:
+    """FAISS (OpenMP), BLAS (all loaded libraries, via threadpoolctl) and torch get `n` threads."""
+    faiss.omp_set_num_threads(n)
+    threadpool_limits(limits=n)
+    torch.set_num_threads(n)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, sample_s: float = 0.02, settle_s: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of each function, timing them in turn (round robin) `reps` times.
+
+    Each sample times as many back-to-back calls as fill about `sample_s` (calibrated per function
+    on its warm-up), so short calls are timed over a loop and slow ones once. `settle_s` of sleep
+    before each sample lets the previous function's thread pool stop spinning: OpenBLAS's and
+    onnxruntime's busy-waiting workers halve the speed of whatever runs next on 2 cores.
+    """
+    inner = {}
+    for k, f in fns.items():
+        f()
+        t = time.perf_counter()
+        f()
+        inner[k] = max(1, int(sample_s / max(time.perf_counter() - t, 1e-7)))
+        for _ in range(min(inner[k], 1000)):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            if settle_s:
+                time.sleep(settle_s)
+            t = time.perf_counter_ns()
+            for _ in range(inner[k]):
+                f()
+            times[k].append((time.perf_counter_ns() - t) / inner[k] / 1e9)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def blocks(fns: dict[str, Callable[[int], object]], n: int, rounds: int, block: int | None = None,
+           warmup: int = 50) -> dict[str, np.ndarray]:
+    """Seconds of every single call f(i), i < n, per function, as (rounds, n) arrays.
+
+    The inputs are cut into blocks of `block`; each function runs a whole block on its own (a serving
+    loop's steady state: its weights and data warm in cache), and the functions take turns block by
+    block, in a rotating order, so a change in the machine's load hits them alike.
+    """
+    block = block or n
+    out = {k: np.empty((rounds, n)) for k in fns}
+    for f in fns.values():
+        for i in range(min(warmup, n)):
+            f(i)
+    items, turn = list(fns.items()), 0
+    for r in range(rounds):
+        for s in range(0, n, block):
+            turn += 1  # rotate who goes first: no function always follows the same one
+            for k, f in items[turn % len(items):] + items[:turn % len(items)]:
+                row = out[k][r]
+                for i in range(s, min(s + block, n)):
+                    t = time.perf_counter_ns()
+                    f(i)
+                    row[i] = (time.perf_counter_ns() - t) / 1e9
+    return out
+
+
+def per_block(a: np.ndarray, b: np.ndarray, block: int, op: Callable[[float, float], float]) -> float:
+    """Median over (round, block) of op(median of a's calls, median of b's calls) in that block.
+
+    Compares two functions within each turn of `blocks`, i.e. under the same machine load.
+    """
+    vals = [op(float(np.median(a[r, s:s + block])), float(np.median(b[r, s:s + block])))
+            for r in range(a.shape[0]) for s in range(0, a.shape[1], block)]
+    return float(np.median(vals))
+
+
+# -- data and models -----------------------------------------------------------------------------
+def clustered(n: int, d: int, seed: int, n_centres: int = 1000, spread: float = 0.5, chunk: int = 100_000,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Unit vectors around random centres (written chunk by chunk into `out`, e.g. an open_memmap)."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(12345).standard_normal((n_centres, d)).astype(np.float32)
+    out = np.empty((n, d), np.float32) if out is None else out
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centres[rng.integers(0, n_centres, m)] + spread * rng.standard_normal((m, d), dtype=np.float32)
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def load_data(quick: bool):
+    """WordNet definitions/usages encoded by MiniLM (cached), or synthetic clustered data if unavailable."""
+    try:
+        from simskip_faiss import datasets
+
+        data = datasets.load_wordnet(n_synsets=5000 if quick else 20000, seed=0, progress=False)
+        return data, "wordnet-minilm"
+    except Exception as e:  # no cache and no network: say so and go on with synthetic data
+        print(f"WordNet unavailable ({e}); quality parity uses synthetic clustered data", flush=True)
+        return None, "synthetic"
+
+
+def trained_model(corpus: np.ndarray, hidden: int, epochs: int, threads: int, rows=None) -> tuple[SimSkip, float]:
+    """A SimSkip trained without the guard (alpha = 1: the most refinement, the hardest parity case)."""
+    cfg = TrainConfig(hidden=hidden, epochs=epochs, threads=threads, progress=False, seed=0)
+    t = time.perf_counter()
+    res = train(corpus, cfg, train_rows=rows[0], val_rows=rows[1]) if rows else train(corpus, cfg)
+    return res.model, time.perf_counter() - t
+
+
+def export_all(model: SimSkip, out: Path, tag: str) -> dict[str, dict]:
+    """fp32, int8 and fp16 exports of one model; returns their metadata by precision."""
+    metas = {}
+    for p in ("fp32", "int8", "fp16"):
+        metas[p] = export(model, out / f"{tag}-{p}.onnx", {"metric": "ip"}, precision=p)
+        metas[p]["file_bytes"] = (out / f"{tag}-{p}.onnx").stat().st_size
+    return metas
+
+
+# -- 1. throughput ---------------------------------------------------------------------------------
+def throughput(model: SimSkip, files: dict[str, Path], threads: int, batches, reps: dict[int, int]) -> list[dict]:
+    """vectors/s of each refiner path vs the numpy roofline (same two matmuls) at each batch size."""
+    set_threads(threads)
+    rng = np.random.default_rng(0)
+    W1 = model.f[0].weight.detach().numpy().copy()
+    W2 = model.f[-1].weight.detach().numpy().copy()
+    refs = {p: Refiner.load(f, threads=threads) for p, f in files.items()}
+    rows = []
+    for b in batches:
+        x = rng.standard_normal((b, D)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        h, y, xt = np.empty((b, HIDDEN), np.float32), np.empty((b, D), np.float32), torch.from_numpy(x)
+
+        def roofline(x=x, h=h, y=y):
+            np.matmul(x, W1.T, out=h)
+            np.matmul(h, W2.T, out=y)
+
+        fns = {"numpy_roofline": roofline, **{f"ort_{p}": (lambda r=r, x=x: r.transform(x)) for p, r in refs.items()}}
+
+        def eager(xt=xt):
+            with torch.no_grad():
+                model(xt)
+        fns["torch_eager"] = eager
+        if b > 4096:  # the Refiner's sub-batch size (default 1024), at the largest batch only
+            for sb in sorted({1024, 2048, 4096} - {refs["fp32"].batch_size}):
+                r = Refiner.load(files["fp32"], threads=threads, batch_size=sb)
+                fns[f"ort_fp32_sub{sb}"] = lambda r=r, x=x: r.transform(x)
+        t = interleaved(fns, reps[b], settle_s=0.15 if threads > 1 else 0.0)
+        flops = 2 * b * 2 * D * HIDDEN
+        for k, s in t.items():
+            rows.append({"threads": threads, "batch": b, "path": k, "us_per_call": s * 1e6, "vectors_per_s": b / s,
+                         "gflops": flops / s / 1e9, "vs_roofline": t["numpy_roofline"] / s})
+        print(f"  threads={threads} batch={b}: " + ", ".join(f"{k} {b / s:,.0f}/s ({t['numpy_roofline'] / s:.2f}x)"
+                                                        for k, s in t.items()), flush=True)
+    return rows
+
+
+# -- 2. single-vector latency -----------------------------------------------------------------------
+def single_vector(files: dict[str, Path], n: int = 2000, rounds: int = 5) -> dict[str, dict]:
+    """Median/p90 microseconds of Refiner.transform on one vector, 1 onnxruntime thread (`blocks`)."""
+    set_threads(1)
+    refs = {k: Refiner.load(f, threads=1) for k, f in files.items()}
+    xs = np.random.default_rng(1).standard_normal((n, D)).astype(np.float32)
+    xs /= np.linalg.norm(xs, axis=1, keepdims=True)
+    q = [xs[i:i + 1] for i in range(n)]
+    t = blocks({k: (lambda i, r=r: r.transform(q[i])) for k, r in refs.items()}, n, rounds, 200)
+    return {k: {"median_us": float(np.median(v) * 1e6), "p90_us": float(np.percentile(v, 90) * 1e6)} for k, v in t.items()}
+
+
+# -- 3. search latency --------------------------------------------------------------------------------
+# queries per turn: Flat streams the whole 150 MB index from memory on every query (no cache to keep
+# warm), so its contenders alternate query by query; HNSW/IVF run 100 queries per turn (~20 ms)
+BLOCK = {"Flat": 1, "HNSW32": 100, "IVF": 100}
+FACTORIES = {"Flat": ("Flat", None), "HNSW32": ("HNSW32", ("efSearch", 64)), "IVF": ("IVF1024,Flat", ("nprobe", 16))}
+
+
+def _tune(index, knob) -> None:
+    if knob:
+        faiss.ParameterSpace().set_index_parameter(index, *knob)
+
+
+def search_latency(refiner_file: Path, base: np.ndarray, queries: np.ndarray, n_queries: dict[str, int],
+                   build_threads: int, rounds: int) -> dict[str, dict]:
+    """Single-query latency of raw FAISS (raw vectors) and of RefinedIndex.search vs the same steps by hand.
+
+    by_hand = refiner.transform then FAISS search of the refined index: the work RefinedIndex.search
+    must do, so overhead = RefinedIndex.search - by_hand (both cold or warm alike). The refine alone
+    and FAISS alone on the refined index are timed too, in their own loops.
+    """
+    out = {}
+    ref = Refiner.load(refiner_file, threads=1)
+    for name, (factory, knob) in FACTORIES.items():
+        set_threads(build_threads)
+        t0 = time.perf_counter()
+        raw = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
+        raw.train(base)
+        raw.add(base)
+        ri = RefinedIndex(ref, factory, "ip")
+        ri.train(base)
+        ri.add(base)
+        build = time.perf_counter() - t0
+        _tune(raw, knob)
+        _tune(ri.index, knob)
+        set_threads(1)
+        n = n_queries[name]
+        q = [queries[i:i + 1] for i in range(n)]
+        rq = [ref.transform(v) for v in q]
+        inner = ri.index
+        t = blocks({"raw_faiss": lambda i: raw.search(q[i], 10),
+                    "by_hand": lambda i: inner.search(ref.transform(q[i]), 10),
+                    "refined_index": lambda i: ri.search(q[i], 10),
+                    "refine_only": lambda i: ref.transform(q[i]),
+                    "refined_faiss_only": lambda i: inner.search(rq[i], 10)}, n, rounds, BLOCK[name])
+        med = {k: float(np.median(v) * 1e6) for k, v in t.items()}
+        out[name] = {"factory": factory, "param": knob, "n_queries": n, "rounds": rounds, "build_s": build,
+                     "median_us": med, "overhead_us": 1e6 * per_block(t["refined_index"], t["by_hand"], BLOCK[name], lambda x, y: x - y),
+                     "overhead_us_of_medians": med["refined_index"] - med["by_hand"],
+                     "refined_vs_raw": med["refined_index"] / med["raw_faiss"]}
+        print(f"  {name}: " + ", ".join(f"{k} {v:.1f} us" for k, v in med.items())
+              + f"; overhead {out[name]['overhead_us']:.1f} us", flush=True)
+    return out
+
+
+# -- 4. native linear path -----------------------------------------------------------------------------
+def by_hand(A: np.ndarray, b: np.ndarray, factory: str) -> faiss.IndexPreTransform:
+    """LinearTransform + NormalizationTransform + a factory index, written with FAISS calls only."""
+    lt = faiss.LinearTransform(A.shape[1], A.shape[0], True)
+    faiss.copy_array_to_vector(A.ravel(), lt.A)
+    faiss.copy_array_to_vector(b, lt.b)
+    lt.is_trained = True
+    norm = faiss.NormalizationTransform(A.shape[0], 2.0)
+    inner = faiss.index_factory(A.shape[0], factory, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexPreTransform(norm, inner)
+    index.prepend_transform(lt)
+    return index
+
+
+def native_linear(refiner_file: Path, base: np.ndarray, queries: np.ndarray, n: int, build_threads: int, rounds: int) -> dict:
+    """Distil the MLP refiner into a linear map; time to_faiss vs the same pre-transform by hand vs the numpy path.
+
+    On this machine the first large index built is a few % slower to scan whatever its kind (memory
+    placement), so an untimed index is built first, then two copies of each in the order native,
+    hand, hand, native, pooled.
+    """
+    ref = Refiner.load(refiner_file, threads=1)
+    lin = distil_linear(ref, base[:20000])
+    out = {"fit_r2": lin.metadata["fit_r2"]}
+    for factory, knob in (("Flat", None), ("IVF1024,Flat", ("nprobe", 16))):
+        set_threads(build_threads)
+        idx = {"untimed": by_hand(*lin.affine(), factory),
+               "native_a": lin.to_faiss(factory, "ip"), "hand_a": by_hand(*lin.affine(), factory),
+               "hand_b": by_hand(*lin.affine(), factory), "native_b": lin.to_faiss(factory, "ip")}
+        numpy_path = RefinedIndex(lin, factory, "ip")
+        for i in (*idx.values(), numpy_path):
+            i.train(base)
+            i.add(base)
+        idx.pop("untimed")  # kept alive until now, so the timed ones do not reuse its memory
+        for i in (*idx.values(), numpy_path.index):
+            _tune(i, knob)  # ParameterSpace reaches through IndexPreTransform
+        set_threads(1)
+        q = [queries[i:i + 1] for i in range(n)]
+        In, Ih, Inp = idx["native_a"].search(queries[:n], 10)[1], idx["hand_a"].search(queries[:n], 10)[1], numpy_path.search(queries[:n], 10)[1]
+        blk = BLOCK["Flat" if factory == "Flat" else "IVF"]
+        t = blocks({**{k: (lambda i, x=x: x.search(q[i], 10)) for k, x in idx.items()},
+                    "numpy_path": lambda i: numpy_path.search(q[i], 10)}, n, rounds, blk)
+        t = {"native_to_faiss": np.vstack([t["native_a"], t["native_b"]]), "hand_built": np.vstack([t["hand_a"], t["hand_b"]]),
+             "numpy_path": t["numpy_path"]}
+        med = {k: float(np.median(v) * 1e6) for k, v in t.items()}
+        out[factory] = {"median_us": med, "native_vs_hand": per_block(t["native_to_faiss"], t["hand_built"], blk, lambda x, y: x / y) - 1,
+                        "native_vs_hand_of_medians": med["native_to_faiss"] / med["hand_built"] - 1,
+                        "same_results_as_hand": bool((In == Ih).all()),
+                        "recall10_native_vs_numpy_path": recall_at_10(Inp, In)}
+        print(f"  native {factory}: " + ", ".join(f"{k} {v:.1f} us" for k, v in med.items())
+              + f"; native/hand - 1 = {out[factory]['native_vs_hand']:+.3f}", flush=True)
+    return out
+
+
+# -- 5. quality parity -------------------------------------------------------------------------------------
+def recall_at_10(want: np.ndarray, got: np.ndarray) -> float:
+    """FAISS's 10-recall@10 (intersection): |true top-10 ∩ returned top-10| / 10, averaged over queries."""
+    return float(np.mean([len(np.intersect1d(a[:10], b[:10])) / 10 for a, b in zip(want, got)]))
+
+
+def top10(refine, corpus: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    index = faiss.IndexFlatIP(corpus.shape[1])
+    index.add(np.ascontiguousarray(refine(corpus), dtype=np.float32))
+    return index.search(np.ascontiguousarray(refine(queries), dtype=np.float32), 11)[1]
+
+
+def label_precision(I: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> float:
+    """precision@10 of same-label neighbours for corpus rows used as queries (the row itself dropped)."""
+    hits = []
+    for r, nb in zip(rows, I):
+        nb = nb[nb != r][:10]
+        hits.append(float((labels[nb] == labels[r]).mean()))
+    return float(np.mean(hits))
+
+
+def quality(refiners: dict[str, Callable], own: dict[str, str], corpus: np.ndarray, queries: np.ndarray,
+            label_rows=None, labels=None) -> dict:
+    """10-recall@10 of each refiner vs the default fp32 refiner and vs its own fp32 model (`own`: name ->
+    reference name; a precision option's parity), queries against the whole corpus; label precision@10."""
+    set_threads(2)
+    tops = {k: top10(f, corpus, queries)[:, :10] for k, f in refiners.items()}
+    out = {}
+    for k, f in refiners.items():
+        row = {"recall10_vs_fp32": recall_at_10(tops["fp32"], tops[k])}
+        if k in own:
+            row["recall10_vs_own_fp32"] = recall_at_10(tops[own[k]], tops[k])
+        if label_rows is not None:
+            row["labels_precision@10"] = label_precision(top10(f, corpus, corpus[label_rows]), label_rows, labels)
+        out[k] = row
+    return out
+
+
+# -- 6. ingest ------------------------------------------------------------------------------------------------
+INGEST = textwrap.dedent('''
+    import json, sys, time
+    import numpy as np, faiss
+    from threadpoolctl import threadpool_limits
+    mode, path, refiner, threads, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    faiss.omp_set_num_threads(threads); threadpool_limits(threads)
+
+    def status():
+        return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+                if l.startswith(("VmHWM", "VmRSS", "RssAnon", "RssFile"))}
+
+    x = np.load(path, mmap_mode="r")
+    if mode == "raw":   # plain FAISS: the same memmap added chunk by chunk, nothing else
+        index = faiss.IndexFlatIP(x.shape[1])
+        base = status()
+        t = time.perf_counter()
+        for s in range(0, len(x), chunk):
+            index.add(np.ascontiguousarray(x[s:s + chunk]))
+    else:
+        from simskip_faiss import RefinedIndex, Refiner
+        ri = RefinedIndex(Refiner.load(refiner, threads=threads), "Flat", "ip", chunk_size=chunk)
+        index = ri.index
+        base = status()
+        t = time.perf_counter()
+        ri.add(x)
+    seconds = time.perf_counter() - t
+    end = status()
+    size = [0]
+    faiss.write_index(index, faiss.PyCallbackIOWriter(lambda b: size.__setitem__(0, size[0] + len(b)) or len(b)))
+    print(json.dumps({"seconds": seconds, "ntotal": index.ntotal, "index_bytes": size[0], "before": base, "after": end}))
+''')
+
+
+def make_ingest_file(path: Path, n: int) -> float:
+    t = time.perf_counter()
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, D))
+    clustered(n, D, seed=7, out=out)
+    out.flush()
+    del out
+    with open(path, "rb") as f:  # no writeback of the fresh file may overlap the timed ingests
+        os.fsync(f.fileno())
+    return time.perf_counter() - t
+
+
+def ingest(path: Path, refiners: dict[str, Path], threads: int, chunk: int) -> dict:
+    """Raw add vs RefinedIndex.add of the same .npy, each in its own subprocess (peak RSS = its VmHWM)."""
+    out = {}
+    for mode, ref in [("raw", ""), *[(f"refined_{k}", str(v)) for k, v in refiners.items()]]:
+        proc = subprocess.run([sys.executable, "-c", INGEST, mode, str(path), ref, str(threads), str(chunk)],
+                              capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = r["after"]["VmHWM"]
+        r.update(vectors_per_s=r["ntotal"] / r["seconds"], peak_rss_bytes=peak,
+                 peak_over_index_mb=(peak - r["index_bytes"]) / 1e6,
+                 peak_growth_over_index_mb=(peak - r["before"]["VmRSS"] - r["index_bytes"]) / 1e6)
+        out[mode] = r
+        print(f"  ingest {mode}: {r['seconds']:.1f} s ({r['vectors_per_s']:,.0f}/s), peak RSS {peak / 1e6:,.0f} MB, "
+              f"index {r['index_bytes'] / 1e6:,.0f} MB (peak - index = {r['peak_over_index_mb']:+.0f} MB)", flush=True)
+    for k in out:
+        out[k]["throughput_vs_raw"] = out[k]["vectors_per_s"] / out["raw"]["vectors_per_s"]
+    return out
+
+
+# -- report --------------------------------------------------------------------------------------------------
+def environment(threads: int) -> dict:
+    blas = [{k: i.get(k) for k in ("internal_api", "version", "num_threads")} for i in threadpool_info()]
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "faiss": faiss.__version__,
+            "threads": {"throughput (onnxruntime intra-op / FAISS OpenMP / BLAS / torch)": threads,
+                        "latency and search (onnxruntime / FAISS / BLAS / torch)": 1,
+                        "index builds (FAISS)": threads, "onnxruntime inter-op": 1,
+                        "onnxruntime intra-op spinning": "off (Refiner default spin=False)"},
+            "blas_pools": blas, "loadavg_start": os.getloadavg()}
+
+
+def targets(r: dict) -> list[dict]:
+    """Each issue target with the measured value and whether it is met."""
+    T, rows = TARGETS, []
+    for th in sorted({x["threads"] for x in r["throughput"]}):
+        worst = min(x["vs_roofline"] for x in r["throughput"] if x["threads"] == th and x["batch"] >= 1024 and x["path"] == "ort_fp32")
+        rows.append({"target": f"fp32 refine throughput, batch >= 1024, {th} thread(s): >= {T['roofline_ratio']} x numpy roofline",
+                     "value": round(worst, 3), "met": worst >= T["roofline_ratio"]})
+    v = r["single_vector"]["default fp32"]["median_us"]
+    rows.append({"target": f"single-vector refine, default model fp32: <= {T['single_vector_us']} us median", "value": round(v, 1),
+                 "met": v <= T["single_vector_us"]})
+    for k, s in r["search"].items():
+        o = s["overhead_us"]
+        rows.append({"target": f"RefinedIndex.search {k} batch 1: <= FAISS + refine + {T['search_overhead_us']} us (median vs the same steps by hand)",
+                     "value": round(o, 1), "met": o <= T["search_overhead_us"]})
+    for k, q in r["quality"].items():
+        if "recall10_vs_own_fp32" in q:
+            v = q["recall10_vs_own_fp32"]
+            rows.append({"target": f"fast option '{k}': 10-recall@10 vs {OWN[k]} refiner >= {T['recall_parity']}", "value": round(v, 4),
+                         "met": v >= T["recall_parity"]})
+    for k, g in r.get("ingest", {}).items():
+        if k.startswith("refined"):
+            rows.append({"target": f"ingest {k}: peak RSS <= index + {T['ingest_rss_over_index_mb']:.0f} MB", "value": round(g["peak_over_index_mb"], 1),
+                         "met": g["peak_over_index_mb"] <= T["ingest_rss_over_index_mb"]})
+    for f, s in r["native"].items():
+        if isinstance(s, dict):
+            rows.append({"target": f"native linear {f}: latency within {T['native_vs_hand']:.0%} of hand-built",
+                         "value": round(s["native_vs_hand"], 4), "met": abs(s["native_vs_hand"]) <= T["native_vs_hand"]})
+    return rows
+
+
+def markdown(r: dict) -> str:
+    e = r["environment"]
+    L = [f"# Speed bench\n\nCommand: `{r['command']}` — {e['cpu']}, {e['cores']} cores, load average at start "
+         f"{e['loadavg_start'][0]:.2f}, at end {r['loadavg_end'][0]:.2f}; {r['seconds']:.0f} s. "
+         f"numpy {e['numpy']}, torch {e['torch']}, onnxruntime {e['onnxruntime']}, faiss {e['faiss']}.",
+         "", "Threads: " + "; ".join(f"{k}: {v}" for k, v in e["threads"].items()) + ".",
+         f"Default model: d={D}, hidden={HIDDEN}, depth 1, trained {r['model']['epochs']} epochs on {r['model']['data']} "
+         f"({r['model']['train_s']:.0f} s). Ratios are medians of interleaved runs in this one process.", "",
+         "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    L += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in r["targets"]]
+    L += ["", "## 1. Refine throughput (vectors/s; × = time of numpy's two matmuls / time of this path)", "",
+          "| threads | batch | path | vectors/s | GFLOP/s | × numpy roofline |", "|---|---|---|---|---|---|"]
+    L += [f"| {x['threads']} | {x['batch']} | {x['path']} | {x['vectors_per_s']:,.0f} | {x['gflops']:.1f} | {x['vs_roofline']:.2f} |"
+          for x in r["throughput"]]
+    L += ["", "## 2. Single-vector refine latency (Refiner.transform, 1 thread, µs)", "", "| refiner | median | p90 | file bytes |", "|---|---|---|---|"]
+    L += [f"| {k} | {v['median_us']:.1f} | {v['p90_us']:.1f} | {r['files'].get(k, '')} |" for k, v in r["single_vector"].items()]
+    L += ["", f"## 3. Single-query search, {r['search_n']:,} × {D} clustered unit vectors, k=10, 1 thread (median µs)", "",
+          "| index | raw FAISS | FAISS alone on refined index | refine alone | refine + FAISS by hand | RefinedIndex.search | overhead vs by hand (per-turn median) | RefinedIndex / raw FAISS |",
+          "|---|---|---|---|---|---|---|---|"]
+    for k, s in r["search"].items():
+        m = s["median_us"]
+        L.append(f"| {s['factory']} {s['param'] or ''} | {m['raw_faiss']:.1f} | {m['refined_faiss_only']:.1f} | {m['refine_only']:.1f} | "
+                 f"{m['by_hand']:.1f} | {m['refined_index']:.1f} | {s['overhead_us']:+.1f} | {s['refined_vs_raw']:.3f} |")
+    n = r["native"]
+    L += ["", f"## 4. Native linear path (MLP refiner distilled to a linear map, fit R² = {n['fit_r2']:.3f}; 1 thread, median µs)", "",
+          "| index | to_faiss (native) | hand-built IndexPreTransform | numpy path (RefinedIndex) | native/hand − 1 (per-turn median) | same results as hand | 10-recall@10 vs numpy path |",
+          "|---|---|---|---|---|---|---|"]
+    for f, s in n.items():
+        if isinstance(s, dict):
+            m = s["median_us"]
+            L.append(f"| {f} | {m['native_to_faiss']:.1f} | {m['hand_built']:.1f} | {m['numpy_path']:.1f} | {s['native_vs_hand']:+.3f} | "
+                     f"{s['same_results_as_hand']} | {s['recall10_native_vs_numpy_path']:.4f} |")
+    L += ["", f"## 5. Quality parity on {r['model']['data']} ({r['quality_n']})", "",
+          "10-recall@10 = |top-10 ∩ top-10 of the reference| / 10 (FAISS's intersection measure), exact search. "
+          "A smaller width is another model, not a precision of the same one: its parity column compares its int8 "
+          "to its own fp32, and its task quality is the labels column (raw = no refiner).", "",
+          "| refiner | 10-recall@10 vs default fp32 | 10-recall@10 vs own fp32 (parity) | labels precision@10 |", "|---|---|---|---|"]
+    L += [f"| {k} | {q['recall10_vs_fp32']:.4f} | {q['recall10_vs_own_fp32']:.4f} | {q.get('labels_precision@10', float('nan')):.4f} |"
+          if "recall10_vs_own_fp32" in q else
+          f"| {k} | {q['recall10_vs_fp32']:.4f} | — | {q.get('labels_precision@10', float('nan')):.4f} |" for k, q in r["quality"].items()]
+    if r.get("ingest"):
+        L += ["", f"## 6. Streamed ingest of {r['ingest_n']:,} × {D} from a .npy memmap into Flat (subprocess each; {r['ingest_threads']} threads)", "",
+              "| path | seconds | vectors/s | × raw | peak RSS (VmHWM) MB | index MB | peak − index MB | RSS before add MB |",
+              "|---|---|---|---|---|---|---|---|"]
+        for k, g in r["ingest"].items():
+            L.append(f"| {k} | {g['seconds']:.1f} | {g['vectors_per_s']:,.0f} | {g['throughput_vs_raw']:.3f} | {g['peak_rss_bytes'] / 1e6:,.0f} | "
+                     f"{g['index_bytes'] / 1e6:,.0f} | {g['peak_over_index_mb']:+.0f} | {g['before']['VmRSS'] / 1e6:.0f} |")
+    return "\n".join(L) + "\n"
+
+
+# -- main ------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="threads for throughput, builds and ingest")
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test of this script")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where the 1M x 384 .npy (1.5 GB) is written, then deleted")
+    ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    a = ap.parse_args()
+    t0 = time.perf_counter()
+    n_search, n_ingest = (20_000, 100_000) if a.quick else (100_000, 1_000_000)
+    nq = {"Flat": 50, "HNSW32": 300, "IVF": 300} if a.quick else {"Flat": 200, "HNSW32": 2000, "IVF": 2000}
+    rounds = 2 if a.quick else 4
+    reps = {1: 40, 16: 40, 1024: 40, 8192: 15} if not a.quick else {1: 5, 16: 5, 1024: 5, 8192: 3}
+    env = environment(a.threads)
+    work = Path(tempfile.mkdtemp(prefix="simskip-speed-", dir=a.tmp))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    r: dict = {"command": "python bench/speed.py " + " ".join(sys.argv[1:]), "environment": env, "targets_spec": TARGETS}
+    try:
+        set_threads(a.threads)
+        data, source = load_data(a.quick)
+        corpus = np.ascontiguousarray(data.corpus if data is not None else clustered(20000, D, seed=3), dtype=np.float32)
+        rows = (data.split_rows("train"), data.split_rows("val")) if data is not None else None
+        print(f"training the default model (hidden {HIDDEN}) and hidden 256 on {source} ...", flush=True)
+        model, train_s = trained_model(corpus, HIDDEN, 1 if a.quick else a.epochs, a.threads, rows)
+        small, _ = trained_model(corpus, 256, 1 if a.quick else a.epochs, a.threads, rows)
+        metas, small_metas = export_all(model, work, "h512"), export_all(small, work, "h256")
+        files = {p: work / f"h512-{p}.onnx" for p in ("fp32", "int8", "fp16")}
+        r["model"] = {"data": source, "epochs": 1 if a.quick else a.epochs, "train_s": train_s, "metadata": metas,
+                      "hidden256_metadata": small_metas}
+        r["files"] = {f"default {p}": metas[p]["file_bytes"] for p in metas} | {f"hidden 256 {p}": small_metas[p]["file_bytes"] for p in small_metas}
+
+        print("1. throughput", flush=True)
+        r["throughput"] = throughput(model, {"fp32": files["fp32"], "int8": files["int8"]}, a.threads, (1, 16, 1024, 8192), reps)
+        if a.threads != 1:
+            r["throughput"] += throughput(model, {"fp32": files["fp32"], "int8": files["int8"]}, 1, (1, 16, 1024, 8192), reps)
+
+        print("2. single-vector latency", flush=True)
+        svf = {f"default {p}": files[p] for p in ("fp32", "int8", "fp16")} | {f"hidden 256 {p}": work / f"h256-{p}.onnx" for p in ("fp32", "int8")}
+        r["single_vector"] = single_vector(svf, 500 if a.quick else 2000, 3 if a.quick else 5)
+        print("  " + ", ".join(f"{k} {v['median_us']:.1f} us" for k, v in r["single_vector"].items()), flush=True)
+
+        print(f"3. search latency on {n_search:,} x {D}", flush=True)
+        base = clustered(n_search, D, seed=11)
+        queries = clustered(max(nq.values()), D, seed=12)
+        r["search_n"] = n_search
+        r["search"] = search_latency(files["fp32"], base, queries, nq, a.threads, rounds)
+
+        print("4. native linear path", flush=True)
+        r["native"] = native_linear(files["fp32"], base, queries, nq["IVF"], a.threads, rounds)
+        del base
+
+        print("5. quality parity", flush=True)
+        fast = {p: Refiner.load(f, threads=a.threads) for p, f in files.items()}
+        lin = distil_linear(fast["fp32"], corpus[rows[0]] if rows else corpus)
+        refiners = {"fp32": fast["fp32"].transform, "int8": fast["int8"].transform, "fp16": fast["fp16"].transform,
+                    "hidden 256 fp32": Refiner.load(work / "h256-fp32.onnx", threads=a.threads).transform,
+                    "hidden 256 int8": Refiner.load(work / "h256-int8.onnx", threads=a.threads).transform,
+                    "distilled linear": lin.transform, "raw (no refiner)": lambda v: v}
+        if data is not None:
+            test_q = data.queries[data.split_queries("test")]
+            label_rows = data.split_rows("test") if data.labels is not None else None
+            r["quality_n"] = f"{len(test_q)} held-out test queries vs {len(corpus):,} corpus rows; labels on {len(label_rows)} test rows"
+            r["quality"] = quality(refiners, OWN, corpus, test_q, label_rows, data.labels)
+        else:
+            r["quality_n"] = "2000 synthetic queries"
+            r["quality"] = quality(refiners, OWN, corpus, clustered(2000, D, seed=5))
+        for k, q in r["quality"].items():
+            print(f"  {k}: " + ", ".join(f"{m} {v:.4f}" for m, v in q.items()), flush=True)
+
+        if not a.skip_ingest:
+            print(f"6. ingest of {n_ingest:,} x {D}", flush=True)
+            npy = work / "ingest.npy"
+            r["ingest_file_s"] = make_ingest_file(npy, n_ingest)
+            r["ingest_n"], r["ingest_threads"] = n_ingest, a.threads
+            r["ingest"] = ingest(npy, {"fp32": files["fp32"], "int8": files["int8"]}, a.threads, 16384)
+            npy.unlink()
+    finally:
+        for f in work.glob("*"):
+            f.unlink()
+        work.rmdir()
+    r["loadavg_end"] = os.getloadavg()
+    r["seconds"] = time.perf_counter() - t0
+    r["targets"] = targets(r)
+    (out / "speed.json").write_text(json.dumps(r, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    (out / "speed.md").write_text(markdown(r))
+    print(markdown(r))
+
+
+if __name__ == "__main__":
+    main()
