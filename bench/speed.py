@@ -174,6 +174,11 @@ def throughput(model: SimSkip, files: dict[str, Path], threads: int, batches, re
     W1 = model.f[0].weight.detach().numpy().copy()
     W2 = model.f[-1].weight.detach().numpy().copy()
     refs = {p: Refiner.load(f, threads=threads) for p, f in files.items()}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    pool_session = ort.InferenceSession(str(files["fp32"]), opts, providers=["CPUExecutionProvider"])
+    pool_in = pool_session.get_inputs()[0].name
     rows = []
     for b in batches:
         x = rng.standard_normal((b, D)).astype(np.float32)
@@ -190,6 +195,8 @@ def throughput(model: SimSkip, files: dict[str, Path], threads: int, batches, re
             with torch.no_grad():
                 model(xt)
         fns["torch_eager"] = eager
+        if threads > 1:  # the alternative the Refiner does not use: onnxruntime's own intra-op pool
+            fns["ort_fp32_intra_op_pool"] = lambda x=x: pool_session.run(None, {pool_in: x})
         if b > 4096:  # the Refiner's sub-batch size (default 1024), at the largest batch only
             for sb in sorted({1024, 2048, 4096} - {refs["fp32"].batch_size}):
                 r = Refiner.load(files["fp32"], threads=threads, batch_size=sb)
@@ -435,7 +442,7 @@ def environment(threads: int) -> dict:
             "threads": {"throughput (onnxruntime intra-op / FAISS OpenMP / BLAS / torch)": threads,
                         "latency and search (onnxruntime / FAISS / BLAS / torch)": 1,
                         "index builds (FAISS)": threads, "onnxruntime inter-op": 1,
-                        "onnxruntime intra-op spinning": "off (Refiner default spin=False)"},
+                        "Refiner": "single-threaded onnxruntime session, sub-batches run by `threads` Python workers"},
             "blas_pools": blas, "loadavg_start": os.getloadavg()}
 
 

@@ -111,9 +111,19 @@ def cmd_train(args) -> None:
         model, meta, seconds = res.model, res.metadata(), res.seconds
         if res.guard:
             print(res.guard.summary(), file=sys.stderr)
-    meta = export(model, args.output, meta)
-    print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, trained in {seconds:.1f}s, "
-          f"ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
+    meta = export(model, args.output, meta, precision=args.precision)
+    print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, {meta['precision']}, trained in "
+          f"{seconds:.1f}s, ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
+
+
+def cmd_quantize(args) -> None:
+    from .export import quantize
+
+    if not Path(args.refiner).is_file():
+        raise CLIError(f"refiner file not found: {args.refiner}")
+    meta = quantize(args.refiner, args.output, precision=args.precision)
+    print(f"wrote {args.output}: {meta['precision']} refiner, max abs err {meta['parity_max_abs_err']:.2e} "
+          f"vs {args.refiner} (tolerance {meta['parity_tolerance']:g})")
 
 
 def cmd_build(args) -> None:
@@ -424,7 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
     _add_data_options(s, default="wordnet")
     _add_train_options(s)
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="weights of the exported file: fp32 (default), fp16 (half the file) or int8 "
+                        "(dynamic quantisation: about half the single-query latency; see bench/results/speed.md)")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("quantize", parents=[common], help="convert an fp32 refiner to int8 or fp16",
+                       description="Convert an exported fp32 refiner to int8 (dynamic quantisation) or fp16 weights, "
+                                   "verified against the fp32 file; no torch needed.")
+    s.add_argument("refiner", help="fp32 refiner .onnx")
+    s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
+    s.add_argument("--precision", default="int8", choices=["int8", "fp16"])
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("build", parents=[common], help="build a refined index bundle",
                        description="Refine CORPUS.npy and add it to a FAISS index; save index + refiner as a bundle.")
@@ -553,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("simskip-faiss: interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:  # an optional extra is missing
+        extra = {"torch": "train", "onnx": "train", "onnxscript": "train", "pyspark": "scale", "pymilvus": "scale",
+                 "sentence_transformers": "data", "wn": "data", "matplotlib": "data", "sklearn": "data"}
+        hint = extra.get((e.name or "").split(".")[0])
+        print(f"simskip-faiss: error: {e}" + (f" (pip install 'simskip-faiss[{hint}]')" if hint else ""), file=sys.stderr)
+        return 2
     except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"simskip-faiss: error: {msg}", file=sys.stderr)

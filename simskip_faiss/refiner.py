@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ METADATA_KEY = "simskip"
 
 DEFAULT_BATCH = 1024  # rows per onnxruntime run: the fastest sub-batch for large inputs in bench/speed.py
 FAST_ROWS = 64  # inputs up to this many rows skip the general validation when already in shape
+MIN_PARALLEL_ROWS = 256  # rows per worker below which splitting a call across threads does not pay
 
 
 def as_input(x, d: int, name: str = "x") -> np.ndarray:
@@ -70,18 +73,18 @@ class IdentityRefiner:
 class Refiner:
     """An exported ONNX refiner run by onnxruntime in bounded-size batches.
 
-    `threads` sets onnxruntime's intra-op pool explicitly (it otherwise takes every core and
-    fights FAISS and BLAS for them). `spin=False` lets that pool's threads sleep between runs
-    instead of busy-waiting: a spinning pool measurably halved the speed of the next FAISS/BLAS
-    call on 2 cores, for ~3% of onnxruntime's own large-batch throughput (single-thread
-    refiners have no pool and are unaffected). `batch_size` bounds the memory of one run; its
-    default, 1024 rows, was the fastest sub-batch for large inputs in bench/speed.py.
+    `threads` (default 1; None = every core) is how many cores one call may use. The onnxruntime
+    session itself is single-threaded; a large input is split into sub-batches that `threads`
+    workers run concurrently (onnxruntime releases the GIL). Measured in bench/speed.py, this
+    data parallelism reached the numpy matmul roofline at batch >= 1024 on 2 cores, where
+    onnxruntime's own intra-op pool reached about half of it, and a single vector is not slowed
+    by a thread pool's wake-up. `batch_size` bounds the rows of one onnxruntime run (memory).
     """
 
     is_identity = False
 
     def __init__(self, model: bytes, threads: int | None = 1, batch_size: int = DEFAULT_BATCH,
-                 source: str = "<bytes>", spin: bool = False):
+                 source: str = "<bytes>"):
         import onnxruntime as ort
 
         if batch_size <= 0:
@@ -89,13 +92,15 @@ class Refiner:
         self.model_bytes = bytes(model)
         self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
         self.batch_size = int(batch_size)
-        self.threads = threads
+        self.threads = int(threads) if threads is not None else (os.cpu_count() or 1)
+        if self.threads <= 0:
+            raise ValueError(f"threads must be positive (or None for every core), got {threads}")
         self.source = source
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        opts.intra_op_num_threads = 1  # parallelism is across sub-batches (see the class docstring)
+        opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(self.model_bytes, opts, providers=["CPUExecutionProvider"])
@@ -126,8 +131,7 @@ class Refiner:
             raise ValueError(f"{source}: apply_to must be 'both' or 'queries', got {self.apply_to!r}")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, threads: int | None = 1, batch_size: int = DEFAULT_BATCH,
-             spin: bool = False) -> "Refiner":
+    def load(cls, path: str | os.PathLike, threads: int | None = 1, batch_size: int = DEFAULT_BATCH) -> "Refiner":
         """Load an ONNX refiner file; missing, empty and non-ONNX files raise with the path named."""
         p = Path(path)
         if not p.is_file():
@@ -135,7 +139,7 @@ class Refiner:
         data = p.read_bytes()
         if not data:
             raise ValueError(f"{p} is empty, not an ONNX model")
-        return cls(data, threads=threads, batch_size=batch_size, source=str(p), spin=spin)
+        return cls(data, threads=threads, batch_size=batch_size, source=str(p))
 
     def transform(self, x) -> np.ndarray:
         """Refine a float32 (n, d_in) array into (n, d_out)."""
@@ -144,12 +148,36 @@ class Refiner:
     def apply(self, x: np.ndarray) -> np.ndarray:
         """`transform` for input already validated as C-contiguous float32 (n, d_in)."""
         n = x.shape[0]
-        if n <= self.batch_size:
-            return self._session.run([self._out], {self._in: x})[0]
+        workers = min(self.threads, n // MIN_PARALLEL_ROWS)
+        if workers <= 1 and n <= self.batch_size:
+            return self._run(x)
+        step = min(self.batch_size, -(-n // max(workers, 1)))
         out = np.empty((n, self.d_out), dtype=np.float32)
-        for s in range(0, n, self.batch_size):
-            out[s:s + self.batch_size] = self._session.run([self._out], {self._in: x[s:s + self.batch_size]})[0]
+
+        def part(s: int) -> None:
+            out[s:s + step] = self._run(x[s:s + step])
+
+        starts = range(0, n, step)
+        if workers <= 1:
+            for s in starts:
+                part(s)
+        else:
+            list(self._executor().map(part, starts))  # list(): re-raises a worker's exception here
         return out
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._session.run([self._out], {self._in: x})[0]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="simskip-refine")
+            return self._pool
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     __call__ = transform
 

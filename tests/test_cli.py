@@ -103,3 +103,22 @@ def test_serving_path_never_imports_torch(files, onnx_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "blocked-ok" in out.stdout
+
+
+def test_train_int8_and_quantize(files, onnx_path, capsys):
+    from simskip_faiss import Refiner
+
+    d = files
+    assert run("train", d / "corpus.npy", "-o", d / "r8.onnx", "--epochs", "1", "--hidden", "16", "--no-guard",
+               "--precision", "int8", "-q") == 0
+    assert "int8" in capsys.readouterr().out and Refiner.load(d / "r8.onnx").precision == "int8"
+    assert run("quantize", onnx_path[0], "-o", d / "q16.onnx", "--precision", "fp16") == 0
+    q, src = Refiner.load(d / "q16.onnx"), Refiner.load(onnx_path[0])
+    assert q.precision == "fp16" and q.metadata["quantized_from"] == src.sha256
+    x = np.load(d / "corpus.npy")
+    assert np.abs(q.transform(x) - src.transform(x)).max() <= q.metadata["parity_tolerance"]
+    capsys.readouterr()
+    assert run("quantize", d / "r8.onnx", "-o", d / "again.onnx") == 2  # already int8
+    err = capsys.readouterr().err
+    assert "already int8" in err and len(err.strip().splitlines()) == 1
+    assert not (d / "again.onnx").exists()

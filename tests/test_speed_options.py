@@ -281,3 +281,16 @@ def test_default_sub_batch_splits_large_inputs_exactly(onnx_path, data):
     np.testing.assert_allclose(two.transform(x), Refiner.load(onnx_path[0], batch_size=4096).transform(x), atol=1e-6)
     with pytest.raises(ValueError, match="positive"):
         Refiner.load(onnx_path[0], batch_size=0)
+
+
+def test_threads_split_one_call_across_workers_with_the_same_result(onnx_path, data):
+    """threads=2 runs sub-batches concurrently; results match one single-threaded run, row order kept."""
+    x = np.tile(data[0], (2, 1))[:1000]  # 2 workers x 500 rows, each >= MIN_PARALLEL_ROWS
+    one = Refiner.load(onnx_path[0], threads=1).transform(x)
+    two = Refiner.load(onnx_path[0], threads=2)
+    np.testing.assert_allclose(two.transform(x), one, atol=1e-6)
+    np.testing.assert_allclose(two.transform(x[::-1].copy()), one[::-1], atol=1e-6)
+    assert two._pool is not None and two._pool._max_workers == 2  # the split really happened
+    assert Refiner.load(onnx_path[0], threads=None).threads >= 1
+    with pytest.raises(ValueError, match="threads must be positive"):
+        Refiner.load(onnx_path[0], threads=0)
