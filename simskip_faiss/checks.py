@@ -5,6 +5,8 @@ with a message that names the problem, before anything is refined or stored.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 
@@ -37,11 +39,17 @@ def check_matrix(x, d: int | None = None, name: str = "x", allow_empty: bool = F
     return x
 
 
-def check_finite(x: np.ndarray, name: str = "x", chunk: int = 65536) -> None:
-    """Raise ValueError naming the first row that holds NaN or Inf (scans in chunks: memmaps stay lazy)."""
+def check_finite(x: np.ndarray, name: str = "x", chunk: int = 65536,
+                 after_chunk: Callable[[int, int], None] | None = None) -> None:
+    """Raise ValueError naming the first row that holds NaN or Inf (scans in chunks: memmaps stay lazy).
+
+    `after_chunk(start, stop)` runs once each chunk is scanned (the index uses it to unmap a memmap's pages).
+    """
     for start in range(0, x.shape[0], chunk):
-        block = np.asarray(x[start:start + chunk])
-        bad = ~np.isfinite(block).all(axis=1)
+        stop = min(start + chunk, x.shape[0])
+        bad = ~np.isfinite(np.asarray(x[start:stop])).all(axis=1)
+        if after_chunk is not None:
+            after_chunk(start, stop)
         if bad.any():
             row = start + int(np.flatnonzero(bad)[0])
             raise ValueError(f"{name} contains NaN or Inf (first at row {row})")

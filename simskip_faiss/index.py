@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checks import as_ids, as_matrix, check_k, check_matrix
+from .checks import as_ids, as_matrix, check_finite, check_k, check_matrix
 from .persistence import BundleError, read_manifest, save_bundle, verified_path
 from .refiner import IdentityRefiner, Refiner, as_input
 
@@ -57,16 +57,6 @@ def release_rows(x: np.ndarray, start: int, stop: int) -> None:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
     except (OSError, ValueError, TypeError, BufferError):
         pass  # an optimisation only
-
-
-def check_finite_streamed(x: np.ndarray, name: str, chunk: int) -> None:
-    """checks.check_finite for large inputs, releasing a memmap's pages behind the scan."""
-    for s in range(0, x.shape[0], chunk):
-        e = min(s + chunk, x.shape[0])
-        bad = ~np.isfinite(np.asarray(x[s:e])).all(axis=1)
-        release_rows(x, s, e)
-        if bad.any():
-            raise ValueError(f"{name} contains NaN or Inf (first at row {s + int(np.flatnonzero(bad)[0])})")
 
 
 def reserve(index: faiss.Index, n: int) -> None:
@@ -183,7 +173,7 @@ class RefinedIndex:
         """
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > self.chunk_size:
             check_matrix(x[:1], self.d, name)  # dtype and shape
-            check_finite_streamed(x, name, self.chunk_size)
+            check_finite(x, name, self.chunk_size, after_chunk=lambda s, e: release_rows(x, s, e))
             return x
         return as_matrix(x, self.d, name)
 
