@@ -52,6 +52,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         elif f.name == "guard_tasks":
             g.add_argument(flag, nargs="*", choices=["labels", "pairs"], default=list(default),
                            help="tasks the guard protects (default: every task with validation data)")
+        elif f.name == "guard_metrics":
+            g.add_argument(flag, nargs="*", default=list(default), metavar="TASK:METRIC",
+                           help="metrics held to the no-drop rule, e.g. pairs:ndcg@10 (default: all)")
         elif isinstance(default, tuple):
             g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
         else:
@@ -62,7 +65,7 @@ def _train_config(args):
     from .config import TrainConfig
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("progress", "threads")}
-    kw.update(alphas=tuple(kw["alphas"]), guard_tasks=tuple(kw["guard_tasks"]))
+    kw.update(alphas=tuple(kw["alphas"]), guard_tasks=tuple(kw["guard_tasks"]), guard_metrics=tuple(kw["guard_metrics"]))
     return TrainConfig(**kw, threads=args.threads, progress=not args.quiet)
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     alphas: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
     tolerance: float = 0.0          # allowed validation drop of any metric below raw (0: no drop at all)
     guard_tasks: tuple[str, ...] = ()  # tasks the guard protects and scores ("labels", "pairs"); () = all available
+    guard_metrics: tuple[str, ...] = ()  # "task:metric" held to the no-drop rule, e.g. "pairs:ndcg@10"; () = all
     min_agreement: float = 0.9      # no labels/pairs to validate on: keep >= this share of raw 10-NN
     max_val_queries: int = 2000     # per task, for the guard's validation search
 
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError("pair_mode='query_only' refines queries only; combine it with no other signal")
         if any(t not in ("labels", "pairs") for t in self.guard_tasks):
             raise ValueError(f"guard_tasks must name 'labels' and/or 'pairs', got {self.guard_tasks}")
+        if any(m.partition(":")[0] not in ("labels", "pairs") or not m.partition(":")[2] for m in self.guard_metrics):
+            raise ValueError(f"guard_metrics must be 'task:metric' names such as 'pairs:ndcg@10', got {self.guard_metrics}")
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
             raise ValueError(f"alphas must be values in [0, 1], got {self.alphas}")
         if self.metric == "ip" and not self.normalize:

@@ -393,9 +393,14 @@ class _Validator:
         if not self.queries:  # unsupervised and nothing to validate on: raw-neighbour agreement proxy
             rows = data.split_rows("val")
             self.queries = {"agreement": rows[: cfg.max_val_queries]}
-        self.criterion = ("neighbour agreement with raw >= %g" % cfg.min_agreement if "agreement" in self.queries
-                          else "no validation metric below raw by more than %g; maximise mean relative gain" % cfg.tolerance)
         self.raw = self._metrics(data.corpus, self._query_vectors(lambda x: x))
+        self.protected = list(cfg.guard_metrics or self.raw)
+        unknown = set(self.protected) - set(self.raw)
+        if unknown:
+            raise ValueError(f"guard_metrics {sorted(unknown)} are not measured on validation (measured: {sorted(self.raw)})")
+        which = "validation metric" if self.protected == list(self.raw) else "of " + ", ".join(self.protected)
+        self.criterion = ("neighbour agreement with raw >= %g" % cfg.min_agreement if "agreement" in self.queries
+                          else f"no {which} below raw by more than {cfg.tolerance:g}; maximise mean relative gain")
         self.best: tuple[float, float, list] = (0.0, 0.0, [])
 
     def _query_vectors(self, refine) -> dict[str, np.ndarray]:
@@ -427,7 +432,7 @@ class _Validator:
     def _objective(self, m: dict[str, float]) -> tuple[bool, float]:
         if "agreement@10" in m:
             return m["agreement@10"] >= self.cfg.min_agreement, 0.0
-        feasible = all(m[k] >= self.raw[k] - self.cfg.tolerance for k in m)
+        feasible = all(m[k] >= self.raw[k] - self.cfg.tolerance for k in self.protected)
         return feasible, float(np.mean([(m[k] - self.raw[k]) / max(self.raw[k], 1e-9) for k in m]))
 
     def sweep(self, model: SimSkip) -> tuple[float, float, list[dict]]:

@@ -107,3 +107,19 @@ def test_similarity_kl_is_zero_only_when_neighbourhoods_agree():
     assert float(similarity_kl(x, x, 0.1)) == pytest.approx(0.0, abs=1e-6)
     assert float(similarity_kl(x, 3 * x, 0.1)) == pytest.approx(0.0, abs=1e-6)  # scale-free (cosine)
     assert float(similarity_kl(x, torch.randn(32, 8, generator=g), 0.1)) > 0.1
+
+
+def test_guard_metrics_limit_the_no_drop_rule_to_the_named_metrics(planted):
+    cfg = TrainConfig(epochs=2, unsupervised_weight=0, label_weight=1, pair_weight=1,
+                      guard_metrics=("labels:map@100",), **BASE)
+    g = fit(planted, cfg).guard
+    assert "labels:map@100" in g.criterion and set(g.raw) > {"labels:map@100"}  # every metric still scored
+    # independently: the best objective among alpha > 0 whose protected metric did not drop, else identity
+    ok = [c for c in g.candidates if c["alpha"] > 0 and c["metrics"]["labels:map@100"] >= g.raw["labels:map@100"]]
+    best = max(ok, key=lambda c: c["objective"], default=None)
+    assert g.alpha == (best["alpha"] if best and best["objective"] > 0 else 0.0)
+    assert all(c["feasible"] == (c["metrics"]["labels:map@100"] >= g.raw["labels:map@100"]) for c in g.candidates)
+    with pytest.raises(ValueError, match="task:metric"):
+        TrainConfig(guard_metrics=("ndcg@10",))
+    with pytest.raises(ValueError, match="not measured on validation"):
+        fit(planted, dataclasses.replace(cfg, guard_metrics=("pairs:bogus@3",)))
