@@ -6,7 +6,7 @@ signal, one unguarded model is trained (epoch chosen on validation as usual); it
 in refined = x + α·f(x) is then swept, each α exported to ONNX and evaluated through the same exact
 FAISS path as bench/quality.py. Writes bench/results/frontier.{json,md}.
 
-    python bench/frontier.py                  # 3 seeds, 3 signals (~10 min on 2 cores, embeddings cached)
+    python bench/frontier.py                  # 3 seeds, 4 signals (~5 min on 2 cores, embeddings cached)
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from simskip_faiss.training import fit  # noqa: E402
 
 SIGNALS = {
     "unsup": dict(),
+    "unsup+preserve": dict(preserve_weight=1),
     "labels": dict(unsupervised_weight=0, label_weight=1),
     "labels+preserve": dict(unsupervised_weight=0, label_weight=1, preserve_weight=1),
 }

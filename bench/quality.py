@@ -6,6 +6,7 @@ bench/results/quality.json and bench/results/quality.md.
 
     python bench/quality.py                      # 3 seeds, every variant (~25 min on 2 cores, embeddings cached)
     python bench/quality.py --seeds 0 --variants unsup-guarded labels-guarded
+    python bench/quality.py --update --variants labels-guard-ndcg   # re-run some variants, keep the others' results
 """
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ VARIANTS = {
     "pairs-query-only-guarded": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only"),
     "pairs-query-only-guard-pairs": dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only",
                                          guard_tasks=("pairs",)),
+    # the guard protecting only the metric the issue's target names: topic gain at no nDCG@10 loss
+    "labels-guard-ndcg": dict(unsupervised_weight=0, label_weight=1, guard_metrics=("pairs:ndcg@10",)),
+    "labels-guard-ndcg-tol0.003": dict(unsupervised_weight=0, label_weight=1, guard_metrics=("pairs:ndcg@10",),
+                                       tolerance=0.003),
     "labels+pairs-guarded": dict(unsupervised_weight=0, label_weight=1, pair_weight=1),
     # neighbourhood preservation (similarity-distribution KL) instead of / besides the alpha guard
     "labels+preserve-unguarded": dict(unsupervised_weight=0, label_weight=1, preserve_weight=1, guard=False),
@@ -61,6 +66,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--update", action="store_true",
+                    help="merge these variants into the existing quality.json (same seeds) instead of replacing it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
@@ -84,12 +91,36 @@ def main() -> None:
         rep = evaluate(data, refiners, EvalConfig(ann_factory=None, threads=args.threads, progress=False, seed=seed))
         print(rep.table(), flush=True)
         runs.append({"seed": seed, "quality": rep.quality, "guards": guards, "info": rep.info})
-    summary = summarise(runs)
     meta = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "machine": _machine(),
             "seconds": round(time.perf_counter() - t0), "seeds": args.seeds, "n_synsets": args.n_synsets}
+    if args.update:
+        runs, meta = merged(out / "quality.json", runs, meta)
+    summary = summarise(runs)
     (out / "quality.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1, default=float))
     (out / "quality.md").write_text(markdown(summary, meta))
     print(markdown(summary, meta))
+
+
+def merged(path: Path, new: list[dict], meta: dict) -> tuple[list[dict], dict]:
+    """The runs in `path` with the variants of `new` replaced or added, seed by seed.
+
+    Baseline rows (raw, centred, ...) are kept from the old runs: the same seed gives the same
+    split, so they are the same numbers (checked on raw, which must agree exactly).
+    """
+    old = json.loads(path.read_text())
+    by_seed = {r["seed"]: r for r in old["runs"]}
+    if set(by_seed) != {r["seed"] for r in new}:
+        raise SystemExit(f"--update needs the same seeds as {path}: {sorted(by_seed)}")
+    for run in new:
+        prev, names = by_seed[run["seed"]], set(run["guards"])
+        raw = lambda rows: sorted((q["task"], q["metric"], q["value"]) for q in rows if q["method"] == "raw")  # noqa: E731
+        if raw(prev["quality"]) != raw(run["quality"]):
+            raise SystemExit(f"seed {run['seed']}: raw results differ from {path}; re-run every variant instead")
+        prev["quality"] = [q for q in prev["quality"] if q["method"] not in names] + \
+                          [q for q in run["quality"] if q["method"] in names]
+        prev["guards"].update(run["guards"])
+    meta = {**old["meta"], "updated": old["meta"].get("updated", []) + [{k: meta[k] for k in ("command", "machine", "seconds")}]}
+    return [by_seed[s] for s in sorted(by_seed)], meta
 
 
 def resplit(data, seed: int):
@@ -120,7 +151,10 @@ def summarise(runs: list[dict]) -> list[dict]:
 def markdown(summary: list[dict], meta: dict) -> str:
     head = "| method | α per seed | " + " | ".join(f"{t} {m}" for t, m in METRICS) + " |"
     lines = [f"Command: `{meta['command']}` — {meta['machine']}, {meta['seconds']} s, seeds {meta['seeds']}.",
-             "Mean ± std over seeds on held-out test queries; Δ = mean change vs raw.", "", head,
+             "Mean ± std over seeds on held-out test queries; Δ = mean change vs raw."]
+    for u in meta.get("updated", []):
+        lines.append(f"Variants re-run with `{u['command']}` ({u['seconds']} s), merged with the rest.")
+    lines += ["", head,
              "|---" * (len(METRICS) + 2) + "|"]
     for r in summary:
         cells = []
