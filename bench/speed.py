@@ -12,7 +12,7 @@ that the machine's noise hits both alike; medians throughout):
 Thread counts of onnxruntime, FAISS (OpenMP), BLAS (threadpoolctl) and torch are set explicitly.
 Writes bench/results/speed.json and speed.md.
 
-    python bench/speed.py                 # full run (~15-20 min on 2 cores; writes 1.5 GB under --tmp, then deletes it)
+    python bench/speed.py                 # full run (~9 min on 2 cores; writes 1.5 GB under --tmp, then deletes it)
     python bench/speed.py --quick         # small sizes, a smoke test of the script
 """
 from __future__ import annotations
