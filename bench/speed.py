@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from simskip_faiss import RefinedIndex, Refiner  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.export import export  # noqa: E402
+from simskip_faiss.metrics import knn_recall  # noqa: E402
 from simskip_faiss.refiner import LinearRefiner, distil_linear  # noqa: E402
 from simskip_faiss.training import SimSkip, train  # noqa: E402
 
@@ -334,7 +335,7 @@ def native_linear(refiner_file: Path, base: np.ndarray, queries: np.ndarray, n: 
 # -- 5. quality parity -------------------------------------------------------------------------------------
 def recall_at_10(want: np.ndarray, got: np.ndarray) -> float:
     """FAISS's 10-recall@10 (intersection): |true top-10 ∩ returned top-10| / 10, averaged over queries."""
-    return float(np.mean([len(np.intersect1d(a[:10], b[:10])) / 10 for a, b in zip(want, got)]))
+    return knn_recall(want, got, ks=(10,))["10-recall@10"]
 
 
 def top10(refine, corpus: np.ndarray, queries: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ def _train_config(args):
     from .config import TrainConfig
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("progress", "threads")}
-    kw.update(alphas=tuple(kw["alphas"]), guard_tasks=tuple(kw["guard_tasks"]), guard_metrics=tuple(kw["guard_metrics"]))
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # nargs options parse as lists
     return TrainConfig(**kw, threads=args.threads, progress=not args.quiet)
 
 
