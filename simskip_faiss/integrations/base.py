@@ -1,0 +1,187 @@
+"""What every framework integration shares: resolving a refiner, the apply_to rule, and the refiner record.
+
+A store saved through an integration carries a record of the refiner that made its vectors
+(sha256, kind, dimensions, normalisation, apply_to) in a sidecar JSON file, plus a copy of the
+ONNX refiner itself, so reopening needs only the folder and the base embedding model. Reopening
+checks the record: a missing record, a missing refiner or a different one raises
+`RefinerMismatchError` instead of searching raw or mixed vectors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..checks import as_matrix
+from ..milvus import RefinerMismatchError
+from ..persistence import BundleError, atomic_write_bytes, read_manifest, sha256_file, verified_path
+from ..refiner import IdentityRefiner, LinearRefiner, Refiner
+
+SIDECAR = "simskip_refiner.json"
+FORMAT = "simskip-faiss-refiner-record"
+FORMAT_VERSION = 1
+RECORD_KEYS = ("sha256", "kind", "d_in", "d_out", "normalize", "apply_to")
+
+__all__ = ["RefinerMismatchError", "MissingRefinerError", "resolve_refiner", "refiner_record", "check_record",
+           "refine_documents", "refine_queries", "stored_dim", "write_sidecar", "read_sidecar", "sidecar_path"]
+
+
+class MissingRefinerError(RefinerMismatchError):
+    """A store with no refiner record, or whose refiner is nowhere to be found."""
+
+
+def resolve_refiner(refiner, threads: int | None = 1):
+    """A refiner object from a refiner, a `RefinedIndex` (its refiner), an ONNX path or a bundle directory."""
+    if hasattr(refiner, "refiner") and hasattr(refiner, "index"):  # a RefinedIndex
+        refiner = refiner.refiner
+    if isinstance(refiner, (str, os.PathLike)):
+        p = Path(refiner)
+        if p.is_dir():
+            return bundle_refiner(p, threads)
+        return Refiner.load(p, threads=threads)
+    for attr in ("transform", "apply", "apply_to", "d_in", "d_out", "normalize"):
+        if not hasattr(refiner, attr):
+            raise TypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
+                            f"an ONNX path or a bundle directory; got {type(refiner).__name__} (no {attr!r})")
+    if refiner.apply_to == "queries" and refiner.d_in != refiner.d_out:
+        raise ValueError(f"a query-only refiner must keep the dimension (queries are searched against raw "
+                         f"documents); this one maps {refiner.d_in}→{refiner.d_out}")
+    return refiner
+
+
+def bundle_refiner(directory: Path, threads: int | None = 1):
+    """The refiner of a saved bundle, its hash checked against the manifest (the FAISS index is not read)."""
+    m = read_manifest(directory)
+    info = m.get("refiner") or {}
+    if info.get("kind") == "identity":
+        return IdentityRefiner(int(m["d"]), normalize=bool(info.get("normalize", False)))
+    if "refiner" not in m["files"]:
+        raise BundleError(f"bundle {directory}: manifest names no refiner file")
+    return Refiner.load(verified_path(directory, m["files"]["refiner"], "refiner"), threads=threads)
+
+
+def refiner_kind(refiner) -> str:
+    # post-merge: refiners declare `kind` themselves
+    if getattr(refiner, "is_identity", False):
+        return "identity"
+    return "linear" if isinstance(refiner, LinearRefiner) else "onnx"
+
+
+def refiner_record(refiner) -> dict:
+    """What identifies a refiner: sha256 (or an identity's description), kind, dimensions, normalize, apply_to."""
+    sha = refiner.sha256 or f"identity(d={refiner.d_in}, normalize={bool(refiner.normalize)})"
+    return {"sha256": sha, "kind": refiner_kind(refiner), "d_in": int(refiner.d_in), "d_out": int(refiner.d_out),
+            "normalize": bool(refiner.normalize), "apply_to": refiner.apply_to}
+
+
+def describe(record: dict) -> str:
+    sha = str(record.get("sha256", "?"))
+    return (f"{record.get('kind', '?')} refiner {sha[:16] + '…' if len(sha) == 64 else sha} "
+            f"(d {record.get('d_in')}→{record.get('d_out')}, normalize={record.get('normalize')}, "
+            f"apply_to={record.get('apply_to')})")
+
+
+def check_record(stored: dict, refiner, where: str) -> None:
+    """Raise `RefinerMismatchError` unless `refiner` is the one `stored` describes."""
+    ours = refiner_record(refiner)
+    theirs = {k: stored.get(k) for k in RECORD_KEYS}
+    if theirs != ours:
+        raise RefinerMismatchError(f"{where} holds vectors made by {describe(theirs)}, but this is "
+                                   f"{describe(ours)}: vectors from different refiners are not comparable; "
+                                   f"use the store's refiner or rebuild the store")
+
+
+# -- the apply_to rule ------------------------------------------------------------------------------
+def _matrix(vectors, d: int, what: str) -> np.ndarray:
+    x = np.asarray(vectors, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"the embedding model returned {what} of shape {x.shape}, expected (n, {d})")
+    if x.shape[1] != d:
+        raise ValueError(f"the embedding model returns {x.shape[1]}-d {what}, but the refiner takes {d}-d vectors")
+    return as_matrix(x, d, what)
+
+
+def refine_documents(refiner, vectors) -> np.ndarray:
+    """Document vectors as stored: refined when the refiner applies to both, raw (checked) when query-only."""
+    x = _matrix(vectors, refiner.d_in, "document embeddings")
+    return refiner.apply(x) if refiner.apply_to == "both" else x
+
+
+def refine_queries(refiner, vectors) -> np.ndarray:
+    """Query vectors are always refined."""
+    return refiner.apply(_matrix(vectors, refiner.d_in, "query embeddings"))
+
+
+def stored_dim(refiner) -> int:
+    """Dimension of the stored (document) vectors."""
+    return refiner.d_out if refiner.apply_to == "both" else refiner.d_in
+
+
+# -- the sidecar record beside a framework's files --------------------------------------------------
+def sidecar_path(location: str | os.PathLike) -> Path:
+    """The record's path: inside a store directory, or `<file>.simskip.json` beside a store file."""
+    p = Path(location)
+    return p / SIDECAR if p.is_dir() else p.with_name(p.name + ".simskip.json")
+
+
+def write_sidecar(location: str | os.PathLike, refiner) -> Path:
+    """Record `refiner` beside a saved store (and copy an ONNX refiner there); both written atomically."""
+    path = sidecar_path(location)
+    record = {"format": FORMAT, "format_version": FORMAT_VERSION, **refiner_record(refiner),
+              "metadata": getattr(refiner, "metadata", {})}
+    model = getattr(refiner, "model_bytes", None)
+    if model is not None:
+        name = f"simskip_refiner-{refiner.sha256[:16]}.onnx"
+        if not (path.parent / name).is_file() or sha256_file(path.parent / name) != refiner.sha256:
+            atomic_write_bytes(path.parent / name, model)
+        record["file"] = name
+    atomic_write_bytes(path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+    return path
+
+
+def read_sidecar(location: str | os.PathLike) -> dict:
+    """The refiner record saved with a store; `MissingRefinerError` when there is none."""
+    path = sidecar_path(location)
+    if not Path(location).exists():
+        raise FileNotFoundError(f"store not found: {location}")
+    if not path.is_file():
+        raise MissingRefinerError(f"{location} has no refiner record ({path.name}): it was not saved through "
+                                  f"simskip_faiss.integrations, so which refiner made its vectors is unknown; "
+                                  f"refusing to search it with refined queries")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefinerMismatchError(f"{path} is corrupt (not valid JSON: {e})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise RefinerMismatchError(f"{path} is not a simskip-faiss refiner record")
+    if not isinstance(record.get("format_version"), int) or record["format_version"] > FORMAT_VERSION:
+        raise RefinerMismatchError(f"{path}: record format version {record.get('format_version')!r} is not "
+                                   f"supported (this package reads up to {FORMAT_VERSION})")
+    return record
+
+
+def checked_refiner(location: str | os.PathLike, refiner=None, threads: int | None = 1):
+    """The refiner to reopen a store with: `refiner` if given (checked against the record), else the stored copy.
+
+    Raises `MissingRefinerError` when the store has no record, or records an ONNX refiner that was
+    neither given nor found beside it; `RefinerMismatchError` when the refiner differs.
+    """
+    record = read_sidecar(location)
+    where = f"store {location}"
+    if refiner is not None:
+        refiner = resolve_refiner(refiner, threads)
+    elif record.get("kind") == "identity":
+        refiner = IdentityRefiner(int(record["d_in"]), normalize=bool(record["normalize"]))
+    elif record.get("file"):
+        copy = sidecar_path(location).parent / record["file"]
+        if not copy.is_file():
+            raise MissingRefinerError(f"{where}: its refiner {record['file']} is missing and none was given; "
+                                      f"pass the refiner that built the store (refiner=...)")
+        refiner = Refiner.load(copy, threads=threads)
+    else:
+        raise MissingRefinerError(f"{where} was built with {describe(record)}, which is not stored with it; "
+                                  f"pass that refiner (refiner=...)")
+    check_record(record, refiner, where)
+    return refiner
