@@ -1,0 +1,106 @@
+"""LlamaIndex: a `BaseEmbedding` that refines your embed model, and persist/load with the refiner checked.
+
+    from simskip_faiss.integrations import llama_index as sl
+
+    embed = sl.RefinedEmbedding(your_embed_model, "refiner.onnx")
+    index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(
+        vector_store=FaissVectorStore(faiss.IndexFlatIP(sl.stored_dim(embed.refiner)))), embed_model=embed)
+    sl.persist(index, "storage/")                      # + the refiner's record and a copy of it
+    index = sl.load_index("storage/", your_embed_model)
+
+Query embeddings are always refined; text (document) embeddings only when the refiner's apply_to
+is "both". `load_index` refuses a persist dir without a refiner record or with another refiner.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from pydantic import Field, PrivateAttr
+
+from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, stored_dim, write_sidecar
+
+__all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim"]
+
+
+class RefinedEmbedding(BaseEmbedding):
+    """`base` (any LlamaIndex embed model) followed by a refiner, under the apply_to rule.
+
+    refiner: a refiner, a `RefinedIndex`, an ONNX path or a bundle directory.
+    """
+
+    base: BaseEmbedding = Field(description="the embedding model whose vectors are refined")
+    _refiner: Any = PrivateAttr()
+
+    def __init__(self, base: BaseEmbedding, refiner, threads: int | None = 1, **kwargs: Any):
+        if isinstance(base, RefinedEmbedding):
+            raise TypeError("the embed model is already refined; wrap the base model, not a RefinedEmbedding")
+        kwargs.setdefault("model_name", f"simskip({base.model_name})")
+        kwargs.setdefault("embed_batch_size", base.embed_batch_size)
+        super().__init__(base=base, **kwargs)
+        self._refiner = resolve_refiner(refiner, threads)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SimSkipRefinedEmbedding"
+
+    @property
+    def refiner(self):
+        return self._refiner
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return refine_queries(self._refiner, [self.base.get_query_embedding(query)])[0].tolist()
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return refine_queries(self._refiner, [await self.base.aget_query_embedding(query)])[0].tolist()
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._get_text_embeddings([text])[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        raw = self.base.get_text_embedding_batch(texts)
+        return refine_documents(self._refiner, raw).tolist()
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        raw = await self.base.aget_text_embedding_batch(texts)
+        return refine_documents(self._refiner, raw).tolist()
+
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return (await self._aget_text_embeddings([text]))[0]
+
+
+def persist(index, persist_dir: str | os.PathLike) -> None:
+    """`index.storage_context.persist(persist_dir)` plus the refiner's record (and a copy of an ONNX refiner)."""
+    embed = getattr(index, "_embed_model", None)
+    if not isinstance(embed, RefinedEmbedding):
+        raise TypeError(f"this index does not embed with RefinedEmbedding (it uses {type(embed).__name__}); "
+                        f"nothing to record")
+    index.storage_context.persist(persist_dir=str(persist_dir))
+    write_sidecar(persist_dir, embed.refiner)
+
+
+def load_index(persist_dir: str | os.PathLike, embed_model: BaseEmbedding, refiner=None, vector_store=None,
+               threads: int | None = 1, **kwargs):
+    """Reopen an index saved by `persist`, embedding queries with `embed_model` + the stored refiner.
+
+    refiner: None uses the copy persisted with the index; one given is checked against the record
+    (`RefinerMismatchError` when it differs or when the dir has no record). vector_store: None
+    reads a `FaissVectorStore` from the dir; pass another store to use LlamaIndex's defaults for it.
+    `kwargs` go to `load_index_from_storage`.
+    """
+    from llama_index.core import StorageContext, load_index_from_storage
+
+    if isinstance(embed_model, RefinedEmbedding):
+        refiner = embed_model.refiner if refiner is None else refiner
+        embed_model = embed_model.base
+    embed = RefinedEmbedding(embed_model, checked_refiner(persist_dir, refiner, threads))
+    if vector_store is None:
+        from llama_index.vector_stores.faiss import FaissVectorStore
+
+        vector_store = FaissVectorStore.from_persist_dir(str(persist_dir))
+        if vector_store.client.d != stored_dim(embed.refiner):
+            raise ValueError(f"{persist_dir}: the FAISS index has dimension {vector_store.client.d}, the refiner "
+                             f"stores {stored_dim(embed.refiner)}-d vectors")
+    storage = StorageContext.from_defaults(vector_store=vector_store, persist_dir=str(persist_dir))
+    return load_index_from_storage(storage, embed_model=embed, **kwargs)

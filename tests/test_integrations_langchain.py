@@ -1,0 +1,131 @@
+"""LangChain: RefinedEmbeddings with the FAISS store (langchain-community) and InMemoryVectorStore.
+
+Flow per refiner mode: build store → search → save_local → reload in a new process → search; the ids
+must equal `RefinedIndex`'s on the same vectors. Reloading with a missing or different refiner raises.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("langchain_core")
+pytest.importorskip("langchain_community")
+from langchain_core.embeddings import Embeddings  # noqa: E402
+
+from test_integrations import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process,  # noqa: E402
+                               refiner_files)  # noqa: F401  (a fixture)
+from simskip_faiss import IdentityRefiner  # noqa: E402
+from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
+
+
+class FakeEmbeddings(Embeddings):
+    def embed_documents(self, texts):
+        return fake_embed(texts).tolist()
+
+    def embed_query(self, text):
+        return fake_embed([text])[0].tolist()
+
+
+def build(kind: str, refiner):
+    from langchain_community.vectorstores import FAISS
+    from langchain_community.vectorstores.utils import DistanceStrategy
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from simskip_faiss.integrations.langchain import RefinedEmbeddings
+
+    emb = RefinedEmbeddings(FakeEmbeddings(), refiner)
+    metadatas = [{"i": i} for i in range(len(DOCS))]
+    if kind == "faiss":
+        return FAISS.from_texts(DOCS, emb, metadatas=metadatas, distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
+    return InMemoryVectorStore.from_texts(DOCS, emb, metadatas=metadatas)
+
+
+def search(store) -> list[list[int]]:
+    return [[d.metadata["i"] for d in store.similarity_search(q, k=K)] for q in QUERIES]
+
+
+def reload_and_search(kind: str, path: str, refiner: str | None = None) -> list[list[int]]:
+    """Runs in a new process: reopen the saved store with only the base model (and optionally a refiner)."""
+    from langchain_community.vectorstores import FAISS
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from simskip_faiss.integrations.langchain import load_local
+
+    if kind == "faiss":
+        store = load_local(FAISS, path, FakeEmbeddings(), refiner=refiner, allow_dangerous_deserialization=True)
+    else:
+        store = load_local(InMemoryVectorStore, path, FakeEmbeddings(), refiner=refiner)
+    return search(store)
+
+
+@pytest.mark.parametrize("kind", ["faiss", "memory"])
+def test_flow_matches_refined_index_and_reloads_in_new_process(kind, refiner_files, tmp_path):
+    from simskip_faiss.integrations.langchain import save_local
+
+    path = tmp_path / ("store" if kind == "faiss" else "store.json")
+    results = {}
+    for mode in ("both", "queries"):
+        want = expected_ids(refiner_files[mode])
+        store = build(kind, refiner_files[mode])
+        assert search(store) == want
+        stored = np.asarray(store.embeddings.embed_documents(DOCS[:3]))
+        raw = fake_embed(DOCS[:3])
+        assert np.allclose(stored, raw) == (mode == "queries")  # query-only leaves documents raw
+        save_local(store, path / mode if kind == "faiss" else path.with_name(f"{mode}.json"))
+        results[mode] = want
+    assert results["both"] != results["queries"]  # the two refiners are really different
+    for mode, want in results.items():
+        target = str(path / mode if kind == "faiss" else path.with_name(f"{mode}.json"))
+        assert in_new_process("test_integrations_langchain", "reload_and_search", kind=kind, path=target) == want
+
+
+def test_reload_refuses_missing_or_different_refiner(refiner_files, tmp_path):
+    from langchain_community.vectorstores import FAISS
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from simskip_faiss.integrations.langchain import RefinedEmbeddings, load_local, save_local
+
+    store = build("faiss", refiner_files["both"])
+    save_local(store, tmp_path / "s")
+    with pytest.raises(RefinerMismatchError, match="different refiners are not comparable"):
+        load_local(FAISS, tmp_path / "s", FakeEmbeddings(), refiner=refiner_files["other"],
+                   allow_dangerous_deserialization=True)
+    with pytest.raises(RefinerMismatchError, match="apply_to=queries"):
+        load_local(FAISS, tmp_path / "s", RefinedEmbeddings(FakeEmbeddings(), refiner_files["queries"]),
+                   allow_dangerous_deserialization=True)
+    for p in (tmp_path / "s").glob("simskip_refiner-*.onnx"):
+        p.unlink()
+    with pytest.raises(MissingRefinerError, match="missing and none was given"):
+        load_local(FAISS, tmp_path / "s", FakeEmbeddings(), allow_dangerous_deserialization=True)
+    # given the right refiner explicitly, it opens again
+    assert search(load_local(FAISS, tmp_path / "s", FakeEmbeddings(), refiner=refiner_files["both"],
+                             allow_dangerous_deserialization=True)) == expected_ids(refiner_files["both"])
+    # saved by LangChain alone (no record): refused, not searched raw
+    build("memory", refiner_files["queries"]).dump(str(tmp_path / "plain.json"))
+    with pytest.raises(MissingRefinerError, match="has no refiner record"):
+        load_local(InMemoryVectorStore, tmp_path / "plain.json", FakeEmbeddings(), refiner=refiner_files["queries"])
+
+
+def test_save_needs_refined_embeddings(tmp_path):
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from simskip_faiss.integrations.langchain import RefinedEmbeddings, save_local
+
+    with pytest.raises(TypeError, match="does not embed with RefinedEmbeddings"):
+        save_local(InMemoryVectorStore.from_texts(DOCS[:3], FakeEmbeddings()), tmp_path / "x.json")
+    with pytest.raises(TypeError, match="already refined"):
+        RefinedEmbeddings(RefinedEmbeddings(FakeEmbeddings(), IdentityRefiner(16)), IdentityRefiner(16))
+
+
+def test_async_embeddings_follow_the_rule(refiner_files):
+    import asyncio
+
+    import simskip_faiss as sf
+    from simskip_faiss.integrations.langchain import RefinedEmbeddings
+
+    emb = RefinedEmbeddings(FakeEmbeddings(), refiner_files["queries"])
+    r = sf.Refiner.load(refiner_files["queries"])
+    docs = asyncio.run(emb.aembed_documents(DOCS[:4]))
+    q = asyncio.run(emb.aembed_query(QUERIES[0]))
+    np.testing.assert_array_equal(np.asarray(docs, np.float32), fake_embed(DOCS[:4]))
+    np.testing.assert_allclose(q, r.transform(fake_embed(QUERIES[:1]))[0], rtol=0, atol=1e-6)

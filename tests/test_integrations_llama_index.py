@@ -1,0 +1,102 @@
+"""LlamaIndex: RefinedEmbedding with FaissVectorStore, persist and reload (in a new process) with the refiner checked."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_index.core")
+pytest.importorskip("llama_index.vector_stores.faiss")
+from llama_index.core.base.embeddings.base import BaseEmbedding  # noqa: E402
+
+from test_integrations import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process,  # noqa: E402
+                               refiner_files)  # noqa: F401  (a fixture)
+from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
+
+
+class FakeEmbedding(BaseEmbedding):
+    model_name: str = "fake"
+
+    def _get_query_embedding(self, query):
+        return fake_embed([query])[0].tolist()
+
+    async def _aget_query_embedding(self, query):
+        return self._get_query_embedding(query)
+
+    def _get_text_embedding(self, text):
+        return fake_embed([text])[0].tolist()
+
+    def _get_text_embeddings(self, texts):
+        return fake_embed(texts).tolist()
+
+
+def build(refiner):
+    import faiss
+    from llama_index.core import StorageContext, VectorStoreIndex
+    from llama_index.core.schema import TextNode
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
+    from simskip_faiss.integrations.llama_index import RefinedEmbedding, stored_dim
+
+    embed = RefinedEmbedding(FakeEmbedding(), refiner)
+    store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(stored_dim(embed.refiner)))
+    nodes = [TextNode(text=t, id_=f"n{i}", metadata={"i": i}, excluded_embed_metadata_keys=["i"])
+             for i, t in enumerate(DOCS)]
+    return VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=store), embed_model=embed)
+
+
+def search(index) -> list[list[int]]:
+    retriever = index.as_retriever(similarity_top_k=K)
+    return [[n.node.metadata["i"] for n in retriever.retrieve(q)] for q in QUERIES]
+
+
+def reload_and_search(path: str, refiner: str | None = None) -> list[list[int]]:
+    """Runs in a new process: reopen the persisted index with only the base embed model."""
+    from simskip_faiss.integrations.llama_index import load_index
+
+    return search(load_index(path, FakeEmbedding(), refiner=refiner))
+
+
+def test_flow_matches_refined_index_and_reloads_in_new_process(refiner_files, tmp_path):
+    from simskip_faiss.integrations.llama_index import persist
+
+    wants = {}
+    for mode in ("both", "queries"):
+        want = expected_ids(refiner_files[mode])
+        index = build(refiner_files[mode])
+        assert search(index) == want
+        stored = index.vector_store.client.reconstruct_n(0, 3)
+        assert np.allclose(stored, fake_embed(DOCS[:3])) == (mode == "queries")  # query-only: documents raw
+        persist(index, tmp_path / mode)
+        wants[mode] = want
+    assert wants["both"] != wants["queries"]
+    for mode, want in wants.items():
+        assert in_new_process("test_integrations_llama_index", "reload_and_search", path=str(tmp_path / mode)) == want
+
+
+def test_reload_refuses_missing_or_different_refiner(refiner_files, tmp_path):
+    from simskip_faiss.integrations.llama_index import load_index, persist
+
+    index = build(refiner_files["queries"])
+    persist(index, tmp_path / "p")
+    with pytest.raises(RefinerMismatchError, match="different refiners are not comparable"):
+        load_index(tmp_path / "p", FakeEmbedding(), refiner=refiner_files["other"])
+    for p in (tmp_path / "p").glob("simskip_refiner-*.onnx"):
+        p.unlink()
+    with pytest.raises(MissingRefinerError, match="missing and none was given"):
+        load_index(tmp_path / "p", FakeEmbedding())
+    assert search(load_index(tmp_path / "p", FakeEmbedding(), refiner=refiner_files["queries"])) \
+        == expected_ids(refiner_files["queries"])
+    index.storage_context.persist(persist_dir=str(tmp_path / "plain"))  # persisted by LlamaIndex alone
+    with pytest.raises(MissingRefinerError, match="has no refiner record"):
+        load_index(tmp_path / "plain", FakeEmbedding(), refiner=refiner_files["queries"])
+
+
+def test_persist_needs_refined_embedding(tmp_path):
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.schema import TextNode
+
+    from simskip_faiss.integrations.llama_index import persist
+
+    index = VectorStoreIndex([TextNode(text="a")], embed_model=FakeEmbedding())
+    with pytest.raises(TypeError, match="does not embed with RefinedEmbedding"):
+        persist(index, tmp_path / "x")
