@@ -61,6 +61,10 @@ def reload_and_search(path: str, name: str, helper: bool = True) -> list[list[in
     return search(sc.get_collection(client, name) if helper else client.get_collection(name))
 
 
+def reload_all(cases: list[dict]) -> list:
+    return [reload_and_search(**c) for c in cases]
+
+
 def test_flow_matches_refined_index_and_reloads_in_new_process(refiner_files, tmp_path):
     import chromadb
 
@@ -77,12 +81,10 @@ def test_flow_matches_refined_index_and_reloads_in_new_process(refiner_files, tm
         wants[mode] = want
     assert wants["both"] != wants["queries"]
     del client
-    for mode, want in wants.items():
-        assert in_new_process("test_integrations_chroma", "reload_and_search", path=str(tmp_path / "db"), name=mode) \
-            == want
-    # plain Chroma (no helper) rebuilds the same function from the stored config
-    assert in_new_process("test_integrations_chroma", "reload_and_search", path=str(tmp_path / "db"),
-                          name="queries", helper=False) == wants["queries"]
+    # and plain Chroma (no helper) rebuilds the same function from the stored config
+    cases = [{"path": str(tmp_path / "db"), "name": m} for m in wants]
+    cases.append({"path": str(tmp_path / "db"), "name": "queries", "helper": False})
+    assert in_new_process("test_integrations_chroma", "reload_all", cases=cases) == [*wants.values(), wants["queries"]]
 
 
 def test_reopen_refuses_missing_or_different_refiner(refiner_files, tmp_path):

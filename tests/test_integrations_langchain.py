@@ -58,6 +58,10 @@ def reload_and_search(kind: str, path: str, refiner: str | None = None) -> list[
     return search(store)
 
 
+def reload_all(cases: list[dict]) -> list:
+    return [reload_and_search(**c) for c in cases]
+
+
 @pytest.mark.parametrize("kind", ["faiss", "memory"])
 def test_flow_matches_refined_index_and_reloads_in_new_process(kind, refiner_files, tmp_path):
     from simskip_faiss.integrations.langchain import save_local
@@ -74,9 +78,9 @@ def test_flow_matches_refined_index_and_reloads_in_new_process(kind, refiner_fil
         save_local(store, path / mode if kind == "faiss" else path.with_name(f"{mode}.json"))
         results[mode] = want
     assert results["both"] != results["queries"]  # the two refiners are really different
-    for mode, want in results.items():
-        target = str(path / mode if kind == "faiss" else path.with_name(f"{mode}.json"))
-        assert in_new_process("test_integrations_langchain", "reload_and_search", kind=kind, path=target) == want
+    targets = [str(path / mode if kind == "faiss" else path.with_name(f"{mode}.json")) for mode in results]
+    got = in_new_process("test_integrations_langchain", "reload_all", cases=[{"kind": kind, "path": t} for t in targets])
+    assert got == list(results.values())
 
 
 def test_reload_refuses_missing_or_different_refiner(refiner_files, tmp_path):
