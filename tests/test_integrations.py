@@ -171,6 +171,10 @@ def test_sidecar_round_trip_and_refusals(refiner_files, tmp_path):
     with pytest.raises(MissingRefinerError, match="not stored with it"):
         base.checked_refiner(tmp_path / "lin")
     assert base.checked_refiner(tmp_path / "lin", lin) is lin
-    (tmp_path / "lin" / base.SIDECAR).write_text("{not json")
-    with pytest.raises(RefinerMismatchError, match="corrupt"):
-        base.checked_refiner(tmp_path / "lin", lin)
+    sidecar = tmp_path / "lin" / base.SIDECAR
+    record = json.loads(sidecar.read_text())
+    for bad, message in (("{not json", "corrupt"), ("[1, 2]", "not a refiner record"),
+                         (json.dumps({**record, "format_version": 99}), "found version 99")):
+        sidecar.write_text(bad)
+        with pytest.raises(RefinerMismatchError, match=message):
+            base.checked_refiner(tmp_path / "lin", lin)

@@ -75,6 +75,8 @@ def test_flow_matches_refined_index_and_reloads_in_new_process(kind, refiner_fil
         stored = np.asarray(store.embeddings.embed_documents(DOCS[:3]))
         raw = fake_embed(DOCS[:3])
         assert np.allclose(stored, raw) == (mode == "queries")  # query-only leaves documents raw
+        mmr = store.max_marginal_relevance_search(QUERIES[0], k=3, fetch_k=10)  # reads the stored vectors back
+        assert len(mmr) == 3 and mmr[0].metadata["i"] == want[0][0]
         save_local(store, path / mode if kind == "faiss" else path.with_name(f"{mode}.json"))
         results[mode] = want
     assert results["both"] != results["queries"]  # the two refiners are really different

@@ -154,11 +154,10 @@ def read_sidecar(location: str | os.PathLike) -> dict:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RefinerMismatchError(f"{path} is corrupt (not valid JSON: {e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise RefinerMismatchError(f"{path} is not a simskip-faiss refiner record")
-    if not isinstance(record.get("format_version"), int) or record["format_version"] > FORMAT_VERSION:
-        raise RefinerMismatchError(f"{path}: record format version {record.get('format_version')!r} is not "
-                                   f"supported (this package reads up to {FORMAT_VERSION})")
+    version = record.get("format_version") if isinstance(record, dict) else None
+    if version is None or record.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise RefinerMismatchError(f"{path} is not a refiner record this package reads ({FORMAT} "
+                                   f"up to version {FORMAT_VERSION}; found version {version!r})")
     return record
 
 
