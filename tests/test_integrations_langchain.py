@@ -135,3 +135,25 @@ def test_async_embeddings_follow_the_rule(refiner_files):
     q = asyncio.run(emb.aembed_query(QUERIES[0]))
     np.testing.assert_array_equal(np.asarray(docs, np.float32), fake_embed(DOCS[:4]))
     np.testing.assert_allclose(q, r.transform(fake_embed(QUERIES[:1]))[0], rtol=0, atol=1e-6)
+
+
+def test_resave_replaces_the_record_and_a_failed_save_leaves_none(refiner_files, tmp_path, monkeypatch):
+    from langchain_community.vectorstores import FAISS
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from simskip_faiss.integrations.langchain import load_local, save_local
+
+    for kind, path in (("faiss", tmp_path / "s"), ("memory", tmp_path / "s.json")):
+        cls = FAISS if kind == "faiss" else InMemoryVectorStore
+        kw = {"allow_dangerous_deserialization": True} if kind == "faiss" else {}
+        save_local(build(kind, refiner_files["both"]), path)
+        save_local(build(kind, refiner_files["queries"]), path)  # same place, another refiner
+        assert search(load_local(cls, path, FakeEmbeddings(), **kw)) == expected_ids(refiner_files["queries"])
+        where = path if kind == "faiss" else tmp_path
+        assert len(list(where.glob("simskip_refiner-*.onnx" if kind == "faiss" else "s.json.simskip_refiner-*.onnx"))) == 1
+        with monkeypatch.context() as m:  # the framework's save fails part-way
+            m.setattr(cls, "save_local" if kind == "faiss" else "dump", lambda *a, **k: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                save_local(build(kind, refiner_files["both"]), path)
+        with pytest.raises(MissingRefinerError, match="has no refiner record"):
+            load_local(cls, path, FakeEmbeddings(), refiner=refiner_files["queries"], **kw)

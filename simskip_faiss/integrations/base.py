@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ FORMAT_VERSION = 1
 RECORD_KEYS = ("sha256", "kind", "d_in", "d_out", "normalize", "apply_to")
 
 __all__ = ["RefinerMismatchError", "MissingRefinerError", "resolve_refiner", "refiner_record", "check_record",
-           "refine_documents", "refine_queries", "stored_dim", "write_sidecar", "read_sidecar", "sidecar_path"]
+           "refine_documents", "refine_queries", "stored_dim", "saving", "write_sidecar", "read_sidecar",
+           "sidecar_path"]
 
 
 class MissingRefinerError(RefinerMismatchError):
@@ -120,25 +122,50 @@ def stored_dim(refiner) -> int:
 
 
 # -- the sidecar record beside a framework's files --------------------------------------------------
-def sidecar_path(location: str | os.PathLike) -> Path:
-    """The record's path: inside a store directory, or `<file>.simskip.json` beside a store file."""
+def sidecar_path(location: str | os.PathLike, folder: bool | None = None) -> Path:
+    """The record's path: inside a store folder, or `<file>.simskip.json` beside a store file.
+
+    folder: whether the store is a folder; None tells by what is on disk.
+    """
     p = Path(location)
-    return p / SIDECAR if p.is_dir() else p.with_name(p.name + ".simskip.json")
+    return p / SIDECAR if (p.is_dir() if folder is None else folder) else p.with_name(p.name + ".simskip.json")
 
 
-def write_sidecar(location: str | os.PathLike, refiner) -> Path:
-    """Record `refiner` beside a saved store (and copy an ONNX refiner there); both written atomically."""
-    path = sidecar_path(location)
+def _copy_prefix(path: Path) -> str:
+    """Stored refiner copies are named after their record, so stores sharing a folder keep their own."""
+    return "simskip_refiner-" if path.name == SIDECAR else path.name[:-len(".json")] + "_refiner-"
+
+
+@contextmanager
+def saving(location: str | os.PathLike, refiner, folder: bool):
+    """Wrap a framework's save: the old record is removed first, the new one written after it succeeded.
+
+    A save that fails (or a crash) part-way therefore leaves a store with no record, which reopening
+    refuses, never a record of the previous refiner beside the new vectors. Refiner copies the new
+    record does not name are deleted once it is in place.
+    """
+    path = sidecar_path(location, folder)
+    path.unlink(missing_ok=True)
+    yield
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, **refiner_record(refiner),
               "metadata": getattr(refiner, "metadata", {})}
     model = getattr(refiner, "model_bytes", None)
     if model is not None:
-        name = f"simskip_refiner-{refiner.sha256[:16]}.onnx"
-        if not (path.parent / name).is_file() or sha256_file(path.parent / name) != refiner.sha256:
-            atomic_write_bytes(path.parent / name, model)
-        record["file"] = name
+        record["file"] = f"{_copy_prefix(path)}{refiner.sha256[:16]}.onnx"
+        copy = path.parent / record["file"]
+        if not copy.is_file() or sha256_file(copy) != refiner.sha256:
+            atomic_write_bytes(copy, model)
     atomic_write_bytes(path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    return path
+    for stale in path.parent.glob(f"{_copy_prefix(path)}*.onnx"):
+        if stale.name != record.get("file"):
+            stale.unlink()
+
+
+def write_sidecar(location: str | os.PathLike, refiner, folder: bool | None = None) -> Path:
+    """Record `refiner` beside an already saved store (and copy an ONNX refiner there), atomically."""
+    with saving(location, refiner, Path(location).is_dir() if folder is None else folder):
+        pass
+    return sidecar_path(location, folder)
 
 
 def read_sidecar(location: str | os.PathLike) -> dict:

@@ -18,7 +18,7 @@ import os
 from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
 
-from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, write_sidecar
+from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, saving
 
 __all__ = ["RefinedEmbeddings", "save_local", "load_local"]
 
@@ -68,14 +68,15 @@ def save_local(store, path: str | os.PathLike) -> None:
     `dump(path)` (InMemoryVectorStore, ...) get `<path>.simskip.json` beside the file.
     """
     emb = _refined_embeddings(store)
-    if hasattr(store, "save_local"):
-        store.save_local(str(path))
-    elif hasattr(store, "dump"):
-        store.dump(str(path))
-    else:
-        raise TypeError(f"{type(store).__name__} has neither save_local nor dump; persist it yourself and "
-                        f"call simskip_faiss.integrations.base.write_sidecar(path, refiner)")
-    write_sidecar(path, emb.refiner)
+    folder = hasattr(store, "save_local")
+    if not folder and not hasattr(store, "dump"):
+        raise TypeError(f"{type(store).__name__} has neither save_local nor dump; persist it yourself inside "
+                        f"simskip_faiss.integrations.base.saving(path, refiner, folder=...)")
+    with saving(path, emb.refiner, folder):
+        if folder:
+            store.save_local(str(path))
+        else:
+            store.dump(str(path))
 
 
 def load_local(store_cls, path: str | os.PathLike, embeddings: Embeddings, refiner=None,

@@ -19,7 +19,7 @@ from typing import Any
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import Field, PrivateAttr
 
-from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, stored_dim, write_sidecar
+from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, saving, stored_dim
 
 __all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim"]
 
@@ -76,8 +76,8 @@ def persist(index, persist_dir: str | os.PathLike) -> None:
     if not isinstance(embed, RefinedEmbedding):
         raise TypeError(f"this index does not embed with RefinedEmbedding (it uses {type(embed).__name__}); "
                         f"nothing to record")
-    index.storage_context.persist(persist_dir=str(persist_dir))
-    write_sidecar(persist_dir, embed.refiner)
+    with saving(persist_dir, embed.refiner, folder=True):
+        index.storage_context.persist(persist_dir=str(persist_dir))
 
 
 def load_index(persist_dir: str | os.PathLike, embed_model: BaseEmbedding, refiner=None, vector_store=None,
