@@ -64,7 +64,6 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
             raise TypeError("the embedding function is already refined; wrap the base function")
         self.embedding_function = embedding_function
         self.refiner_path = refiner_file(refiner)
-        self.threads = threads
         self.refiner = resolve_refiner(refiner, threads)
 
     def __call__(self, input: Documents) -> Embeddings:
