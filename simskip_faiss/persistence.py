@@ -41,6 +41,7 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 TMP = ".tmp-"
 DATA_PREFIXES = ("index-", "refiner-")
+TMP_PREFIXES = tuple(TMP + p for p in (*DATA_PREFIXES, MANIFEST + "-"))  # what this module's writes leave behind
 REFINER_KINDS = ("onnx", "identity", "linear")
 MAX_MANIFEST_BYTES = 1 << 24  # a manifest is a few kB; refuse to parse anything this large
 MAX_DEPTH = 32  # nesting levels of the manifest's JSON
@@ -138,7 +139,7 @@ def _save_lock(directory: Path) -> Iterator[None]:
 
 
 def _ours(name: str) -> bool:
-    return name in (MANIFEST, LOCK) or name.startswith((TMP, *DATA_PREFIXES))
+    return name in (MANIFEST, LOCK) or name.startswith((*TMP_PREFIXES, *DATA_PREFIXES))
 
 
 def _prune(directory: Path) -> None:
@@ -166,7 +167,7 @@ def save_bundle(directory: str | os.PathLike, index, refiner_bytes: bytes | None
     directory.mkdir(parents=True, exist_ok=True)
     with _save_lock(directory):
         for p in directory.iterdir():  # under the lock no other save runs: these are killed saves' leftovers
-            if p.name.startswith(TMP):
+            if p.name.startswith(TMP_PREFIXES):
                 p.unlink(missing_ok=True)
         try:
             files = {"index": _write_member(directory, "index", ".faiss",
@@ -336,19 +337,24 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return parse_manifest(_manifest_bytes(directory), directory / MANIFEST)
 
 
-def _verify(directory: Path, f: BinaryIO, entry: dict, what: str) -> None:
-    """Check an open bundle file's size, then its sha256, against the manifest (leaves the file at its start)."""
-    size = os.fstat(f.fileno()).st_size
+def _check(directory: Path, entry: dict, what: str, size: int, digest: Callable[[], str]) -> None:
+    """Compare a bundle file's size, then (only if the size is right) its sha256, with its manifest entry."""
     if size != entry["bytes"]:
         raise BundleError(f"bundle {directory}: the {what} file {entry['file']} is truncated or altered "
                           f"({size} bytes, manifest says {entry['bytes']})")
+    got = digest()
+    if got != entry["sha256"]:
+        raise BundleError(f"bundle {directory}: the {what} file {entry['file']} has been modified "
+                          f"(sha256 {got[:16]}…, manifest says {entry['sha256'][:16]}…)")
+
+
+def _file_digest(f: BinaryIO) -> str:
+    """sha256 of an open file from its start; leaves it at its start again."""
     h = hashlib.sha256()
     while block := f.read(_CHUNK):
         h.update(block)
     f.seek(0)
-    if h.hexdigest() != entry["sha256"]:
-        raise BundleError(f"bundle {directory}: the {what} file {entry['file']} has been modified "
-                          f"(sha256 {h.hexdigest()[:16]}…, manifest says {entry['sha256'][:16]}…)")
+    return h.hexdigest()
 
 
 def _read_index(directory: Path, f: BinaryIO, entry: dict, mmap: bool):
@@ -388,8 +394,12 @@ def load_bundle(directory: str | os.PathLike, mmap: bool = False, attempts: int 
                     raise BundleError(f"bundle {directory}: the {role} file {entry['file']} named in the manifest "
                                       f"is missing") from None
             else:
-                for role, f in opened.items():
-                    _verify(directory, f, m["files"][role], role)
-                refiner = opened["refiner"].read() if "refiner" in opened else None
-                return m, _read_index(directory, opened["index"], m["files"]["index"], mmap), refiner
+                refiner = None
+                if "refiner" in opened:  # small: read once, check what was read, build from those bytes
+                    refiner = opened["refiner"].read()
+                    _check(directory, m["files"]["refiner"], "refiner", len(refiner),
+                           lambda: hashlib.sha256(refiner).hexdigest())
+                f = opened["index"]  # large: hashed, then deserialised, through the same open file
+                _check(directory, m["files"]["index"], "index", os.fstat(f.fileno()).st_size, lambda: _file_digest(f))
+                return m, _read_index(directory, f, m["files"]["index"], mmap), refiner
     raise BundleError(f"bundle {directory} was replaced {attempts} times while being loaded; try again")
