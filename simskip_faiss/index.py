@@ -274,7 +274,7 @@ class RefinedIndex:
         rinfo, files = m["refiner"], m["files"]
         rfile = f"the refiner file {files['refiner']['file']}" if "refiner" in files else "the identity refiner"
         refiner = _refiner_from_bytes(rinfo["kind"], data, {**rinfo, "d": m["d"]}, threads,
-                                      source=f"bundle {directory}: {rfile}")
+                                      source=str(directory / files.get("refiner", {}).get("file", "")))
         ifile = f"the index file {files['index']['file']}"
         show = (lambda v: f"{v[:16]}…" if isinstance(v, str) and len(v) == 64 else repr(v))
         for source, field, got in ((rfile, "refiner.sha256", refiner.sha256), (rfile, "refiner.normalize", refiner.normalize),

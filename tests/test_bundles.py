@@ -312,3 +312,17 @@ def test_save_waits_for_a_running_save_and_keeps_its_temp_file(bundle, tmp_path)
     assert running and still_there  # the other save's temporary file survived while that save ran
     assert not saver.is_alive() and not (bundle / ".tmp-index-running").exists()  # then: stale, removed
     assert RefinedIndex.load(bundle).ntotal == idx.ntotal
+
+
+def test_mmap_load_equals_a_plain_load_and_outlives_a_later_save(bundle, data):
+    x, _ = data
+    mapped, plain = RefinedIndex.load(bundle, mmap=True), RefinedIndex.load(bundle)
+    want = plain.search(x[:20], 5)
+    for a, b in zip(mapped.search(x[:20], 5), want):
+        np.testing.assert_array_equal(a, b)
+    smaller = RefinedIndex(plain.refiner, "Flat", "ip")
+    smaller.add(x[:50])
+    smaller.save(bundle)  # replaces and deletes the index file the mapped index was read from
+    assert RefinedIndex.load(bundle).ntotal == 50
+    for a, b in zip(mapped.search(x[:20], 5), want):
+        np.testing.assert_array_equal(a, b)
