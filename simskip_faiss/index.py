@@ -273,15 +273,19 @@ class RefinedIndex:
         m, index, data = load_bundle(directory, mmap=mmap)
         rinfo, files = m["refiner"], m["files"]
         rfile = f"the refiner file {files['refiner']['file']}" if "refiner" in files else "the identity refiner"
+        ifile = f"the index file {files['index']['file']}"
         refiner = _refiner_from_bytes(rinfo["kind"], data, {**rinfo, "d": m["d"]}, threads,
                                       source=str(directory / files.get("refiner", {}).get("file", "")))
-        ifile = f"the index file {files['index']['file']}"
         show = (lambda v: f"{v[:16]}…" if isinstance(v, str) and len(v) == 64 else repr(v))
-        for source, field, got in ((rfile, "refiner.sha256", refiner.sha256), (rfile, "refiner.normalize", refiner.normalize),
-                                   (rfile, "refiner.apply_to", refiner.apply_to), (rfile, "d", refiner.d_in),
-                                   (rfile, "d_out", refiner.d_out), (ifile, "d_out", index.d), (ifile, "ntotal", index.ntotal),
-                                   (ifile, "metric", METRIC_NAMES.get(index.metric_type, index.metric_type))):
-            want = m["refiner"][field[8:]] if field.startswith("refiner.") else m[field]
+        for source, field, want, got in (
+                (rfile, "refiner.sha256", rinfo["sha256"], refiner.sha256),
+                (rfile, "refiner.normalize", rinfo["normalize"], refiner.normalize),
+                (rfile, "refiner.apply_to", rinfo["apply_to"], refiner.apply_to),
+                (rfile, "d", m["d"], refiner.d_in),
+                (rfile, "d_out", m["d_out"], refiner.d_out),
+                (ifile, "d_out", m["d_out"], index.d),
+                (ifile, "ntotal", m["ntotal"], index.ntotal),
+                (ifile, "metric", m["metric"], METRIC_NAMES.get(index.metric_type, index.metric_type))):
             if want != got:
                 raise BundleError(f"bundle {directory}: {source} has {field.rpartition('.')[2]} {show(got)} "
                                   f"but the manifest field '{field}' says {show(want)}")
@@ -297,7 +301,7 @@ def _refiner_from_bytes(kind: str, data: bytes | None, info: dict, threads: int 
     """A bundle's refiner from its verified bytes (today's classes; one call to replace by a refiner factory)."""
     if kind == "identity":
         return IdentityRefiner(info["d"], normalize=info["normalize"])
-    if kind != "onnx" or data is None:
+    if kind != "onnx":
         raise BundleError(f"{source}: refiner kind {kind!r} cannot be loaded by simskip_faiss {__version__}")
     try:
         return Refiner(data, threads=threads, source=source)
