@@ -140,6 +140,14 @@ def test_deep_nesting_is_refused(bundle):
         RefinedIndex.load(bundle)
 
 
+def test_oversized_manifest_is_not_parsed(bundle):
+    from simskip_faiss.persistence import MAX_MANIFEST_BYTES
+
+    _write(bundle, json.dumps(_manifest(bundle)) + " " * MAX_MANIFEST_BYTES)  # valid JSON, absurd size
+    with pytest.raises(BundleError, match="manifest.json is larger than"):
+        RefinedIndex.load(bundle)
+
+
 def test_cli_reports_a_bad_field_in_one_line(bundle, tmp_path, capsys):
     _set(bundle, "files.index", "index.faiss")
     np.save(tmp_path / "q.npy", np.ones((2, 16), np.float32))
