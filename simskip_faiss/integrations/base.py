@@ -8,6 +8,7 @@ checks the record: a missing record, a missing refiner or a different one raises
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..checks import as_matrix
 from ..milvus import RefinerMismatchError
-from ..persistence import BundleError, atomic_write_bytes, read_manifest, sha256_file, verified_path
+from ..persistence import atomic_write_bytes
 from ..refiner import IdentityRefiner, LinearRefiner, Refiner
 
 SIDECAR = "simskip_refiner.json"
@@ -54,14 +55,10 @@ def resolve_refiner(refiner, threads: int | None = 1):
 
 
 def bundle_refiner(directory: Path, threads: int | None = 1):
-    """The refiner of a saved bundle, its hash checked against the manifest (the FAISS index is not read)."""
-    m = read_manifest(directory)
-    info = m.get("refiner") or {}
-    if info.get("kind") == "identity":
-        return IdentityRefiner(int(m["d"]), normalize=bool(info.get("normalize", False)))
-    if "refiner" not in m["files"]:
-        raise BundleError(f"bundle {directory}: manifest names no refiner file")
-    return Refiner.load(verified_path(directory, m["files"]["refiner"], "refiner"), threads=threads)
+    """The refiner of a saved bundle, verified as `RefinedIndex.load` verifies it (the index memory-mapped)."""
+    from ..index import RefinedIndex
+
+    return RefinedIndex.load(directory, threads=threads, mmap=True).refiner
 
 
 def refiner_kind(refiner) -> str:
@@ -153,7 +150,7 @@ def saving(location: str | os.PathLike, refiner, folder: bool):
     if model is not None:
         record["file"] = f"{_copy_prefix(path)}{refiner.sha256[:16]}.onnx"
         copy = path.parent / record["file"]
-        if not copy.is_file() or sha256_file(copy) != refiner.sha256:
+        if not copy.is_file() or hashlib.sha256(copy.read_bytes()).hexdigest() != refiner.sha256:
             atomic_write_bytes(copy, model)
     atomic_write_bytes(path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
     for stale in path.parent.glob(f"{_copy_prefix(path)}*.onnx"):
