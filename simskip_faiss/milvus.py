@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .checks import as_ids
-from .index import metric_code, METRIC_NAMES
+from .faiss_utils import METRIC_NAMES, metric_code
 from .spark import BadRowsError, arrow_vectors
 
 PREFIX = "simskip."
@@ -127,7 +127,7 @@ class RefinedCollection:
 
     # -- writing --------------------------------------------------------------------------------------
     def refine_documents(self, x: np.ndarray) -> np.ndarray:
-        return self.refiner.apply(x) if self.refiner.apply_to == "both" else x
+        return self.refiner.apply_unchecked(x) if self.refiner.apply_to == "both" else x
 
     def insert(self, ids, vectors, fields: dict[str, Sequence] | None = None) -> int:
         """Refine and insert; every row is validated before the first write (bad rows named by id)."""
