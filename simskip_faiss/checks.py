@@ -36,9 +36,11 @@ def _as_array(x, name: str) -> np.ndarray:
     raise TypeError(f"{name} must be a numpy array of shape (n, d), got {type(x).__name__}")
 
 
-def _check_shape(x: np.ndarray, d: int | None, name: str, allow_empty: bool) -> None:
+def check_shape(x: np.ndarray, d: int | None = None, name: str = "x", allow_empty: bool = False) -> None:
+    """Dtype and shape of the vector contract, without touching the values (cheap on a memmap)."""
     if x.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers (float or integer) in an (n, d) array, got dtype {x.dtype}")
+        raise TypeError(f"{name} must hold real numbers convertible to float32 (a float or integer dtype), "
+                        f"got dtype {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n, d), got {x.ndim}-D array of shape {x.shape}")
     if x.shape[0] == 0 and not allow_empty:
@@ -82,14 +84,15 @@ def check_finite(x: np.ndarray, name: str = "x", chunk: int = CHUNK,
     if bad.size:
         row = int(bad[0])
         beyond = np.isfinite(np.asarray(x[row])).all()
-        what = "values beyond float32's range (|x| > 3.4e38)" if beyond else "NaN or Inf"
-        raise ValueError(f"{name} contains {what} (first at row {row}; {bad.size} bad row(s))")
+        why = ": values beyond float32's range (|x| > 3.4e38)" if beyond else ""
+        raise ValueError(f"{name} contains NaN or Inf after conversion to float32 (first at row {row}{why}; "
+                         f"{bad.size} bad row(s))")
 
 
 def check_matrix(x, d: int | None = None, name: str = "x", allow_empty: bool = False) -> np.ndarray:
     """Validate dtype, shape and finiteness without copying: memmaps are scanned in chunks, not loaded."""
     x = _as_array(x, name)
-    _check_shape(x, d, name, allow_empty)
+    check_shape(x, d, name, allow_empty)
     check_finite(x, name)
     return x
 
@@ -97,19 +100,21 @@ def check_matrix(x, d: int | None = None, name: str = "x", allow_empty: bool = F
 def as_matrix(x, d: int | None = None, name: str = "x", allow_empty: bool = False) -> np.ndarray:
     """Return `x` as a C-contiguous float32 (n, d) array of finite values, or raise ValueError/TypeError."""
     x = _as_array(x, name)
-    _check_shape(x, d, name, allow_empty)
+    check_shape(x, d, name, allow_empty)
     x = to_float32(x)
     check_finite(x, name)
     return x
 
 
-def as_ids(ids, n: int | None = None, name: str = "ids") -> np.ndarray:
-    """Return `ids` as a 1-D int64 array (of length n when given), refusing ids FAISS cannot store.
+def as_ids(ids, n: int | None = None, name: str = "ids", to_store: bool = True) -> np.ndarray:
+    """Return `ids` as a 1-D int64 array (of length n when given), refusing ids that cannot be stored.
 
-    Refused: non-integer dtypes, values outside int64, -1 (FAISS's "no result" marker: a stored -1
-    could not be told from an empty result slot), and an id given twice in one call (one of the two
-    vectors would be unreachable by id). Ids already stored are the index's business (see
-    RefinedIndex.add_with_ids). An empty list is a valid empty batch.
+    Always refused: non-integer dtypes, values outside int64, other shapes. Ids `to_store` (the
+    default; False for ids to remove or delete) must also not be -1 (FAISS's "no result" marker: a
+    stored -1 could not be told from an empty result slot) and not repeat within the call (one of
+    the two vectors would be unreachable by id). Ids already stored are the store's business (see
+    RefinedIndex.add_with_ids). An empty list is a valid empty batch. RefinedIndex, Milvus and
+    Spark share this rule.
     """
     ids = np.asarray(ids)
     if ids.size == 0 and ids.dtype.kind not in "iu":
@@ -123,7 +128,7 @@ def as_ids(ids, n: int | None = None, name: str = "ids") -> np.ndarray:
     if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} has values that do not fit in int64")
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if ids.size:
+    if to_store and ids.size:
         minus = np.flatnonzero(ids == -1)
         if minus.size:
             raise ValueError(f"{name} contains -1 (at position {int(minus[0])}): FAISS returns -1 for "

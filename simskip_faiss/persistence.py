@@ -16,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .checks import file_sha256 as sha256_file
+
 FORMAT = "simskip-faiss-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -66,14 +68,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _place(tmp: Path, directory: Path, stem: str, suffix: str) -> dict:
