@@ -188,8 +188,11 @@ def load_npy(path: str | os.PathLike, what: str = "array", mmap: bool = True) ->
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, as float32; zero rows stay zero (eps 1e-12, as torch's F.normalize)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    """Rows scaled to unit L2 norm, as float32; zero rows stay zero (eps 1e-12, as torch's F.normalize).
+
+    Norms are summed in float64, so every finite float32 row (even |x| ~ 1e30) comes out unit-length.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None]
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 

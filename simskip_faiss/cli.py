@@ -147,20 +147,17 @@ def cmd_build(args) -> None:
 
 
 def cmd_search(args) -> None:
-    import faiss
-
+    from .faiss_utils import parse_params, search_parameters
     from .index import RefinedIndex
 
     index = RefinedIndex.load(args.bundle, threads=args.threads)
-    for kv in args.param or []:
-        name, _, value = kv.partition("=")
-        try:
-            faiss.ParameterSpace().set_index_parameter(index.index, name, float(value))
-        except (RuntimeError, ValueError) as e:
-            raise CLIError(f"cannot set index parameter {kv!r}: {str(e).strip().splitlines()[-1]}") from None
+    try:
+        params = search_parameters(index.index, **parse_params(args.param))
+    except ValueError as e:
+        raise CLIError(f"--param: {e}") from None
     q = _load_npy(args.queries, "queries", mmap=False)
     t0 = time.perf_counter()
-    D, I = index.search(q, args.k)
+    D, I = index.search(q, args.k, params=params)
     dt = time.perf_counter() - t0
     from .persistence import atomic_write_bytes
     import io

@@ -5,6 +5,7 @@ index.py so that the refiner module can build FAISS indexes without importing th
 """
 from __future__ import annotations
 
+import math
 import mmap
 
 import faiss
@@ -93,3 +94,125 @@ def build_index(index, d: int, metric, refiner) -> faiss.Index:
         raise ValueError("an inner-product index needs a refiner that L2-normalises its output; "
                          "this refiner does not (use metric='l2' or export with normalize=True)")
     return index
+
+
+# -- search parameters ------------------------------------------------------------------------------
+PARAM_BOUNDS = {"efSearch": (1, 1 << 20), "nprobe": (1, 1 << 20), "max_codes": (1, 1 << 50),
+                "quantizer_efSearch": (1, 1 << 20)}  # positive integers; the caps stop absurd allocations
+
+
+def check_param(name: str, value) -> int:
+    """A search parameter's value as an int, refused unless it is an integer within PARAM_BOUNDS[name]."""
+    if name not in PARAM_BOUNDS:
+        raise ValueError(f"unknown search parameter {name!r}; supported: {', '.join(PARAM_BOUNDS)}")
+    lo, hi = PARAM_BOUNDS[name]
+    v = value
+    if isinstance(v, str):
+        try:
+            v = float(v) if any(c in v.lower() for c in ".ean") else int(v)
+        except ValueError:
+            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(v)
+
+
+def parse_params(items) -> dict[str, int]:
+    """['efSearch=64', 'nprobe=8'] (the CLI's --param) -> {'efSearch': 64, 'nprobe': 8}, validated."""
+    out = {}
+    for item in items or ():
+        name, eq, value = str(item).partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"a search parameter is name=value, got {item!r}")
+        out[name.strip()] = check_param(name.strip(), value.strip())
+    return out
+
+
+def search_parameters(index: faiss.Index, **values) -> faiss.SearchParameters | None:
+    """Per-call faiss.SearchParameters for `index` (efSearch, nprobe, ...), validated; None when no values.
+
+    Parameters the caller does not set keep the index's own values (a fresh SearchParametersHNSW
+    would otherwise reset efSearch to 16). Per-call parameters leave the shared index untouched,
+    so threads may search one index with different settings. IDMap and pre-transform wrappers are
+    seen through.
+    """
+    if not values:
+        return None
+    values = {k: check_param(k, v) for k, v in values.items()}
+    params, used = _params_for(index, values)
+    unused = sorted(set(values) - used)
+    if unused:
+        raise ValueError(f"{type(faiss.downcast_index(index)).__name__} has no search parameter "
+                         f"{', '.join(unused)} (it takes: {', '.join(sorted(used)) or 'none of ' + ', '.join(PARAM_BOUNDS)})")
+    return params
+
+
+def _params_for(index: faiss.Index, values: dict) -> tuple[faiss.SearchParameters | None, set]:
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexIDMap):  # (IDMap2 too) passes the parameters on to the wrapped index
+        return _params_for(idx.index, values)
+    if isinstance(idx, faiss.IndexPreTransform):
+        inner, used = _params_for(idx.index, values)
+        p = faiss.SearchParametersPreTransform()
+        p.index_params, p.referenced = inner, inner  # keep the Python object alive with its parent
+        return p, used
+    if isinstance(idx, faiss.IndexHNSW):
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = values.get("efSearch", idx.hnsw.efSearch)
+        return p, {"efSearch"}
+    if isinstance(idx, faiss.IndexIVF):
+        p = faiss.SearchParametersIVF()
+        p.nprobe, p.max_codes = values.get("nprobe", idx.nprobe), values.get("max_codes", idx.max_codes)
+        used = {"nprobe", "max_codes"}
+        q = faiss.downcast_index(idx.quantizer)
+        if isinstance(q, faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW()
+            qp.efSearch = values.get("quantizer_efSearch", q.hnsw.efSearch)
+            p.quantizer_params, p.referenced = qp, qp
+            used.add("quantizer_efSearch")
+        return p, used
+    return None, set()
+
+
+def check_search_params(params) -> None:
+    """Refuse a caller's faiss.SearchParameters whose efSearch/nprobe/... is out of PARAM_BOUNDS."""
+    if not isinstance(params, faiss.SearchParameters):
+        raise TypeError(f"params must be a faiss.SearchParameters or a dict of name -> value, got {type(params).__name__}")
+    for name in PARAM_BOUNDS:
+        if name != "max_codes" and hasattr(params, name):  # max_codes 0 is FAISS's "no limit"
+            check_param(name, getattr(params, name))
+    for child in ("index_params", "quantizer_params", "referenced"):
+        sub = getattr(params, child, None)
+        if isinstance(sub, faiss.SearchParameters) and sub is not params and type(sub) is not faiss.SearchParameters:
+            check_search_params(sub)
+
+
+# -- reconstruction ---------------------------------------------------------------------------------
+def reconstruct_n(index: faiss.Index, i0: int, n: int) -> np.ndarray:
+    """Stored vectors i0 .. i0+n-1 (storage order), or ValueError; never FAISS's process abort.
+
+    FAISS's default reconstruct_n calls reconstruct inside an OpenMP loop, so an index that cannot
+    reconstruct (IDMap, whose keys are ids, not positions; NSG; an out-of-range row of HNSW)
+    terminates the process. Here IDMap wrappers are seen through (their inner index stores the
+    rows in order), the range is checked, and other indexes are probed with one sequential
+    reconstruct before the batch call.
+    """
+    idx = faiss.downcast_index(index)
+    while isinstance(idx, faiss.IndexIDMap):
+        idx = faiss.downcast_index(idx.index)
+    for what, v in (("i0", i0), ("n", n)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"reconstruct_n: {what} must be a non-negative integer, got {v!r}")
+    if i0 + n > idx.ntotal:
+        raise ValueError(f"reconstruct_n: rows {i0}..{i0 + n - 1} are beyond the {idx.ntotal} stored vectors")
+    if n == 0:
+        return np.empty((0, idx.d), dtype=np.float32)
+    try:
+        if not isinstance(idx, (faiss.IndexFlatCodes, faiss.IndexIVF)):  # their own reconstruct_n throws cleanly
+            idx.reconstruct(int(i0))
+        return idx.reconstruct_n(int(i0), int(n))
+    except RuntimeError as e:
+        raise ValueError(f"{type(idx).__name__} cannot reconstruct stored vectors: "
+                         f"{str(e).strip().splitlines()[-1].split(': ', 1)[-1]}") from None

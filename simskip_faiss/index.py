@@ -8,6 +8,8 @@ refiner can: `LinearRefiner.to_faiss` builds one native faiss.IndexPreTransform 
 from __future__ import annotations
 
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -15,17 +17,90 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checks import as_ids, as_matrix, check_finite, check_k, check_matrix
-from .faiss_utils import METRIC_NAMES, METRICS, build_index, metric_code, release_rows, reserve  # noqa: F401
+from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfinite_rows, to_float32
+from .faiss_utils import (METRIC_NAMES, METRICS, build_index, check_search_params, metric_code,  # noqa: F401
+                          reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, read_manifest, save_bundle, verified_path
-from .refiner import Refiner, as_input, refiner_from_bytes
+from .refiner import NORM_RANGE, Refiner, as_input, refiner_from_bytes
+
+
+class RWLock:
+    """Many readers or one writer. A waiting writer holds back new readers, so writes are not starved.
+
+    Readers use acquire_read/release_read directly (about a microsecond, measured in
+    tests/test_reliability.py); writers use `with lock.writing():`.
+    """
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    def acquire_read(self) -> None:
+        m = self._mutex
+        m.acquire()  # the uncontended path: the raw lock, not the Condition's Python-level context manager
+        if not (self._writer or self._waiting):
+            self._readers += 1
+            m.release()
+            return
+        try:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        finally:
+            m.release()
+
+    def release_read(self) -> None:
+        m = self._mutex
+        m.acquire()
+        self._readers -= 1
+        if not self._readers and self._waiting:
+            self._cond.notify_all()
+        m.release()
+
+    @contextmanager
+    def reading(self):
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @contextmanager
+    def writing(self):
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
 
 class RefinedIndex:
     """A FAISS index that searches in the refined space.
 
-    refiner: a `Refiner`, an `IdentityRefiner`, or a path to an ONNX refiner.
+    refiner: any `BaseRefiner` (`Refiner`, `IdentityRefiner`, `LinearRefiner`), or a path to an ONNX refiner.
     index: a FAISS index whose dimension is the refiner's output, or a factory string ("HNSW32", "IVF256,Flat").
     metric: "ip" (inner product; cosine with a normalising refiner) or "l2".
+
+    Thread safety: one RefinedIndex may be shared by threads. Searches (search, range_search,
+    reconstruct_n, save) run in parallel with each other (FAISS releases the GIL); add,
+    add_with_ids, remove_ids, reset and train are exclusive: each runs alone and a search sees
+    the index as it was before or after the whole call, never in between. Refinement of a batch
+    that fits in one chunk happens before the exclusive part, so searches wait only for FAISS's add.
+
+    Bad input raises before anything is stored (all or nothing): vectors (checks.py's contract),
+    ids (`add_with_ids`), refined output (`BaseRefiner.check_output`).
     """
 
     def __init__(self, refiner, index="Flat", metric="ip", chunk_size: int = 16384, progress: bool = False):
@@ -34,9 +109,12 @@ class RefinedIndex:
         self.refiner = refiner
         self.metric = metric_code(metric)
         self.chunk_size = int(chunk_size)
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.progress = progress
         self.factory: str | None = index if isinstance(index, str) else None
         self.index = build_index(index, refiner.d_out, metric, refiner)
+        self._lock = RWLock()
 
     # -- FAISS-style properties -------------------------------------------------------------
     @property
@@ -58,12 +136,31 @@ class RefinedIndex:
 
     # -- refinement ---------------------------------------------------------------------------
     def refine_queries(self, x) -> np.ndarray:
-        return self.refiner.apply_unchecked(as_input(x, self.d, "queries"))
+        """Validated queries, refined; refined rows that are not finite (or not unit-norm when normalising) raise."""
+        r = self.refiner
+        return r.check_output(r.apply_unchecked(as_input(x, self.d, "queries")))
 
     def refine_documents(self, x) -> np.ndarray:
         """Documents go through the refiner unless it is query-only (then they are stored raw)."""
         x = as_matrix(x, self.d, "x")
-        return self.refiner.apply_unchecked(x) if self.refiner.apply_to == "both" else x
+        self._check_norms(x, 0, "x")
+        return self._refine_block(x, 0)
+
+    def _refine_block(self, x: np.ndarray, offset: int) -> np.ndarray:
+        if self.refiner.apply_to != "both":
+            return x
+        return self.refiner.check_output(self.refiner.apply_unchecked(x), offset)
+
+    def _check_norms(self, x: np.ndarray, offset: int, name: str) -> None:
+        """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE)."""
+        if self.refiner.apply_to != "both":
+            return
+        bad = self.refiner.norm_range_rows(x)
+        if bad.size:
+            norm = float(np.linalg.norm(x[bad[0]].astype(np.float64)))
+            raise ValueError(f"{name}: {bad.size} row(s), first at row {int(bad[0]) + offset}, have L2 norm "
+                             f"{norm:.3g}, outside [{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}], the range a "
+                             f"normalising refiner computes in float32")
 
     def _chunks(self, x, desc: str):
         """(start, refined rows) in chunks of `chunk_size`; a memmap's pages are unmapped once refined."""
@@ -71,9 +168,9 @@ class RefinedIndex:
         bar = tqdm(total=n, desc=desc, unit="vec", disable=not self.progress or n <= self.chunk_size)
         for s in range(0, n, self.chunk_size):
             e = min(s + self.chunk_size, n)
-            block = np.asarray(x[s:e])
-            refined = self.refine_documents(block)
-            if not np.may_share_memory(refined, block):
+            block = to_float32(np.asarray(x[s:e]))
+            refined = self._refine_block(block, s)
+            if not np.may_share_memory(refined, x):
                 release_rows(x, s, e)  # before FAISS copies the chunk: one less chunk resident at the peak
             yield s, refined
             del refined, block  # or they stay alive while the next chunk is refined
@@ -84,20 +181,38 @@ class RefinedIndex:
     def _check_stream(self, x, name: str = "x") -> np.ndarray:
         """Validate a whole input before anything is stored (all or nothing); large inputs stay uncopied.
 
-        A large array is scanned in chunks, and a memmap's pages are released as the scan passes.
+        A large array is scanned in chunks (values checked after the cast to float32, as they will
+        be stored), and a memmap's pages are released as the scan passes.
         """
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > self.chunk_size:
-            check_matrix(x[:1], self.d, name)  # dtype and shape
-            check_finite(x, name, self.chunk_size, after_chunk=lambda s, e: release_rows(x, s, e))
+            check_shape(x, self.d, name)
+            for s in range(0, x.shape[0], self.chunk_size):
+                e = min(s + self.chunk_size, x.shape[0])
+                block = to_float32(np.asarray(x[s:e]))
+                bad = nonfinite_rows(block)
+                if bad.size:
+                    raise ValueError(f"{name} contains NaN or Inf after conversion to float32 "
+                                     f"(first at row {s + int(bad[0])})")
+                self._check_norms(block, s, name)
+                release_rows(x, s, e)
             return x
-        return as_matrix(x, self.d, name)
+        x = as_matrix(x, self.d, name)
+        self._check_norms(x, 0, name)
+        return x
+
+    def _search_params(self, params):
+        if params is None or isinstance(params, dict):
+            return search_parameters(self.index, **(params or {}))
+        check_search_params(params)
+        return params
 
     # -- FAISS API ------------------------------------------------------------------------------
     def train(self, x) -> None:
         """Train the FAISS index (IVF, PQ, ...) on refined vectors; a no-op for indexes that need none."""
         x = self.refine_documents(x)
-        if not self.index.is_trained:
-            self.index.train(x)
+        with self._lock.writing():
+            if not self.index.is_trained:
+                self.index.train(x)
 
     def _ready(self):
         if not self.index.is_trained:
@@ -110,53 +225,112 @@ class RefinedIndex:
         storage is grown once to its final size (see `reserve`), so the peak resident set is about
         the final index plus two chunks.
         """
-        x = self._check_stream(x)
-        self._ready()
-        if x.shape[0] > self.chunk_size:
-            reserve(self.index, x.shape[0])
-        for _, chunk in self._chunks(x, "add"):
-            self.index.add(chunk)
-            del chunk  # the loop variable would keep it alive while the next chunk is refined
+        self._add(x, None)
 
     def add_with_ids(self, x, ids) -> None:
+        """Refine and add vectors under int64 ids (an 'IDMap,...' index, or one that takes ids, such as IVF).
+
+        ids follow checks.as_ids: no -1 (FAISS's "no result"), no id twice in one call. Ids already
+        stored are refused too for IDMap indexes (checked against the id map, O(ntotal)); an IVF
+        index that takes ids itself keeps FAISS's behaviour (a second vector under the same id).
+        """
+        self._add(x, ids)
+
+    def _add(self, x, ids) -> None:
         x = self._check_stream(x)
-        ids = as_ids(ids, x.shape[0])
+        if ids is not None:
+            ids = as_ids(ids, x.shape[0])
         self._ready()
-        if x.shape[0] > self.chunk_size:
-            reserve(self.index, x.shape[0])
-        for s, chunk in self._chunks(x, "add"):
+        big = x.shape[0] > self.chunk_size
+        chunks = self._chunks(x, "add") if big else [(0, self._refine_block(x, 0))]  # small: refined unlocked
+        with self._lock.writing():
+            self._ready()
+            if ids is not None:
+                self._refuse_stored(ids)
+            n0 = self.index.ntotal
             try:
-                self.index.add_with_ids(chunk, ids[s:s + len(chunk)])
-            except RuntimeError as e:
-                raise ValueError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
-                                 f"build it as 'IDMap,<factory>': {str(e).strip().splitlines()[-1]}") from None
-            del chunk
+                if big:
+                    reserve(self.index, x.shape[0])
+                for s, chunk in chunks:
+                    if ids is None:
+                        self.index.add(chunk)
+                    else:
+                        self._add_ids(chunk, ids[s:s + len(chunk)])
+                    del chunk  # the loop variable would keep it alive while the next chunk is refined
+            except BaseException:
+                self._rollback(n0, ids)
+                raise
+
+    def _add_ids(self, chunk: np.ndarray, ids: np.ndarray) -> None:
+        try:
+            self.index.add_with_ids(chunk, ids)
+        except RuntimeError as e:
+            raise ValueError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
+                             f"build it as 'IDMap,<factory>': {str(e).strip().splitlines()[-1]}") from None
+
+    def _refuse_stored(self, ids: np.ndarray) -> None:
+        idx = faiss.downcast_index(self.index)
+        if isinstance(idx, faiss.IndexIDMap) and idx.ntotal:
+            clash = ids[np.isin(ids, faiss.vector_to_array(idx.id_map))]
+            if clash.size:
+                raise ValueError(f"{clash.size} id(s) are already stored, e.g. {clash[:5].tolist()}: "
+                                 f"remove_ids them first to replace their vectors")
+
+    def _rollback(self, n0: int, ids) -> None:
+        """Undo a failed add's stored rows (none of `ids` was stored before it), where FAISS can remove."""
+        added = self.index.ntotal - n0
+        if added <= 0:
+            return
+        try:
+            self.index.remove_ids(faiss.IDSelectorRange(n0, n0 + added) if ids is None else faiss.IDSelectorBatch(ids))
+        except RuntimeError:
+            raise RuntimeError(f"adding failed after {added} vectors were stored, and {type(self.index).__name__} "
+                               f"cannot remove them: the index keeps them") from None
 
     def search(self, x, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
-        """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does."""
+        """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does.
+
+        params: a faiss.SearchParameters, or a dict such as {"efSearch": 64} / {"nprobe": 8}
+        (validated: positive integers within faiss_utils.PARAM_BOUNDS; see `search_parameters`).
+        """
         k = check_k(k, self.ntotal)
-        return self.index.search(self.refine_queries(x), k, params=params)
+        q = self.refine_queries(x)
+        params = self._search_params(params) if params is not None else None
+        lock = self._lock
+        lock.acquire_read()
+        try:
+            return self.index.search(q, k, params=params)
+        finally:
+            lock.release_read()
 
     def range_search(self, x, radius: float, params=None):
-        """Refine queries and range-search; returns (lims, D, I) as FAISS does."""
-        return self.index.range_search(self.refine_queries(x), float(radius), params=params)
+        """Refine queries and range-search; returns (lims, D, I) as FAISS does. radius: finite (>= 0 for L2)."""
+        radius = check_radius(radius, self.metric == faiss.METRIC_L2)
+        q = self.refine_queries(x)
+        params = self._search_params(params) if params is not None else None
+        with self._lock.reading():
+            return self.index.range_search(q, radius, params=params)
 
     def remove_ids(self, ids) -> int:
-        """Remove vectors by id; returns how many were removed."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
-        try:
-            return self.index.remove_ids(as_ids(ids, len(ids)))
-        except RuntimeError as e:
-            raise ValueError(f"{type(self.index).__name__} cannot remove ids: {str(e).strip().splitlines()[-1]}") from None
+        """Remove vectors by id; returns how many were removed (0 for an empty list)."""
+        ids = as_ids(ids, to_store=False)
+        if not ids.size:
+            return 0
+        with self._lock.writing():
+            try:
+                return self.index.remove_ids(ids)
+            except RuntimeError as e:
+                raise ValueError(f"{type(self.index).__name__} cannot remove ids: "
+                                 f"{str(e).strip().splitlines()[-1]}") from None
 
     def reset(self) -> None:
-        self.index.reset()
+        with self._lock.writing():
+            self.index.reset()
 
     def reconstruct_n(self, i0: int = 0, n: int | None = None) -> np.ndarray:
-        """The stored (refined) vectors, where the FAISS index can reconstruct them."""
-        return self.index.reconstruct_n(i0, self.ntotal - i0 if n is None else n)
+        """Stored (refined) vectors i0 .. i0+n-1 in storage order; ValueError where FAISS cannot reconstruct."""
+        with self._lock.reading():
+            return reconstruct_n(self.index, i0, self.index.ntotal - i0 if n is None else n)
 
     def __repr__(self) -> str:
         return (f"RefinedIndex({self.refiner!r}, {self.factory or type(self.index).__name__}, "
@@ -170,8 +344,12 @@ class RefinedIndex:
                 "refiner": r.info()}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the bundle atomically; the previous bundle in `directory` survives a crash mid-save."""
-        save_bundle(directory, self.index, self.refiner.to_bytes(), self.manifest())
+        """Write the bundle atomically; the previous bundle in `directory` survives a crash mid-save.
+
+        Saving runs alongside searches and excludes writes, so the bundle is one consistent state.
+        """
+        with self._lock.reading():
+            save_bundle(directory, self.index, self.refiner.to_bytes(), self.manifest())
         return Path(directory)
 
     @classmethod

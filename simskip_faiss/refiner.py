@@ -6,11 +6,13 @@ bytes for a bundle): `Refiner` runs an exported ONNX file with onnxruntime, `Ide
 the no-op baseline (optionally L2-normalising), `LinearRefiner` is an affine map (centring,
 whitening, all-but-the-top, a distilled refiner). `refiner_from_bytes` rebuilds any of them.
 
-Accepted input (see checks.py for the vector contract): finite float32 rows. A normalising
-refiner computes norms in float32, so it takes rows whose L2 norm lies in [1e-18, 1e18] (zero
-rows too); outside that range the squared norm overflows or underflows, and `transform` (and
-every RefinedIndex path) refuses the rows, naming them, instead of returning vectors of the
-wrong length. Non-finite refined output is refused the same way.
+Accepted input (checks.py states the vector contract): finite float32 rows. Refined output is
+checked on every path (`transform`, RefinedIndex search and add): rows that come out non-finite,
+or not unit-length from a normalising refiner, raise ValueError naming the rows. Vectors stored
+through a normalising refiner must have an L2 norm of 0 or within NORM_RANGE = [1e-18, 1e18]:
+an ONNX graph normalises in float32, where the squared norm of larger rows overflows (norm 1e20
+comes out as 3e-19) and of smaller ones underflows. (Identity and linear refiners sum norms in
+float64 and normalise any finite row; the rule is the same for every kind.)
 """
 from __future__ import annotations
 
@@ -114,9 +116,13 @@ class BaseRefiner(ABC):
         `offset` is added to the row numbers in the message (rows of a chunk of a larger input).
         """
         if self.normalize:
-            sq = np.einsum("ij,ij->i", y, y) if y.shape[0] > 1 else np.dot(y.ravel(), y.ravel()).reshape(1)
+            if y.shape[0] == 1:  # the single query: a dot product and a Python comparison
+                v = y.ravel()
+                if abs(float(v.dot(v)) - 1.0) <= UNIT_TOLERANCE:  # NaN fails this test too
+                    return y
+            sq = np.einsum("ij,ij->i", y, y)
             dev = np.abs(sq - 1.0)
-            if dev.max(initial=0.0) <= UNIT_TOLERANCE:  # NaN fails this test too
+            if dev.max(initial=0.0) <= UNIT_TOLERANCE:
                 return y
             bad = np.flatnonzero(~((dev <= UNIT_TOLERANCE) | (sq == 0)))
             if bad.size:
