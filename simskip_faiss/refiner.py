@@ -464,7 +464,7 @@ def refiner_from_bytes(kind: str, data: bytes | None, info: dict | None = None, 
                        source: str = "<bytes>") -> BaseRefiner:
     """Rebuild a refiner from `kind` and `to_bytes()` output, checked against `info` (a manifest's record).
 
-    info: `BaseRefiner.info()` as stored (d_in for the identity; sha256, normalize, apply_to are
+    info: `BaseRefiner.info()` as stored (d_in, or a manifest's d, for the identity; sha256, normalize, apply_to are
     cross-checked when present, so an edited manifest cannot silently swap or drop a refiner).
     Raises ValueError naming `source` and the field that disagrees.
     """
@@ -474,7 +474,7 @@ def refiner_from_bytes(kind: str, data: bytes | None, info: dict | None = None, 
     if kind == "identity":
         if data is not None:
             raise ValueError(f"{source}: an identity refiner has no bytes, but refiner bytes were given")
-        d = info.get("d_in", (info.get("metadata") or {}).get("d_in"))
+        d = info.get("d_in", info.get("d", (info.get("metadata") or {}).get("d_in")))  # a manifest's "d" too
         if isinstance(d, bool) or not isinstance(d, int):
             raise ValueError(f"{source}: an identity refiner needs an integer d_in, got {d!r}")
         refiner: BaseRefiner = IdentityRefiner(d, normalize=bool(info.get("normalize", False)),

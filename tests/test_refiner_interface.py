@@ -102,7 +102,7 @@ def test_refiner_from_bytes_cross_checks_the_record(onnx_path):
     r = Refiner.load(onnx_path[0])
     lin = _linear()
     assert refiner_from_bytes("onnx", r.to_bytes(), r.info()).sha256 == r.sha256
-    assert refiner_from_bytes("identity", None, {"d_in": 8}).d_in == 8
+    assert refiner_from_bytes("identity", None, {"d_in": 8}).d_in == 8 == refiner_from_bytes("identity", None, {"d": 8}).d_out
     with pytest.raises(ValueError, match="unknown refiner kind 'pickle'"):
         refiner_from_bytes("pickle", b"")
     with pytest.raises(ValueError, match="identity refiner has no bytes"):
