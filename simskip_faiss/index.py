@@ -20,7 +20,7 @@ from . import __version__
 from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfinite_rows, to_float32
 from .faiss_utils import (METRIC_NAMES, METRICS, build_index, check_search_params, metric_code,  # noqa: F401
                           reconstruct_n, release_rows, reserve, search_parameters)
-from .persistence import BundleError, read_manifest, save_bundle, verified_path
+from .persistence import BundleError, load_bundle, save_bundle
 from .refiner import NORM_RANGE, Refiner, as_input, refiner_from_bytes
 
 
@@ -344,44 +344,52 @@ class RefinedIndex:
                 "refiner": r.info()}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the bundle atomically; the previous bundle in `directory` survives a crash mid-save.
+        """Write the bundle atomically: the previous bundle survives a crash mid-save, saves into one
+        directory are serialised (the last wins), and a concurrent `load` sees the old or the new bundle.
 
         Saving runs alongside searches and excludes writes, so the bundle is one consistent state.
         """
         with self._lock.reading():
-            save_bundle(directory, self.index, self.refiner.to_bytes(), self.manifest())
+            save_bundle(directory, self.index, self.refiner.to_bytes(), self.manifest(),
+                        refiner_suffix=self.refiner.suffix or ".onnx")
         return Path(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, threads: int | None = 1, mmap: bool = False) -> "RefinedIndex":
-        """Open a bundle, verifying hashes, sizes and dimensions; raises BundleError naming the fault."""
+        """Open a bundle: one whole saved generation even while another process saves into it.
+
+        Every file's size and sha256 are verified and every manifest field is checked against the
+        files actually loaded; any fault raises BundleError naming the file and the field.
+        """
         directory = Path(directory)
-        m = read_manifest(directory)
-        rinfo = m.get("refiner") or {}
-        if not isinstance(rinfo, dict):
-            raise BundleError(f"bundle {directory}: the manifest's 'refiner' field is not an object")
-        kind = rinfo.get("kind", "onnx")
-        data = None
-        if kind != "identity" or "refiner" in m["files"]:
-            if "refiner" not in m["files"]:
-                raise BundleError(f"bundle {directory}: manifest names no refiner file")
-            data = verified_path(directory, m["files"]["refiner"], "refiner").read_bytes()
+        m, index, data = load_bundle(directory, mmap=mmap)
+        rinfo, files = m["refiner"], m["files"]
+        rfile = f"the refiner file {files['refiner']['file']}" if "refiner" in files else "the identity refiner"
+        ifile = f"the index file {files['index']['file']}"
+        # identity: built from the record; others: from the verified bytes, cross-checked just below
+        info = ({"d_in": m["d"], "normalize": rinfo["normalize"], "apply_to": rinfo["apply_to"]}
+                if rinfo["kind"] == "identity" else {})
         try:
-            refiner = refiner_from_bytes(kind, data, {"d_in": m["d"], **rinfo}, threads=threads,
-                                         source=f"bundle {directory}: refiner")
+            refiner = refiner_from_bytes(rinfo["kind"], data, info, threads,
+                                         source=str(directory / files.get("refiner", {}).get("file", "")))
         except ValueError as e:
             raise BundleError(str(e)) from None
-        ipath = verified_path(directory, m["files"]["index"], "index")
-        try:
-            index = faiss.read_index(str(ipath), faiss.IO_FLAG_MMAP if mmap else 0)
-        except RuntimeError as e:
-            raise BundleError(f"bundle {directory}: FAISS cannot read {ipath.name}: "
-                              f"{str(e).strip().splitlines()[-1]}") from None
-        for what, want, got in (("input dimension", m["d"], refiner.d_in), ("refiner output dimension", m["d_out"], refiner.d_out),
-                                ("index dimension", m["d_out"], index.d), ("ntotal", m["ntotal"], index.ntotal)):
+        show = (lambda v: f"{v[:16]}…" if isinstance(v, str) and len(v) == 64 else repr(v))
+        for source, field, want, got in (
+                (rfile, "refiner.sha256", rinfo["sha256"], refiner.sha256),
+                (rfile, "refiner.normalize", rinfo["normalize"], refiner.normalize),
+                (rfile, "refiner.apply_to", rinfo["apply_to"], refiner.apply_to),
+                (rfile, "d", m["d"], refiner.d_in),
+                (rfile, "d_out", m["d_out"], refiner.d_out),
+                (ifile, "d_out", m["d_out"], index.d),
+                (ifile, "ntotal", m["ntotal"], index.ntotal),
+                (ifile, "metric", m["metric"], METRIC_NAMES.get(index.metric_type, index.metric_type))):
             if want != got:
-                raise BundleError(f"bundle {directory}: {what} is {got} but the manifest says {want}")
-        self = cls(refiner, index, metric=m["metric"])
+                raise BundleError(f"bundle {directory}: {source} has {field.rpartition('.')[2]} {show(got)} "
+                                  f"but the manifest field '{field}' says {show(want)}")
+        try:
+            self = cls(refiner, index, metric=m["metric"])
+        except ValueError as e:
+            raise BundleError(f"bundle {directory}: {e}") from None
         self.factory = m.get("factory")
         return self
-

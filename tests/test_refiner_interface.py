@@ -61,6 +61,8 @@ def test_every_kind_keeps_the_contract_and_round_trips_through_a_bundle(case, da
     assert manifest["refiner"]["kind"] == refiner.kind and manifest["refiner"]["apply_to"] == refiner.apply_to
     assert manifest["refiner"]["sha256"] == refiner.sha256
     assert ("refiner" in manifest["files"]) == (refiner.kind != "identity")
+    if refiner.kind != "identity":  # the file says what it is: .onnx or .npy
+        assert manifest["files"]["refiner"]["file"].endswith(refiner.suffix)
     back = RefinedIndex.load(tmp_path / "b")
     r2 = back.refiner
     assert type(r2) is type(refiner) and r2.info() == refiner.info() and r2.to_bytes() == refiner.to_bytes()
@@ -125,7 +127,7 @@ def test_edited_kind_in_a_bundle_is_refused(onnx_path, data, tmp_path):
     m = json.loads(mpath.read_text())
     m["refiner"]["kind"] = "identity"
     mpath.write_text(json.dumps(m))
-    with pytest.raises(BundleError, match="identity refiner has no bytes"):
+    with pytest.raises(BundleError, match="refiner.kind. says .identity"):
         RefinedIndex.load(tmp_path / "b")
 
 
