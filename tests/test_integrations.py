@@ -128,8 +128,7 @@ def test_apply_to_rule(refiner_files):
 
 
 def test_query_only_refiner_must_keep_dimension():
-    lin = sf.refiner.LinearRefiner(np.ones((4, D), np.float32), np.zeros(D, np.float32))
-    lin.apply_to = "queries"  # post-merge: LinearRefiner(apply_to="queries")
+    lin = sf.refiner.LinearRefiner(np.ones((4, D), np.float32), np.zeros(D, np.float32), apply_to="queries")
     with pytest.raises(ValueError, match="query-only refiner must keep the dimension"):
         base.resolve_refiner(lin)
 
@@ -164,13 +163,19 @@ def test_sidecar_round_trip_and_refusals(refiner_files, tmp_path):
         p.unlink()
     with pytest.raises(MissingRefinerError, match="is missing and none was given"):
         base.checked_refiner(store)
-    # a linear refiner is recorded by hash but not copied: it must be given back
+    # a linear refiner travels as its own bytes (.npy arrays) and comes back equal
     lin = sf.refiner.LinearRefiner.centring(fake_embed(DOCS))
     (tmp_path / "lin").mkdir()
     base.write_sidecar(tmp_path / "lin", lin)
+    back = base.checked_refiner(tmp_path / "lin")
+    assert back.kind == "linear" and back.sha256 == lin.sha256
+    np.testing.assert_array_equal(back.transform(fake_embed(DOCS[:5])), lin.transform(fake_embed(DOCS[:5])))
+    assert base.checked_refiner(tmp_path / "lin", lin) is lin
+    record = json.loads((tmp_path / "lin" / base.SIDECAR).read_text())
+    del record["file"]  # a record whose refiner is not stored: the refiner must be given back
+    (tmp_path / "lin" / base.SIDECAR).write_text(json.dumps(record))
     with pytest.raises(MissingRefinerError, match="not stored with it"):
         base.checked_refiner(tmp_path / "lin")
-    assert base.checked_refiner(tmp_path / "lin", lin) is lin
     sidecar = tmp_path / "lin" / base.SIDECAR
     record = json.loads(sidecar.read_text())
     for bad, message in (("{not json", "corrupt"), ("[1, 2]", "not a refiner record"),

@@ -120,3 +120,21 @@ def test_needs_a_refiner_file(refiner_files):
         RefinedEmbeddingFunction(FakeEF(), sf.Refiner(refiner_files["both"].read_bytes()))
     ef = RefinedEmbeddingFunction(FakeEF(), sf.IdentityRefiner(16, normalize=True))
     assert RefinedEmbeddingFunction.build_from_config(ef.get_config()).refiner.is_identity
+
+
+def test_bundle_with_a_linear_refiner_is_recorded_by_directory(tmp_path):
+    import chromadb
+
+    import simskip_faiss as sf
+    import simskip_faiss.integrations.chroma as sc
+
+    lin = sf.refiner.LinearRefiner.centring(fake_embed(DOCS))
+    index = sf.RefinedIndex(lin, "Flat")
+    index.add(fake_embed(DOCS))
+    index.save(tmp_path / "bundle")
+    client = chromadb.PersistentClient(path=str(tmp_path / "db"))
+    coll = client.create_collection("lin", embedding_function=sc.RefinedEmbeddingFunction(FakeEF(), tmp_path / "bundle"),
+                                    configuration={"hnsw": HNSW})
+    coll.add(ids=[str(i) for i in range(len(DOCS))], documents=DOCS)
+    reopened = sc.get_collection(client, "lin")
+    assert search(reopened) == [index.search(fake_embed([q]), K)[1][0].tolist() for q in QUERIES]

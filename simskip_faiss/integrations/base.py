@@ -2,7 +2,8 @@
 
 A store saved through an integration carries a record of the refiner that made its vectors
 (sha256, kind, dimensions, normalisation, apply_to) in a sidecar JSON file, plus a copy of the
-ONNX refiner itself, so reopening needs only the folder and the base embedding model. Reopening
+refiner itself (`to_bytes()`: the ONNX file, or a linear refiner's arrays), so reopening needs only the
+folder and the base embedding model. Reopening
 checks the record: a missing record, a missing refiner or a different one raises
 `RefinerMismatchError` instead of searching raw or mixed vectors.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from ..checks import as_matrix
 from ..milvus import RefinerMismatchError
 from ..persistence import atomic_write_bytes
-from ..refiner import IdentityRefiner, LinearRefiner, Refiner
+from ..refiner import BaseRefiner, Refiner, refiner_from_bytes
 
 SIDECAR = "simskip_refiner.json"
 FORMAT = "simskip-faiss-refiner-record"
@@ -44,10 +45,9 @@ def resolve_refiner(refiner, threads: int | None = 1):
         if p.is_dir():
             return bundle_refiner(p, threads)
         return Refiner.load(p, threads=threads)
-    for attr in ("transform", "apply", "apply_to", "d_in", "d_out", "normalize"):
-        if not hasattr(refiner, attr):
-            raise TypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
-                            f"an ONNX path or a bundle directory; got {type(refiner).__name__} (no {attr!r})")
+    if not isinstance(refiner, BaseRefiner):
+        raise TypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
+                        f"an ONNX path or a bundle directory; got {type(refiner).__name__}")
     if refiner.apply_to == "queries" and refiner.d_in != refiner.d_out:
         raise ValueError(f"a query-only refiner must keep the dimension (queries are searched against raw "
                          f"documents); this one maps {refiner.d_in}→{refiner.d_out}")
@@ -61,18 +61,16 @@ def bundle_refiner(directory: Path, threads: int | None = 1):
     return RefinedIndex.load(directory, threads=threads, mmap=True).refiner
 
 
-def refiner_kind(refiner) -> str:
-    # post-merge: refiners declare `kind` themselves
-    if getattr(refiner, "is_identity", False):
-        return "identity"
-    return "linear" if isinstance(refiner, LinearRefiner) else "onnx"
-
-
 def refiner_record(refiner) -> dict:
     """What identifies a refiner: sha256 (or an identity's description), kind, dimensions, normalize, apply_to."""
     sha = refiner.sha256 or f"identity(d={refiner.d_in}, normalize={bool(refiner.normalize)})"
-    return {"sha256": sha, "kind": refiner_kind(refiner), "d_in": int(refiner.d_in), "d_out": int(refiner.d_out),
+    return {"sha256": sha, "kind": refiner.kind, "d_in": int(refiner.d_in), "d_out": int(refiner.d_out),
             "normalize": bool(refiner.normalize), "apply_to": refiner.apply_to}
+
+
+def identity_from_record(record: dict):
+    """The identity refiner a record describes (its "sha256" is a description, not a hash)."""
+    return refiner_from_bytes("identity", None, {k: record.get(k) for k in ("d_in", "normalize", "apply_to")})
 
 
 def describe(record: dict) -> str:
@@ -105,12 +103,12 @@ def _matrix(vectors, d: int, what: str) -> np.ndarray:
 def refine_documents(refiner, vectors) -> np.ndarray:
     """Document vectors as stored: refined when the refiner applies to both, raw (checked) when query-only."""
     x = _matrix(vectors, refiner.d_in, "document embeddings")
-    return refiner.apply(x) if refiner.apply_to == "both" else x
+    return refiner.transform(x) if refiner.apply_to == "both" else x
 
 
 def refine_queries(refiner, vectors) -> np.ndarray:
     """Query vectors are always refined."""
-    return refiner.apply(_matrix(vectors, refiner.d_in, "query embeddings"))
+    return refiner.transform(_matrix(vectors, refiner.d_in, "query embeddings"))
 
 
 def stored_dim(refiner) -> int:
@@ -146,20 +144,20 @@ def saving(location: str | os.PathLike, refiner, folder: bool):
     yield
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, **refiner_record(refiner),
               "metadata": getattr(refiner, "metadata", {})}
-    model = getattr(refiner, "model_bytes", None)
+    model = refiner.to_bytes()
     if model is not None:
-        record["file"] = f"{_copy_prefix(path)}{refiner.sha256[:16]}.onnx"
+        record["file"] = f"{_copy_prefix(path)}{refiner.sha256[:16]}{refiner.suffix}"
         copy = path.parent / record["file"]
         if not copy.is_file() or hashlib.sha256(copy.read_bytes()).hexdigest() != refiner.sha256:
             atomic_write_bytes(copy, model)
     atomic_write_bytes(path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    for stale in path.parent.glob(f"{_copy_prefix(path)}*.onnx"):
+    for stale in path.parent.glob(f"{_copy_prefix(path)}*"):
         if stale.name != record.get("file"):
             stale.unlink()
 
 
 def write_sidecar(location: str | os.PathLike, refiner, folder: bool | None = None) -> Path:
-    """Record `refiner` beside an already saved store (and copy an ONNX refiner there), atomically."""
+    """Record `refiner` beside an already saved store (and copy its bytes there), atomically."""
     with saving(location, refiner, Path(location).is_dir() if folder is None else folder):
         pass
     return sidecar_path(location, folder)
@@ -188,7 +186,7 @@ def read_sidecar(location: str | os.PathLike) -> dict:
 def checked_refiner(location: str | os.PathLike, refiner=None, threads: int | None = 1):
     """The refiner to reopen a store with: `refiner` if given (checked against the record), else the stored copy.
 
-    Raises `MissingRefinerError` when the store has no record, or records an ONNX refiner that was
+    Raises `MissingRefinerError` when the store has no record, or records a refiner that was
     neither given nor found beside it; `RefinerMismatchError` when the refiner differs.
     """
     record = read_sidecar(location)
@@ -196,13 +194,13 @@ def checked_refiner(location: str | os.PathLike, refiner=None, threads: int | No
     if refiner is not None:
         refiner = resolve_refiner(refiner, threads)
     elif record.get("kind") == "identity":
-        refiner = IdentityRefiner(int(record["d_in"]), normalize=bool(record["normalize"]))
+        refiner = identity_from_record(record)
     elif record.get("file"):
         copy = sidecar_path(location).parent / record["file"]
         if not copy.is_file():
             raise MissingRefinerError(f"{where}: its refiner {record['file']} is missing and none was given; "
                                       f"pass the refiner that built the store (refiner=...)")
-        refiner = Refiner.load(copy, threads=threads)
+        refiner = refiner_from_bytes(record["kind"], copy.read_bytes(), threads=threads, source=str(copy))
     else:
         raise MissingRefinerError(f"{where} was built with {describe(record)}, which is not stored with it; "
                                   f"pass that refiner (refiner=...)")

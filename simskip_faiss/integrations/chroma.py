@@ -23,10 +23,9 @@ from typing import Any
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import known_embedding_functions, register_embedding_function
 
-from ..persistence import read_manifest
-from ..refiner import IdentityRefiner, Refiner
-from .base import (MissingRefinerError, RECORD_KEYS, RefinerMismatchError, check_record, describe, refine_documents,
-                   refine_queries, refiner_record, resolve_refiner)
+from ..refiner import Refiner
+from .base import (MissingRefinerError, RECORD_KEYS, RefinerMismatchError, check_record, describe,
+                   identity_from_record, refine_documents, refine_queries, refiner_record, resolve_refiner)
 
 NAME = "simskip_faiss_refined"
 
@@ -34,17 +33,13 @@ __all__ = ["NAME", "RefinedEmbeddingFunction", "get_collection"]
 
 
 def refiner_file(refiner) -> str | None:
-    """The absolute path the config records: an ONNX file (a bundle's refiner file), or None for an identity."""
+    """The absolute path the config records: an ONNX file or a bundle directory, or None for an identity."""
     if hasattr(refiner, "refiner") and hasattr(refiner, "index"):
         refiner = refiner.refiner
-    if getattr(refiner, "is_identity", False):
+    if getattr(refiner, "kind", None) == "identity":
         return None
     if isinstance(refiner, (str, os.PathLike)):
-        p = Path(refiner).resolve()
-        if p.is_dir():
-            files = read_manifest(p)["files"]
-            return None if "refiner" not in files else str(p / files["refiner"]["file"])
-        return str(p)
+        return str(Path(refiner).resolve())
     source = Path(str(getattr(refiner, "source", "")))
     if isinstance(refiner, Refiner) and source.is_file():
         return str(source.resolve())
@@ -56,7 +51,8 @@ def refiner_file(refiner) -> str | None:
 class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
     """`embedding_function` (a registered Chroma EmbeddingFunction) followed by a refiner, under the apply_to rule.
 
-    refiner: an ONNX path, a bundle directory, a `Refiner` loaded from a file, or an `IdentityRefiner`.
+    refiner: an ONNX path, a bundle directory (any refiner kind; the bundle is re-verified on reopen), a
+    `Refiner` loaded from a file, or an `IdentityRefiner`.
     """
 
     def __init__(self, embedding_function: EmbeddingFunction, refiner, threads: int | None = 1):
@@ -98,8 +94,8 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
         base = known_embedding_functions[inner["name"]].build_from_config(inner.get("config") or {})
         path = config.get("refiner_path")
         if path is None and config.get("kind") == "identity":
-            refiner = IdentityRefiner(int(config["d_in"]), normalize=bool(config["normalize"]))
-        elif path is None or not Path(path).is_file():
+            refiner = identity_from_record(config)
+        elif path is None or not Path(path).exists():
             raise MissingRefinerError(f"the collection's refiner file {path} is missing: its vectors were made by "
                                       f"{describe(config)}; restore that file to open the collection")
         else:

@@ -26,7 +26,6 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from ..persistence import atomic_write_bytes
-from ..refiner import LinearRefiner
 from .base import MissingRefinerError, check_record, refiner_record, resolve_refiner
 
 try:  # sentence-transformers >= 6
@@ -53,7 +52,7 @@ class SimSkipModule(Module):
     def __init__(self, refiner, threads: int | None = 1):
         super().__init__()
         self.refiner = resolve_refiner(refiner, threads)
-        if getattr(self.refiner, "model_bytes", None) is None:
+        if self.refiner.kind != "onnx":
             raise TypeError(f"SimSkipModule runs ONNX refiners; {type(self.refiner).__name__} is not one "
                             f"(a linear refiner becomes a built-in Dense: use refiner_modules)")
 
@@ -72,7 +71,7 @@ class SimSkipModule(Module):
         return refiner_record(self.refiner)
 
     def save(self, output_path: str, *args, **kwargs) -> None:
-        atomic_write_bytes(os.path.join(output_path, self.ONNX_FILE), self.refiner.model_bytes)
+        atomic_write_bytes(os.path.join(output_path, self.ONNX_FILE), self.refiner.to_bytes())
         self.save_config(output_path)
 
     @classmethod
@@ -98,9 +97,9 @@ class SimSkipModule(Module):
 def refiner_modules(refiner) -> list:
     """The refiner as sentence-transformers modules (applied unconditionally; see `append_refiner` for apply_to)."""
     r = resolve_refiner(refiner)
-    if getattr(r, "is_identity", False):
+    if r.kind == "identity":
         mods = []
-    elif isinstance(r, LinearRefiner):
+    elif r.kind == "linear":
         A, b = r.affine()
         mods = [Dense(r.d_in, r.d_out, bias=True, activation_function=None,
                       init_weight=torch.from_numpy(A.copy()), init_bias=torch.from_numpy(b.copy()))]
