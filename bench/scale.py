@@ -117,6 +117,52 @@ def single_core(refiner: Refiner, x: np.ndarray, d: int, tmp: Path) -> dict:
     return out
 
 
+def clustered_data(n: int, d: int, centres: int, seed: int) -> np.ndarray:
+    """Unit vectors around `centres` random centres, noise about as large as the centre (overlapping clusters)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d)).astype(np.float32)
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 262_144):  # in blocks: the noise for 1M x d at once would double the peak memory
+        e = min(s + 262_144, n)
+        x[s:e] = c[rng.integers(0, centres, e - s)] + 0.9 * rng.standard_normal((e - s, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def quantizer_bench(n: int, d: int, nlist: int, niter: int, threads: int, nprobes=(8, 32), nq: int = 1000) -> dict:
+    """Flat vs two-level k-means for IVF{nlist},Flat (inner product) on n clustered vectors: training
+    time (wall and process CPU) and 10-recall@10 against exact search at equal nprobe."""
+    from simskip_faiss.metrics import knn_recall
+    from simskip_faiss.quantizer import train_ivf
+
+    faiss.omp_set_num_threads(threads)
+    x = clustered_data(n + nq, d, centres=4 * nlist, seed=1)
+    xq, x = x[:nq].copy(), x[nq:]
+    exact = faiss.IndexFlatIP(d)
+    exact.add(x)
+    _, gt = exact.search(xq, 10)
+    del exact
+    out = {"n": n, "d": d, "nlist": nlist, "niter": niter, "threads": threads, "nq": nq, "methods": {}}
+    for method in ("two-level", "flat"):
+        index = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        faiss.extract_index_ivf(index).cp.niter = niter
+        c, t = time.process_time(), time.perf_counter()
+        train_ivf(index, x, method, niter=niter)
+        r = {"train_seconds": time.perf_counter() - t, "train_cpu_seconds": time.process_time() - c}
+        print(f"quantizer {method}: {r}", flush=True)
+        index.add(x)
+        for nprobe in nprobes:
+            index.nprobe = nprobe
+            _, I = index.search(xq, 10)
+            r[f"10-recall@10 nprobe={nprobe}"] = knn_recall(gt, I, ks=(10,))["10-recall@10"]
+        out["methods"][method] = r
+        del index
+    f, t2 = out["methods"]["flat"], out["methods"]["two-level"]
+    out["speedup"] = f["train_seconds"] / t2["train_seconds"]
+    out["cpu_speedup"] = f["train_cpu_seconds"] / t2["train_cpu_seconds"]
+    return out
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -281,8 +327,25 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=16, help="parquet files the input is split into")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--report-only", action="store_true", help="rewrite scale.md from an existing scale.json")
+    ap.add_argument("--quantizer-only", action="store_true",
+                    help="run only the quantizer-training comparison and update scale.json / scale.md")
+    ap.add_argument("--kmeans-n", type=int, default=1_000_000, help="training vectors of the quantizer comparison")
+    ap.add_argument("--kmeans-d", type=int, default=64, help="dimension of the quantizer comparison")
+    ap.add_argument("--kmeans-nlist", type=int, default=4096)
+    ap.add_argument("--kmeans-niter", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2, help="FAISS threads of the quantizer comparison")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.quantizer_only:
+        q = quantizer_bench(args.kmeans_n, args.kmeans_d, args.kmeans_nlist, args.kmeans_niter, args.threads)
+        q["command"] = " ".join(["python bench/scale.py", *sys.argv[1:]])
+        path = out / "scale.json"
+        out.mkdir(parents=True, exist_ok=True)
+        m = json.loads(path.read_text()) if path.exists() else {}
+        m["quantizer"] = q
+        path.write_text(json.dumps(m, indent=2))
+        print(json.dumps(q, indent=2))
+        return
     if args.report_only:
         m = json.loads((out / "scale.json").read_text())
         m["projection"] = projection(m, m["d"])

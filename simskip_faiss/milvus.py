@@ -19,7 +19,7 @@ import numpy as np
 
 from .checks import as_ids
 from .index import metric_code, METRIC_NAMES
-from .spark import BadRowsError, arrow_vectors
+from .arrow import BadRowsError, arrow_vectors
 
 PREFIX = "simskip."
 FORMAT = "1"
