@@ -500,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "at least one per core)")
 
     s = sub.add_parser("spark-refine", parents=[common, spark], help="refine a parquet vector column on Spark",
-                       description="Refine the vector column of parquet INPUT on Spark (ONNX refiner, Arrow batches) and "
+                       description="Refine the vector column of parquet INPUT on Spark (ONNX refiner; the Python workers read "
+                                   "the parquet row groups with pyarrow) and "
                                    "write parquet OUTPUT with every other column kept. Bad rows fail the job, naming "
                                    "their ids, before anything is written.")
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
@@ -512,8 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_spark_refine)
 
     s = sub.add_parser("spark-build", parents=[common, spark], help="build a refined index bundle on Spark",
-                       description="Train the FAISS index on a refined sample on the driver, add each partition to a "
-                                   "copy of it on the executors, merge the shards and save an ordinary bundle.")
+                       description="Train the FAISS index on a refined sample on the driver, add each task's rows (parquet "
+                                   "row groups read by the Python workers) to a copy of it on the executors, merge "
+                                   "the shards and save an ordinary bundle. Ids must be integers, never -1, never "
+                                   "twice.")
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
     s.add_argument("input", help="parquet file or directory with an integer id column and a vector column")
     s.add_argument("-o", "--output", required=True, help="bundle directory to write")

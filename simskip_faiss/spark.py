@@ -1,18 +1,27 @@
 """Refine at ingest on Spark, and build a refined FAISS bundle from shards built in parallel.
 
-- `refine_dataframe`: a lazy DataFrame whose vector column has gone through the ONNX refiner, in
-  Arrow batches (`mapInArrow`). The ONNX bytes are broadcast once; each Python worker process
-  keeps one onnxruntime session (1 thread: one task per core, no oversubscription).
+Two ways in. A parquet path (the fast one, what the CLI uses): Spark only distributes tasks —
+contiguous rows of (file, row group), `arrow.plan_parquet` — and each Python worker reads its rows
+with pyarrow, so vectors never go through the JVM's array<float> <-> Arrow conversion (the way
+autofaiss's embedding-reader works; bench/results/scale.md measures the three ways). A DataFrame:
+Arrow batches through `mapInArrow`, for data that is not plain parquet files.
+
+- `refine_dataframe`: a lazy DataFrame whose vector column has gone through the ONNX refiner. The
+  ONNX bytes are broadcast once; each Python worker process keeps one onnxruntime session (1
+  thread: one task per core, no oversubscription).
 - `write_refined`: validate every row first, then write parquet to a staging path and rename it:
   a bad row (null or wrong-length vector, NaN/Inf, null id) fails with its id and writes nothing.
-- `build_index`: train the FAISS index on a refined sample on the driver, ship the trained empty
-  index (`faiss.serialize_index`) to every partition, add each partition's refined vectors to its
-  own copy and write it as a shard, then `merge_from` the shards in partition order into one
-  index saved as an ordinary bundle (`RefinedIndex.load` opens it). Same trained index and same
-  rows give the same search results as `RefinedIndex.add_with_ids` on one machine.
+- `build_index`: train the FAISS index on a refined sample on the driver (two-level k-means for
+  large nlist, `quantizer.py`), ship the trained empty index (`faiss.serialize_index`) to every
+  task, add each task's refined vectors to its own copy and write it as a shard, then
+  `merge_from` the shards in task order into one index saved as an ordinary bundle
+  (`RefinedIndex.load` opens it). Ids follow FAISS's rules (integers, never -1, never twice),
+  checked before anything is built. Same trained index and same rows give the same search
+  results as `RefinedIndex.add_with_ids` on one machine.
 
-pyspark and pyarrow are imported lazily: `arrow_vectors` and the merge need only pyarrow/faiss.
-The package must be importable on the executors (installed there, or shipped with --py-files).
+pyspark and pyarrow are imported lazily. The package must be importable on the executors
+(installed there, or shipped with --py-files); a parquet path must be readable there by pyarrow
+(local or shared paths, s3://, gs://, hdfs://) and by Spark (the duplicate-id check).
 """
 from __future__ import annotations
 
