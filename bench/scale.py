@@ -353,7 +353,12 @@ def write_report(m: dict, path: Path) -> None:
               "remains is pyarrow's parquet decoding and Spark's task scheduling. (b) removes most of the JVM's "
               "conversion too, but only for data rewritten as binary, and still pays the JVM's copy; (a) stays "
               "for DataFrames that are not plain parquet files (`build_index(df)`, `refine_dataframe`). "
-              "Wall-clock rates are not comparable across rows here: the 2 cores were shared with other jobs.", ""]
+              "Wall-clock rates are not comparable across rows here: the 2 cores were shared with other jobs. "
+              "An earlier version of this bench counted CPU-seconds of the whole machine (/proc/stat) and "
+              "reported (a) at ≈ 0.17× of in-process refining; on a shared machine that counts other jobs too, "
+              "so the per-process-tree figures above replace it. Outside refine + add, the whole build also "
+              "pays the validation pass (a second parquet read in the workers, and Spark SQL grouping the ids "
+              "to find duplicates), the merge and the save.", ""]
     q = m.get("quantizer")
     if q:
         f, t = q["methods"]["flat"], q["methods"]["two-level"]

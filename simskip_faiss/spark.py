@@ -389,7 +389,9 @@ def check_parquet(spark, plan: ParquetPlan, d: int, vector_col: str = "vector", 
     sample = np.concatenate([np.load(f) for f in files]) if files else np.empty((0, d), np.float32)
     for f in files:
         f.unlink()
-    return sum(r["rows"] for r in out), sample[:sample_size]
+    if len(sample) > sample_size:  # drawn 1.2x over, so that it falls short rarely: keep a uniform subset
+        sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), sample_size, replace=False))]
+    return sum(r["rows"] for r in out), sample
 
 
 @dataclasses.dataclass(frozen=True)

@@ -119,7 +119,10 @@ def test_one_onnx_session_per_worker_process(spark, setup):
 def test_distributed_build_equals_single_machine(spark, setup, tmp_path, factory, source):
     x, ids, r = setup["x"], setup["ids"], setup["refiner"]
     src = str(setup["parquet"]) if source == "parquet" else frame(spark, setup)
-    res = S.build_index(src, r, tmp_path / "bundle", factory=factory, metric="ip", train_size=400, partitions=3)
+    how = "two-level" if source == "parquet" else "auto"  # auto at nlist 4: flat k-means
+    res = S.build_index(src, r, tmp_path / "bundle", factory=factory, metric="ip", train_size=400, partitions=3,
+                        quantizer=how)
+    assert res.quantizer == ("two-level" if source == "parquet" else "flat")
     assert len(res.shards) == 3 and sum(n for _, n in res.shards) == res.n == N
     assert not any(p.name.startswith(".shards-") for p in tmp_path.iterdir())  # shards cleaned up
     dist = RefinedIndex.load(tmp_path / "bundle")
