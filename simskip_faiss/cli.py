@@ -525,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
     s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ (default: 100000)")
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
-    s.add_argument("--quantizer", default="auto", choices=["auto", "flat", "two-level"],
-                   help="k-means of the IVF coarse quantizer: two-level from 4096 lists on (auto), or as named")
+    s.add_argument("--quantizer", default="flat", choices=["flat", "two-level"],
+                   help="k-means of the IVF coarse quantizer: flat (FAISS's, default) or two-level (far cheaper at "
+                        "large nlist, slightly lower recall at equal nprobe; see bench/results/scale.md)")
     s.add_argument("--shard-dir", help="where executors write shards: a path the driver sees too "
                                        "(default: a temporary directory beside the output)")
     s.set_defaults(func=cmd_spark_build)

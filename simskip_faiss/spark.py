@@ -11,8 +11,8 @@ Arrow batches through `mapInArrow`, for data that is not plain parquet files.
   thread: one task per core, no oversubscription).
 - `write_refined`: validate every row first, then write parquet to a staging path and rename it:
   a bad row (null or wrong-length vector, NaN/Inf, null id) fails with its id and writes nothing.
-- `build_index`: train the FAISS index on a refined sample on the driver (two-level k-means for
-  large nlist, `quantizer.py`), ship the trained empty index (`faiss.serialize_index`) to every
+- `build_index`: train the FAISS index on a refined sample on the driver (optionally two-level
+  k-means for a large nlist, `quantizer.py`), ship the trained empty index (`faiss.serialize_index`) to every
   task, add each task's refined vectors to its own copy and write it as a shard, then
   `merge_from` the shards in task order into one index saved as an ordinary bundle
   (`RefinedIndex.load` opens it). Ids follow FAISS's rules (integers, never -1, never twice),
@@ -552,7 +552,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
                 vector_col: str = "vector", id_col: str = "id", train_size: int = 100_000, seed: int = 0,
                 trained_index: faiss.Index | None = None, shard_dir: str | os.PathLike | None = None,
                 keep_shards: bool = False, spark=None, partitions: int | None = None,
-                quantizer: str = "auto") -> BuildResult:
+                quantizer: str = "flat") -> BuildResult:
     """Refine `source` on Spark, add each task's rows to a copy of the trained index, merge, save a bundle.
 
     source: a parquet file or directory, read by the Python workers with pyarrow (one task per row
@@ -560,14 +560,14 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
     (one shard per partition, via mapInArrow). Ids must be integers, never -1, never twice: every
     row is checked before any index is built. factory: a mergeable FAISS factory string (default
     "IVF1024,Flat"), trained on a refined sample of `train_size` rows on the driver, its coarse
-    quantizer by `quantizer` ("auto": two-level k-means from 4096 lists on, see
-    `simskip_faiss.quantizer`; "flat"; "two-level"); with `trained_index` (an empty, trained FAISS
+    quantizer by `quantizer` ("flat": FAISS's k-means; "two-level": far cheaper at large nlist, a
+    little less recall, see `simskip_faiss.quantizer`); with `trained_index` (an empty, trained FAISS
     index used as is) the factory is only recorded in the manifest. shard_dir: where tasks write
     their shards — a path that the executors and the driver both see (local in local mode; a
     shared mount on a cluster). Shards go to a fresh subdirectory of it (default: beside
     `output`), removed after the merge unless keep_shards.
     """
-    from .quantizer import choose, train_ivf
+    from .quantizer import check_method, train_ivf
 
     t0 = time.perf_counter()
     if trained_index is not None:
@@ -577,7 +577,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
         ri.factory = factory
     else:
         ri = RefinedIndex(refiner, factory or "IVF1024,Flat", metric)
-    choose(ri.index, quantizer)  # a bad method fails before any Spark work
+    check_method(ri.index, quantizer)  # a bad method fails before any Spark work
     plan = None
     if _is_path(source):
         spark = _session(spark)
@@ -598,7 +598,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
             raise ValueError("the input has no rows")
         seconds = {"validate": time.perf_counter() - t0}
         t = time.perf_counter()
-        how = "given" if ri.is_trained else train_ivf(ri.index, ri.refine_documents(sample), quantizer)
+        how = "given" if ri.is_trained else train_ivf(ri.index, ri.refine_documents(sample), quantizer, seed=seed)
         probe = np.random.default_rng(seed).standard_normal((1, refiner.d_in)).astype(np.float32)
         _check_mergeable(ri.index, ri.refine_documents(probe / np.linalg.norm(probe)))
         seconds["train"] = time.perf_counter() - t

@@ -5,23 +5,21 @@ import faiss
 import numpy as np
 import pytest
 
-from simskip_faiss.quantizer import TWO_LEVEL_MIN_NLIST, choose, train_ivf
+from simskip_faiss.quantizer import check_method, train_ivf
 
 
 def ivf(nlist: int, d: int = 16, codes: str = "Flat") -> faiss.Index:
     return faiss.index_factory(d, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
 
 
-def test_choice_follows_nlist_and_index_type():
-    assert choose(ivf(TWO_LEVEL_MIN_NLIST)) == "two-level"
-    assert choose(ivf(TWO_LEVEL_MIN_NLIST // 2)) == "flat"
-    assert choose(ivf(64), "two-level") == "two-level" and choose(ivf(TWO_LEVEL_MIN_NLIST), "flat") == "flat"
-    pre = faiss.index_factory(16, "PCA8,IVF4096,Flat")
-    assert choose(pre) == "flat" and choose(faiss.IndexFlatIP(16)) == "flat"  # nothing to cluster two-level
+def test_method_checked_before_any_work():
+    pre = faiss.index_factory(16, "PCA8,IVF64,Flat")
     with pytest.raises(ValueError, match="without pre-transforms"):
-        choose(pre, "two-level")
+        train_ivf(pre, np.ones((100, 16), np.float32), "two-level")
     with pytest.raises(ValueError, match="must be one of"):
-        choose(ivf(64), "hnsw")
+        check_method(ivf(64), "hnsw")
+    check_method(pre, "flat")
+    assert not pre.is_trained
 
 
 def mse(index: faiss.Index, x: np.ndarray) -> float:
