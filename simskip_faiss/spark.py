@@ -244,28 +244,6 @@ def _refine_batches(spec: RefinerSpec, vector_col: str, id_col: str | None, out:
     return run
 
 
-def _local_path(uri: str) -> Path | None:
-    """A local filesystem path for 'path' or 'file:/path'; None for other schemes (hdfs:, s3a:, ...)."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if uri.startswith("file:"):
-        return Path(uri[len("file:"):])
-    return None if "://" in uri else Path(uri)
-
-
-def _rename(spark, src: str, dst: str) -> None:
-    """Move the staged output into place: os.replace locally, the Hadoop FileSystem otherwise."""
-    ls, ld = _local_path(src), _local_path(dst)
-    if ls is not None and ld is not None:
-        os.replace(ls, ld)
-        return
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path
-    fs = hpath(src).getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    if not fs.rename(hpath(src), hpath(dst)):
-        raise OSError(f"could not move staged output {src} to {dst}")
-
-
 # -- parquet read by the Python workers: vectors never go through the JVM ---------------------------
 def _session(spark):
     """`spark`, or the active SparkSession (a parquet path needs one to run the tasks)."""
