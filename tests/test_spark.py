@@ -215,6 +215,11 @@ def test_cli_spark_build_and_search(spark, setup, tmp_path, capsys):
                  "--param", "nprobe=4"]) == 0
     assert np.load(tmp_path / "r.npz")["I"][:, 0].tolist() == setup["ids"][:20].tolist()
     assert spark.range(3).count() == 3  # the CLI left the running session alone
+    assert main(["spark-refine", str(d / "r.onnx"), str(setup["parquet"]), "-o", str(tmp_path / "refined"),
+                 "--partitions", "2", "-q"]) == 0
+    refined = pq.read_table(tmp_path / "refined")
+    assert len(list((tmp_path / "refined").glob("part-*.parquet"))) == 2
+    assert np.abs(by_id(refined, "vector", setup["ids"]) - setup["refiner"].transform(setup["x"])).max() <= 1e-6
     rc = main(["spark-build", str(d / "r.onnx"), str(setup["parquet"]), "-o", str(tmp_path / "b2"),
                "--vector-col", "nope", "-q"])
     err = capsys.readouterr().err
