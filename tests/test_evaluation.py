@@ -59,7 +59,10 @@ def test_report_files(synth, tmp_path):
     for f in ("report.json", "report.md", "quality.png", "ann.png"):
         assert (tmp_path / f).stat().st_size > 100, f
     j = json.loads((tmp_path / "report.json").read_text())
-    assert {r["method"] for r in j["quality"]} == {"raw", "centred", "whitened", "abtt"}
+    assert {r["method"] for r in j["quality"]} == {"raw", "centred", "whitened", "abtt", "ridge", "lda"}
+    md = (tmp_path / "report.md").read_text()
+    assert "**ridge** baseline: ridge(lambda=" in md and "queries only (documents raw)" in md
+    assert "**lda** baseline: lda(shrinkage=" in md and "chosen on val labels:map@100, pairs:ndcg@10 >= raw" in md
     assert "ndcg@10" in (tmp_path / "report.md").read_text() and "raw" in rep.table()
 
 
