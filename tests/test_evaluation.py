@@ -81,3 +81,17 @@ def test_corpus_only_data_gets_the_ann_axis():
     assert not rep.quality and rep.ann[0]["10-recall@10"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(data, None, EvalConfig(ann_factory=None, **FAST))
+
+
+def test_evaluation_restores_the_callers_faiss_threads(synth):
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        evaluate(synth, None, EvalConfig(**{**FAST, "threads": 2}, baselines=("raw",), ann_factory="Flat"))
+        assert faiss.omp_get_max_threads() == 1
+        ann_sweep(IdentityRefiner(24), synth.corpus, synth.queries, "Flat", "ip", threads=2)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
