@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -353,6 +353,30 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
             report.ann += ann_sweep(methods[name], data.corpus, qx, cfg.ann_factory, cfg.metric, cfg.ann_sweep,
                                     cfg.threads, name)
     return report
+
+
+def choose_refiner(data: EmbeddingData, refiners: dict, config: EvalConfig | None = None,
+                   tolerance: float = 0.0) -> tuple[str, dict]:
+    """Which of `refiners` to ship, decided on the VALIDATION split (never test), by the guard's rule.
+
+    Each is scored on every val metric through the production path; feasible = no metric below raw
+    by more than `tolerance`; among feasible ones (all, if none is) the best mean relative gain over
+    raw wins, the first on ties. Returns (name, {name: {"objective", "feasible", "metrics"}, "raw": metrics}).
+    """
+    cfg = config or EvalConfig()
+    if len(refiners) == 1 or not task_queries(data, "val", 1, cfg.seed):
+        return next(iter(refiners)), {}
+    rep = evaluate(data, refiners, replace(cfg, split="val", baselines=("raw",), ann_factory=None,
+                                           max_queries=cfg.max_val_queries, bootstrap=100))
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rep.quality))
+    raw = {f"{t}:{m}": rep.value("raw", t, m) for t, m in keys}
+    table: dict = {"raw": raw}
+    for name in refiners:
+        m = {f"{t}:{k}": rep.value(name, t, k) for t, k in keys}
+        table[name] = {"objective": float(np.mean([(m[k] - raw[k]) / max(raw[k], 1e-9) for k in m])),
+                       "feasible": all(m[k] >= raw[k] - tolerance for k in m), "metrics": m}
+    pool = [n for n in refiners if table[n]["feasible"]] or list(refiners)
+    return max(pool, key=lambda n: table[n]["objective"]), table
 
 
 def _sweep_param(factory: str) -> tuple[str | None, tuple]:
