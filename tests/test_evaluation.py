@@ -180,3 +180,24 @@ def test_cli_run_end_to_end(user_files, tmp_path, capsys):
         assert value[name, "labels", "precision@10"] == pytest.approx(_precision_at_10(refined, y, rows), abs=1e-6)
     assert "shipping " + shipped in capsys.readouterr().out
     assert any(a["method"] == "supervised" and a["factory"] == "HNSW16" for a in rep["ann"])
+
+
+def test_choose_refiner_looks_only_at_validation(synth, monkeypatch):
+    """The shipped refiner is chosen on val queries only, by the guard's rule (whitening hurts here, identity does not)."""
+    import simskip_faiss.evaluation as ev
+
+    seen = []
+    real_score = ev.score
+
+    def spy(index, data, queries, **kw):
+        seen.append(queries)
+        return real_score(index, data, queries, **kw)
+
+    monkeypatch.setattr(ev, "score", spy)
+    x_train = synth.corpus[synth.split_rows("train")]
+    refiners = {"whitened": LinearRefiner.whitening(x_train), "same": IdentityRefiner(24)}
+    name, table = ev.choose_refiner(synth, refiners, EvalConfig(**FAST))
+    assert name == "same" and table["same"]["objective"] == 0.0 and table["same"]["feasible"]
+    assert table["whitened"]["objective"] < 0 and not table["whitened"]["feasible"]
+    val_rows, val_q = set(synth.split_rows("val")), set(synth.split_queries("val"))
+    assert seen and all(set(q["labels"]) <= val_rows and set(q["pairs"]) <= val_q for q in seen)
