@@ -223,7 +223,7 @@ def _ridge_candidates(data: EmbeddingData) -> list:
 
 
 def _lda_candidates(data: EmbeddingData) -> list:
-    """Shrunk within-class whitening fitted on the train split's labels; [] without 2+ labels there."""
+    """Centred vectors with LDA coordinates appended, fitted on the train split's labels; [] without 2+ labels there."""
     if data.labels is None:
         return []
     rows = data.split_rows("train")
