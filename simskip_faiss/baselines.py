@@ -26,12 +26,6 @@ LDA_SHRINKAGES = (0.3, 0.03)
 LDA_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
 
 
-def _query_only(lin: LinearRefiner) -> LinearRefiner:
-    """Mark a linear map as applied to queries only (documents stay raw)."""
-    lin.apply_to = lin.metadata["apply_to"] = "queries"  # becomes LinearRefiner(..., apply_to="queries")
-    return lin
-
-
 def ridge_solutions(Q: np.ndarray, D: np.ndarray, lams) -> list[np.ndarray]:
     """W(lam) = (Q^T Q + lam I)^-1 (Q^T D + lam I) for each lam (row vectors: y = x @ W), float64.
 
@@ -60,9 +54,8 @@ def ridge_query_map(Q: np.ndarray, D: np.ndarray, lam: float) -> LinearRefiner:
 
 
 def _ridge_refiner(W: np.ndarray, lam: float, n_pairs: int) -> LinearRefiner:
-    lin = LinearRefiner(W.T, np.zeros(W.shape[0], np.float32), normalize=True, name=f"ridge(lambda={lam:.4g})")
-    lin.metadata.update(lam=float(lam), n_pairs=int(n_pairs))
-    return _query_only(lin)
+    return LinearRefiner(W.T, np.zeros(W.shape[0], np.float32), normalize=True, name=f"ridge(lambda={lam:.4g})",
+                         apply_to="queries", metadata={"lam": float(lam), "n_pairs": int(n_pairs)})
 
 
 def ridge_candidates(Q: np.ndarray, D: np.ndarray, scales=RIDGE_SCALES) -> list[LinearRefiner]:
@@ -111,10 +104,9 @@ def lda_map(x: np.ndarray, labels: np.ndarray, shrinkage: float, weight: float) 
     xc = x64 - mean
     c = np.sqrt((xc ** 2).sum(1).mean() / max(((xc @ V) ** 2).sum(1).mean(), 1e-30))
     A = np.eye(d) if weight == 0 else np.vstack([np.eye(d), weight * c * V.T])
-    lin = LinearRefiner(A, mean, normalize=True, name=f"lda(shrinkage={shrinkage:g}, weight={weight:g})")
-    lin.metadata.update(shrinkage=float(shrinkage), weight=float(weight), n_classes=int(len(classes)),
-                        n_train=int(len(x)))
-    return lin
+    return LinearRefiner(A, mean, normalize=True, name=f"lda(shrinkage={shrinkage:g}, weight={weight:g})",
+                         metadata={"shrinkage": float(shrinkage), "weight": float(weight),
+                                   "n_classes": int(len(classes)), "n_train": int(len(x))})
 
 
 def lda_candidates(x: np.ndarray, labels: np.ndarray, shrinkages=LDA_SHRINKAGES,
