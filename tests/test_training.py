@@ -44,10 +44,10 @@ def test_supcon_prefers_label_aligned_embeddings():
 
 def test_training_lowers_heldout_loss(trained):
     hist = trained.history
-    assert hist[0]["epoch"] == 0 and len(hist) >= 2
+    assert hist[0]["step"] == 0 and len(hist) >= 2
     # val is minus the held-out contrastive loss: it must rise above the identity's value
     assert max(h["val"] for h in hist[1:]) > hist[0]["val"] + 0.05
-    assert trained.best_epoch >= 1
+    assert trained.best_step >= 1
 
 
 def test_same_seed_same_weights(data):
@@ -72,7 +72,7 @@ def test_trains_from_memmapped_npy(tmp_path, data):
 @pytest.mark.parametrize("bad, err", [
     (dict(activation="swish"), "activation"), (dict(metric="cosine"), "metric"),
     (dict(batch_size=1), "batch_size"), (dict(temperature=0), "temperature"),
-    (dict(unsupervised_weight=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
+    (dict(unsupervised_weight=0, label_weight=0, pair_weight=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
 ])
 def test_config_rejects_bad_values(bad, err):
     with pytest.raises(ValueError, match=err):
@@ -123,3 +123,22 @@ def test_export_refuses_mismatch(trained, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="does not match torch"):
         ex.export(Off(trained.model), tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_train_restores_torch_threads(data):
+    x, _ = data
+    before = torch.get_num_threads()
+    train(x, TrainConfig(hidden=16, epochs=1, batch_size=100, threads=1 if before != 1 else 2, progress=False))
+    assert torch.get_num_threads() == before
+
+
+def test_train_follows_the_supervision_and_uses_a_step_budget(data):
+    from simskip_faiss.training import Supervision
+
+    x, y = data
+    cfg = TrainConfig(hidden=16, max_steps=30, eval_every=10, patience=100, threads=1, progress=False)
+    res = train(x, cfg, Supervision(labels=y))
+    assert res.config.signals() == ["labels"] and res.config.label_weight == 1 and res.config.unsupervised_weight == 0
+    assert [h["step"] for h in res.history] == [0, 10, 20, 30] and res.stopped == "max_steps"
+    assert (res.config.lr, res.config.temperature) == (1e-3, 0.05)  # train() without a guard: the grids' first
+    assert train(x, cfg).config.signals() == ["unsupervised"]
