@@ -47,8 +47,8 @@ class TrainConfig:
     max_steps: int = 3000           # optimizer steps at most
     epochs: int | None = None       # optional cap in passes over the training rows
     eval_every: int = 50            # optimizer steps between validations
-    patience: int = 5               # validations without improvement before stopping
-    search_evals: int = 2           # validations each lr/temperature candidate gets before the best continues
+    patience: int = 4               # validations without improvement before stopping
+    search_evals: int = 1           # validations each lr/temperature candidate gets before the best continues
     time_budget: float | None = None  # seconds for the whole fit, an upper bound (checked between steps)
     val_fraction: float = 0.1       # held-out slice of the corpus for early stopping (train() without a guard)
     max_val: int = 4096             # cap on held-out vectors scored each evaluation (train() without a guard)

@@ -284,7 +284,8 @@ class Run:
         self.history.append({"step": self.step, "loss": loss, "val": ev.objective, "alpha": ev.alpha})
         log.info("step %d: train loss %.4f, validation objective %.4f", self.step, loss, ev.objective)
         state = _state(self.model)
-        if ev.objective > self.best.objective or not math.isfinite(self.best.objective):
+        margin = getattr(self.evaluate, "min_gain", 0.0) * abs(self.best.objective) if math.isfinite(self.best.objective) else 0
+        if ev.objective > self.best.objective + margin or not math.isfinite(self.best.objective):
             self.best, self.best_state, self.bad = ev, state, 0
         else:
             self.bad += 1
@@ -339,7 +340,13 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
 
 
 class HeldOutLoss:
-    """Evaluator: minus the training objective on held-out corpus rows (fixed augmentation seed)."""
+    """Evaluator: minus the training objective on held-out corpus rows (fixed augmentation seed).
+
+    A lower loss is not better retrieval, so an evaluation counts as an improvement only when the
+    loss falls by `min_gain` (1%) of its value: without a quality signal, train until the loss levels off.
+    """
+
+    min_gain = 0.01
 
     def __init__(self, corpus: np.ndarray, rows: np.ndarray, cfg: TrainConfig, losses: "_Losses"):
         self.corpus, self.rows, self.cfg, self.losses = corpus, rows, cfg, losses

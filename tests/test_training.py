@@ -142,3 +142,60 @@ def test_train_follows_the_supervision_and_uses_a_step_budget(data):
     assert [h["step"] for h in res.history] == [0, 10, 20, 30] and res.stopped == "max_steps"
     assert (res.config.lr, res.config.temperature) == (1e-3, 0.05)  # train() without a guard: the grids' first
     assert train(x, cfg).config.signals() == ["unsupervised"]
+
+
+def _user_files(tmp_path, data, n_pairs=120):
+    x, y = data
+    np.save(tmp_path / "corpus.npy", x)
+    np.save(tmp_path / "labels.npy", y)
+    rng = np.random.default_rng(0)
+    docs = rng.choice(len(x), n_pairs, replace=False)
+    q = x[docs] + 0.05 * rng.standard_normal(x[docs].shape).astype(np.float32)
+    np.save(tmp_path / "queries.npy", (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32))
+    (tmp_path / "qrels.tsv").write_text("".join(f"{i}\t{d}\n" for i, d in enumerate(docs)))
+    return tmp_path
+
+
+def test_cli_train_default_guarded_end_to_end(tmp_path, data, capsys):
+    """`simskip-faiss train corpus.npy --labels --queries --qrels`: guarded by default, signals follow the
+    supervision, all of it used for training and validation (90/10, no test slice), metadata complete."""
+    from simskip_faiss import Refiner
+    from simskip_faiss.cli import main
+
+    d = _user_files(tmp_path, data)
+    argv = ["train", str(d / "corpus.npy"), "--labels", str(d / "labels.npy"), "--queries", str(d / "queries.npy"),
+            "--qrels", str(d / "qrels.tsv"), "-o", str(d / "r.onnx"), "--threads", "1", "-q",
+            "--hidden", "16", "--max-steps", "60", "--eval-every", "20"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "guard: alpha=" in err and "signals: labels, pairs" in err and "search: lr=" in err
+    meta = Refiner.load(d / "r.onnx").metadata
+    assert meta["signals"] == ["labels", "pairs"] and meta["apply_to"] == "both" and "guard" in meta
+    assert meta["n_train"] == round(0.9 * len(data[0]))  # train + validation: no rows held back for a test split
+    assert meta["train_seconds"] > 0 and meta["stopped"] in ("patience", "max_steps")
+
+
+def test_cli_train_no_guard_metadata_comes_from_the_result(tmp_path, data):
+    from simskip_faiss import Refiner
+    from simskip_faiss.cli import main
+
+    d = _user_files(tmp_path, data)
+    assert main(["train", str(d / "corpus.npy"), "-o", str(d / "u.onnx"), "--no-guard", "--threads", "1", "-q",
+                 "--hidden", "16", "--max-steps", "20", "--eval-every", "10"]) == 0
+    meta = Refiner.load(d / "u.onnx").metadata
+    assert meta["signals"] == ["unsupervised"] and meta["apply_to"] == "both" and meta["train_seconds"] > 0
+    assert meta["n_train"] == len(data[0]) - round(0.1 * len(data[0])) and meta["best_step"] in (10, 20)
+
+
+def test_cli_train_refuses_qrels_outside_the_corpus_or_queries(tmp_path, data, capsys):
+    from simskip_faiss.cli import main
+
+    d = _user_files(tmp_path, data)
+    base = ["train", str(d / "corpus.npy"), "--queries", str(d / "queries.npy"), "-o", str(d / "x.onnx"), "-q"]
+    (d / "bad_doc.tsv").write_text("0\t5\n1\t99999\n")
+    assert main(base + ["--qrels", str(d / "bad_doc.tsv")]) == 2
+    assert "doc id 99999 out of range" in capsys.readouterr().err
+    (d / "bad_q.tsv").write_text("0\t5\n500\t3\n")
+    assert main(base + ["--qrels", str(d / "bad_q.tsv")]) == 2
+    assert "query id 500 out of range" in capsys.readouterr().err
+    assert not (d / "x.onnx").exists()
