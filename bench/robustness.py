@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from simskip_faiss import datasets  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.evaluation import EvalConfig, evaluate  # noqa: E402
-from simskip_faiss.guard import fit  # noqa: E402
+from simskip_faiss.guard import fit, only_supervision as only  # noqa: E402
 from simskip_faiss.refiner import Refiner  # noqa: E402
 
 SETS = ("wordnet-1000", "wordnet-2000", "wordnet-5000", "wordnet-20000", "digits")
@@ -51,16 +51,6 @@ def load(name: str, seed: int):
     split = datasets.make_splits(len(data.corpus), seed=seed)
     qs = np.array([split[r[0]] for r in data.qrels], dtype=np.int8)
     return dataclasses.replace(data, corpus_split=split, query_split=qs, info={**data.info, "split_seed": seed})
-
-
-def only(data, labels: bool, pairs: bool):
-    """`data` with only the named supervision (what a user handing over just that would give)."""
-    kw = {}
-    if not labels:
-        kw.update(labels=None, label_names=None)
-    if not pairs:
-        kw.update(queries=None, query_split=None, qrels=None, query_text=None)
-    return dataclasses.replace(data, **kw)
 
 
 def main() -> None:

@@ -201,6 +201,16 @@ class FitResult(TrainResult):
         return meta
 
 
+def only_supervision(data, labels: bool = True, pairs: bool = True):
+    """A copy of `data` keeping only the named supervision: what a user handing over just that would give."""
+    kw = {}
+    if not labels:
+        kw.update(labels=None, label_names=None)
+    if not pairs:
+        kw.update(queries=None, query_split=None, qrels=None, query_text=None)
+    return replace(data, **kw)
+
+
 def supervision(data, rows: np.ndarray) -> Supervision:
     """The training signal of `data`: labels of `rows` (others hidden as -1) and pairs of queries in the train split."""
     labels = None

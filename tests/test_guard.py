@@ -13,7 +13,7 @@ from simskip_faiss import Refiner  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.datasets import make_synthetic  # noqa: E402
 from simskip_faiss.export import export  # noqa: E402
-from simskip_faiss.guard import _combine, _f, fit  # noqa: E402
+from simskip_faiss.guard import _combine, _f, fit, only_supervision as _only  # noqa: E402
 
 # lr and temperature fixed (no search) keeps each fit to a few seconds
 BASE = dict(hidden=64, threads=1, progress=False, seed=0, max_val_queries=400, lr=3e-3, temperature=0.1,
@@ -23,16 +23,6 @@ BASE = dict(hidden=64, threads=1, progress=False, seed=0, max_val_queries=400, l
 @pytest.fixture(scope="module")
 def planted():
     return make_synthetic(n=1200, d=24, n_queries=500, seed=3)
-
-
-def _only(data, labels=True, pairs=True):
-    """`data` with only the named supervision."""
-    kw = {}
-    if not labels:
-        kw.update(labels=None, label_names=None)
-    if not pairs:
-        kw.update(queries=None, query_split=None, qrels=None, query_text=None)
-    return dataclasses.replace(data, **kw)
 
 
 @pytest.mark.parametrize("labels, pairs, want", [
