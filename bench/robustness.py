@@ -10,6 +10,7 @@ issue's targets checked.
     python bench/robustness.py                               # everything (~40 min on 2 shared cores)
     python bench/robustness.py --sets wordnet-2000 digits --seeds 0
     python bench/robustness.py --variant labels+preserve:preserve_weight=1 --sets wordnet-20000
+    python bench/robustness.py --merge a/robustness.json b/robustness.json   # runs split across processes
 """
 from __future__ import annotations
 
@@ -62,7 +63,16 @@ def main() -> None:
                     help="NAME[:field=value,...] TrainConfig overrides, to compare a non-default setting")
     ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (default 1: shared machine)")
     ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine the runs of these result files (e.g. runs split across processes) and write them")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        meta = {"command": " + ".join(p["meta"]["command"] for p in parts), "machine": parts[0]["meta"]["machine"],
+                "seconds": sum(p["meta"]["seconds"] for p in parts), "variant": parts[0]["meta"]["variant"]}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(write(Path(args.out), "defaults", [r for p in parts for r in p["runs"]], meta))
+        return
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     name, _, spec = args.variant.partition(":")
