@@ -211,7 +211,7 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     PARITY_TOLERANCE[precision]). Returns the metadata written, including `precision` and the
     measured `parity_max_abs_err` (and `fp32_parity_max_abs_err` for reduced precisions).
 
-    `metadata["apply_to"]` must agree with how the model was trained (`model.apply_to`): a
+    `metadata["apply_to"]` must not contradict how the model was trained (`model.apply_to`): a
     query-only model exported as "both" would refine the documents it was trained to leave raw.
     A fit or train result exports itself with everything filled in: `result.export(path)`.
     """
@@ -222,7 +222,7 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     if apply_to is None and trained_for != "both":
         raise ValueError(f"this model was trained to refine {trained_for} only: export it with "
                          f"metadata={{'apply_to': {trained_for!r}}} or use result.export(path)")
-    if apply_to is not None and apply_to != trained_for:
+    if apply_to == "both" and trained_for == "queries":
         raise ValueError(f"apply_to={apply_to!r} but the model was trained for apply_to={trained_for!r}")
     meta = {"format": "simskip-refiner/1", "version": __version__, "d_in": d, "d_out": d,
             "normalize": bool(model.normalize), "alpha": float(model.alpha), "apply_to": trained_for}

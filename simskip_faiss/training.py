@@ -284,6 +284,7 @@ class Run:
         self.history.append({"step": self.step, "loss": loss, "val": ev.objective, "alpha": ev.alpha})
         log.info("step %d: train loss %.4f, validation objective %.4f", self.step, loss, ev.objective)
         state = _state(self.model)
+        # an evaluator may ask for a relative margin (`min_gain`) before a result counts as progress
         margin = getattr(self.evaluate, "min_gain", 0.0) * abs(self.best.objective) if math.isfinite(self.best.objective) else 0
         if ev.objective > self.best.objective + margin or not math.isfinite(self.best.objective):
             self.best, self.best_state, self.bad = ev, state, 0
