@@ -228,7 +228,6 @@ def cmd_run(args) -> None:
     """The main job: data -> the unsupervised and the supervised refiner, each guarded -> export both ->
     choose one on VALIDATION -> bundle it -> evaluate both on test against every baseline -> report."""
     from .evaluation import EvalConfig, build, choose_refiner, evaluate
-    from .export import export
     from .persistence import atomic_write_bytes
     from .refiner import Refiner
     from .guard import fit
@@ -245,7 +244,7 @@ def cmd_run(args) -> None:
         t = time.perf_counter()
         res = fit(data, dataclasses.replace(base, **weights))
         path = out / f"refiner-{name}.onnx"
-        meta = export(res.model, path, res.metadata())
+        meta = res.export(path)
         seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
         refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
         print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "
