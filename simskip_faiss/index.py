@@ -219,8 +219,10 @@ class RefinedIndex:
 
     def search(self, x, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
         """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does."""
-        k = check_k(k, self.ntotal)
-        return self.index.search(self.refine_queries(x), k, params=params)
+        index = self.index
+        if type(k) is not int or not 0 < k <= index.ntotal:  # the common case skips check_k's calls
+            k = check_k(k, index.ntotal)
+        return index.search(self.refine_queries(x), k, params=params)
 
     def range_search(self, x, radius: float, params=None):
         """Refine queries and range-search; returns (lims, D, I) as FAISS does."""
