@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from typing import Callable
 
 import numpy as np
 
@@ -33,9 +34,13 @@ class MicroBatcher:
     max_wait_us: how long the worker waits, after the first query of a batch arrives, for more
     (the most latency a lone caller pays for batching). Calls with different k are searched as
     separate batches, so every caller gets exactly what `index.search(x, k)` would return.
+    initializer: run once in the worker thread before it serves, as in concurrent.futures (e.g.
+    `lambda: faiss.omp_set_num_threads(1)`: OpenMP thread counts are per thread, and a new thread
+    starts from OMP_NUM_THREADS / every core).
     """
 
-    def __init__(self, index, max_batch: int = 16, max_wait_us: float = 200.0):
+    def __init__(self, index, max_batch: int = 16, max_wait_us: float = 200.0,
+                 initializer: Callable[[], object] | None = None):
         if int(max_batch) <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         if not max_wait_us >= 0:
@@ -44,10 +49,12 @@ class MicroBatcher:
         self.d = int(index.d)
         self.max_batch = int(max_batch)
         self.max_wait_us = float(max_wait_us)
+        self._initializer = initializer
         self._cv = threading.Condition()
         self._queue: deque[tuple[np.ndarray, int, Future]] = deque()
         self._rows = 0  # query rows queued
         self._closed = False
+        self._broken: BaseException | None = None
         self._worker = threading.Thread(target=self._serve, name="simskip-microbatcher", daemon=True)
         self._worker.start()
 
@@ -101,7 +108,16 @@ class MicroBatcher:
             return batch
 
     def _serve(self) -> None:
+        try:
+            if self._initializer is not None:
+                self._initializer()
+        except BaseException as e:  # nothing can be served: every call fails with the initializer's error
+            self._broken = e
         while (batch := self._take()) is not None:
+            if self._broken is not None:
+                for _, _, done in batch:
+                    done.set_exception(RuntimeError(f"MicroBatcher initializer failed: {self._broken!r}"))
+                continue
             for k in dict.fromkeys(k for _, k, _ in batch):  # distinct k, in order of arrival
                 self._search([r for r in batch if r[1] == k], k)
 

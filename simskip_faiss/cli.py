@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .config import DEFAULT_PRECISION
 
 log = logging.getLogger("simskip_faiss")
 
@@ -229,7 +230,7 @@ def cmd_run(args) -> None:
     res = fit(data, cfg)
     if res.guard:
         print(res.guard.summary())
-    meta = export(res.model, out / "refiner.onnx", res.metadata())
+    meta = export(res.model, out / "refiner.onnx", res.metadata(), precision=DEFAULT_PRECISION)
     refiner = Refiner.load(out / "refiner.onnx", threads=args.threads)
     print(f"exported {out / 'refiner.onnx'} (alpha={meta['alpha']:g}, parity max abs err {meta['parity_max_abs_err']:.1e})")
     index = RefinedIndex(refiner, args.factory, args.metric, progress=not args.quiet)
@@ -437,9 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
     _add_data_options(s, default="wordnet")
     _add_train_options(s)
-    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="weights of the exported file: fp32 (default), fp16 (half the file) or int8 "
-                        "(dynamic quantisation: about half the single-query latency; see bench/results/speed.md)")
+    s.add_argument("--precision", default=DEFAULT_PRECISION, choices=["fp32", "fp16", "int8"],
+                   help=f"weights of the exported file (default {DEFAULT_PRECISION}): int8 (dynamic quantisation: about half "
+                        "the single-query latency at the same quality; see bench/results/speed.md), fp32 or fp16 (half the file)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("quantize", parents=[common], help="convert an fp32 refiner to int8 or fp16",

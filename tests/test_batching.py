@@ -185,3 +185,16 @@ def test_constructor_refuses_bad_settings(data):
         MicroBatcher(index, max_batch=0)
     with pytest.raises(ValueError, match="max_wait_us"):
         MicroBatcher(index, max_wait_us=-1)
+
+
+def test_initializer_runs_in_the_worker_and_its_failure_reaches_callers(data):
+    x, _ = data
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    seen = []
+    with MicroBatcher(index, initializer=lambda: seen.append(threading.current_thread().name)) as mb:
+        mb.search(x[:1], 1)
+    assert seen == ["simskip-microbatcher"]
+    with MicroBatcher(index, initializer=lambda: 1 / 0) as mb:
+        with pytest.raises(RuntimeError, match="initializer failed: ZeroDivisionError"):
+            mb.search(x[:1], 1)
