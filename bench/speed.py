@@ -446,9 +446,9 @@ def where_time_goes(refiners: dict, corpus: np.ndarray, queries: np.ndarray, n: 
                      "recall10": recall_at_10(gt, I), "ndis": ndis}
         rq = [rq_all[i:i + 1] for i in range(n)]
         fns |= {f"{name}|checks": lambda i: as_input(q[i], D),
-                f"{name}|refine": lambda i, r=ref: r.apply(q[i]),
+                f"{name}|refine": lambda i, r=ref: r.apply_unchecked(q[i]),
                 f"{name}|faiss": lambda i, x=ri.index, rq=rq: x.search(rq[i], 10),
-                f"{name}|refine+faiss": lambda i, r=ref, x=ri.index: x.search(r.apply(q[i]), 10),
+                f"{name}|refine+faiss": lambda i, r=ref, x=ri.index: x.search(r.apply_unchecked(q[i]), 10),
                 f"{name}|search": lambda i, ri=ri: ri.search(q[i], 10)}
     t = blocks(fns, n, rounds, 100)
     med = {k: float(np.median(v) * 1e6) for k, v in t.items()}

@@ -5,6 +5,7 @@ Every command has --help; bad input ends with one line on stderr and exit status
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,16 +27,12 @@ class CLIError(Exception):
 
 
 def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{what} file not found: {p}")
-    with open(p, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":
-            raise CLIError(f"{what} file {p} is not a .npy file")
+    from .checks import load_npy
+
     try:
-        return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as e:
-        raise CLIError(f"{p} is not a readable .npy array ({e})") from None
+        return load_npy(path, what, mmap=mmap)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -131,12 +128,12 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_build(args) -> None:
+    from .checks import check_shape
     from .index import RefinedIndex
     from .refiner import load_refiner
 
     x = _load_npy(args.corpus, "corpus")
-    if x.ndim != 2:
-        raise CLIError(f"{args.corpus}: corpus must be 2-D (n, d), got shape {x.shape}")
+    check_shape(x, name=f"corpus {args.corpus}")
     refiner = load_refiner(args.refiner, d=x.shape[1], threads=args.threads)
     index = RefinedIndex(refiner, args.factory, args.metric, progress=not args.quiet)
     if not index.is_trained:
@@ -152,20 +149,17 @@ def cmd_build(args) -> None:
 
 
 def cmd_search(args) -> None:
-    import faiss
-
+    from .faiss_utils import parse_params, search_parameters
     from .index import RefinedIndex
 
     index = RefinedIndex.load(args.bundle, threads=args.threads)
-    for kv in args.param or []:
-        name, _, value = kv.partition("=")
-        try:
-            faiss.ParameterSpace().set_index_parameter(index.index, name, float(value))
-        except (RuntimeError, ValueError) as e:
-            raise CLIError(f"cannot set index parameter {kv!r}: {str(e).strip().splitlines()[-1]}") from None
+    try:
+        params = search_parameters(index.index, **parse_params(args.param))
+    except ValueError as e:
+        raise CLIError(f"--param: {e}") from None
     q = _load_npy(args.queries, "queries", mmap=False)
     t0 = time.perf_counter()
-    D, I = index.search(q, args.k)
+    D, I = index.search(q, args.k, params=params)
     dt = time.perf_counter() - t0
     from .persistence import atomic_write_bytes
     import io
@@ -249,25 +243,32 @@ def cmd_run(args) -> None:
     print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - t0:.0f}s in all)")
 
 
-def _spark_session(args):
-    """(SparkSession for --master with any --conf KEY=VALUE, whether this command started it).
+@contextlib.contextmanager
+def _spark_job(args):
+    """The SparkSession of a spark-* command (--master, --conf KEY=VALUE), Spark errors as one-line CLIErrors.
 
     A session already running in this process (main() called from a notebook or a test) is reused
-    and left running.
+    and left running; one this command started is stopped when it ends.
     """
-    from pyspark.sql import SparkSession
-
-    from .spark import session
-
-    running = SparkSession.getActiveSession()
-
     conf = {}
     for kv in args.conf or []:
         key, sep, value = kv.partition("=")
         if not sep or not key:
             raise CLIError(f"--conf takes KEY=VALUE, got {kv!r}")
         conf[key] = value
-    return (running, False) if running is not None else (session(args.master, conf=conf), True)
+    with _spark_errors():
+        from pyspark.sql import SparkSession
+
+        from .spark import session
+
+        running = SparkSession.getActiveSession()
+        spark = running or session(args.master, conf=conf)
+    try:
+        with _spark_errors():
+            yield spark
+    finally:
+        if running is None:
+            spark.stop()
 
 
 class _ForeignErrors:
@@ -340,39 +341,25 @@ def _spark_refiner(args, df, vector_col: str):
 def cmd_spark_refine(args) -> None:
     from .spark import write_refined
 
-    with _spark_errors():
-        spark, started = _spark_session(args)
-    try:
-        with _spark_errors():
-            df = spark.read.parquet(args.input)
-            refiner = _spark_refiner(args, df, args.vector_col)
-            n = write_refined(df, refiner, args.output, args.vector_col, args.id_col, args.output_col, args.role)
-    finally:
-        if started:
-            spark.stop()
+    with _spark_job(args) as spark:
+        refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
+        n = write_refined(args.input, refiner, args.output, args.vector_col, args.id_col, args.output_col, args.role,
+                          spark=spark, partitions=args.partitions)
     print(f"wrote {args.output}: {n} rows refined by {refiner!r}")
 
 
 def cmd_spark_build(args) -> None:
     from .spark import build_index
 
-    with _spark_errors():
-        spark, started = _spark_session(args)
-    try:
-        with _spark_errors():
-            df = spark.read.parquet(args.input)
-            if args.partitions:
-                df = df.repartition(args.partitions)
-            refiner = _spark_refiner(args, df, args.vector_col)
-            res = build_index(df, refiner, args.output, factory=args.factory, metric=args.metric,
-                              vector_col=args.vector_col, id_col=args.id_col, train_size=args.train_size,
-                              seed=args.seed, shard_dir=args.shard_dir)
-    finally:
-        if started:
-            spark.stop()
+    with _spark_job(args) as spark:
+        refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
+        res = build_index(args.input, refiner, args.output, factory=args.factory, metric=args.metric,
+                          vector_col=args.vector_col, id_col=args.id_col, train_size=args.train_size,
+                          seed=args.seed, shard_dir=args.shard_dir, spark=spark, partitions=args.partitions,
+                          quantizer=args.quantizer)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())
-    print(f"wrote bundle {args.output}: {res.index} from {len(res.shards)} shards ({secs}; "
-          f"{res.n / res.seconds['total']:.0f} vectors/s overall)")
+    print(f"wrote bundle {args.output}: {res.index} from {len(res.shards)} shards, quantizer {res.quantizer} "
+          f"({secs}; {res.n / res.seconds['total']:.0f} vectors/s overall)")
 
 
 def _milvus_collection(args, d: int | None):
@@ -528,9 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conf", action="append", metavar="KEY=VALUE", help="extra Spark configuration (repeatable)")
     g.add_argument("--vector-col", default="vector", help="array<float> column (default: vector)")
     g.add_argument("--id-col", default="id", help="id column (default: id)")
+    g.add_argument("--partitions", type=int, help="tasks to split the input into (default: one per parquet row group, "
+                                                  "at least one per core)")
 
     s = sub.add_parser("spark-refine", parents=[common, spark], help="refine a parquet vector column on Spark",
-                       description="Refine the vector column of parquet INPUT on Spark (ONNX refiner, Arrow batches) and "
+                       description="Refine the vector column of parquet INPUT on Spark (ONNX refiner; the Python workers read "
+                                   "the parquet row groups with pyarrow) and "
                                    "write parquet OUTPUT with every other column kept. Bad rows fail the job, naming "
                                    "their ids, before anything is written.")
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
@@ -542,8 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_spark_refine)
 
     s = sub.add_parser("spark-build", parents=[common, spark], help="build a refined index bundle on Spark",
-                       description="Train the FAISS index on a refined sample on the driver, add each partition to a "
-                                   "copy of it on the executors, merge the shards and save an ordinary bundle.")
+                       description="Train the FAISS index on a refined sample on the driver, add each task's rows (parquet "
+                                   "row groups read by the Python workers) to a copy of it on the executors, merge "
+                                   "the shards and save an ordinary bundle. Ids must be integers, never -1, never "
+                                   "twice.")
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
     s.add_argument("input", help="parquet file or directory with an integer id column and a vector column")
     s.add_argument("-o", "--output", required=True, help="bundle directory to write")
@@ -552,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
     s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ (default: 100000)")
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
-    s.add_argument("--partitions", type=int, help="repartition the input into this many shards first")
+    s.add_argument("--quantizer", default="flat", choices=["flat", "two-level"],
+                   help="k-means of the IVF coarse quantizer: flat (FAISS's, default) or two-level (far cheaper at "
+                        "large nlist, slightly lower recall at equal nprobe; see bench/results/scale.md)")
     s.add_argument("--shard-dir", help="where executors write shards: a path the driver sees too "
                                        "(default: a temporary directory beside the output)")
     s.set_defaults(func=cmd_spark_build)
