@@ -774,7 +774,7 @@ def markdown(r: dict) -> str:
     if r.get("runs"):
         L += ["", "| section | command | run at | load average start → end |", "|---|---|---|---|"]
         L += [f"| {k} | `{v['command']}` | {v['date']} | {v['loadavg_start'][0]:.1f} → {v['loadavg_end'][0]:.1f} |" for k, v in r["runs"].items()]
-        L.append("Sections not listed are from the earlier full run (`python bench/speed.py`).")
+        L.append("Sections not listed are from the earlier full run (`python bench/speed.py`: 3 epochs, fp32 refiner in section 3, before the single-query changes).")
     L += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     L += [f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in r["targets"]]
     hb = r.get("hnsw_breakdown")
