@@ -37,9 +37,12 @@ def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, so the CLI and the Python API cannot drift apart."""
+    import typing
+
     from .config import TrainConfig
 
-    g = p.add_argument_group("training (TrainConfig)")
+    hints = typing.get_type_hints(TrainConfig)
+    g = p.add_argument_group("training (TrainConfig; an option left unset is chosen for you, see --help of each)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("progress", "threads"):  # --threads and --quiet are common options
             continue
@@ -55,6 +58,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            help="metrics held to the no-drop rule, e.g. pairs:ndcg@10 (default: all)")
         elif isinstance(default, tuple):
             g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
+        elif default is None:  # optional: "auto" unless given
+            kind = next(t for t in typing.get_args(hints[f.name]) if t is not type(None))
+            g.add_argument(flag, type=kind, default=None, help="default: chosen for you")
         else:
             g.add_argument(flag, type=type(default), default=default)
 
@@ -67,16 +73,20 @@ def _train_config(args):
     return TrainConfig(**kw, threads=args.threads, progress=not args.quiet)
 
 
-def _data_from_args(args):
+TRAIN_FRACTIONS = (0.9, 0.1, 0.0)  # `train` uses every labelled row and pair: train + validation, no test
+
+
+def _data_from_args(args, fractions=None):
     """A named data set (--data) or the user's files (--corpus, --queries, --qrels, --labels)."""
     from . import datasets
 
+    split = {"fractions": fractions} if fractions else {}
     if getattr(args, "corpus", None):
         return datasets.load_user(args.corpus, queries=args.queries, labels=args.labels, qrels=args.qrels,
-                                  seed=args.split_seed)
+                                  seed=args.split_seed, **split)
     if args.queries or args.qrels or args.labels:
         raise CLIError("--queries/--qrels/--labels go with --corpus")
-    kw = {"seed": args.split_seed}
+    kw = {"seed": args.split_seed, **split}
     if args.data == "wordnet":
         kw.update(n_synsets=args.n_synsets, progress=not args.quiet)
     return datasets.load(args.data, **kw)
@@ -95,26 +105,25 @@ def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> N
 
 
 def cmd_train(args) -> None:
-    from .export import export
-    from .training import fit, train
+    """Train (guarded by default) and export. Supervision given (labels, pairs) is all used for
+    training and validation: the data is split 90/10 with no test slice (evaluation is `eval`)."""
+    from .training import train
 
     cfg = _train_config(args)
-    supervised = args.labels or args.qrels or cfg.label_weight > 0 or cfg.pair_weight > 0
-    if args.corpus_npy and not supervised and not cfg.guard:
+    if args.corpus_npy and not (args.labels or args.qrels) and not cfg.guard:
         res = train(args.corpus_npy, cfg)  # streamed from the memory-mapped file
-        meta = {"config": dataclasses.asdict(cfg), "metric": cfg.metric, "best_epoch": res.best_epoch}
-        model, seconds = res.model, res.seconds
     else:
+        from .guard import fit
+
         if args.corpus_npy:
             args.corpus = args.corpus_npy
-        data = _data_from_args(args)
+        data = _data_from_args(args, fractions=TRAIN_FRACTIONS)
         res = fit(data, cfg)
-        model, meta, seconds = res.model, res.metadata(), res.seconds
-        if res.guard:
-            print(res.guard.summary(), file=sys.stderr)
-    meta = export(model, args.output, meta, precision=args.precision)
-    print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, {meta['precision']}, trained in "
-          f"{seconds:.1f}s, ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
+        print(res.guard.summary(), file=sys.stderr)
+    meta = res.export(args.output, precision=args.precision)
+    print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, signals {'+'.join(meta['signals'])}, "
+          f"apply_to={meta['apply_to']}, {meta['precision']}, trained in {res.seconds:.1f}s (best step "
+          f"{res.best_step}, stopped: {res.stopped}), ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
 
 
 def cmd_quantize(args) -> None:
@@ -207,40 +216,65 @@ def cmd_eval(args) -> None:
         print(f"\nwrote {args.output}/report.md, report.json and plots")
 
 
+def _run_signals(data) -> dict[str, dict]:
+    """The refiners the main job trains: the paper's unsupervised one, and one on all the supervision the data has."""
+    signals = {"unsupervised": dict(unsupervised_weight=1.0, label_weight=0.0, pair_weight=0.0)}
+    labels, pairs = data.labels is not None, data.queries is not None and data.qrels is not None
+    if labels or pairs:
+        signals["supervised"] = dict(unsupervised_weight=0.0, label_weight=float(labels), pair_weight=float(pairs))
+    return signals
+
+
 def cmd_run(args) -> None:
-    """The main job: data -> train (guarded) -> export -> bundle -> evaluate against baselines -> report."""
-    from .evaluation import EvalConfig, evaluate
-    from .export import export
-    from .index import RefinedIndex
+    """The main job: data -> the unsupervised and the supervised refiner, each guarded -> export both ->
+    choose one on VALIDATION -> bundle it -> evaluate both on test against every baseline -> report."""
+    from .evaluation import EvalConfig, build, choose_refiner, evaluate
+    from .persistence import atomic_write_bytes
     from .refiner import Refiner
-    from .training import fit
+    from .guard import fit
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
     data = _data_from_args(args)
     print(data.summary())
-    cfg = _train_config(args)
-    res = fit(data, cfg)
-    if res.guard:
-        print(res.guard.summary())
-    meta = export(res.model, out / "refiner.onnx", res.metadata(), precision=DEFAULT_PRECISION)
-    refiner = Refiner.load(out / "refiner.onnx", threads=args.threads)
-    print(f"exported {out / 'refiner.onnx'} (alpha={meta['alpha']:g}, parity max abs err {meta['parity_max_abs_err']:.1e})")
-    index = RefinedIndex(refiner, args.factory, args.metric, progress=not args.quiet)
-    if not index.is_trained:
-        index.train(data.corpus)
-    index.add(data.corpus)
-    index.save(out / "bundle")
-    print(f"saved bundle {out / 'bundle'}: {index}")
+    base = _train_config(args)
+    refiners, guards = {}, {}
+    for name, weights in _run_signals(data).items():
+        t = time.perf_counter()
+        res = fit(data, dataclasses.replace(base, **weights))
+        path = out / f"refiner-{name}.onnx"
+        meta = res.export(path, precision=DEFAULT_PRECISION)
+        seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
+        refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
+        print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "
+              f"(alpha={meta['alpha']:g}, parity max abs err {meta['parity_max_abs_err']:.1e})")
+        if res.guard:
+            print(res.guard.summary())
     ecfg = EvalConfig(factory="Flat", metric=args.metric, ann_factory=args.factory if args.factory != "Flat" else None,
-                      threads=args.threads, progress=not args.quiet)
-    report = evaluate(data, {"simskip": refiner}, ecfg)
-    report.info.update(command="simskip-faiss " + " ".join(sys.argv[1:]), guard=meta.get("guard"),
-                       seconds=round(time.perf_counter() - t0, 1))
+                      threads=args.threads, progress=not args.quiet, seed=args.split_seed)
+    t = time.perf_counter()
+    shipped, val = choose_refiner(data, refiners, ecfg, tolerance=base.tolerance)
+    seconds["choose on val"] = round(time.perf_counter() - t, 1)
+    why = (f"best validation objective {val[shipped]['objective']:+.4f} (mean relative gain over raw; "
+           + ", ".join(f"{n} {val[n]['objective']:+.4f}" for n in refiners) + ")") if val else "the only refiner"
+    print(f"\nshipping {shipped}: {why}")
+    atomic_write_bytes(out / "refiner.onnx", (out / f"refiner-{shipped}.onnx").read_bytes())
+    t = time.perf_counter()
+    index = build(refiners[shipped], data, args.factory, args.metric, progress=not args.quiet)
+    index.save(out / "bundle")
+    seconds["bundle"] = round(time.perf_counter() - t, 1)
+    print(f"saved bundle {out / 'bundle'} ({shipped}): {index}")
+    t = time.perf_counter()
+    report = evaluate(data, refiners, ecfg)
+    seconds["evaluate on test"] = round(time.perf_counter() - t, 1)
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+    report.info.update(command="simskip-faiss " + " ".join(sys.argv[1:]), shipped=f"{shipped}: {why}",
+                       validation=val, guard=guards, seconds=seconds)
     report.write(out)
     print(report.table())
-    print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - t0:.0f}s in all)")
+    print(f"\nreport: {out / 'report.md'} ({seconds['total']:.0f}s in all)")
 
 
 @contextlib.contextmanager
@@ -501,8 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("run", parents=[common], help="the main job: train, export, build, evaluate, report",
-                       description="Load a data set (WordNet + MiniLM by default), train a guarded refiner on its "
-                                   "train split, export it, build a refined index and evaluate it against baselines.")
+                       description="Load a data set (WordNet + MiniLM by default; --data digits or synthetic, or "
+                                   "--n-synsets, for a small run), train two guarded refiners on its train split: the "
+                                   "paper's unsupervised one and one on every label and pair the data has (the signal "
+                                   "weights are set per refiner; the other training options apply to both). Export "
+                                   "both, ship the one better on the validation split in refiner.onnx and bundle/, and "
+                                   "evaluate both on the test split against raw and the free baselines.")
     _add_data_options(s, default="wordnet")
     s.add_argument("-o", "--output", default="runs/wordnet", help="output directory (default: runs/wordnet)")
     s.add_argument("--factory", default="HNSW32", help="index of the bundle and of the ANN sweep")
