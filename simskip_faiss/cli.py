@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .config import DEFAULT_PRECISION
 
 log = logging.getLogger("simskip_faiss")
 
@@ -244,7 +245,7 @@ def cmd_run(args) -> None:
         t = time.perf_counter()
         res = fit(data, dataclasses.replace(base, **weights))
         path = out / f"refiner-{name}.onnx"
-        meta = res.export(path)
+        meta = res.export(path, precision=DEFAULT_PRECISION)
         seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
         refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
         print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "
@@ -483,9 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
     _add_data_options(s, default="wordnet")
     _add_train_options(s)
-    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="weights of the exported file: fp32 (default), fp16 (half the file) or int8 "
-                        "(dynamic quantisation: about half the single-query latency; see bench/results/speed.md)")
+    s.add_argument("--precision", default=DEFAULT_PRECISION, choices=["fp32", "fp16", "int8"],
+                   help=f"weights of the exported file (default {DEFAULT_PRECISION}): int8 (dynamic quantisation: about half "
+                        "the single-query latency at the same quality; see bench/results/speed.md), fp32 or fp16 (half the file)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("quantize", parents=[common], help="convert an fp32 refiner to int8 or fp16",

@@ -293,7 +293,8 @@ class RefinedIndex:
         params: a faiss.SearchParameters, or a dict such as {"efSearch": 64} / {"nprobe": 8}
         (validated: positive integers within faiss_utils.PARAM_BOUNDS; see `search_parameters`).
         """
-        k = check_k(k, self.ntotal)
+        if type(k) is not int or not 0 < k <= self.index.ntotal:  # the common case skips check_k's calls
+            k = check_k(k, self.ntotal)
         q = self.refine_queries(x)
         params = self._search_params(params) if params is not None else None
         lock = self._lock

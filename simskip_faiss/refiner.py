@@ -202,6 +202,7 @@ class Refiner(BaseRefiner):
         self.source = source
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._local = threading.local()  # per-thread buffers of the single-vector path (see _run)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # parallelism is across sub-batches (see the class docstring)
         opts.inter_op_num_threads = 1
@@ -268,7 +269,28 @@ class Refiner(BaseRefiner):
         return out
 
     def _run(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[0] == 1:  # a single vector: this thread's IO binding to preallocated buffers
+            try:
+                binding, x1, y1 = self._local.one
+            except AttributeError:
+                binding, x1, y1 = self._local.one = self._bind_one()
+            x1[...] = x
+            self._session.run_with_iobinding(binding)
+            return y1.copy()  # the buffer is reused by this thread's next call
         return self._session.run([self._out], {self._in: x})[0]
+
+    def _bind_one(self) -> tuple:
+        """An IO binding of one (1, d_in) input and one (1, d_out) output buffer.
+
+        Measured in bench/speed.py: a few microseconds less per single vector than `session.run`,
+        which converts the input and allocates the output on every call. Per thread: a binding's
+        buffers must not be shared by concurrent calls.
+        """
+        x1, y1 = np.zeros((1, self.d_in), np.float32), np.empty((1, self.d_out), np.float32)
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(self._in, x1)
+        binding.bind_output(self._out, "cpu", 0, np.float32, list(y1.shape), y1.ctypes.data)
+        return binding, x1, y1
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
