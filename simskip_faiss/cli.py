@@ -649,8 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import faiss
+    import onnxruntime
 
-    faiss.omp_set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)  # this process is ours: process-wide settings belong here
+    onnxruntime.set_default_logger_severity(2 if args.verbose else 3)  # its warnings only with -v
     try:
         if getattr(args, "output", None) and getattr(args, "output_kind", None):
             check_output(args.output, args.output_kind)
@@ -661,9 +663,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.verbose:
             traceback.print_exc()
-        hint = _EXTRAS.get((getattr(e, "name", None) or "").split(".")[0]) if isinstance(e, ImportError) else None
-        if hint:  # an optional extra is missing
-            print(f"simskip-faiss: error: {plain_message(e)} (pip install 'simskip-faiss[{hint}]')", file=sys.stderr)
+        if isinstance(e, ImportError):  # an optional extra is missing: name it
+            extra = _EXTRAS.get((e.name or "").split(".")[0])
+            hint = f" (pip install 'simskip-faiss[{extra}]')" if extra and "pip install" not in str(e) else ""
+            print(f"simskip-faiss: error: {plain_message(e)}{hint}", file=sys.stderr)
             return 2
         if _is_user_error(e):
             print(f"simskip-faiss: error: {plain_message(e)}", file=sys.stderr)
