@@ -8,7 +8,7 @@ ACTIVATION_NAMES = ("gelu", "relu", "silu", "tanh")
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. Defaults follow DESIGN.md §2 and the project's measurements."""
+    """Everything that defines a training run. Why each default is what it is: docs/design.md."""
 
     # network: refined = x + alpha * f(x), f = MLP with `depth` hidden layers of width `hidden`
     hidden: int = 512

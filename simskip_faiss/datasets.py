@@ -2,7 +2,7 @@
 
 Every loader returns an :class:`EmbeddingData`. Splits are made per *item* (a WordNet synset, a
 corpus row) so that nothing used to train a refiner is a test query: a query inherits the split
-of the item it belongs to (DESIGN.md section 4).
+of the item it belongs to (docs/evaluation.md).
 
 Loaders:
 - :func:`load_wordnet`: WordNet 3.0 definitions (documents) and usage examples (queries) from the

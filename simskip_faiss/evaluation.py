@@ -1,6 +1,6 @@
 """Does refinement help? Retrieval quality and ANN fidelity, refined vs raw vs free baselines.
 
-Two axes, never conflated (DESIGN.md §4):
+Two axes, never conflated (docs/evaluation.md):
 1. retrieval quality on held-out queries (labels: precision@10, mAP@100; pairs: nDCG@10,
    Recall@10/100, MRR@10), every method searched through the same `RefinedIndex` path as
    production, with a paired-bootstrap interval on the change against raw;

@@ -2,7 +2,7 @@
 
 Every vector that is added and every query is refined before FAISS sees it (a query-only refiner
 leaves stored vectors raw). A Python/ONNX transform cannot live inside faiss.IndexPreTransform
-(DESIGN.md §3), so the wrapper holds both and persists them together as a bundle. (A linear
+(docs/design.md), so the wrapper holds both and persists them together as a bundle. (A linear
 refiner can: `LinearRefiner.to_faiss` builds one native faiss.IndexPreTransform instead.)
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build_index(index, d: int, metric, refiner) -> faiss.Index:
     """A FAISS index of dimension `d` for vectors refined by `refiner`: built from a factory string or checked.
 
     Refuses a metric mismatch, a dimension mismatch, and an inner-product index behind a refiner
-    that does not L2-normalise (DESIGN.md §3: recall collapses without renormalisation).
+    that does not L2-normalise (docs/design.md: recall collapses without renormalisation).
     """
     metric = metric_code(metric)
     if isinstance(index, str):

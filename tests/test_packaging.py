@@ -28,3 +28,19 @@ def test_package_ships_py_typed_and_main():
     assert (pkg / "py.typed").exists() and (pkg / "__main__.py").exists()
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "py.typed" in package_data["simskip_faiss"]
+
+
+def test_the_repository_cites_only_its_own_docs():
+    """Code, tests, bench and README cite docs/ files that exist, and nothing outside the repository."""
+    sources = [*ROOT.glob("simskip_faiss/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"),
+               ROOT / "README.md", *ROOT.glob("docs/*.md")]
+    outside = re.compile("DESIGN" + r"\.md|\.\./shared")  # split so this file does not match itself
+    cited = set()
+    for path in sources:
+        text = path.read_text()
+        assert not outside.search(text), f"{path.relative_to(ROOT)} cites a file outside the repository"
+        cited |= set(re.findall(r"docs/[\w-]+\.md", text))
+        cited |= {f"docs/{m}" for m in re.findall(r"\]\(([\w-]+\.md)\)", text)} if path.parent.name == "docs" else set()
+    assert {"docs/metrics.md", "docs/evaluation.md", "docs/design.md"} <= cited
+    for c in cited:
+        assert (ROOT / c).is_file(), f"{c} is cited but missing"
