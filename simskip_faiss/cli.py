@@ -234,7 +234,7 @@ def cmd_search(args) -> None:
         try:
             faiss.ParameterSpace().set_index_parameter(index.index, name, float(value))
         except (RuntimeError, ValueError) as e:
-            raise CLIError(f"cannot set index parameter {kv!r}: {str(e).strip().splitlines()[-1]}") from None
+            raise CLIError(f"cannot set index parameter {kv!r}: {plain_message(e)}") from None
     q = _load_npy(args.queries, "queries", mmap=False)
     t0 = time.perf_counter()
     D, I = index.search(q, args.k)
