@@ -1,12 +1,15 @@
 """simskip-faiss: train, build, search, inspect and evaluate refined FAISS indexes from the shell.
 
-Every command has --help; bad input ends with one line on stderr and exit status 2, never a traceback.
+Every command has --help. Bad input (a usage error, a file that cannot be read or written, data our
+validation refuses) ends with one line on stderr and exit status 2; any other exception is a bug and
+ends with one line saying so and exit status 1 (-v prints its traceback).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import linecache
 import logging
 import os
 import re
@@ -82,8 +85,6 @@ def _raised_by_us(e: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    import linecache
-
     filename = tb.tb_frame.f_code.co_filename
     if not Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
         return False
