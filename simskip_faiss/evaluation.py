@@ -128,7 +128,7 @@ class EvalReport:
             try:
                 from .plots import plot_ann, plot_quality
             except ImportError:
-                log.warning("matplotlib is not installed: no PNG plots")
+                log.warning("matplotlib is not installed: no PNG plots (pip install 'simskip-faiss[data]')")
             else:
                 plot_quality(self, d / "quality.png")
                 if self.ann:
