@@ -272,3 +272,20 @@ def test_missing_extra_names_the_extra(capsys, monkeypatch):
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "simskip_faiss", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("simskip-faiss ")
+
+
+def test_readme_command_lines_parse():
+    """Every `simskip-faiss ...` line in the README's shell blocks is a valid command line."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from simskip_faiss.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln.split(" #")[0] for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+             for ln in block.splitlines() if ln.startswith("simskip-faiss ")]
+    assert len(lines) >= 8
+    for ln in lines:
+        args = build_parser().parse_args(shlex.split(ln)[1:])
+        assert callable(args.func), ln
