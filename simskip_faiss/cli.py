@@ -372,6 +372,30 @@ def _milvus_errors() -> _ForeignErrors:
     return _ForeignErrors("Milvus", ("pymilvus", "grpc", "milvus"))
 
 
+class _MilvusQuiet:
+    """Mute pymilvus's and milvus-lite's (in-process grpc server) own error logs, tracebacks included, for
+    one command: the CLI reports a failure in one line. -v keeps them. Levels are restored afterwards."""
+
+    NAMES = ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer", "grpc", "milvus_lite")
+
+    def __init__(self, verbose: bool):
+        self.loggers = [] if verbose else [logging.getLogger(n) for n in self.NAMES]
+
+    def __enter__(self):
+        try:
+            import pymilvus  # noqa: F401 - its import configures its loggers: it must come first
+        except ImportError:
+            pass  # reported by _milvus_errors
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
+        return False
+
+
 def _spark_refiner(args, df, vector_col: str):
     """The refiner of args.refiner; 'identity' takes its dimension from the first vector."""
     from .refiner import load_refiner
@@ -456,11 +480,12 @@ def cmd_milvus_ingest(args) -> None:
     if not src.exists():
         raise CLIError(f"input not found: {src}")
     t0 = time.perf_counter()
-    with _milvus_errors():
+    with _MilvusQuiet(args.verbose), _milvus_errors():
         n, coll = _ingest(args, src)
-    dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        held = coll.count()
     print(f"{'upserted' if args.upsert else 'inserted'} {n} vectors into {args.collection!r} at {args.uri} "
-          f"({n / dt:.0f} vectors/s); the collection holds {coll.count()}")
+          f"({n / dt:.0f} vectors/s); the collection holds {held}")
 
 
 def _ingest(args, src: Path):
@@ -485,7 +510,7 @@ def cmd_milvus_search(args) -> None:
     from .persistence import atomic_write_bytes
 
     q = _load_npy(args.queries, "queries", mmap=False)
-    with _milvus_errors():
+    with _MilvusQuiet(args.verbose), _milvus_errors():
         coll = _milvus_collection(args, q.shape[1] if q.ndim == 2 else None)
         t0 = time.perf_counter()
         D, I = coll.search(q, args.k, filter=args.filter)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checks import as_ids, as_matrix, check_finite, check_k, check_matrix
-from .persistence import BundleError, read_manifest, save_bundle, verified_path
+from .persistence import BundleError, load_bundle, save_bundle
 from .refiner import IdentityRefiner, Refiner, as_input
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -256,35 +256,54 @@ class RefinedIndex:
                             "apply_to": r.apply_to, "sha256": r.sha256, "metadata": r.metadata}}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the bundle atomically; the previous bundle in `directory` survives a crash mid-save."""
+        """Write the bundle atomically: the previous bundle survives a crash mid-save, saves into one
+        directory are serialised (the last wins), and a concurrent `load` sees the old or the new bundle."""
         save_bundle(directory, self.index, None if self.refiner.is_identity else self.refiner.model_bytes,
                     self.manifest())
         return Path(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, threads: int | None = 1, mmap: bool = False) -> "RefinedIndex":
-        """Open a bundle, verifying hashes, sizes and dimensions; raises BundleError naming the fault."""
+        """Open a bundle: one whole saved generation even while another process saves into it.
+
+        Every file's size and sha256 are verified and every manifest field is checked against the
+        files actually loaded; any fault raises BundleError naming the file and the field.
+        """
         directory = Path(directory)
-        m = read_manifest(directory)
-        rinfo = m.get("refiner") or {}
-        if rinfo.get("kind") == "identity":
-            refiner = IdentityRefiner(int(m["d"]), normalize=bool(rinfo.get("normalize", False)))
-        else:
-            if "refiner" not in m["files"]:
-                raise BundleError(f"bundle {directory}: manifest names no refiner file")
-            rpath = verified_path(directory, m["files"]["refiner"], "refiner")
-            refiner = Refiner.load(rpath, threads=threads)
-        ipath = verified_path(directory, m["files"]["index"], "index")
-        try:
-            index = faiss.read_index(str(ipath), faiss.IO_FLAG_MMAP if mmap else 0)
-        except RuntimeError as e:
-            raise BundleError(f"bundle {directory}: FAISS cannot read {ipath.name}: "
-                              f"{str(e).strip().splitlines()[-1]}") from None
-        for what, want, got in (("input dimension", m["d"], refiner.d_in), ("refiner output dimension", m["d_out"], refiner.d_out),
-                                ("index dimension", m["d_out"], index.d), ("ntotal", m["ntotal"], index.ntotal)):
+        m, index, data = load_bundle(directory, mmap=mmap)
+        rinfo, files = m["refiner"], m["files"]
+        rfile = f"the refiner file {files['refiner']['file']}" if "refiner" in files else "the identity refiner"
+        ifile = f"the index file {files['index']['file']}"
+        refiner = _refiner_from_bytes(rinfo["kind"], data, {**rinfo, "d": m["d"]}, threads,
+                                      source=str(directory / files.get("refiner", {}).get("file", "")))
+        show = (lambda v: f"{v[:16]}…" if isinstance(v, str) and len(v) == 64 else repr(v))
+        for source, field, want, got in (
+                (rfile, "refiner.sha256", rinfo["sha256"], refiner.sha256),
+                (rfile, "refiner.normalize", rinfo["normalize"], refiner.normalize),
+                (rfile, "refiner.apply_to", rinfo["apply_to"], refiner.apply_to),
+                (rfile, "d", m["d"], refiner.d_in),
+                (rfile, "d_out", m["d_out"], refiner.d_out),
+                (ifile, "d_out", m["d_out"], index.d),
+                (ifile, "ntotal", m["ntotal"], index.ntotal),
+                (ifile, "metric", m["metric"], METRIC_NAMES.get(index.metric_type, index.metric_type))):
             if want != got:
-                raise BundleError(f"bundle {directory}: {what} is {got} but the manifest says {want}")
-        self = cls(refiner, index, metric=m["metric"])
+                raise BundleError(f"bundle {directory}: {source} has {field.rpartition('.')[2]} {show(got)} "
+                                  f"but the manifest field '{field}' says {show(want)}")
+        try:
+            self = cls(refiner, index, metric=m["metric"])
+        except ValueError as e:
+            raise BundleError(f"bundle {directory}: {e}") from None
         self.factory = m.get("factory")
         return self
 
+
+def _refiner_from_bytes(kind: str, data: bytes | None, info: dict, threads: int | None, source: str):
+    """A bundle's refiner from its verified bytes (today's classes; one call to replace by a refiner factory)."""
+    if kind == "identity":
+        return IdentityRefiner(info["d"], normalize=info["normalize"])
+    if kind != "onnx":
+        raise BundleError(f"{source}: refiner kind {kind!r} cannot be loaded by simskip_faiss {__version__}")
+    try:
+        return Refiner(data, threads=threads, source=source)
+    except ValueError as e:
+        raise BundleError(str(e)) from None

@@ -81,6 +81,7 @@ class RefinedCollection:
         self.properties = refiner_properties(refiner, self.metric)
         if self.client.has_collection(name):
             self._verify(self.client.describe_collection(name).get("properties") or {})
+            self._load()
         elif create:
             self._create(index_type, index_params or {}, consistency_level)
         else:
@@ -109,9 +110,19 @@ class RefinedCollection:
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
         ip = self.client.prepare_index_params()
         ip.add_index("vector", index_type=index_type, metric_type=MILVUS_METRIC[self.metric], params=index_params)
-        self.client.create_collection(self.name, schema=schema, index_params=ip, consistency_level=consistency_level,
+        self.client.create_collection(self.name, schema=schema, consistency_level=consistency_level,
                                       properties=self.properties)
         self._verify(self.client.describe_collection(self.name).get("properties") or {})  # the server kept them
+        # The collection is empty, so its index is complete once created: sync=False skips pymilvus's wait
+        # for the build, which asks for a timestamp that milvus-lite does not implement (it logs a traceback).
+        self.client.create_index(self.name, ip, sync=False)
+        self._load()
+
+    def _load(self) -> None:
+        """Load the collection for search unless it is loaded: Milvus releases it when its last client goes."""
+        state = self.client.get_load_state(self.name).get("state")
+        if getattr(state, "name", str(state)) != "Loaded":
+            self.client.load_collection(self.name)
 
     def _verify(self, props: dict[str, str]) -> None:
         """Refuse a collection made by another refiner, with another metric, or not by this package."""

@@ -1,6 +1,11 @@
 """Milvus (milvus-lite): a refined collection searches like a refined FAISS Flat index, and keeps its refiner."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,6 +22,7 @@ from simskip_faiss.cli import main  # noqa: E402
 from simskip_faiss.milvus import BadRowsError, RefinedCollection, RefinerMismatchError, connect  # noqa: E402
 
 D_IN, N = 16, 300
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_refiner(path, seed: int = 0) -> Refiner:
@@ -149,3 +155,36 @@ def test_cli_ingest_and_search(env, tmp_path, capsys):
                *common])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "not comparable" in err and not (tmp_path / "r2.npz").exists()
+
+
+def test_released_collection_is_loaded_before_search(env):
+    """Milvus releases a collection when its last client goes; reopening it must load it again."""
+    x, ids, r = env["x"], env["ids"], env["refiner"]
+    RefinedCollection(env["client"], "released", r, index_type="FLAT").insert(ids, x)
+    env["client"].release_collection("released")
+    coll = RefinedCollection(connect(str(env["dir"] / "m.db")), "released", r, create=False)
+    assert_same(coll, flat(r, x, ids, "ip"), r, x[:10])
+
+
+def _cli(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "simskip_faiss.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_ingest_then_search_in_new_processes(env, tmp_path):
+    """The README flow: ingest in one process, search in another; success prints no log and no traceback."""
+    x, ids, r = env["x"], env["ids"], env["refiner"]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "q.npy", x[:20])
+    common = ["--uri", "m.db", "--collection", "docs", "-q"]
+    ing = _cli("milvus-ingest", str(env["dir"] / "r.onnx"), "x.npy", "--ids", "ids.npy", *common, cwd=tmp_path)
+    assert ing.returncode == 0 and ing.stderr == "" and f"holds {N}" in ing.stdout, ing.stderr
+    res = _cli("milvus-search", str(env["dir"] / "r.onnx"), "q.npy", "-k", "5", "-o", "res.npz", *common, cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    D, I = flat(r, x, ids, "ip").search(r.transform(x[:20]), 5)
+    np.testing.assert_array_equal(np.load(tmp_path / "res.npz")["I"], I)
+    bad = _cli("milvus-search", str(env["dir"] / "r.onnx"), "q.npy", "--filter", "id ==== 3", "-o", "r2.npz",
+               *common, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr
