@@ -5,7 +5,7 @@ export import torch lazily, so `import simskip_faiss` never loads it.
 """
 __version__ = "0.1.0"
 
-from .refiner import IdentityRefiner, Refiner, load_refiner  # noqa: E402
+from .refiner import BaseRefiner, IdentityRefiner, LinearRefiner, Refiner, load_refiner, refiner_from_bytes  # noqa: E402
 from .index import RefinedIndex  # noqa: E402
 from .persistence import BundleError  # noqa: E402
 
@@ -30,4 +30,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'simskip_faiss' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "Refiner", "IdentityRefiner", "load_refiner", "RefinedIndex", "BundleError", *_LAZY]
+__all__ = ["__version__", "BaseRefiner", "Refiner", "IdentityRefiner", "LinearRefiner", "load_refiner",
+           "refiner_from_bytes", "RefinedIndex", "BundleError", *_LAZY]

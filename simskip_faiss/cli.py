@@ -99,16 +99,12 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{what} file not found: {p}")
-    with open(p, "rb") as f:
-        if f.read(6) != b"\x93NUMPY":
-            raise CLIError(f"{what} file {p} is not a .npy file")
+    from .checks import load_npy
+
     try:
-        return np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as e:
-        raise CLIError(f"{p} is not a readable .npy array ({e})") from None
+        return load_npy(path, what, mmap=mmap)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -204,12 +200,12 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_build(args) -> None:
+    from .checks import check_shape
     from .index import RefinedIndex
     from .refiner import load_refiner
 
     x = _load_npy(args.corpus, "corpus")
-    if x.ndim != 2:
-        raise CLIError(f"{args.corpus}: corpus must be 2-D (n, d), got shape {x.shape}")
+    check_shape(x, name=f"corpus {args.corpus}")
     refiner = load_refiner(args.refiner, d=x.shape[1], threads=args.threads)
     index = RefinedIndex(refiner, args.factory, args.metric, progress=not args.quiet)
     if not index.is_trained:
@@ -225,20 +221,17 @@ def cmd_build(args) -> None:
 
 
 def cmd_search(args) -> None:
-    import faiss
-
+    from .faiss_utils import parse_params, search_parameters
     from .index import RefinedIndex
 
     index = RefinedIndex.load(args.bundle, threads=args.threads)
-    for kv in args.param or []:
-        name, _, value = kv.partition("=")
-        try:
-            faiss.ParameterSpace().set_index_parameter(index.index, name, float(value))
-        except (RuntimeError, ValueError) as e:
-            raise CLIError(f"cannot set index parameter {kv!r}: {plain_message(e)}") from None
+    try:
+        params = search_parameters(index.index, **parse_params(args.param))
+    except ValueError as e:
+        raise CLIError(f"--param: {e}") from None
     q = _load_npy(args.queries, "queries", mmap=False)
     t0 = time.perf_counter()
-    D, I = index.search(q, args.k)
+    D, I = index.search(q, args.k, params=params)
     dt = time.perf_counter() - t0
     from .persistence import atomic_write_bytes
     import io

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .checks import as_matrix, file_sha256, l2_normalize, load_npy
 from .persistence import atomic_write_bytes
 
 __all__ = [
@@ -59,20 +60,11 @@ def _split_code(split: str) -> int:
 
 
 def _as_vectors(x: Any, field_name: str) -> np.ndarray:
-    """Return ``x`` as a finite, non-empty, C-contiguous float32 (rows, dim) array, or raise."""
-    x = np.asarray(x)
-    if x.dtype.kind not in "fiu":
-        raise ValueError(f"{field_name}: expected a real numeric array, got dtype {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{field_name}: expected a 2-D (rows, dim) array, got shape {x.shape}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{field_name}: empty array of shape {x.shape}")
-    with np.errstate(over="ignore"):  # overflow shows up as Inf, reported just below
-        x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x).all(axis=1)))
-        raise ValueError(f"{field_name}: {bad} row(s) contain NaN or Inf (after float32 conversion)")
-    return x
+    """Return ``x`` as a finite, non-empty, C-contiguous float32 (rows, dim) array, or raise ValueError."""
+    try:
+        return as_matrix(x, name=field_name)
+    except TypeError as e:  # this module reports every bad field as a ValueError
+        raise ValueError(str(e)) from None
 
 
 def _as_split(s: Any, n: int, field_name: str) -> np.ndarray:
@@ -318,14 +310,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SIMSKIP_CACHE") or Path.home() / ".cache" / "simskip_faiss")
 
 
-def _file_sha256(path: Path, start: int = 0, length: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        fh.seek(start)
-        h.update(fh.read() if length is None else fh.read(length))
-    return h.hexdigest()
-
-
 def minilm_identity() -> str:
     """Identity of the bundled all-MiniLM-L6-v2 that is cheap to compute (no torch import):
     package version, sha256 of config.json, and size + sha256 of the first/last MiB of the
@@ -339,10 +323,10 @@ def minilm_identity() -> str:
     mib = 1 << 20
     parts = [
         f"{MINILM_PACKAGE}=={importlib.metadata.version(MINILM_PACKAGE)}",
-        "config.json:" + _file_sha256(model_dir / "config.json"),
+        "config.json:" + file_sha256(model_dir / "config.json"),
         f"model.safetensors:size={size}",
-        "head:" + _file_sha256(weights, 0, mib),
-        "tail:" + _file_sha256(weights, max(0, size - mib)),
+        "head:" + file_sha256(weights, 0, mib),
+        "tail:" + file_sha256(weights, max(0, size - mib)),
         "normalize_embeddings=True",
     ]
     return ";".join(parts)
@@ -492,11 +476,6 @@ def load_wordnet(n_synsets: int | None = 20000, seed: int = 0, cache_dir: str | 
 # --------------------------------------------------------------------------- small sets
 
 
-def _l2_normalise(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
-
-
 def load_digits(seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> EmbeddingData:
     """scikit-learn's 8x8 digits (1,797 rows, 64-d pixel vectors, L2-normalised rows, labels 0-9,
     no queries): a real labelled set that needs no model."""
@@ -507,7 +486,7 @@ def load_digits(seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -
     if (np.linalg.norm(x, axis=1) == 0).any():
         raise ValueError("digits: unexpected all-zero image")
     return EmbeddingData(
-        name="digits", corpus=_l2_normalise(x), corpus_split=make_splits(len(x), fractions, seed),
+        name="digits", corpus=l2_normalize(x), corpus_split=make_splits(len(x), fractions, seed),
         labels=np.asarray(bunch.target, dtype=np.int64), label_names=[str(i) for i in range(10)],
         info={"source": "sklearn.datasets.load_digits", "seed": seed, "fractions": tuple(fractions)})
 
@@ -522,11 +501,11 @@ def make_synthetic(n: int = 2000, d: int = 32, n_classes: int = 10, n_queries: i
     if not (0 < n_queries <= n) or n_classes <= 0 or d <= 0:
         raise ValueError("make_synthetic: need 0 < n_queries <= n, n_classes > 0, d > 0")
     rng = np.random.default_rng(seed)
-    centres = _l2_normalise(rng.standard_normal((n_classes, d)))
+    centres = l2_normalize(rng.standard_normal((n_classes, d)))
     labels = rng.integers(0, n_classes, size=n)
-    corpus = _l2_normalise(centres[labels] + spread / math.sqrt(d) * rng.standard_normal((n, d)))
+    corpus = l2_normalize(centres[labels] + spread / math.sqrt(d) * rng.standard_normal((n, d)))
     targets = rng.choice(n, n_queries, replace=False)
-    queries = _l2_normalise(corpus[targets] + noise / math.sqrt(d) * rng.standard_normal((n_queries, d)))
+    queries = l2_normalize(corpus[targets] + noise / math.sqrt(d) * rng.standard_normal((n_queries, d)))
     corpus_split = make_splits(n, fractions, seed)
     return EmbeddingData(
         name="synthetic", corpus=corpus, corpus_split=corpus_split, labels=labels.astype(np.int64),
@@ -542,24 +521,16 @@ def make_synthetic(n: int = 2000, d: int = 32, n_classes: int = 10, n_queries: i
 def _load_array(x: str | Path | np.ndarray, what: str) -> tuple[np.ndarray, str]:
     """(array, description) from an array or a .npy path (memory-mapped, never unpickled)."""
     if isinstance(x, (str, Path)):
-        try:
-            arr = np.load(x, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise ValueError(f"{what}: cannot read {x} as a .npy array without pickle: {e}") from e
-        if not isinstance(arr, np.ndarray):
-            raise ValueError(f"{what}: {x} is not a single .npy array (an .npz archive?)")
-        return arr, f"{what} ({x})"
+        return load_npy(x, what), f"{what} ({x})"
     return np.asarray(x), what
 
 
 def _load_vectors(x: str | Path | np.ndarray, what: str) -> tuple[np.ndarray, str]:
     arr, desc = _load_array(x, what)
-    if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{desc}: dtype {arr.dtype} cannot be converted to float32")
-    if isinstance(arr, np.memmap):  # own the data: no read-only file-backed arrays downstream
-        with np.errstate(over="ignore"):
-            arr = np.array(arr, dtype=np.float32, order="C")
-    return _as_vectors(arr, desc), desc
+    x = _as_vectors(arr, desc)
+    if isinstance(arr, np.memmap) and np.may_share_memory(x, arr):  # own the data: no read-only file-backed arrays
+        x = np.array(x)
+    return x, desc
 
 
 def parse_qrels(path: str | Path, n_queries: int, n_docs: int) -> list[np.ndarray]:

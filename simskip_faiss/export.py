@@ -249,7 +249,7 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     meta = dict(src.metadata, precision=precision, parity_tolerance=tol, quantized_from=src.sha256)
     if "parity_max_abs_err" in meta:  # the fp32 file's error vs torch; below, this file's vs the fp32 file
         meta["fp32_parity_max_abs_err"] = meta.pop("parity_max_abs_err")
-    worst = max_abs_error(src.apply, with_metadata(proto, meta), src.d_in)
+    worst = max_abs_error(src.transform, with_metadata(proto, meta), src.d_in)
     if not worst <= tol:
         raise RuntimeError(f"{precision} refiner does not match {onnx_in}: max abs error {worst:.3g} > {tol:g}")
     meta["parity_max_abs_err"] = worst

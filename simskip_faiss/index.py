@@ -7,8 +7,9 @@ refiner can: `LinearRefiner.to_faiss` builds one native faiss.IndexPreTransform 
 """
 from __future__ import annotations
 
-import mmap
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -16,101 +17,90 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checks import as_ids, as_matrix, check_finite, check_k, check_matrix
+from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfinite_rows, to_float32
+from .faiss_utils import (METRIC_NAMES, METRICS, build_index, check_search_params, metric_code,  # noqa: F401
+                          reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, load_bundle, save_bundle
-from .refiner import IdentityRefiner, Refiner, as_input
-
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
-METRIC_NAMES = {v: k for k, v in METRICS.items()}
+from .refiner import NORM_RANGE, Refiner, as_input, refiner_from_bytes
 
 
-def metric_code(metric) -> int:
-    """'ip' / 'l2' / a faiss.METRIC_* constant -> the FAISS constant."""
-    if isinstance(metric, str):
-        if metric.lower() not in METRICS:
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-        return METRICS[metric.lower()]
-    if metric not in METRIC_NAMES:
-        raise ValueError(f"unsupported FAISS metric {metric!r}; use inner product or L2")
-    return int(metric)
+class RWLock:
+    """Many readers or one writer. A waiting writer holds back new readers, so writes are not starved.
 
-
-def release_rows(x: np.ndarray, start: int, stop: int) -> None:
-    """Unmap rows [start, stop) of a memory-mapped array from this process (madvise MADV_DONTNEED).
-
-    Pages read through a memmap count in the process's resident set until unmapped, so streaming
-    a 1.5 GB .npy would otherwise add its whole size to the peak memory of an ingest. The data
-    stay in the kernel's page cache. Only 'r' and 'r+' maps (file-backed, shared): dropping a
-    copy-on-write ('c') map's pages would discard its writes. Anything else is left alone.
+    Readers use acquire_read/release_read directly (about a microsecond, measured in
+    tests/test_reliability.py); writers use `with lock.writing():`.
     """
-    mm = getattr(x, "_mmap", None)
-    if (mm is None or getattr(x, "mode", None) not in ("r", "r+") or not hasattr(mmap, "MADV_DONTNEED")
-            or not x.flags.c_contiguous or stop <= start):
-        return
-    try:
-        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
-        row = x.strides[0]
-        lo = x.ctypes.data - base + start * row
-        hi = min(x.ctypes.data - base + stop * row, len(mm))
-        lo -= lo % mmap.PAGESIZE
-        if hi > lo >= 0:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-    except (OSError, ValueError, TypeError, BufferError):
-        pass  # an optimisation only
 
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
 
-def reserve(index: faiss.Index, n: int) -> None:
-    """Grow a flat index's code storage once, to hold `n` more vectors, before they are streamed in.
-
-    Adding chunk by chunk grows FAISS's std::vector by doubling; near the end of a large ingest the
-    old and the new buffer are both resident (up to ~2x the index). Resizing up then back down
-    keeps the capacity (the standard guarantees it), so later adds never reallocate. Only flat
-    codes (Flat, SQ, PQ, ...) own one such buffer; other indexes are left alone.
-    """
-    idx = faiss.downcast_index(index)
-    while isinstance(idx, (faiss.IndexIDMap, faiss.IndexPreTransform)):
-        idx = faiss.downcast_index(idx.index)
-    if not isinstance(idx, faiss.IndexFlatCodes) or not idx.codes.is_owned:
-        return
-    have, need = idx.ntotal * idx.code_size, (idx.ntotal + int(n)) * idx.code_size
-    if idx.codes.size() == have and need > have:
-        idx.codes.resize(need)
-        idx.codes.resize(have)
-
-
-def build_index(index, d: int, metric, refiner) -> faiss.Index:
-    """A FAISS index of dimension `d` for vectors refined by `refiner`: built from a factory string or checked.
-
-    Refuses a metric mismatch, a dimension mismatch, and an inner-product index behind a refiner
-    that does not L2-normalise (docs/design.md: recall collapses without renormalisation).
-    """
-    metric = metric_code(metric)
-    if isinstance(index, str):
+    def acquire_read(self) -> None:
+        m = self._mutex
+        m.acquire()  # the uncontended path: the raw lock, not the Condition's Python-level context manager
+        if not (self._writer or self._waiting):
+            self._readers += 1
+            m.release()
+            return
         try:
-            index = faiss.index_factory(d, index, metric)
-        except RuntimeError as e:
-            raise ValueError(f"FAISS could not build {index!r}: {str(e).strip().splitlines()[-1]}") from None
-    else:
-        if not isinstance(index, faiss.Index):
-            raise TypeError(f"index must be a faiss.Index or a factory string, got {type(index).__name__}")
-        if index.metric_type != metric:
-            raise ValueError(f"the index uses metric {METRIC_NAMES.get(index.metric_type, index.metric_type)!r} "
-                             f"but metric={METRIC_NAMES[metric]!r} was given")
-    if index.d != d:
-        raise ValueError(f"refiner outputs {d}-d vectors but the index has dimension {index.d}")
-    if (metric == faiss.METRIC_INNER_PRODUCT and refiner.apply_to == "both"
-            and not refiner.is_identity and not refiner.normalize):
-        raise ValueError("an inner-product index needs a refiner that L2-normalises its output; "
-                         "this refiner does not (use metric='l2' or export with normalize=True)")
-    return index
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        finally:
+            m.release()
+
+    def release_read(self) -> None:
+        m = self._mutex
+        m.acquire()
+        self._readers -= 1
+        if not self._readers and self._waiting:
+            self._cond.notify_all()
+        m.release()
+
+    @contextmanager
+    def reading(self):
+        self.acquire_read()
+        try:
+            yield
+        finally:
+            self.release_read()
+
+    @contextmanager
+    def writing(self):
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 class RefinedIndex:
     """A FAISS index that searches in the refined space.
 
-    refiner: a `Refiner`, an `IdentityRefiner`, or a path to an ONNX refiner.
+    refiner: any `BaseRefiner` (`Refiner`, `IdentityRefiner`, `LinearRefiner`), or a path to an ONNX refiner.
     index: a FAISS index whose dimension is the refiner's output, or a factory string ("HNSW32", "IVF256,Flat").
     metric: "ip" (inner product; cosine with a normalising refiner) or "l2".
+
+    Thread safety: one RefinedIndex may be shared by threads. Searches (search, range_search,
+    reconstruct_n, save) run in parallel with each other (FAISS releases the GIL); add,
+    add_with_ids, remove_ids, reset and train are exclusive: each runs alone and a search sees
+    the index as it was before or after the whole call, never in between. Refinement of a batch
+    that fits in one chunk happens before the exclusive part, so searches wait only for FAISS's add.
+
+    Bad input raises before anything is stored (all or nothing): vectors (checks.py's contract),
+    ids (`add_with_ids`), refined output (`BaseRefiner.check_output`).
     """
 
     def __init__(self, refiner, index="Flat", metric="ip", chunk_size: int = 16384, progress: bool = False):
@@ -119,9 +109,12 @@ class RefinedIndex:
         self.refiner = refiner
         self.metric = metric_code(metric)
         self.chunk_size = int(chunk_size)
+        if self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.progress = progress
         self.factory: str | None = index if isinstance(index, str) else None
         self.index = build_index(index, refiner.d_out, metric, refiner)
+        self._lock = RWLock()
 
     # -- FAISS-style properties -------------------------------------------------------------
     @property
@@ -143,12 +136,31 @@ class RefinedIndex:
 
     # -- refinement ---------------------------------------------------------------------------
     def refine_queries(self, x) -> np.ndarray:
-        return self.refiner.apply(as_input(x, self.d, "queries"))
+        """Validated queries, refined; refined rows that are not finite (or not unit-norm when normalising) raise."""
+        r = self.refiner
+        return r.check_output(r.apply_unchecked(as_input(x, self.d, "queries")))
 
     def refine_documents(self, x) -> np.ndarray:
         """Documents go through the refiner unless it is query-only (then they are stored raw)."""
         x = as_matrix(x, self.d, "x")
-        return self.refiner.apply(x) if self.refiner.apply_to == "both" else x
+        self._check_norms(x, 0, "x")
+        return self._refine_block(x, 0)
+
+    def _refine_block(self, x: np.ndarray, offset: int) -> np.ndarray:
+        if self.refiner.apply_to != "both":
+            return x
+        return self.refiner.check_output(self.refiner.apply_unchecked(x), offset)
+
+    def _check_norms(self, x: np.ndarray, offset: int, name: str) -> None:
+        """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE)."""
+        if self.refiner.apply_to != "both":
+            return
+        bad = self.refiner.norm_range_rows(x)
+        if bad.size:
+            norm = float(np.linalg.norm(x[bad[0]].astype(np.float64)))
+            raise ValueError(f"{name}: {bad.size} row(s), first at row {int(bad[0]) + offset}, have L2 norm "
+                             f"{norm:.3g}, outside [{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}], the range a "
+                             f"normalising refiner computes in float32")
 
     def _chunks(self, x, desc: str):
         """(start, refined rows) in chunks of `chunk_size`; a memmap's pages are unmapped once refined."""
@@ -156,9 +168,9 @@ class RefinedIndex:
         bar = tqdm(total=n, desc=desc, unit="vec", disable=not self.progress or n <= self.chunk_size)
         for s in range(0, n, self.chunk_size):
             e = min(s + self.chunk_size, n)
-            block = np.asarray(x[s:e])
-            refined = self.refine_documents(block)
-            if not np.may_share_memory(refined, block):
+            block = to_float32(np.asarray(x[s:e]))
+            refined = self._refine_block(block, s)
+            if not np.may_share_memory(refined, x):
                 release_rows(x, s, e)  # before FAISS copies the chunk: one less chunk resident at the peak
             yield s, refined
             del refined, block  # or they stay alive while the next chunk is refined
@@ -169,20 +181,38 @@ class RefinedIndex:
     def _check_stream(self, x, name: str = "x") -> np.ndarray:
         """Validate a whole input before anything is stored (all or nothing); large inputs stay uncopied.
 
-        A large array is scanned in chunks, and a memmap's pages are released as the scan passes.
+        A large array is scanned in chunks (values checked after the cast to float32, as they will
+        be stored), and a memmap's pages are released as the scan passes.
         """
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > self.chunk_size:
-            check_matrix(x[:1], self.d, name)  # dtype and shape
-            check_finite(x, name, self.chunk_size, after_chunk=lambda s, e: release_rows(x, s, e))
+            check_shape(x, self.d, name)
+            for s in range(0, x.shape[0], self.chunk_size):
+                e = min(s + self.chunk_size, x.shape[0])
+                block = to_float32(np.asarray(x[s:e]))
+                bad = nonfinite_rows(block)
+                if bad.size:
+                    raise ValueError(f"{name} contains NaN or Inf after conversion to float32 "
+                                     f"(first at row {s + int(bad[0])})")
+                self._check_norms(block, s, name)
+                release_rows(x, s, e)
             return x
-        return as_matrix(x, self.d, name)
+        x = as_matrix(x, self.d, name)
+        self._check_norms(x, 0, name)
+        return x
+
+    def _search_params(self, params):
+        if params is None or isinstance(params, dict):
+            return search_parameters(self.index, **(params or {}))
+        check_search_params(params)
+        return params
 
     # -- FAISS API ------------------------------------------------------------------------------
     def train(self, x) -> None:
         """Train the FAISS index (IVF, PQ, ...) on refined vectors; a no-op for indexes that need none."""
         x = self.refine_documents(x)
-        if not self.index.is_trained:
-            self.index.train(x)
+        with self._lock.writing():
+            if not self.index.is_trained:
+                self.index.train(x)
 
     def _ready(self):
         if not self.index.is_trained:
@@ -195,53 +225,112 @@ class RefinedIndex:
         storage is grown once to its final size (see `reserve`), so the peak resident set is about
         the final index plus two chunks.
         """
-        x = self._check_stream(x)
-        self._ready()
-        if x.shape[0] > self.chunk_size:
-            reserve(self.index, x.shape[0])
-        for _, chunk in self._chunks(x, "add"):
-            self.index.add(chunk)
-            del chunk  # the loop variable would keep it alive while the next chunk is refined
+        self._add(x, None)
 
     def add_with_ids(self, x, ids) -> None:
+        """Refine and add vectors under int64 ids (an 'IDMap,...' index, or one that takes ids, such as IVF).
+
+        ids follow checks.as_ids: no -1 (FAISS's "no result"), no id twice in one call. Ids already
+        stored are refused too for IDMap indexes (checked against the id map, O(ntotal)); an IVF
+        index that takes ids itself keeps FAISS's behaviour (a second vector under the same id).
+        """
+        self._add(x, ids)
+
+    def _add(self, x, ids) -> None:
         x = self._check_stream(x)
-        ids = as_ids(ids, x.shape[0])
+        if ids is not None:
+            ids = as_ids(ids, x.shape[0])
         self._ready()
-        if x.shape[0] > self.chunk_size:
-            reserve(self.index, x.shape[0])
-        for s, chunk in self._chunks(x, "add"):
+        big = x.shape[0] > self.chunk_size
+        chunks = self._chunks(x, "add") if big else [(0, self._refine_block(x, 0))]  # small: refined unlocked
+        with self._lock.writing():
+            self._ready()
+            if ids is not None:
+                self._refuse_stored(ids)
+            n0 = self.index.ntotal
             try:
-                self.index.add_with_ids(chunk, ids[s:s + len(chunk)])
-            except RuntimeError as e:
-                raise ValueError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
-                                 f"build it as 'IDMap,<factory>': {str(e).strip().splitlines()[-1]}") from None
-            del chunk
+                if big:
+                    reserve(self.index, x.shape[0])
+                for s, chunk in chunks:
+                    if ids is None:
+                        self.index.add(chunk)
+                    else:
+                        self._add_ids(chunk, ids[s:s + len(chunk)])
+                    del chunk  # the loop variable would keep it alive while the next chunk is refined
+            except BaseException:
+                self._rollback(n0, ids)
+                raise
+
+    def _add_ids(self, chunk: np.ndarray, ids: np.ndarray) -> None:
+        try:
+            self.index.add_with_ids(chunk, ids)
+        except RuntimeError as e:
+            raise ValueError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
+                             f"build it as 'IDMap,<factory>': {str(e).strip().splitlines()[-1]}") from None
+
+    def _refuse_stored(self, ids: np.ndarray) -> None:
+        idx = faiss.downcast_index(self.index)
+        if isinstance(idx, faiss.IndexIDMap) and idx.ntotal:
+            clash = ids[np.isin(ids, faiss.vector_to_array(idx.id_map))]
+            if clash.size:
+                raise ValueError(f"{clash.size} id(s) are already stored, e.g. {clash[:5].tolist()}: "
+                                 f"remove_ids them first to replace their vectors")
+
+    def _rollback(self, n0: int, ids) -> None:
+        """Undo a failed add's stored rows (none of `ids` was stored before it), where FAISS can remove."""
+        added = self.index.ntotal - n0
+        if added <= 0:
+            return
+        try:
+            self.index.remove_ids(faiss.IDSelectorRange(n0, n0 + added) if ids is None else faiss.IDSelectorBatch(ids))
+        except RuntimeError:
+            raise RuntimeError(f"adding failed after {added} vectors were stored, and {type(self.index).__name__} "
+                               f"cannot remove them: the index keeps them") from None
 
     def search(self, x, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
-        """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does."""
+        """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does.
+
+        params: a faiss.SearchParameters, or a dict such as {"efSearch": 64} / {"nprobe": 8}
+        (validated: positive integers within faiss_utils.PARAM_BOUNDS; see `search_parameters`).
+        """
         k = check_k(k, self.ntotal)
-        return self.index.search(self.refine_queries(x), k, params=params)
+        q = self.refine_queries(x)
+        params = self._search_params(params) if params is not None else None
+        lock = self._lock
+        lock.acquire_read()
+        try:
+            return self.index.search(q, k, params=params)
+        finally:
+            lock.release_read()
 
     def range_search(self, x, radius: float, params=None):
-        """Refine queries and range-search; returns (lims, D, I) as FAISS does."""
-        return self.index.range_search(self.refine_queries(x), float(radius), params=params)
+        """Refine queries and range-search; returns (lims, D, I) as FAISS does. radius: finite (>= 0 for L2)."""
+        radius = check_radius(radius, self.metric == faiss.METRIC_L2)
+        q = self.refine_queries(x)
+        params = self._search_params(params) if params is not None else None
+        with self._lock.reading():
+            return self.index.range_search(q, radius, params=params)
 
     def remove_ids(self, ids) -> int:
-        """Remove vectors by id; returns how many were removed."""
-        ids = np.asarray(ids)
-        if ids.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
-        try:
-            return self.index.remove_ids(as_ids(ids, len(ids)))
-        except RuntimeError as e:
-            raise ValueError(f"{type(self.index).__name__} cannot remove ids: {str(e).strip().splitlines()[-1]}") from None
+        """Remove vectors by id; returns how many were removed (0 for an empty list)."""
+        ids = as_ids(ids, to_store=False)
+        if not ids.size:
+            return 0
+        with self._lock.writing():
+            try:
+                return self.index.remove_ids(ids)
+            except RuntimeError as e:
+                raise ValueError(f"{type(self.index).__name__} cannot remove ids: "
+                                 f"{str(e).strip().splitlines()[-1]}") from None
 
     def reset(self) -> None:
-        self.index.reset()
+        with self._lock.writing():
+            self.index.reset()
 
     def reconstruct_n(self, i0: int = 0, n: int | None = None) -> np.ndarray:
-        """The stored (refined) vectors, where the FAISS index can reconstruct them."""
-        return self.index.reconstruct_n(i0, self.ntotal - i0 if n is None else n)
+        """Stored (refined) vectors i0 .. i0+n-1 in storage order; ValueError where FAISS cannot reconstruct."""
+        with self._lock.reading():
+            return reconstruct_n(self.index, i0, self.index.ntotal - i0 if n is None else n)
 
     def __repr__(self) -> str:
         return (f"RefinedIndex({self.refiner!r}, {self.factory or type(self.index).__name__}, "
@@ -252,14 +341,17 @@ class RefinedIndex:
         r = self.refiner
         return {"package_version": __version__, "d": r.d_in, "d_out": r.d_out, "metric": self.metric_name,
                 "factory": self.factory, "ntotal": int(self.ntotal), "index_type": type(self.index).__name__,
-                "refiner": {"kind": "identity" if r.is_identity else "onnx", "normalize": r.normalize,
-                            "apply_to": r.apply_to, "sha256": r.sha256, "metadata": r.metadata}}
+                "refiner": r.info()}
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the bundle atomically: the previous bundle survives a crash mid-save, saves into one
-        directory are serialised (the last wins), and a concurrent `load` sees the old or the new bundle."""
-        save_bundle(directory, self.index, None if self.refiner.is_identity else self.refiner.model_bytes,
-                    self.manifest())
+        directory are serialised (the last wins), and a concurrent `load` sees the old or the new bundle.
+
+        Saving runs alongside searches and excludes writes, so the bundle is one consistent state.
+        """
+        with self._lock.reading():
+            save_bundle(directory, self.index, self.refiner.to_bytes(), self.manifest(),
+                        refiner_suffix=self.refiner.suffix or ".onnx")
         return Path(directory)
 
     @classmethod
@@ -274,8 +366,14 @@ class RefinedIndex:
         rinfo, files = m["refiner"], m["files"]
         rfile = f"the refiner file {files['refiner']['file']}" if "refiner" in files else "the identity refiner"
         ifile = f"the index file {files['index']['file']}"
-        refiner = _refiner_from_bytes(rinfo["kind"], data, {**rinfo, "d": m["d"]}, threads,
-                                      source=str(directory / files.get("refiner", {}).get("file", "")))
+        # identity: built from the record; others: from the verified bytes, cross-checked just below
+        info = ({"d_in": m["d"], "normalize": rinfo["normalize"], "apply_to": rinfo["apply_to"]}
+                if rinfo["kind"] == "identity" else {})
+        try:
+            refiner = refiner_from_bytes(rinfo["kind"], data, info, threads,
+                                         source=str(directory / files.get("refiner", {}).get("file", "")))
+        except ValueError as e:
+            raise BundleError(str(e)) from None
         show = (lambda v: f"{v[:16]}…" if isinstance(v, str) and len(v) == 64 else repr(v))
         for source, field, want, got in (
                 (rfile, "refiner.sha256", rinfo["sha256"], refiner.sha256),
@@ -295,15 +393,3 @@ class RefinedIndex:
             raise BundleError(f"bundle {directory}: {e}") from None
         self.factory = m.get("factory")
         return self
-
-
-def _refiner_from_bytes(kind: str, data: bytes | None, info: dict, threads: int | None, source: str):
-    """A bundle's refiner from its verified bytes (today's classes; one call to replace by a refiner factory)."""
-    if kind == "identity":
-        return IdentityRefiner(info["d"], normalize=info["normalize"])
-    if kind != "onnx":
-        raise BundleError(f"{source}: refiner kind {kind!r} cannot be loaded by simskip_faiss {__version__}")
-    try:
-        return Refiner(data, threads=threads, source=source)
-    except ValueError as e:
-        raise BundleError(str(e)) from None

@@ -17,8 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .checks import as_ids
-from .index import metric_code, METRIC_NAMES
+from .checks import as_ids, check_shape, load_npy, nonfinite_rows, to_float32
+from .faiss_utils import METRIC_NAMES, metric_code
 from .spark import BadRowsError, arrow_vectors
 
 PREFIX = "simskip."
@@ -138,7 +138,7 @@ class RefinedCollection:
 
     # -- writing --------------------------------------------------------------------------------------
     def refine_documents(self, x: np.ndarray) -> np.ndarray:
-        return self.refiner.apply(x) if self.refiner.apply_to == "both" else x
+        return self.refiner.apply_unchecked(x) if self.refiner.apply_to == "both" else x
 
     def insert(self, ids, vectors, fields: dict[str, Sequence] | None = None) -> int:
         """Refine and insert; every row is validated before the first write (bad rows named by id)."""
@@ -168,8 +168,7 @@ class RefinedCollection:
 
     def delete(self, ids) -> int:
         """Delete by id; returns how many ids were asked for (Milvus does not report misses)."""
-        ids = np.asarray(ids)
-        ids = as_ids(ids, len(ids))
+        ids = as_ids(ids, to_store=False)
         if len(ids):
             self.client.delete(self.name, ids=ids.tolist())
         return len(ids)
@@ -206,35 +205,33 @@ class RefinedCollection:
 
 def checked_rows(ids, vectors, d: int) -> tuple[np.ndarray, np.ndarray]:
     """ids as int64 and vectors as float32 (n, d), or BadRowsError naming the ids of null, wrong-length
-    and non-finite vectors. Accepts an array or a sequence of sequences (with None for missing)."""
-    if isinstance(vectors, np.ndarray) and vectors.dtype.kind == "f" and vectors.ndim == 2:
-        ids = as_ids(np.asarray(ids), vectors.shape[0])
-        bad = []
-        if vectors.shape[1] != d:
-            raise ValueError(f"vectors have dimension {vectors.shape[1]}, the refiner takes {d}")
-        for s in range(0, len(ids), 65536):  # memmaps stay lazy
-            finite = np.isfinite(np.asarray(vectors[s:s + 65536])).all(axis=1)
-            bad += [(int(ids[s + i]), "NaN or Inf value") for i in np.flatnonzero(~finite)]
-        if bad:
-            raise BadRowsError(bad)
-        return ids, np.ascontiguousarray(vectors, dtype=np.float32)
-    import pyarrow as pa
+    and non-finite vectors. Accepts an array or a sequence of sequences (with None for missing).
+    Vectors follow the package's one contract (checks.py): real numbers, finite after the float32 cast."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 2:
+        ids = as_ids(ids, vectors.shape[0])
+        check_shape(vectors, d, "vectors", allow_empty=True)
+        x = vectors
+    else:
+        import pyarrow as pa
 
-    vectors = list(vectors)
-    ids_arr = np.asarray(ids)
-    ids_arr = as_ids(ids_arr, len(vectors))
-    col = pa.array([None if v is None else np.asarray(v, dtype=np.float64).tolist() for v in vectors],
-                   type=pa.list_(pa.float64()))
-    return ids_arr, arrow_vectors(col, d, ids_arr.tolist())
+        vectors = list(vectors)
+        ids = as_ids(ids, len(vectors))
+        col = pa.array([None if v is None else np.asarray(v, dtype=np.float64).tolist() for v in vectors],
+                       type=pa.list_(pa.float64()))
+        with np.errstate(over="ignore"):  # overflow is reported just below, by id
+            x = arrow_vectors(col, d, ids.tolist())
+    bad = [(int(ids[i]), "NaN or Inf (after conversion to float32)") for i in nonfinite_rows(x)]
+    if bad:
+        raise BadRowsError(bad)
+    return ids, to_float32(x)
 
 
 # -- ingest from files (the CLI) --------------------------------------------------------------------
 def ingest_npy(coll: RefinedCollection, vectors_path: str | os.PathLike, ids: np.ndarray | None = None,
                upsert: bool = False) -> int:
     """Refine and write a memory-mapped .npy (ids: an int array, or row numbers when None)."""
-    x = np.load(vectors_path, mmap_mode="r", allow_pickle=False)
-    if x.ndim != 2:
-        raise ValueError(f"{vectors_path}: vectors must be 2-D (n, d), got shape {x.shape}")
+    x = load_npy(vectors_path, "vectors")
+    check_shape(x, name=f"vectors {vectors_path}")
     ids = np.arange(len(x), dtype=np.int64) if ids is None else ids
     ids, x = checked_rows(ids, x, coll.refiner.d_in)
     return coll.upsert(ids, x) if upsert else coll.insert(ids, x)

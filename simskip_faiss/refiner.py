@@ -1,22 +1,41 @@
-"""Run a refiner at serving time with onnxruntime: no torch on this path.
+"""Run a refiner at serving time: no torch on this path.
 
-A refiner maps float32 (n, d_in) embeddings to (n, d_out). `Refiner` runs an exported ONNX
-file; `IdentityRefiner` is the no-op baseline (optionally L2-normalising) with the same API.
+A refiner maps float32 (n, d_in) embeddings to (n, d_out). Every kind keeps the `BaseRefiner`
+contract (dimensions, `apply_to`, `normalize`, metadata, sha256, a validated `transform`, and
+bytes for a bundle): `Refiner` runs an exported ONNX file with onnxruntime, `IdentityRefiner` is
+the no-op baseline (optionally L2-normalising), `LinearRefiner` is an affine map (centring,
+whitening, all-but-the-top, a distilled refiner). `refiner_from_bytes` rebuilds any of them.
+
+Accepted input (checks.py states the vector contract): finite float32 rows. Refined output is
+checked on every path (`transform`, RefinedIndex search and add): rows that come out non-finite,
+or not unit-length from a normalising refiner, raise ValueError naming the rows. Vectors stored
+through a normalising refiner must have an L2 norm of 0 or within NORM_RANGE = [1e-18, 1e18]:
+an ONNX graph normalises in float32, where the squared norm of larger rows overflows (norm 1e20
+comes out as 3e-19) and of smaller ones underflows. (Identity and linear refiners sum norms in
+float64 and normalise any finite row; the rule is the same for every kind.)
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import threading
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from .checks import as_matrix
+from .checks import as_matrix, l2_normalize
+from .faiss_utils import build_index
 
 METADATA_KEY = "simskip"
+KINDS = ("onnx", "identity", "linear")
+APPLY_TO = ("both", "queries")
+NORM_RANGE = (1e-18, 1e18)  # input row norms a normalising refiner computes correctly in float32
+UNIT_TOLERANCE = 1e-2  # |‖y‖² − 1| allowed in a normalising refiner's output (fp16/int8 graphs included)
 
 
 DEFAULT_BATCH = 1024  # rows per onnxruntime run: the fastest sub-batch for large inputs in bench/speed.py
@@ -36,41 +55,125 @@ def as_input(x, d: int, name: str = "x") -> np.ndarray:
     return as_matrix(x, d, name)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in place-safe form; zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+def _check_apply_to(apply_to: str) -> str:
+    if apply_to not in APPLY_TO:
+        raise ValueError(f"apply_to must be 'both' or 'queries', got {apply_to!r}")
+    return apply_to
 
 
-class IdentityRefiner:
+def _rows(rows: np.ndarray, offset: int) -> str:
+    shown = ", ".join(str(int(r) + offset) for r in rows[:10])
+    return f"row{'s' if rows.size > 1 else ''} {shown}{', …' if rows.size > 10 else ''} ({rows.size} in all)"
+
+
+class BaseRefiner(ABC):
+    """The contract every refiner keeps; `RefinedIndex`, bundles, Spark and Milvus rely only on it.
+
+    kind       "onnx" | "identity" | "linear": how `to_bytes` is to be read back (`refiner_from_bytes`).
+    d_in/d_out input and output dimensions.
+    apply_to   "both" (queries and stored vectors are refined) or "queries" (stored vectors stay raw).
+    normalize  whether outputs are L2-normalised (required for inner-product search over refined vectors).
+    metadata   a JSON-serialisable dict describing the refiner (training settings, α, provenance).
+    sha256     hex digest of `to_bytes()` (None for the identity, which has no bytes).
+    transform  the public path: validates its input and its output.
+    """
+
+    kind: ClassVar[str]
+    suffix: ClassVar[str] = ""  # file name suffix of `to_bytes()` in a bundle
+    d_in: int
+    d_out: int
+    apply_to: str
+    normalize: bool
+    metadata: dict
+    sha256: str | None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind == "identity"
+
+    def transform(self, x) -> np.ndarray:
+        """Refine (n, d_in) real numbers into float32 (n, d_out); bad input and bad output raise ValueError."""
+        return self.check_output(self.apply_unchecked(as_input(x, self.d_in)))
+
+    __call__ = transform
+
+    @abstractmethod
+    def apply_unchecked(self, x: np.ndarray) -> np.ndarray:
+        """Internal fast path: `x` must already be C-contiguous finite float32 (n, d_in); output unchecked."""
+
+    @abstractmethod
+    def to_bytes(self) -> bytes | None:
+        """The refiner as bytes (no pickles) that `refiner_from_bytes(self.kind, ...)` reads back; None for identity."""
+
+    def info(self) -> dict:
+        """What a bundle manifest records about the refiner."""
+        return {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize,
+                "apply_to": self.apply_to, "sha256": self.sha256, "metadata": self.metadata}
+
+    def check_output(self, y: np.ndarray, offset: int = 0) -> np.ndarray:
+        """Return `y` if every refined row is finite (and unit-norm or zero when normalising); else raise.
+
+        `offset` is added to the row numbers in the message (rows of a chunk of a larger input).
+        """
+        if self.normalize:
+            if y.shape[0] == 1:  # the single query: a dot product and a Python comparison
+                v = y.ravel()
+                if abs(float(v.dot(v)) - 1.0) <= UNIT_TOLERANCE:  # NaN fails this test too
+                    return y
+            sq = np.einsum("ij,ij->i", y, y)
+            dev = np.abs(sq - 1.0)
+            if dev.max(initial=0.0) <= UNIT_TOLERANCE:
+                return y
+            bad = np.flatnonzero(~((dev <= UNIT_TOLERANCE) | (sq == 0)))
+            if bad.size:
+                norm = np.sqrt(sq[bad[0]])
+                raise ValueError(
+                    f"refined {_rows(bad, offset)} are not unit vectors (norm {norm:.3g} at the first): "
+                    f"a normalising refiner works in float32 and takes rows whose L2 norm lies in "
+                    f"[{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}]")
+            return y
+        if self.kind == "identity" or np.isfinite(y).all():
+            return y
+        bad = np.flatnonzero(~np.isfinite(y).all(axis=1))
+        raise ValueError(f"refined {_rows(bad, offset)} hold NaN or Inf: the input is beyond the range this "
+                         f"refiner computes in float32")
+
+    def norm_range_rows(self, x: np.ndarray) -> np.ndarray:
+        """Rows of (validated) `x` a normalising refiner cannot normalise in float32 (empty when not normalising)."""
+        if not self.normalize:
+            return np.empty(0, dtype=np.int64)
+        with np.errstate(over="ignore", under="ignore"):
+            n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+        return np.flatnonzero(((n < NORM_RANGE[0]) & (n > 0)) | (n > NORM_RANGE[1]))
+
+
+class IdentityRefiner(BaseRefiner):
     """The raw vectors, unchanged (or only L2-normalised): the baseline every refiner is judged against."""
 
-    is_identity = True
-    apply_to = "both"
+    kind = "identity"
     sha256 = None
 
-    def __init__(self, d: int, normalize: bool = False):
+    def __init__(self, d: int, normalize: bool = False, apply_to: str = "both"):
         if int(d) <= 0:
             raise ValueError(f"dimension must be positive, got {d}")
         self.d_in = self.d_out = int(d)
         self.normalize = bool(normalize)
+        self.apply_to = _check_apply_to(apply_to)
         self.metadata: dict = {"kind": "identity", "d_in": self.d_in, "d_out": self.d_out,
                                "normalize": self.normalize}
 
-    def transform(self, x) -> np.ndarray:
-        return self.apply(as_matrix(x, self.d_in))
-
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """`transform` for input already validated as float32 (n, d_in)."""
+    def apply_unchecked(self, x: np.ndarray) -> np.ndarray:
         return l2_normalize(x) if self.normalize else x
 
-    __call__ = transform
+    def to_bytes(self) -> None:
+        return None
 
     def __repr__(self) -> str:
-        return f"IdentityRefiner(d={self.d_in}, normalize={self.normalize})"
+        return (f"IdentityRefiner(d={self.d_in}, normalize={self.normalize}"
+                + (f", apply_to={self.apply_to!r}" if self.apply_to != "both" else "") + ")")
 
 
-class Refiner:
+class Refiner(BaseRefiner):
     """An exported ONNX refiner run by onnxruntime in bounded-size batches.
 
     `threads` (default 1; None = every core) is how many cores one call may use. The onnxruntime
@@ -81,7 +184,8 @@ class Refiner:
     by a thread pool's wake-up. `batch_size` bounds the rows of one onnxruntime run (memory).
     """
 
-    is_identity = False
+    kind = "onnx"
+    suffix = ".onnx"
 
     def __init__(self, model: bytes, threads: int | None = 1, batch_size: int = DEFAULT_BATCH,
                  source: str = "<bytes>"):
@@ -141,12 +245,10 @@ class Refiner:
             raise ValueError(f"{p} is empty, not an ONNX model")
         return cls(data, threads=threads, batch_size=batch_size, source=str(p))
 
-    def transform(self, x) -> np.ndarray:
-        """Refine a float32 (n, d_in) array into (n, d_out)."""
-        return self.apply(as_input(x, self.d_in))
+    def to_bytes(self) -> bytes:
+        return self.model_bytes
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """`transform` for input already validated as C-contiguous float32 (n, d_in)."""
+    def apply_unchecked(self, x: np.ndarray) -> np.ndarray:
         n = x.shape[0]
         workers = min(self.threads, n // MIN_PARALLEL_ROWS)
         if workers <= 1 and n <= self.batch_size:
@@ -179,8 +281,6 @@ class Refiner:
         if pool is not None:
             pool.shutdown(wait=False)
 
-    __call__ = transform
-
     def __repr__(self) -> str:
         a = self.metadata.get("alpha")
         return (f"Refiner({self.source}, d_in={self.d_in}, d_out={self.d_out}, normalize={self.normalize}, "
@@ -198,42 +298,76 @@ def load_refiner(path: str | os.PathLike | None, d: int | None = None, threads: 
     return Refiner.load(path, threads=threads)
 
 
-class LinearRefiner:
+class LinearRefiner(BaseRefiner):
     """y = normalize?((x - mean) @ A.T + bias): centring, whitening, all-but-the-top, or a distilled linear refiner.
 
     Linear maps need no ONNX: `to_faiss` puts them inside a native faiss.IndexPreTransform, so
-    the whole refined index is one FAISS file with no Python on its search path.
+    the whole refined index is one FAISS file with no Python on its search path. `apply_to`
+    "queries" maps queries only (stored vectors stay raw; then `to_faiss` does not apply).
+
+    Bytes (`to_bytes`, what a bundle stores): four .npy arrays back to back — a JSON header
+    (uint8), A, mean, bias (empty when none) — read with allow_pickle=False. Chosen over a FAISS
+    VectorTransform file because that folds the mean into the bias (results change in the last
+    bit) and cannot carry the name and metadata; over ONNX because serving needs no `onnx` package.
     """
 
-    is_identity = False
-    apply_to = "both"
+    kind = "linear"
+    suffix = ".npy"
+    FORMAT = "simskip-linear-refiner"
 
     def __init__(self, A: np.ndarray, mean: np.ndarray, normalize: bool = True, name: str = "linear",
-                 bias: np.ndarray | None = None):
+                 bias: np.ndarray | None = None, apply_to: str = "both", metadata: dict | None = None):
         self.A = np.ascontiguousarray(A, dtype=np.float32)
         self.mean = np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
-        if self.A.ndim != 2 or self.A.shape[1] != self.mean.shape[0]:
+        if self.A.ndim != 2 or self.A.shape[1] != self.mean.shape[0] or self.A.size == 0:
             raise ValueError(f"A must be (d_out, d_in) with d_in = len(mean); got {self.A.shape} and {self.mean.shape}")
         self.d_out, self.d_in = self.A.shape
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
         if self.bias is not None and self.bias.shape != (self.d_out,):
             raise ValueError(f"bias must have d_out = {self.d_out} entries, got shape {self.bias.shape}")
+        for what, arr in (("A", self.A), ("mean", self.mean), ("bias", self.bias)):
+            if arr is not None and not np.isfinite(arr).all():
+                raise ValueError(f"LinearRefiner {what} holds NaN or Inf")
         self.normalize = bool(normalize)
+        self.apply_to = _check_apply_to(apply_to)
         self.name = name
-        self.sha256 = hashlib.sha256(self.A.tobytes() + self.mean.tobytes()
-                                     + (b"" if self.bias is None else self.bias.tobytes())).hexdigest()
-        self.metadata = {"kind": "linear", "name": name, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize}
+        self.metadata = {"kind": "linear", "name": name, "d_in": self.d_in, "d_out": self.d_out,
+                         "normalize": self.normalize, "apply_to": self.apply_to, **(metadata or {})}
 
-    def transform(self, x) -> np.ndarray:
-        return self.apply(as_input(x, self.d_in))
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
+    def apply_unchecked(self, x: np.ndarray) -> np.ndarray:
         y = (x - self.mean) @ self.A.T
         if self.bias is not None:
             y += self.bias
         return l2_normalize(y) if self.normalize else y
 
-    __call__ = transform
+    def to_bytes(self) -> bytes:
+        header = {"format": self.FORMAT, "version": 1, "name": self.name, "normalize": self.normalize,
+                  "apply_to": self.apply_to, "metadata": self.metadata}
+        buf = io.BytesIO()
+        for arr in (np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8), self.A, self.mean,
+                    np.empty(0, np.float32) if self.bias is None else self.bias):
+            np.lib.format.write_array(buf, arr, allow_pickle=False)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "LinearRefiner":
+        """Read `to_bytes()` output; anything else raises ValueError naming `source`."""
+        f = io.BytesIO(bytes(data))
+        try:
+            raw, A, mean, bias = (np.lib.format.read_array(f, allow_pickle=False) for _ in range(4))
+            header = json.loads(raw.tobytes())
+        except Exception as e:  # numpy raises ValueError/EOFError/..., json a JSONDecodeError
+            raise ValueError(f"{source} is not a linear refiner file ({type(e).__name__}: {e})") from None
+        if f.read(1) or not isinstance(header, dict) or header.get("format") != cls.FORMAT:
+            raise ValueError(f"{source} is not a linear refiner file (unexpected header or trailing bytes)")
+        meta = {k: v for k, v in dict(header.get("metadata") or {}).items()
+                if k not in ("kind", "name", "d_in", "d_out", "normalize", "apply_to")}
+        return cls(A, mean, normalize=bool(header.get("normalize")), name=str(header.get("name", "linear")),
+                   bias=bias if bias.size else None, apply_to=header.get("apply_to", "both"), metadata=meta)
 
     def affine(self) -> tuple[np.ndarray, np.ndarray]:
         """(A, b) with y = normalize?(A x + b): the form faiss.LinearTransform applies."""
@@ -262,8 +396,8 @@ class LinearRefiner:
         """
         import faiss
 
-        from .index import build_index
-
+        if self.apply_to != "both":
+            raise ValueError("to_faiss applies the map to stored vectors too; this LinearRefiner is query-only")
         inner = build_index(index, self.d_out, metric, self)
         if inner.ntotal:
             raise ValueError(f"to_faiss needs an empty index, this one holds {inner.ntotal} vectors")
@@ -298,7 +432,8 @@ class LinearRefiner:
         return cls(np.eye(d, dtype=np.float32) - top @ top.T, x.mean(0), normalize, f"all-but-the-top({D})")
 
     def __repr__(self) -> str:
-        return f"LinearRefiner({self.name}, d_in={self.d_in}, d_out={self.d_out}, normalize={self.normalize})"
+        return (f"LinearRefiner({self.name}, d_in={self.d_in}, d_out={self.d_out}, normalize={self.normalize}"
+                + (f", apply_to={self.apply_to!r}" if self.apply_to != "both" else "") + ")")
 
 
 def distil_linear(refiner, sample, ridge: float = 1e-3, name: str = "distilled") -> LinearRefiner:
@@ -312,7 +447,7 @@ def distil_linear(refiner, sample, ridge: float = 1e-3, name: str = "distilled")
     x = as_matrix(sample, refiner.d_in, "sample")
     if x.shape[0] < 2:
         raise ValueError("distil_linear needs at least 2 sample vectors")
-    y = np.asarray(refiner.apply(x), dtype=np.float64)
+    y = np.asarray(refiner.transform(x), dtype=np.float64)
     x = x.astype(np.float64)
     mu, ybar = x.mean(0), y.mean(0)
     xc, yc = x - mu, y - ybar
@@ -321,6 +456,36 @@ def distil_linear(refiner, sample, ridge: float = 1e-3, name: str = "distilled")
     W = np.linalg.solve(gram, xc.T @ yc)  # (d_in, d_out)
     resid = yc - xc @ W
     r2 = 1.0 - float((resid ** 2).sum() / max((yc ** 2).sum(), 1e-30))
-    lin = LinearRefiner(W.T, mu, normalize=refiner.normalize, name=name, bias=ybar)
-    lin.metadata.update(distilled_from=getattr(refiner, "sha256", None), fit_r2=r2, n_sample=int(x.shape[0]))
-    return lin
+    return LinearRefiner(W.T, mu, normalize=refiner.normalize, name=name, bias=ybar, apply_to=refiner.apply_to,
+                         metadata={"distilled_from": refiner.sha256, "fit_r2": r2, "n_sample": int(x.shape[0])})
+
+
+def refiner_from_bytes(kind: str, data: bytes | None, info: dict | None = None, threads: int | None = 1,
+                       source: str = "<bytes>") -> BaseRefiner:
+    """Rebuild a refiner from `kind` and `to_bytes()` output, checked against `info` (a manifest's record).
+
+    info: `BaseRefiner.info()` as stored (d_in, or a manifest's d, for the identity; sha256, normalize, apply_to are
+    cross-checked when present, so an edited manifest cannot silently swap or drop a refiner).
+    Raises ValueError naming `source` and the field that disagrees.
+    """
+    info = dict(info or {})
+    if kind not in KINDS:
+        raise ValueError(f"{source}: unknown refiner kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind == "identity":
+        if data is not None:
+            raise ValueError(f"{source}: an identity refiner has no bytes, but refiner bytes were given")
+        d = info.get("d_in", info.get("d", (info.get("metadata") or {}).get("d_in")))  # a manifest's "d" too
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise ValueError(f"{source}: an identity refiner needs an integer d_in, got {d!r}")
+        refiner: BaseRefiner = IdentityRefiner(d, normalize=bool(info.get("normalize", False)),
+                                               apply_to=info.get("apply_to", "both"))
+    elif data is None:
+        raise ValueError(f"{source}: a {kind} refiner needs its bytes, none were given")
+    elif kind == "onnx":
+        refiner = Refiner(data, threads=threads, source=source)
+    else:
+        refiner = LinearRefiner.from_bytes(data, source=source)
+    for key in ("sha256", "normalize", "apply_to", "d_in", "d_out"):
+        if key in info and info[key] != getattr(refiner, key):
+            raise ValueError(f"{source}: the refiner's {key} is {getattr(refiner, key)!r} but the record says {info[key]!r}")
+    return refiner

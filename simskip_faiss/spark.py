@@ -168,7 +168,7 @@ def _refine(spec: RefinerSpec, x: np.ndarray, role: str) -> np.ndarray:
     """Refine queries always; documents only when the refiner applies to both (query-only stores raw)."""
     if role == "documents" and spec.apply_to == "queries":
         return x
-    return worker_refiner(spec).apply(x)
+    return worker_refiner(spec).apply_unchecked(x)
 
 
 # -- Spark helpers ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checks import as_matrix, check_finite
+from .checks import as_matrix, check_matrix, load_npy
 from .config import ACTIVATION_NAMES, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -128,22 +128,10 @@ class TrainResult:
 def _corpus(corpus) -> np.ndarray:
     """Accept an array or a .npy path (memory-mapped: never copied whole into memory)."""
     if isinstance(corpus, (str, os.PathLike)):
-        p = Path(corpus)
-        if not p.is_file():
-            raise FileNotFoundError(f"corpus file not found: {p}")
-        try:
-            corpus = np.load(p, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise ValueError(f"{p} is not a readable .npy array: {e}") from None
-    if not isinstance(corpus, np.ndarray):
-        corpus = np.asarray(corpus)
-    if corpus.dtype.kind != "f":
-        raise TypeError(f"corpus must be a float array (n, d), got dtype {corpus.dtype}")
-    if corpus.ndim != 2:
-        raise ValueError(f"corpus must be 2-D (n, d), got shape {corpus.shape}")
+        corpus = load_npy(corpus, "corpus")
+    corpus = check_matrix(corpus, name="corpus")
     if corpus.shape[0] < 4:
         raise ValueError(f"corpus has {corpus.shape[0]} vectors; training needs at least 4")
-    check_finite(corpus, "corpus")
     return corpus
 
 

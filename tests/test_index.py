@@ -105,7 +105,8 @@ def _unnormalised_refiner(refiner):
 
 BAD_VECTORS = [
     (np.zeros((3, 15), np.float32), ValueError, "dimension 15, expected 16"),
-    (np.zeros((3, 16), np.int64), TypeError, "dtype int64"),
+    (np.zeros((3, 16), bool), TypeError, "dtype bool"),
+    (np.zeros((3, 16), np.complex64), TypeError, "dtype complex64"),
     (np.zeros(16, np.float32), ValueError, "2-D"),
     (np.zeros((2, 3, 16), np.float32), ValueError, "2-D"),
     (np.zeros((0, 16), np.float32), ValueError, "empty"),

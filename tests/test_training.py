@@ -83,7 +83,7 @@ def test_train_rejects_bad_corpus(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         train(np.full((10, 4), np.nan, np.float32), TrainConfig(progress=False))
     with pytest.raises(TypeError, match="dtype"):
-        train(np.zeros((10, 4), np.int32), TrainConfig(progress=False))
+        train(np.zeros((10, 4), bool), TrainConfig(progress=False))
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         train(tmp_path / "missing.npy", TrainConfig(progress=False))
     with pytest.raises(ValueError, match="labels"):

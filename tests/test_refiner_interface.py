@@ -1,0 +1,144 @@
+"""The refiner interface: every kind keeps the contract and round-trips through a RefinedIndex bundle."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import simskip_faiss as sf
+from simskip_faiss import BaseRefiner, BundleError, IdentityRefiner, LinearRefiner, RefinedIndex, Refiner
+from simskip_faiss.refiner import refiner_from_bytes
+
+
+def _linear(d=16, apply_to="both", normalize=True, seed=0):
+    rng = np.random.default_rng(seed)
+    return LinearRefiner(rng.standard_normal((d, d)).astype(np.float32), rng.standard_normal(d) * 0.1,
+                         normalize=normalize, name="test", bias=rng.standard_normal(d) * 0.1, apply_to=apply_to)
+
+
+@pytest.fixture(scope="module")
+def query_only_onnx(tmp_path_factory):
+    pytest.importorskip("torch")
+    import torch
+
+    from simskip_faiss.export import export
+    from simskip_faiss.training import SimSkip
+
+    torch.manual_seed(0)
+    model = SimSkip(16, hidden=8)
+    torch.nn.init.normal_(model.f[-1].weight, std=0.3)
+    path = tmp_path_factory.mktemp("q") / "q.onnx"
+    export(model, path, {"apply_to": "queries"})
+    return Refiner.load(path)
+
+
+@pytest.fixture(params=["onnx", "onnx-queries", "identity", "identity-normalised", "identity-queries",
+                        "linear", "linear-queries", "linear-l2"])
+def case(request, onnx_path, query_only_onnx):
+    """(refiner, metric) for every refiner kind and its query-only variant."""
+    return {"onnx": lambda: (Refiner.load(onnx_path[0]), "ip"),
+            "onnx-queries": lambda: (query_only_onnx, "ip"),
+            "identity": lambda: (IdentityRefiner(16), "l2"),
+            "identity-normalised": lambda: (IdentityRefiner(16, normalize=True), "ip"),
+            "identity-queries": lambda: (IdentityRefiner(16, normalize=True, apply_to="queries"), "ip"),
+            "linear": lambda: (_linear(), "ip"),
+            "linear-queries": lambda: (_linear(apply_to="queries"), "ip"),
+            "linear-l2": lambda: (_linear(normalize=False), "l2")}[request.param]()
+
+
+def test_every_kind_keeps_the_contract_and_round_trips_through_a_bundle(case, data, tmp_path):
+    refiner, metric = case
+    x, _ = data
+    assert isinstance(refiner, BaseRefiner) and refiner.kind in ("onnx", "identity", "linear")
+    assert (refiner.d_in, refiner.d_out) == (16, 16) and refiner.apply_to in ("both", "queries")
+    idx = RefinedIndex(refiner, "IDMap,Flat", metric)
+    idx.add_with_ids(x, np.arange(len(x)) * 3 + 7)
+    idx.save(tmp_path / "b")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["refiner"]["kind"] == refiner.kind and manifest["refiner"]["apply_to"] == refiner.apply_to
+    assert manifest["refiner"]["sha256"] == refiner.sha256
+    assert ("refiner" in manifest["files"]) == (refiner.kind != "identity")
+    if refiner.kind != "identity":  # the file says what it is: .onnx or .npy
+        assert manifest["files"]["refiner"]["file"].endswith(refiner.suffix)
+    back = RefinedIndex.load(tmp_path / "b")
+    r2 = back.refiner
+    assert type(r2) is type(refiner) and r2.info() == refiner.info() and r2.to_bytes() == refiner.to_bytes()
+    q = x[:40] * 1.5 + 0.01
+    np.testing.assert_array_equal(r2.transform(q), refiner.transform(q))
+    for a, b in zip(idx.search(q, 5), back.search(q, 5)):
+        np.testing.assert_array_equal(a, b)
+    # stored vectors: refined unless the refiner is query-only (then bit-identical raw vectors)
+    stored = faiss_stored(back)
+    want = x if refiner.apply_to == "queries" else refiner.transform(x)
+    np.testing.assert_array_equal(stored, want)
+
+
+def faiss_stored(idx: RefinedIndex) -> np.ndarray:
+    import faiss
+
+    inner = faiss.downcast_index(faiss.downcast_index(idx.index).index)
+    return inner.reconstruct_n(0, inner.ntotal)
+
+
+def test_linear_refiner_bytes_are_plain_npy_and_exact():
+    lin = _linear(apply_to="queries")
+    lin.metadata["fit_r2"] = 0.5
+    data = lin.to_bytes()
+    assert data == lin.to_bytes() and lin.sha256 == __import__("hashlib").sha256(data).hexdigest()
+    back = LinearRefiner.from_bytes(data)
+    for a in ("A", "mean", "bias"):
+        np.testing.assert_array_equal(getattr(back, a), getattr(lin, a))
+    assert back.metadata == lin.metadata and back.apply_to == "queries" and back.name == "test"
+    with pytest.raises(ValueError, match="not a linear refiner"):
+        LinearRefiner.from_bytes(data[:-3])
+    with pytest.raises(ValueError, match="not a linear refiner"):
+        LinearRefiner.from_bytes(data + b"x")
+    with pytest.raises(ValueError, match="to_faiss.*query-only"):
+        lin.to_faiss("Flat", "ip")
+
+
+def test_refiner_from_bytes_cross_checks_the_record(onnx_path):
+    r = Refiner.load(onnx_path[0])
+    lin = _linear()
+    assert refiner_from_bytes("onnx", r.to_bytes(), r.info()).sha256 == r.sha256
+    assert refiner_from_bytes("identity", None, {"d_in": 8}).d_in == 8 == refiner_from_bytes("identity", None, {"d": 8}).d_out
+    with pytest.raises(ValueError, match="unknown refiner kind 'pickle'"):
+        refiner_from_bytes("pickle", b"")
+    with pytest.raises(ValueError, match="identity refiner has no bytes"):
+        refiner_from_bytes("identity", r.to_bytes(), {"d_in": 16})
+    with pytest.raises(ValueError, match="sha256"):
+        refiner_from_bytes("linear", lin.to_bytes(), dict(lin.info(), sha256="0" * 64))
+    with pytest.raises(ValueError, match="apply_to"):
+        refiner_from_bytes("onnx", r.to_bytes(), dict(r.info(), apply_to="queries"))
+    with pytest.raises(ValueError, match="not a linear refiner"):
+        refiner_from_bytes("linear", r.to_bytes(), {})
+
+
+def test_edited_kind_in_a_bundle_is_refused(onnx_path, data, tmp_path):
+    """Editing refiner.kind to 'identity' must not silently drop the trained refiner."""
+    x, _ = data
+    idx = RefinedIndex(Refiner.load(onnx_path[0]), "Flat", "ip")
+    idx.add(x[:20])
+    idx.save(tmp_path / "b")
+    mpath = tmp_path / "b" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["refiner"]["kind"] = "identity"
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="refiner.kind. says .identity"):
+        RefinedIndex.load(tmp_path / "b")
+
+
+def test_public_names_and_no_import_cycle():
+    assert sf.LinearRefiner is LinearRefiner and sf.BaseRefiner is BaseRefiner
+    assert not hasattr(Refiner, "apply")  # the unchecked path is `apply_unchecked`, not the obvious name
+    pkg = Path(sf.__file__).parent
+
+    def imports(mod: str) -> set[str]:
+        tree = ast.parse((pkg / f"{mod}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+
+    assert "index" not in imports("refiner") and "index" not in imports("faiss_utils")
+    assert "refiner" not in imports("faiss_utils")

@@ -1,0 +1,370 @@
+"""Reliability: one input contract on every path, no crash, no silent corruption, thread safety."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simskip_faiss import IdentityRefiner, LinearRefiner, RefinedIndex, Refiner
+from simskip_faiss import checks
+from simskip_faiss.cli import main
+
+
+@pytest.fixture()
+def refiner(onnx_path):
+    return Refiner.load(onnx_path[0])
+
+
+def _vector_paths():
+    """Every entry point that takes vectors, as f(x) -> the float32 array it accepted."""
+    from simskip_faiss.datasets import load_user
+
+    def index_add(x, chunk=1):
+        idx = RefinedIndex(IdentityRefiner(x.shape[1]), "Flat", "l2", chunk_size=chunk)
+        idx.add(x)
+        return idx.reconstruct_n()
+
+    paths = {"RefinedIndex.add (chunked)": index_add,
+             "RefinedIndex.add (one block)": lambda x: index_add(x, chunk=1 << 20),
+             "RefinedIndex.search": lambda x: (RefinedIndex(IdentityRefiner(x.shape[1]), "Flat", "l2"),
+                                               None)[0].refine_queries(x),
+             "Refiner.transform": lambda x: IdentityRefiner(x.shape[1]).transform(x),
+             "load_user": lambda x: load_user(x).corpus}
+    try:
+        from simskip_faiss.training import _corpus
+
+        paths["training"] = lambda x: np.asarray(_corpus(x), dtype=np.float32)
+    except ImportError:  # torch absent
+        pass
+    try:
+        from simskip_faiss.milvus import checked_rows
+
+        paths["milvus (array)"] = lambda x: checked_rows(np.arange(len(x)), x, x.shape[1])[1]
+        paths["milvus (rows)"] = lambda x: checked_rows(np.arange(len(x)), [list(r) for r in x], x.shape[1])[1]
+    except ImportError:
+        pass
+    return paths
+
+
+PATHS = _vector_paths()
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_one_vector_contract_everywhere(path):
+    """10.4: integers are accepted (as FAISS does) and cast to float32; bool is refused; same rule on every path."""
+    f = PATHS[path]
+    x = np.arange(6 * 8, dtype=np.int32).reshape(6, 8) - 20
+    np.testing.assert_array_equal(f(x), x.astype(np.float32))
+    if "rows" not in path:  # a list of Python rows has no dtype to refuse
+        with pytest.raises((TypeError, ValueError), match="dtype bool"):
+            f(np.ones((6, 8), bool))
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_finite_after_the_float32_cast_on_every_path(path):
+    """11.4: 1e39 is a finite float64 but Inf in float32: refused everywhere, naming the row."""
+    x = np.ones((6, 8))
+    x[4, 3] = 1e39
+    with pytest.raises(ValueError, match=r"NaN or Inf") as e:
+        PATHS[path](x)
+    assert "row 4" in str(e.value) or "4" in str(getattr(e.value, "rows", ""))
+
+
+def test_cli_build_refuses_values_beyond_float32(tmp_path, capsys):
+    x = np.random.default_rng(0).standard_normal((50, 8))
+    x[45, 0] = -3e39
+    np.save(tmp_path / "c.npy", x)
+    assert main(["build", "identity", str(tmp_path / "c.npy"), "-o", str(tmp_path / "b"), "--metric", "l2", "-q"]) != 0
+    assert "row 45" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_load_npy_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="corpus file not found"):
+        checks.load_npy(tmp_path / "nope.npy", "corpus")
+    (tmp_path / "t.npy").write_text("hello")
+    with pytest.raises(ValueError, match="not a .npy file"):
+        checks.load_npy(tmp_path / "t.npy", "corpus")
+    np.savez(tmp_path / "z.npz", a=np.ones(3))
+    with pytest.raises(ValueError, match="npz"):
+        checks.load_npy(tmp_path / "z.npz", "corpus")
+    np.save(tmp_path / "o.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        checks.load_npy(tmp_path / "o.npy", "corpus")
+    np.save(tmp_path / "ok.npy", np.ones((3, 2), np.float32))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "ok.npy").read_bytes()[:-5])
+    with pytest.raises(ValueError, match="cut.npy"):
+        checks.load_npy(tmp_path / "cut.npy", "corpus", mmap=False)
+
+
+def test_file_sha256_and_l2_normalize_agree_with_references(tmp_path):
+    import hashlib
+
+    data = np.random.default_rng(0).bytes(10_000)
+    (tmp_path / "f").write_bytes(data)
+    assert checks.file_sha256(tmp_path / "f", chunk=999) == hashlib.sha256(data).hexdigest()
+    assert checks.file_sha256(tmp_path / "f", 100, 2000, chunk=7) == hashlib.sha256(data[100:2100]).hexdigest()
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(checks.l2_normalize(x), [[0.6, 0.8], [0, 0]], rtol=1e-7)
+    assert checks.l2_normalize(x).dtype == np.float32
+
+
+# -- 11.2 thread safety ------------------------------------------------------------------------------
+def test_concurrent_search_add_remove_save_equal_a_serial_reference(refiner, data, tmp_path):
+    """Searches from 3 threads while one thread adds, removes and saves: each result equals the
+    serial result of one state the writer went through, and each thread sees states in order."""
+    import threading
+
+    x, _ = data
+    rng = np.random.default_rng(0)
+    queries = x[rng.choice(len(x), 16, replace=False)] + 0.05  # < 20 rows: FAISS's exact, BLAS-free path
+    ops = []  # the writer's script
+    for j in range(24):
+        ops.append(("add", np.arange(20 * j, 20 * j + 20)))
+        if j % 3 == 2:
+            ops.append(("remove", np.arange(20 * j - 30, 20 * j - 20)))
+    vecs = {i: x[i % len(x)] * (1 + (i // len(x))) for i in range(20 * 24)}
+
+    def apply(idx, op):
+        kind, ids = op
+        if kind == "add":
+            idx.add_with_ids(np.stack([vecs[i] for i in ids]), ids)
+        else:
+            idx.remove_ids(ids)
+
+    ref = RefinedIndex(refiner, "IDMap,Flat", "ip")
+    expected = []  # serial (D, I) after each op; k=5 needs >= 5 vectors, so states start at op 0's add
+    for op in ops:
+        apply(ref, op)
+        expected.append(ref.search(queries, 5))
+
+    def state_of(D, I) -> int:
+        for s, (eD, eI) in enumerate(expected):
+            if np.array_equal(I, eI) and np.array_equal(D, eD):
+                return s
+        return -1
+
+    shared = RefinedIndex(refiner, "IDMap,Flat", "ip")
+    apply(shared, ops[0])
+    done, seen, errors, saved = threading.Event(), [[] for _ in range(3)], [], []
+
+    def searcher(t):
+        try:
+            while not done.is_set():
+                seen[t].append(state_of(*shared.search(queries, 5)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=searcher, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        for s, op in enumerate(ops[1:], start=1):
+            apply(shared, op)
+            if s % 8 == 0:
+                shared.save(tmp_path / f"b{s}")
+                saved.append(s)
+    finally:
+        done.set()
+        for th in threads:
+            th.join(timeout=60)
+    assert not errors
+    for t in range(3):
+        assert seen[t] and -1 not in seen[t], f"thread {t} saw a result no serial state gives"
+        assert seen[t] == sorted(seen[t]), f"thread {t} saw states out of order"
+    assert sum(len(s) for s in seen) > 20
+    for s in saved:
+        back = RefinedIndex.load(tmp_path / f"b{s}")
+        for a, b in zip(back.search(queries, 5), expected[s]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_read_lock_costs_a_few_microseconds():
+    """The single-query path takes the read lock once: it must stay cheap (measured, generous bound)."""
+    import time
+
+    from simskip_faiss.index import RWLock
+
+    lock, n = RWLock(), 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        lock.acquire_read()
+        lock.release_read()
+    per_call = (time.perf_counter() - t0) / n
+    assert per_call < 20e-6, f"read lock + unlock took {per_call * 1e6:.1f} µs"
+
+
+# -- 11.3 reconstruct never aborts ---------------------------------------------------------------------
+def test_reconstruct_n_on_idmap_and_unreconstructable_indexes_raises_or_works(data):
+    import faiss
+
+    x, _ = data
+    ident = IdentityRefiner(16)
+    idm = RefinedIndex(ident, "IDMap,Flat", "l2")
+    idm.add_with_ids(x[:50], np.arange(50) * 10 + 3)
+    np.testing.assert_array_equal(idm.reconstruct_n(), x[:50])  # storage order, through the id map
+    np.testing.assert_array_equal(idm.reconstruct_n(5, 3), x[5:8])
+    hnsw = RefinedIndex(ident, "IDMap,HNSW16", "l2")
+    hnsw.add_with_ids(x[:50], np.arange(50) + 100)
+    np.testing.assert_array_equal(hnsw.reconstruct_n(0, 50), x[:50])
+    with pytest.raises(ValueError, match="beyond the 50 stored"):
+        hnsw.reconstruct_n(40, 20)
+    with pytest.raises(ValueError, match="non-negative"):
+        idm.reconstruct_n(-1, 2)
+    dedup = RefinedIndex(ident, faiss.index_factory(16, "IVF4,FlatDedup"), "l2")
+    dedup.train(x)
+    dedup.add(x[:100])
+    with pytest.raises(ValueError, match="IndexIVFFlatDedup cannot reconstruct"):
+        dedup.reconstruct_n()
+    idm2 = RefinedIndex(ident, "IDMap2,Flat", "l2")
+    idm2.add_with_ids(x[:20], np.arange(20) * 7 + 1)
+    np.testing.assert_array_equal(idm2.reconstruct_n(2, 3), x[2:5])
+    lsh = RefinedIndex(ident, faiss.IndexLSH(16, 32), "l2")  # stores bits only
+    lsh.add(x[:10])
+    assert lsh.reconstruct_n().shape == (10, 16)
+
+
+# -- 11.5 refined output is checked ---------------------------------------------------------------------
+def test_normalising_refiner_refuses_rows_outside_its_float32_range(refiner, data):
+    x, _ = data
+    for r in (refiner, IdentityRefiner(16, normalize=True)):
+        idx = RefinedIndex(r, "Flat", "ip", chunk_size=64)
+        idx.add(x[:10])
+        big = np.tile(x, (2, 1))
+        big[700] *= 1e19
+        with pytest.raises(ValueError, match="row 700.*norm"):
+            idx.add(big)  # streamed: refused before anything is stored
+        small = x[:5].copy()
+        small[3] *= 1e-25
+        with pytest.raises(ValueError, match="row 3"):
+            idx.add(small)
+        assert idx.ntotal == 10
+        q = np.stack([x[0], x[1] * 1e21])
+        if r.is_identity:  # numpy normalises in float64: any finite row comes out unit-length
+            np.testing.assert_allclose(np.linalg.norm(r.transform(q), axis=1), 1, rtol=1e-6)
+            zero = np.zeros((1, 16), np.float32)  # zero rows are accepted (they stay zero)
+            np.testing.assert_array_equal(r.transform(zero), zero)
+        else:  # the ONNX graph normalises in float32: its squared norm overflows, refused by name
+            with pytest.raises(ValueError, match="refined row 1 .*not unit vectors"):
+                idx.search(q, 3)
+            with pytest.raises(ValueError, match="not unit vectors"):
+                r.transform(x[:2] * 3e21)
+
+
+def test_non_finite_refined_output_is_refused_and_a_failed_stream_rolled_back(data):
+    x, _ = data
+    lin = LinearRefiner(np.eye(16, dtype=np.float32) * 1e30, np.zeros(16), normalize=False)
+    bad = x.copy()
+    bad[333] *= 1e10  # fine as input, Inf once refined
+    with pytest.raises(ValueError, match="refined row 333 .*NaN or Inf"):
+        lin.transform(bad)
+    flat = RefinedIndex(lin, "Flat", "l2", chunk_size=64)
+    flat.add(x[:5])
+    with pytest.raises(ValueError, match="row 333"):
+        flat.add(bad)  # chunks 0..4 were stored, then removed again
+    assert flat.ntotal == 5
+    np.testing.assert_array_equal(flat.reconstruct_n(), lin.transform(x[:5]))
+    hnsw = RefinedIndex(lin, "HNSW16", "l2", chunk_size=64)
+    with pytest.raises(RuntimeError, match="cannot remove them"):
+        hnsw.add(bad)  # HNSW cannot remove: the error says the index keeps the rows
+
+
+# -- 11.6 ids --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ids, msg", [(np.array([0, 1, -1, 3]), "contains -1"),
+                                      (np.array([0, 1, 1, 3]), "duplicated id"),
+                                      (np.array([0, 7, 9, 3]), "already stored, e.g. \\[7, 9\\]")])
+def test_add_with_ids_refuses_minus_one_duplicates_and_stored_ids(data, ids, msg):
+    x, _ = data
+    idx = RefinedIndex(IdentityRefiner(16), "IDMap,Flat", "l2")
+    idx.add_with_ids(x[:3], [7, 8, 9])
+    with pytest.raises(ValueError, match=msg):
+        idx.add_with_ids(x[3:7], ids)
+    assert idx.ntotal == 3
+    with pytest.raises(ValueError, match=msg.split(",")[0] if "stored" not in msg else "duplicated|-1"):
+        checks.as_ids(ids if "stored" not in msg else np.array([5, 5]), 4 if "stored" not in msg else 2)
+    assert checks.as_ids([-1, -1], to_store=False).tolist() == [-1, -1]  # removal may name anything
+
+
+def test_milvus_shares_the_id_rule():
+    milvus = pytest.importorskip("simskip_faiss.milvus")
+    with pytest.raises(ValueError, match="contains -1"):
+        milvus.checked_rows([1, -1], np.ones((2, 4), np.float32), 4)
+    with pytest.raises(ValueError, match="duplicated"):
+        milvus.checked_rows([2, 2], [[1, 2, 3, 4], [1, 2, 3, 4]], 4)
+    ids, x = milvus.checked_rows([], [], 4)  # 11.14: an empty batch is empty, not a dtype error
+    assert ids.shape == (0,) and x.shape == (0, 4)
+
+
+# -- 11.7 search parameters ------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [0, -5, 1e30, float("nan"), 2.5, True])
+def test_search_parameters_are_validated_in_the_api(data, value):
+    import faiss
+
+    x, _ = data
+    idx = RefinedIndex(IdentityRefiner(16), "HNSW16", "l2")
+    idx.add(x)
+    with pytest.raises(ValueError, match="efSearch must be an integer in \\[1, "):
+        idx.search(x[:3], 5, params={"efSearch": value})
+    if isinstance(value, int) and not isinstance(value, bool):
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = value
+        with pytest.raises(ValueError, match="efSearch"):
+            idx.search(x[:3], 5, params=p)
+
+
+def test_search_parameters_reach_faiss_and_keep_the_index_defaults(data):
+    import faiss
+
+    x, _ = data
+    idx = RefinedIndex(IdentityRefiner(16), "IVF8,Flat", "l2")
+    idx.train(x)
+    idx.add(x)
+    idx.index.nprobe = 8  # the index's own setting: kept when the call sets only other parameters
+    flat = faiss.IndexFlatL2(16)
+    flat.add(x)
+    exact = flat.search(x[:20] + 0.1, 5)[1]
+    np.testing.assert_array_equal(idx.search(x[:20] + 0.1, 5, params={"max_codes": 10 ** 9})[1], exact)
+    assert (idx.search(x[:20] + 0.1, 5, params={"nprobe": 1})[1] != exact).any()
+    with pytest.raises(ValueError, match="no search parameter efSearch"):
+        idx.search(x[:3], 5, params={"efSearch": 16})
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1e30", "nan", "x"])
+def test_cli_search_refuses_bad_params(tmp_path, data, value, capsys):
+    x, _ = data
+    np.save(tmp_path / "c.npy", x)
+    assert main(["build", "identity", str(tmp_path / "c.npy"), "-o", str(tmp_path / "b"), "--factory", "HNSW16",
+                 "--metric", "l2", "-q"]) == 0
+    argv = ["search", str(tmp_path / "b"), str(tmp_path / "c.npy"), "-k", "3", "-o", str(tmp_path / "r.npz")]
+    assert main(argv + ["--param", f"efSearch={value}"]) != 0
+    assert "efSearch must be an integer" in capsys.readouterr().err and not (tmp_path / "r.npz").exists()
+    assert main(argv + ["--param", "efSearch=32"]) == 0
+
+
+# -- 11.8 range search radius ----------------------------------------------------------------------------
+def test_range_search_refuses_nan_and_negative_l2_radius(data):
+    x, _ = data
+    l2 = RefinedIndex(IdentityRefiner(16), "Flat", "l2")
+    l2.add(x)
+    for r in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            l2.range_search(x[:2], r)
+    with pytest.raises(ValueError, match="negative"):
+        l2.range_search(x[:2], -0.5)
+    lims, D, I = l2.range_search(x[:2], 0.01)
+    assert I[lims[0]:lims[1]].tolist() == [0]
+    ip = RefinedIndex(IdentityRefiner(16, normalize=True), "Flat", "ip")
+    ip.add(x)
+    assert ip.range_search(x[:1], -0.5)[0][1] > 0  # an inner-product threshold may be negative
+
+
+# -- 11.14 empty inputs and the public refine path ------------------------------------------------------
+def test_empty_inputs_get_an_answer_or_a_clear_message(refiner, data):
+    x, _ = data
+    idx = RefinedIndex(refiner, "IDMap,Flat", "ip")
+    idx.add_with_ids(x[:5], np.arange(5))
+    assert idx.remove_ids([]) == 0 and idx.remove_ids(np.array([], np.int64)) == 0 and idx.ntotal == 5
+    with pytest.raises(ValueError, match="empty batch"):
+        idx.add_with_ids(np.zeros((0, 16), np.float32), [])
+    with pytest.raises(ValueError, match="empty batch"):
+        idx.search(np.zeros((0, 16), np.float32), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        refiner.transform(np.full((1, 16), np.nan, np.float32))  # the public path validates
