@@ -66,7 +66,7 @@ def check_output(path: str | os.PathLike, kind: str) -> None:
 
 
 _FAISS_WHERE = re.compile(r"Error in .+? at \S+:\d+: ")  # FAISS's C++ signature and source line
-_FAISS_CHECK = re.compile(r"Error: '(.+?)' failed")
+_FAISS_CHECK = re.compile(r"Error: '(.+?)' failed(: )?")  # a failed FAISS_THROW_IF_NOT[_MSG]
 
 
 def plain_message(e: BaseException) -> str:
@@ -74,7 +74,7 @@ def plain_message(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else type(e).__name__
     msg = _FAISS_WHERE.sub("", msg)
-    msg = _FAISS_CHECK.sub(r"FAISS requires \1", msg)
+    msg = _FAISS_CHECK.sub(lambda m: "" if m.group(2) else f"FAISS check failed: {m.group(1)}", msg)  # keep the sentence
     return re.sub(r"\b\w+::\w+:\s*", "", msg)  # "ParameterSpace::set_index_parameter:could not set ..."
 
 

@@ -202,7 +202,10 @@ def test_plain_message_strips_faiss_locations():
     assert "faiss::" in str(e.value)  # what FAISS says ...
     assert plain_message(e.value) == "could not set parameter efSearch"  # ... and what the user reads
     assert plain_message(RuntimeError("Error in void faiss::f(int) at /x/y.cpp:12: Error: 'k > 0' failed")) \
-        == "FAISS requires k > 0"
+        == "FAISS check failed: k > 0"
+    with pytest.raises(RuntimeError) as e:
+        faiss.index_factory(8, "IVF4,PQ3")
+    assert plain_message(e.value).startswith("The dimension of the vector (d) should be a multiple of")
 
 
 def test_bad_input_is_exit_2_and_a_bug_is_not_disguised(small, capsys, monkeypatch):
