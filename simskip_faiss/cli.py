@@ -7,6 +7,7 @@ ends with one line saying so and exit status 1 (-v prints its traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import linecache
@@ -315,25 +316,32 @@ def cmd_run(args) -> None:
     print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - t0:.0f}s in all)")
 
 
-def _spark_session(args):
-    """(SparkSession for --master with any --conf KEY=VALUE, whether this command started it).
+@contextlib.contextmanager
+def _spark_job(args):
+    """The SparkSession of a spark-* command (--master, --conf KEY=VALUE), Spark errors as one-line CLIErrors.
 
     A session already running in this process (main() called from a notebook or a test) is reused
-    and left running.
+    and left running; one this command started is stopped when it ends.
     """
-    from pyspark.sql import SparkSession
-
-    from .spark import session
-
-    running = SparkSession.getActiveSession()
-
     conf = {}
     for kv in args.conf or []:
         key, sep, value = kv.partition("=")
         if not sep or not key:
             raise CLIError(f"--conf takes KEY=VALUE, got {kv!r}")
         conf[key] = value
-    return (running, False) if running is not None else (session(args.master, conf=conf), True)
+    with _spark_errors():
+        from pyspark.sql import SparkSession
+
+        from .spark import session
+
+        running = SparkSession.getActiveSession()
+        spark = running or session(args.master, conf=conf)
+    try:
+        with _spark_errors():
+            yield spark
+    finally:
+        if running is None:
+            spark.stop()
 
 
 class _ForeignErrors:
@@ -406,39 +414,25 @@ def _spark_refiner(args, df, vector_col: str):
 def cmd_spark_refine(args) -> None:
     from .spark import write_refined
 
-    with _spark_errors():
-        spark, started = _spark_session(args)
-    try:
-        with _spark_errors():
-            df = spark.read.parquet(args.input)
-            refiner = _spark_refiner(args, df, args.vector_col)
-            n = write_refined(df, refiner, args.output, args.vector_col, args.id_col, args.output_col, args.role)
-    finally:
-        if started:
-            spark.stop()
+    with _spark_job(args) as spark:
+        refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
+        n = write_refined(args.input, refiner, args.output, args.vector_col, args.id_col, args.output_col, args.role,
+                          spark=spark, partitions=args.partitions)
     print(f"wrote {args.output}: {n} rows refined by {refiner!r}")
 
 
 def cmd_spark_build(args) -> None:
     from .spark import build_index
 
-    with _spark_errors():
-        spark, started = _spark_session(args)
-    try:
-        with _spark_errors():
-            df = spark.read.parquet(args.input)
-            if args.partitions:
-                df = df.repartition(args.partitions)
-            refiner = _spark_refiner(args, df, args.vector_col)
-            res = build_index(df, refiner, args.output, factory=args.factory, metric=args.metric,
-                              vector_col=args.vector_col, id_col=args.id_col, train_size=args.train_size,
-                              seed=args.seed, shard_dir=args.shard_dir)
-    finally:
-        if started:
-            spark.stop()
+    with _spark_job(args) as spark:
+        refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
+        res = build_index(args.input, refiner, args.output, factory=args.factory, metric=args.metric,
+                          vector_col=args.vector_col, id_col=args.id_col, train_size=args.train_size,
+                          seed=args.seed, shard_dir=args.shard_dir, spark=spark, partitions=args.partitions,
+                          quantizer=args.quantizer)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items())
-    print(f"wrote bundle {args.output}: {res.index} from {len(res.shards)} shards ({secs}; "
-          f"{res.n / res.seconds['total']:.0f} vectors/s overall)")
+    print(f"wrote bundle {args.output}: {res.index} from {len(res.shards)} shards, quantizer {res.quantizer} "
+          f"({secs}; {res.n / res.seconds['total']:.0f} vectors/s overall)")
 
 
 def _milvus_collection(args, d: int | None):
@@ -594,9 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conf", action="append", metavar="KEY=VALUE", help="extra Spark configuration (repeatable)")
     g.add_argument("--vector-col", default="vector", help="array<float> column (default: vector)")
     g.add_argument("--id-col", default="id", help="id column (default: id)")
+    g.add_argument("--partitions", type=int, help="tasks to split the input into (default: one per parquet row group, "
+                                                  "at least one per core)")
 
     s = sub.add_parser("spark-refine", parents=[common, spark], help="refine a parquet vector column on Spark",
-                       description="Refine the vector column of parquet INPUT on Spark (ONNX refiner, Arrow batches) and "
+                       description="Refine the vector column of parquet INPUT on Spark (ONNX refiner; the Python workers read "
+                                   "the parquet row groups with pyarrow) and "
                                    "write parquet OUTPUT with every other column kept. Bad rows fail the job, naming "
                                    "their ids, before anything is written.")
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
@@ -608,8 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_spark_refine, output_kind="dir")
 
     s = sub.add_parser("spark-build", parents=[common, spark], help="build a refined index bundle on Spark",
-                       description="Train the FAISS index on a refined sample on the driver, add each partition to a "
-                                   "copy of it on the executors, merge the shards and save an ordinary bundle.")
+                       description="Train the FAISS index on a refined sample on the driver, add each task's rows (parquet "
+                                   "row groups read by the Python workers) to a copy of it on the executors, merge "
+                                   "the shards and save an ordinary bundle. Ids must be integers, never -1, never "
+                                   "twice.")
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
     s.add_argument("input", help="parquet file or directory with an integer id column and a vector column")
     s.add_argument("-o", "--output", required=True, help="bundle directory to write")
@@ -618,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
     s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ (default: 100000)")
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
-    s.add_argument("--partitions", type=int, help="repartition the input into this many shards first")
+    s.add_argument("--quantizer", default="flat", choices=["flat", "two-level"],
+                   help="k-means of the IVF coarse quantizer: flat (FAISS's, default) or two-level (far cheaper at "
+                        "large nlist, slightly lower recall at equal nprobe; see bench/results/scale.md)")
     s.add_argument("--shard-dir", help="where executors write shards: a path the driver sees too "
                                        "(default: a temporary directory beside the output)")
     s.set_defaults(func=cmd_spark_build, output_kind="dir")

@@ -19,7 +19,7 @@ import numpy as np
 
 from .checks import as_ids, check_shape, load_npy, nonfinite_rows, to_float32
 from .faiss_utils import METRIC_NAMES, metric_code
-from .spark import BadRowsError, arrow_vectors
+from .arrow import BadRowsError, arrow_vectors
 
 PREFIX = "simskip."
 FORMAT = "1"

@@ -1,18 +1,27 @@
 """Refine at ingest on Spark, and build a refined FAISS bundle from shards built in parallel.
 
-- `refine_dataframe`: a lazy DataFrame whose vector column has gone through the ONNX refiner, in
-  Arrow batches (`mapInArrow`). The ONNX bytes are broadcast once; each Python worker process
-  keeps one onnxruntime session (1 thread: one task per core, no oversubscription).
+Two ways in. A parquet path (the fast one, what the CLI uses): Spark only distributes tasks —
+contiguous rows of (file, row group), `arrow.plan_parquet` — and each Python worker reads its rows
+with pyarrow, so vectors never go through the JVM's array<float> <-> Arrow conversion (the way
+autofaiss's embedding-reader works; bench/results/scale.md measures the three ways). A DataFrame:
+Arrow batches through `mapInArrow`, for data that is not plain parquet files.
+
+- `refine_dataframe`: a lazy DataFrame whose vector column has gone through the ONNX refiner. The
+  ONNX bytes are broadcast once; each Python worker process keeps one onnxruntime session (1
+  thread: one task per core, no oversubscription).
 - `write_refined`: validate every row first, then write parquet to a staging path and rename it:
   a bad row (null or wrong-length vector, NaN/Inf, null id) fails with its id and writes nothing.
-- `build_index`: train the FAISS index on a refined sample on the driver, ship the trained empty
-  index (`faiss.serialize_index`) to every partition, add each partition's refined vectors to its
-  own copy and write it as a shard, then `merge_from` the shards in partition order into one
-  index saved as an ordinary bundle (`RefinedIndex.load` opens it). Same trained index and same
-  rows give the same search results as `RefinedIndex.add_with_ids` on one machine.
+- `build_index`: train the FAISS index on a refined sample on the driver (optionally two-level
+  k-means for a large nlist, `quantizer.py`), ship the trained empty index (`faiss.serialize_index`) to every
+  task, add each task's refined vectors to its own copy and write it as a shard, then
+  `merge_from` the shards in task order into one index saved as an ordinary bundle
+  (`RefinedIndex.load` opens it). Ids follow FAISS's rules (integers, never -1, never twice),
+  checked before anything is built. Same trained index and same rows give the same search
+  results as `RefinedIndex.add_with_ids` on one machine.
 
-pyspark and pyarrow are imported lazily: `arrow_vectors` and the merge need only pyarrow/faiss.
-The package must be importable on the executors (installed there, or shipped with --py-files).
+pyspark and pyarrow are imported lazily. The package must be importable on the executors
+(installed there, or shipped with --py-files); a parquet path must be readable there by pyarrow
+(local or shared paths, s3://, gs://, hdfs://) and by Spark (the duplicate-id check).
 """
 from __future__ import annotations
 
@@ -28,87 +37,12 @@ from typing import Any, Callable, Iterator
 import faiss
 import numpy as np
 
+from .arrow import (MAX_LISTED, BadRowsError, ParquetPlan, arrow_vectors, filesystem,  # noqa: F401
+                    plan_parquet, to_arrow_list)
 from .index import RefinedIndex
 from .refiner import IdentityRefiner, Refiner
 
-MAX_LISTED = 10  # bad rows named in one error message
 _WORKER_CACHE: dict[str, Any] = {}  # per Python worker process: refiners and trained templates by sha256
-
-
-class BadRowsError(ValueError):
-    """Rows that cannot be refined; `rows` holds (id, problem) pairs, the message names the first ones."""
-
-    def __init__(self, rows: list[tuple[Any, str]], total: int | None = None, what: str = "input"):
-        self.rows = list(rows)
-        self.total = len(self.rows) if total is None else int(total)
-        listed = "; ".join(f"id {i!r}: {p}" for i, p in self.rows[:MAX_LISTED])
-        more = f" (and {self.total - min(len(self.rows), MAX_LISTED)} more)" if self.total > MAX_LISTED else ""
-        super().__init__(f"{what} has {self.total} bad row(s), nothing was written: {listed}{more}")
-
-
-# -- Arrow <-> numpy, shared by the Spark workers and parquet ingest --------------------------------
-def _bad_rows(col, d: int) -> list[tuple[int, str]]:
-    """(position, problem) for null vectors, wrong lengths and null/NaN/Inf values in an Arrow list column."""
-    import pyarrow.compute as pc
-
-    bad: dict[int, str] = {}
-    nulls = col.is_null().to_numpy(zero_copy_only=False)
-    lengths = pc.list_value_length(col).fill_null(-1).to_numpy(zero_copy_only=False)
-    for i in np.flatnonzero(nulls):
-        bad[int(i)] = "null vector"
-    for i in np.flatnonzero(~nulls & (lengths != d)):
-        bad[int(i)] = f"length {int(lengths[i])}, expected {d}"
-    ok = ~nulls & (lengths == d)
-    if ok.any():
-        vals = col.filter(ok).flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-        finite = np.isfinite(vals.reshape(-1, d)).all(axis=1)  # nulls inside a vector became NaN
-        for i in np.flatnonzero(ok)[~finite]:
-            bad[int(i)] = "null, NaN or Inf value"
-    return sorted(bad.items())
-
-
-def arrow_vectors(col, d: int, ids=None, what: str = "input") -> np.ndarray:
-    """An Arrow list / fixed-size-list column of floats as C-contiguous float32 (n, d).
-
-    Raises BadRowsError naming the ids (`ids`: an Arrow array or sequence, positions if None) of
-    every null vector, wrong-length vector and vector holding a null, NaN or Inf.
-    """
-    import pyarrow as pa
-
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-        raise TypeError(f"{what}: the vector column must be a list of floats, got Arrow type {col.type}")
-    if not pa.types.is_floating(col.type.value_type):
-        raise TypeError(f"{what}: vectors must hold floats, got {col.type.value_type}")
-    n = len(col)
-    lengths_ok = col.null_count == 0 and (pa.types.is_fixed_size_list(col.type) and col.type.list_size == d
-                                          or n == 0 or _all_equal(col, d))
-    if lengths_ok:
-        x = col.flatten().to_numpy(zero_copy_only=False).reshape(n, d)
-        if np.isfinite(x).all():
-            return np.ascontiguousarray(x, dtype=np.float32)
-    bad = _bad_rows(col, d)
-    id_list = ids.to_pylist() if hasattr(ids, "to_pylist") else ids
-    raise BadRowsError([(id_list[i] if id_list is not None else i, p) for i, p in bad], what=what)
-
-
-def _all_equal(col, d: int) -> bool:
-    import pyarrow.compute as pc
-
-    lengths = pc.list_value_length(col)
-    return pc.min(lengths).as_py() == d and pc.max(lengths).as_py() == d
-
-
-def to_arrow_list(x: np.ndarray):
-    """float32 (n, d) -> Arrow list<float> (what Spark's ArrayType(FloatType) maps to)."""
-    import pyarrow as pa
-
-    n, d = x.shape
-    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32) if n * d < 2**31 else
-                       np.arange(0, (n + 1) * d, d, dtype=np.int64))
-    values = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
-    return (pa.ListArray if offsets.type == pa.int32() else pa.LargeListArray).from_arrays(offsets, values)
 
 
 # -- shipping the refiner to the workers ----------------------------------------------------------
@@ -198,26 +132,61 @@ def session(master: str = "local[2]", app_name: str = "simskip-faiss", conf: dic
     return spark
 
 
+def _schema_errors(names: list[str], vector_col: str, id_col: str | None, vector_type: str, vector_ok: bool,
+                   id_type: str, id_integer: bool, integer_ids: bool) -> None:
+    """The column checks of a DataFrame and of a parquet schema alike (names and types given as strings)."""
+    if vector_col not in names:
+        raise ValueError(f"no vector column {vector_col!r}; columns are {names}")
+    if not vector_ok:
+        raise TypeError(f"vector column {vector_col!r} must be array<float> or array<double>, got {vector_type}")
+    if id_col is not None:
+        if id_col not in names:
+            raise ValueError(f"no id column {id_col!r}; columns are {names}")
+        if integer_ids and not id_integer:
+            raise TypeError(f"FAISS ids must be integers; id column {id_col!r} is {id_type}")
+
+
 def _check_columns(df, vector_col: str, id_col: str | None, integer_ids: bool = False) -> None:
     from pyspark.sql import types as T
 
     fields = {f.name: f.dataType for f in df.schema.fields}
-    if vector_col not in fields:
-        raise ValueError(f"no vector column {vector_col!r}; columns are {list(fields)}")
-    vt = fields[vector_col]
-    if not (isinstance(vt, T.ArrayType) and isinstance(vt.elementType, (T.FloatType, T.DoubleType))):
-        raise TypeError(f"vector column {vector_col!r} must be array<float> or array<double>, got {vt.simpleString()}")
-    if id_col is not None:
-        if id_col not in fields:
-            raise ValueError(f"no id column {id_col!r}; columns are {list(fields)}")
-        if integer_ids and not isinstance(fields[id_col], (T.LongType, T.IntegerType, T.ShortType, T.ByteType)):
-            raise TypeError(f"FAISS ids must be integers; id column {id_col!r} is {fields[id_col].simpleString()}")
+    vt, it = fields.get(vector_col), fields.get(id_col)
+    _schema_errors(list(fields), vector_col, id_col, vt.simpleString() if vt else "",
+                   isinstance(vt, T.ArrayType) and isinstance(vt.elementType, (T.FloatType, T.DoubleType)),
+                   it.simpleString() if it else "", isinstance(it, (T.LongType, T.IntegerType, T.ShortType, T.ByteType)),
+                   integer_ids)
 
 
-def validate(df, d: int, vector_col: str = "vector", id_col: str | None = "id", limit: int = MAX_LISTED) -> int:
-    """Count the rows, or raise BadRowsError naming bad ones: null id, null vector, length != d, null/NaN/Inf.
+def _check_plan_columns(plan: ParquetPlan, vector_col: str, id_col: str | None, integer_ids: bool = False) -> None:
+    import pyarrow as pa
 
-    Runs as Spark SQL (no Python UDF): one pass over the data, plus one more only when rows are bad.
+    fields = {f.name: f.type for f in plan.schema}
+    vt, it = fields.get(vector_col), fields.get(id_col)
+    listy = vt is not None and (pa.types.is_list(vt) or pa.types.is_large_list(vt) or pa.types.is_fixed_size_list(vt))
+    _schema_errors(list(fields), vector_col, id_col, str(vt), listy and pa.types.is_floating(vt.value_type),
+                   str(it), it is not None and pa.types.is_integer(it), integer_ids)
+
+
+MINUS_ONE = "id -1 is FAISS's 'no result' marker, it cannot be stored"
+
+
+def _duplicate_ids(df, id_col: str, limit: int) -> tuple[list[tuple[Any, str]], int]:
+    """(id, problem) of up to `limit` ids that occur more than once, and how many rows carry them (Spark SQL)."""
+    from pyspark.sql import functions as F
+
+    dup = df.groupBy(id_col).agg(F.count(F.lit(1)).alias("_n")).where(F.col("_n") > 1)
+    total = dup.agg(F.sum("_n").alias("rows")).collect()[0]["rows"] or 0
+    listed = dup.orderBy(id_col).limit(limit).collect() if total else []
+    return [(r[id_col], f"duplicate id ({r['_n']} rows)") for r in listed], int(total)
+
+
+def validate(df, d: int, vector_col: str = "vector", id_col: str | None = "id", limit: int = MAX_LISTED,
+             faiss_ids: bool = False) -> int:
+    """Count the rows, or raise BadRowsError naming bad ones: null id, null vector, length != d, null/NaN/Inf;
+    with faiss_ids also id -1 and duplicate ids (FAISS ids, as `checks.as_ids` refuses them).
+
+    Runs as Spark SQL (no Python UDF): one pass over the data (two with faiss_ids: the duplicate
+    check groups the ids), plus one more only when rows are bad.
     """
     from pyspark.sql import functions as F
 
@@ -227,12 +196,19 @@ def validate(df, d: int, vector_col: str = "vector", id_col: str | None = "id", 
                .when(F.exists(v, lambda e: e.isNull() | F.isnan(e) | (F.abs(e) == F.lit(float("inf")))),
                      F.lit("null, NaN or Inf value")))
     if id_col is not None:
+        if faiss_ids:
+            problem = F.when(F.col(id_col) == -1, F.lit(MINUS_ONE)).otherwise(problem)
         problem = F.when(F.col(id_col).isNull(), F.lit("null id")).otherwise(problem)
     checked = df.select((F.col(id_col) if id_col else F.lit(None)).alias("_id"), problem.alias("_problem"))
     counts = checked.agg(F.count(F.lit(1)).alias("n"), F.count("_problem").alias("bad")).collect()[0]
-    if counts["bad"]:
-        rows = checked.where(F.col("_problem").isNotNull()).limit(limit).collect()
-        raise BadRowsError([(r["_id"], r["_problem"]) for r in rows], total=counts["bad"])
+    rows, bad = [], int(counts["bad"])
+    if bad:
+        rows = [(r["_id"], r["_problem"]) for r in checked.where(F.col("_problem").isNotNull()).limit(limit).collect()]
+    if faiss_ids and id_col is not None:
+        dup_rows, dups = _duplicate_ids(df.select(id_col).where(F.col(id_col).isNotNull()), id_col, limit)
+        rows, bad = rows + dup_rows, bad + dups
+    if bad:
+        raise BadRowsError(rows[:limit], total=bad)
     return int(counts["n"])
 
 
@@ -268,6 +244,193 @@ def _refine_batches(spec: RefinerSpec, vector_col: str, id_col: str | None, out:
     return run
 
 
+# -- parquet read by the Python workers: vectors never go through the JVM ---------------------------
+def _session(spark):
+    """`spark`, or the active SparkSession (a parquet path needs one to run the tasks)."""
+    if spark is not None:
+        return spark
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is None:
+        raise ValueError("a parquet path needs a SparkSession: pass spark=..., or start one with "
+                         "simskip_faiss.spark.session()")
+    return active
+
+
+def parquet_plan(spark, source: str | os.PathLike, partitions: int | None = None) -> ParquetPlan:
+    """The tasks that read `source` in Python: one per row group, at least one per core (`partitions`: exactly)."""
+    try:
+        cores = int(spark.sparkContext.defaultParallelism)
+    except Exception:  # Spark Connect
+        cores = 1
+    return plan_parquet(source, partitions, cores)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tasks:
+    """mapInArrow over spark.range(tasks): task t reads its parquet pieces with pyarrow and runs `job` on them."""
+
+    plan: ParquetPlan
+    job: Any  # has .run(batches, task) -> Iterator[RecordBatch]
+    columns: tuple[str, ...] | None
+
+    def __call__(self, batches: Iterator) -> Iterator:
+        faiss.omp_set_num_threads(1)  # one task per core
+        for b in batches:
+            for t in b.column(0).to_pylist():
+                yield from self.job.run(self.plan.batches(t, list(self.columns) if self.columns else None), t)
+
+
+def _run_tasks(spark, plan: ParquetPlan, job, schema: str, columns=None) -> list:
+    n = len(plan.tasks)
+    return spark.range(0, n, 1, n).mapInArrow(_Tasks(plan, job, tuple(columns) if columns else None), schema).collect()
+
+
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}.npy")
+    np.save(tmp, x)
+    os.replace(tmp, path)  # a retried task rewrites the same content
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckJob:
+    """Validate a task's rows in Python (and draw its share of the training sample into `sample_dir`)."""
+
+    d: int
+    vector_col: str
+    id_col: str | None
+    faiss_ids: bool
+    limit: int
+    sample_fraction: float = 0.0
+    seed: int = 0
+    sample_dir: str = ""
+
+    def run(self, batches: Iterator, task: int) -> Iterator:
+        import json
+
+        import pyarrow as pa
+
+        rows, bad, listed, sample = 0, 0, [], []
+        rng = np.random.default_rng([self.seed, task])
+        for b in batches:
+            rows += b.num_rows
+            ids = b.column(self.id_col) if self.id_col else None
+            problems = []
+            if ids is not None:
+                problems += [(None, "null id")] * ids.null_count
+                if self.faiss_ids:
+                    problems += [(-1, MINUS_ONE)] * int((ids.fill_null(0).to_numpy(zero_copy_only=False) == -1).sum())
+            try:
+                x = arrow_vectors(b.column(self.vector_col), self.d, ids)
+            except BadRowsError as e:
+                problems, x = problems + e.rows, None
+            bad += len(problems)
+            listed += problems[:self.limit - len(listed)]
+            if self.sample_fraction and x is not None and not problems:
+                sample.append(x[rng.random(len(x)) < self.sample_fraction])
+        if sample and not bad:
+            _save_npy(Path(self.sample_dir) / f"sample-{task:05d}.npy", np.concatenate(sample))
+        yield pa.RecordBatch.from_pydict({"task": [task], "rows": [rows], "bad": [bad],
+                                          "listed": [json.dumps(listed, default=str)]})
+
+
+def check_parquet(spark, plan: ParquetPlan, d: int, vector_col: str = "vector", id_col: str | None = "id",
+                  faiss_ids: bool = False, sample_size: int = 0, seed: int = 0, work_dir: str | os.PathLike = "",
+                  limit: int = MAX_LISTED) -> tuple[int, np.ndarray | None]:
+    """Validate every row of `plan` in the Python workers; (row count, training sample or None).
+
+    Raises BadRowsError naming bad rows: null id, null vector, length != d, null/NaN/Inf; with
+    faiss_ids also id -1 and duplicate ids (the duplicate check is Spark SQL over the id column
+    only). With sample_size, about that many rows drawn uniformly (deterministic for a seed and a
+    plan) come back, via .npy files in `work_dir` (a path that the executors and the driver see).
+    """
+    import json
+
+    fraction = min(1.0, 1.2 * sample_size / plan.rows) if sample_size and plan.rows else 0.0
+    job = _CheckJob(d, vector_col, id_col, faiss_ids, limit, fraction, seed, str(work_dir))
+    cols = [c for c in (id_col, vector_col) if c]
+    out = sorted(_run_tasks(spark, plan, job, "task long, rows long, bad long, listed string", cols))
+    bad = sum(r["bad"] for r in out)
+    listed = [tuple(p) for r in out for p in json.loads(r["listed"])]
+    if faiss_ids and id_col is not None:
+        from pyspark.sql import functions as F
+
+        ids = spark.read.parquet(plan.uri).select(id_col)
+        dup_rows, dups = _duplicate_ids(ids.where(F.col(id_col).isNotNull()), id_col, limit)
+        listed, bad = listed + dup_rows, bad + dups
+    if bad:
+        raise BadRowsError(listed[:limit], total=bad)
+    if not fraction:
+        return sum(r["rows"] for r in out), None
+    files = sorted(Path(work_dir).glob("sample-*.npy"))
+    sample = np.concatenate([np.load(f) for f in files]) if files else np.empty((0, d), np.float32)
+    for f in files:
+        f.unlink()
+    if len(sample) > sample_size:  # drawn 1.2x over, so that it falls short rarely: keep a uniform subset
+        sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), sample_size, replace=False))]
+    return sum(r["rows"] for r in out), sample
+
+
+@dataclasses.dataclass(frozen=True)
+class _WriteJob:
+    """Refine a task's rows and write them, every column kept, as one parquet file in `stage`."""
+
+    spec: RefinerSpec
+    vector_col: str
+    id_col: str | None
+    out: str
+    role: str
+    filesystem: Any
+    stage: str
+
+    def run(self, batches: Iterator, task: int) -> Iterator:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path, writer, rows = f"{self.stage}/part-{task:05d}.parquet", None, 0
+        tmp = f"{self.stage}/.part-{task:05d}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            for b in _refine_batches(self.spec, self.vector_col, self.id_col, self.out, self.role)(batches):
+                if writer is None:
+                    writer = pq.ParquetWriter(self.filesystem.open_output_stream(tmp), b.schema)
+                writer.write_batch(b)
+                rows += b.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is not None:
+            self.filesystem.move(tmp, path)  # a retried task rewrites the same content
+        yield pa.RecordBatch.from_pydict({"task": [task], "rows": [rows]})
+
+
+def _write_parquet_refined(spark, source, refiner, output: str, vector_col, id_col, output_col, role,
+                           partitions) -> int:
+    """write_refined for a parquet path: validate in the workers, refine and write in the workers, rename."""
+    plan = parquet_plan(spark, source, partitions)
+    _check_plan_columns(plan, vector_col, id_col)
+    if role not in ("documents", "queries"):
+        raise ValueError(f"role must be 'documents' or 'queries', got {role!r}")
+    n, _ = check_parquet(spark, plan, refiner.d_in, vector_col, id_col)
+    fs, out = filesystem(output)
+    stage = f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(stage)
+    try:
+        job = _WriteJob(refiner_spec(spark, refiner), vector_col, id_col, output_col or vector_col, role, fs, stage)
+        _run_tasks(spark, plan, job, "task long, rows long")
+        fs.move(stage, out)
+    finally:
+        import pyarrow.fs as pafs
+
+        if fs.get_file_info(stage).type != pafs.FileType.NotFound:
+            fs.delete_dir(stage)
+    return n
+
+
+def _is_path(source) -> bool:
+    return isinstance(source, (str, os.PathLike))
+
+
 def _local_path(uri: str) -> Path | None:
     """A local filesystem path for 'path' or 'file:/path'; None for other schemes (hdfs:, s3a:, ...)."""
     if uri.startswith("file://"):
@@ -290,17 +453,26 @@ def _rename(spark, src: str, dst: str) -> None:
         raise OSError(f"could not move staged output {src} to {dst}")
 
 
-def write_refined(df, refiner, output: str | os.PathLike, vector_col: str = "vector", id_col: str | None = "id",
-                  output_col: str | None = None, role: str = "documents") -> int:
+def write_refined(source, refiner, output: str | os.PathLike, vector_col: str = "vector", id_col: str | None = "id",
+                  output_col: str | None = None, role: str = "documents", spark=None,
+                  partitions: int | None = None) -> int:
     """Validate all rows, refine, and write parquet to `output` (which must not exist); return the row count.
 
-    The data is written to a staging directory beside `output` and renamed only after the Spark job
-    succeeded, so a failure at any point leaves no `output` at all.
+    source: a parquet file or directory (read by the Python workers with pyarrow, one task per row
+    group or `partitions` tasks: the fast path, no JVM conversion of the vectors), or a DataFrame
+    (refined with `refine_dataframe` and written by Spark). Either way every row is checked first
+    and the data is written to a staging directory beside `output`, renamed only after the job
+    succeeded: a failure at any point leaves no `output` at all. The refined column is list<float>
+    (Spark's array<float>), readable by Spark, pandas and pyarrow.
     """
     output = str(output)
     lp = _local_path(output)
     if lp is not None and lp.exists():
         raise FileExistsError(f"output {output} already exists")
+    if _is_path(source):
+        return _write_parquet_refined(_session(spark), source, refiner, output, vector_col, id_col, output_col, role,
+                                      partitions)
+    df = source
     n = validate(df, refiner.d_in, vector_col, id_col)
     refined = refine_dataframe(df, refiner, vector_col, id_col, output_col, role)
     stage = f"{output.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
@@ -321,9 +493,10 @@ class BuildResult:
 
     index: RefinedIndex
     n: int
-    shards: list[tuple[int, int]]  # (partition, vectors) of each merged shard
+    shards: list[tuple[int, int]]  # (task or partition, vectors) of each merged shard
     seconds: dict[str, float]
     shard_paths: list[str] = dataclasses.field(default_factory=list)  # kept shard files (keep_shards=True)
+    quantizer: str = "given"  # how the coarse quantizer was trained: 'flat', 'two-level' or 'given'
 
 
 def _template_key(template: bytes) -> str:
@@ -353,19 +526,27 @@ def _sample(df, n: int, size: int, seed: int, vector_col: str, d: int) -> np.nda
     return arrow_vectors(table.column(vector_col), d, what="training sample")
 
 
-def build_index(df, refiner, output: str | os.PathLike, factory: str | None = None, metric: str = "ip",
+def build_index(source, refiner, output: str | os.PathLike, factory: str | None = None, metric: str = "ip",
                 vector_col: str = "vector", id_col: str = "id", train_size: int = 100_000, seed: int = 0,
                 trained_index: faiss.Index | None = None, shard_dir: str | os.PathLike | None = None,
-                keep_shards: bool = False) -> BuildResult:
-    """Refine `df` on Spark, add each partition to a copy of the trained index, merge, save a bundle.
+                keep_shards: bool = False, spark=None, partitions: int | None = None,
+                quantizer: str = "flat") -> BuildResult:
+    """Refine `source` on Spark, add each task's rows to a copy of the trained index, merge, save a bundle.
 
-    factory: a mergeable FAISS factory string (default "IVF1024,Flat"), trained on a refined sample of
-    `train_size` rows on the driver; with `trained_index` (an empty, trained FAISS index used as is)
-    it is only recorded in the manifest. shard_dir: where partitions write their shards — a path
-    that the executors and the driver both see (local in local mode; a shared mount on a cluster).
-    Shards go to a fresh subdirectory of it (default: beside `output`), removed after the merge
-    unless keep_shards.
+    source: a parquet file or directory, read by the Python workers with pyarrow (one task per row
+    group, or `partitions` tasks; the fast path: vectors never go through the JVM), or a DataFrame
+    (one shard per partition, via mapInArrow). Ids must be integers, never -1, never twice: every
+    row is checked before any index is built. factory: a mergeable FAISS factory string (default
+    "IVF1024,Flat"), trained on a refined sample of `train_size` rows on the driver, its coarse
+    quantizer by `quantizer` ("flat": FAISS's k-means; "two-level": far cheaper at large nlist, a
+    little less recall, see `simskip_faiss.quantizer`); with `trained_index` (an empty, trained FAISS
+    index used as is) the factory is only recorded in the manifest. shard_dir: where tasks write
+    their shards — a path that the executors and the driver both see (local in local mode; a
+    shared mount on a cluster). Shards go to a fresh subdirectory of it (default: beside
+    `output`), removed after the merge unless keep_shards.
     """
+    from .quantizer import check_method, train_ivf
+
     t0 = time.perf_counter()
     if trained_index is not None:
         if trained_index.ntotal:
@@ -374,22 +555,36 @@ def build_index(df, refiner, output: str | os.PathLike, factory: str | None = No
         ri.factory = factory
     else:
         ri = RefinedIndex(refiner, factory or "IVF1024,Flat", metric)
-    _check_columns(df, vector_col, id_col, integer_ids=True)
-    n = validate(df, refiner.d_in, vector_col, id_col)
-    if n == 0:
-        raise ValueError("the input has no rows")
-    seconds = {"validate": time.perf_counter() - t0}
-    t = time.perf_counter()
-    sample = _sample(df, n, 1 if ri.is_trained else min(train_size, n), seed, vector_col, refiner.d_in)
-    if not ri.is_trained:
-        ri.train(sample)
-    _check_mergeable(ri.index, ri.refine_documents(sample[:1]))
-    seconds["train"] = time.perf_counter() - t
+    check_method(ri.index, quantizer)  # a bad method fails before any Spark work
+    plan = None
+    if _is_path(source):
+        spark = _session(spark)
+        plan = parquet_plan(spark, source, partitions)
+        _check_plan_columns(plan, vector_col, id_col, integer_ids=True)
+    else:
+        _check_columns(source, vector_col, id_col, integer_ids=True)
     sdir = Path(shard_dir or Path(output).parent) / f".shards-{uuid.uuid4().hex[:8]}"
     sdir.mkdir(parents=True)
     try:
+        size = 0 if ri.is_trained else train_size
+        if plan is not None:
+            n, sample = check_parquet(spark, plan, refiner.d_in, vector_col, id_col, True, size, seed, sdir)
+        else:
+            n = validate(source, refiner.d_in, vector_col, id_col, faiss_ids=True)
+            sample = _sample(source, n, min(size, n), seed, vector_col, refiner.d_in) if n and size else None
+        if n == 0:
+            raise ValueError("the input has no rows")
+        seconds = {"validate": time.perf_counter() - t0}
         t = time.perf_counter()
-        shards = add_shards(df, refiner, ri.index, sdir, vector_col, id_col)
+        how = "given" if ri.is_trained else train_ivf(ri.index, ri.refine_documents(sample), quantizer, seed=seed)
+        probe = np.random.default_rng(seed).standard_normal((1, refiner.d_in)).astype(np.float32)
+        _check_mergeable(ri.index, ri.refine_documents(probe / np.linalg.norm(probe)))
+        seconds["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if plan is not None:
+            shards = add_shards_parquet(spark, plan, refiner, ri.index, sdir, vector_col, id_col)
+        else:
+            shards = add_shards(source, refiner, ri.index, sdir, vector_col, id_col)
         seconds["refine_add"] = time.perf_counter() - t
         t = time.perf_counter()
         ri.index = merge_shards(ri.index, [p for _, p, _ in shards])
@@ -404,7 +599,20 @@ def build_index(df, refiner, output: str | os.PathLike, factory: str | None = No
             shutil.rmtree(sdir, ignore_errors=True)
     seconds["total"] = time.perf_counter() - t0
     return BuildResult(ri, n, [(pid, k) for pid, _, k in shards], seconds,
-                       [p for _, p, _ in shards] if keep_shards else [])
+                       [p for _, p, _ in shards] if keep_shards else [], how)
+
+
+_SHARD_SCHEMA = "partition int, path string, ntotal long"
+
+
+def _shard_job(spark, refiner, trained: faiss.Index, shard_dir: Path, vector_col: str, id_col: str) -> "_ShardJob":
+    template = faiss.serialize_index(trained).tobytes()
+    return _ShardJob(refiner_spec(spark, refiner), _ship(spark, template), _template_key(template),
+                     str(Path(shard_dir).resolve()), vector_col, id_col)
+
+
+def _shards(rows) -> list[tuple[int, str, int]]:
+    return sorted((r["partition"], r["path"], r["ntotal"]) for r in rows if r["ntotal"])
 
 
 def add_shards(df, refiner, trained: faiss.Index, shard_dir: Path, vector_col: str = "vector",
@@ -413,21 +621,23 @@ def add_shards(df, refiner, trained: faiss.Index, shard_dir: Path, vector_col: s
 
     Returns (partition, path, ntotal) per non-empty shard, in partition order.
     """
-    from pyspark.sql import types as T
+    job = _shard_job(df.sparkSession, refiner, trained, shard_dir, vector_col, id_col)
+    return _shards(df.select(id_col, vector_col).mapInArrow(job, _SHARD_SCHEMA).collect())
 
-    template = faiss.serialize_index(trained).tobytes()
-    spark = df.sparkSession
-    job = _ShardJob(refiner_spec(spark, refiner), _ship(spark, template), _template_key(template),
-                    str(Path(shard_dir).resolve()), vector_col, id_col)
-    schema = T.StructType([T.StructField("partition", T.IntegerType()), T.StructField("path", T.StringType()),
-                           T.StructField("ntotal", T.LongType())])
-    rows = df.select(id_col, vector_col).mapInArrow(job, schema).collect()
-    return sorted((r["partition"], r["path"], r["ntotal"]) for r in rows if r["ntotal"])
+
+def add_shards_parquet(spark, plan: ParquetPlan, refiner, trained: faiss.Index, shard_dir: Path,
+                       vector_col: str = "vector", id_col: str = "id") -> list[tuple[int, str, int]]:
+    """`add_shards` for a parquet plan: each task reads its rows with pyarrow, refines, adds, writes a shard.
+
+    Returns (task, path, ntotal) per non-empty shard, in task order (= the data set's row order).
+    """
+    job = _shard_job(spark, refiner, trained, shard_dir, vector_col, id_col)
+    return _shards(_run_tasks(spark, plan, job, _SHARD_SCHEMA, [id_col, vector_col]))
 
 
 @dataclasses.dataclass(frozen=True)
 class _ShardJob:
-    """The mapInArrow function of `add_shards` (a picklable object, not a closure)."""
+    """Refine rows and add them to a copy of the trained index, written as one shard file per task."""
 
     spec: RefinerSpec
     template: Any  # Broadcast[bytes] of faiss.serialize_index(trained empty index)
@@ -445,11 +655,15 @@ class _ShardJob:
         return faiss.clone_index(base)
 
     def __call__(self, batches: Iterator) -> Iterator:
-        import pyarrow as pa
+        """The mapInArrow function over a DataFrame's partition."""
         from pyspark import TaskContext
 
         faiss.omp_set_num_threads(1)  # one task per core
-        pid = TaskContext.get().partitionId()
+        return self.run(batches, TaskContext.get().partitionId())
+
+    def run(self, batches: Iterator, pid: int) -> Iterator:
+        import pyarrow as pa
+
         index = self.empty_index()
         for b in batches:
             ids = b.column(self.id_col)

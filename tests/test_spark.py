@@ -114,10 +114,15 @@ def test_one_onnx_session_per_worker_process(spark, setup):
     assert len(sessions_per_pid) < 6  # workers were reused across tasks
 
 
+@pytest.mark.parametrize("source", ["parquet", "frame"])
 @pytest.mark.parametrize("factory", ["IVF4,Flat", "IVF4,PQ4x4"])
-def test_distributed_build_equals_single_machine(spark, setup, tmp_path, factory):
+def test_distributed_build_equals_single_machine(spark, setup, tmp_path, factory, source):
     x, ids, r = setup["x"], setup["ids"], setup["refiner"]
-    res = S.build_index(frame(spark, setup), r, tmp_path / "bundle", factory=factory, metric="ip", train_size=400)
+    src = str(setup["parquet"]) if source == "parquet" else frame(spark, setup)
+    how = "two-level" if source == "parquet" else "flat"
+    res = S.build_index(src, r, tmp_path / "bundle", factory=factory, metric="ip", train_size=400, partitions=3,
+                        quantizer=how)
+    assert res.quantizer == how
     assert len(res.shards) == 3 and sum(n for _, n in res.shards) == res.n == N
     assert not any(p.name.startswith(".shards-") for p in tmp_path.iterdir())  # shards cleaned up
     dist = RefinedIndex.load(tmp_path / "bundle")
@@ -180,6 +185,15 @@ def test_bad_rows_named_and_nothing_written(spark, setup, tmp_path):
     with pytest.raises(S.BadRowsError, match=f"id {ids[30]}: null, NaN or Inf"):
         S.build_index(df, r, tmp_path / "bundle", factory="IVF2,Flat")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]  # no output, no staging, no shards
+    # the parquet path (rows read by the Python workers) names the same rows and writes nothing either
+    path = str(tmp_path / "bad.parquet")
+    with pytest.raises(S.BadRowsError) as e:
+        S.write_refined(path, r, tmp_path / "out", partitions=3)
+    assert sorted(i for i, _ in e.value.rows) == sorted(int(ids[k]) for k in (5, 17, 30)) and e.value.total == 3
+    assert f"id {ids[17]}: length 9, expected 16" in str(e.value)
+    with pytest.raises(S.BadRowsError, match=f"id {ids[30]}: null, NaN or Inf"):
+        S.build_index(path, r, tmp_path / "bundle", factory="IVF2,Flat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]
     # the same refiner in a worker names the ids too (refine_dataframe without validating first)
     with pytest.raises(Exception, match=f"id {ids[5]}: null vector"):
         S.refine_dataframe(df.where(f"id = {ids[5]}"), r).collect()
@@ -205,7 +219,63 @@ def test_cli_spark_build_and_search(spark, setup, tmp_path, capsys):
                  "--param", "nprobe=4"]) == 0
     assert np.load(tmp_path / "r.npz")["I"][:, 0].tolist() == setup["ids"][:20].tolist()
     assert spark.range(3).count() == 3  # the CLI left the running session alone
+    assert main(["spark-refine", str(d / "r.onnx"), str(setup["parquet"]), "-o", str(tmp_path / "refined"),
+                 "--partitions", "2", "-q"]) == 0
+    refined = pq.read_table(tmp_path / "refined")
+    assert len(list((tmp_path / "refined").glob("part-*.parquet"))) == 2
+    assert np.abs(by_id(refined, "vector", setup["ids"]) - setup["refiner"].transform(setup["x"])).max() <= 1e-6
     rc = main(["spark-build", str(d / "r.onnx"), str(setup["parquet"]), "-o", str(tmp_path / "b2"),
                "--vector-col", "nope", "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "no vector column 'nope'" in err
+
+
+@pytest.mark.parametrize("source", ["parquet", "frame"])
+def test_faiss_id_rules(spark, setup, tmp_path, source):
+    """Id -1 (FAISS's 'no result') and ids given twice are refused by id before anything is built."""
+    x, r = setup["x"][:50], setup["refiner"]
+    ids = np.arange(50, dtype=np.int64) + 10
+    ids[3], ids[20], ids[40] = -1, 15, 15  # 15 is also ids[5]: three rows carry it
+    pq.write_table(vectors_table(x, ids), tmp_path / "ids.parquet")
+    src = str(tmp_path / "ids.parquet") if source == "parquet" else spark.read.parquet(str(tmp_path / "ids.parquet"))
+    with pytest.raises(S.BadRowsError) as e:
+        S.build_index(src, r, tmp_path / "bundle", factory="IVF2,Flat", partitions=2)
+    assert sorted(e.value.rows, key=str) == [(-1, S.MINUS_ONE), (15, "duplicate id (3 rows)")]
+    assert e.value.total == 4 and "4 bad row(s), nothing was written" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.parquet"]
+
+
+def test_parquet_plan_reads_every_row_once_in_order(tmp_path):
+    """Tasks hold contiguous rows: reading them in task order reads the files in order, whatever the split."""
+    from simskip_faiss.arrow import plan_parquet
+
+    x = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4)
+    for f, (a, b) in enumerate([(0, 300), (300, 1000)]):
+        pq.write_table(vectors_table(x[a:b], np.arange(a, b)), tmp_path / f"part-{f}.parquet", row_group_size=128)
+    (tmp_path / "_SUCCESS").write_text("")  # what Spark leaves beside its output: skipped
+    for tasks, expected in [(None, 9), (1, 1), (3, 3), (7, 7), (5000, 1000)]:
+        plan = plan_parquet(tmp_path, tasks)
+        assert len(plan.tasks) == expected and plan.rows == 1000
+        got = [b for t in range(len(plan.tasks)) for b in plan.batches(t, ["id", "vector"], batch_size=50)]
+        np.testing.assert_array_equal(np.concatenate([b.column("id").to_numpy() for b in got]), np.arange(1000))
+        np.testing.assert_array_equal(np.concatenate([S.arrow_vectors(b.column("vector"), 4) for b in got]), x)
+    sizes = [sum(p.stop - p.start for p in t) for t in plan_parquet(tmp_path, 3).tasks]
+    assert sizes == [333, 333, 334]
+    assert all(len(t) == 1 for t in plan_parquet(tmp_path).tasks)  # default: one whole row group per task
+
+
+def test_write_refined_from_parquet_readable_everywhere(spark, setup, tmp_path):
+    x, ids, r = setup["x"], setup["ids"], setup["refiner"]
+    n = S.write_refined(str(setup["parquet"]), r, tmp_path / "out", output_col="refined", partitions=3)
+    assert n == N and sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+    table = pq.read_table(tmp_path / "out")
+    assert table.column_names == ["id", "vector", "label", "refined"] and table.num_rows == N
+    assert np.abs(by_id(table, "refined", ids) - r.transform(x)).max() <= 1e-6
+    np.testing.assert_array_equal(by_id(table, "vector", ids), x)
+    frame_ = spark.read.parquet(str(tmp_path / "out"))
+    assert frame_.schema["refined"].dataType.simpleString() == "array<float>" and frame_.count() == N
+    pd = pytest.importorskip("pandas")
+    pdf = pd.read_parquet(tmp_path / "out")
+    assert len(pdf) == N and pdf["label"].tolist() == [f"doc{i}" for i in pdf["id"]]
+    with pytest.raises(FileExistsError):
+        S.write_refined(str(setup["parquet"]), r, tmp_path / "out")
