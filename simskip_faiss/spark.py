@@ -40,7 +40,7 @@ import numpy as np
 from .arrow import (MAX_LISTED, BadRowsError, ParquetPlan, arrow_vectors, filesystem,  # noqa: F401
                     plan_parquet, to_arrow_list)
 from .index import RefinedIndex
-from .refiner import IdentityRefiner, Refiner
+from .refiner import BaseRefiner, refiner_from_bytes
 
 _WORKER_CACHE: dict[str, Any] = {}  # per Python worker process: refiners and trained templates by sha256
 
@@ -48,14 +48,16 @@ _WORKER_CACHE: dict[str, Any] = {}  # per Python worker process: refiners and tr
 # -- shipping the refiner to the workers ----------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RefinerSpec:
-    """What a worker needs to rebuild the refiner: a sha256 key and a broadcast of the ONNX bytes."""
+    """What a worker needs to rebuild the refiner: its kind, record (`BaseRefiner.info()`) and a broadcast of its bytes."""
 
     key: str
-    d_in: int
-    d_out: int
-    apply_to: str
-    normalize: bool
+    kind: str
+    info: dict
     payload: Any = None  # Broadcast[bytes] or _Held[bytes]; None for the identity
+
+    d_in = property(lambda self: self.info["d_in"])
+    d_out = property(lambda self: self.info["d_out"])
+    apply_to = property(lambda self: self.info["apply_to"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,26 +76,24 @@ def _ship(spark, data: bytes):
 
 
 def refiner_spec(spark, refiner) -> RefinerSpec:
-    """Describe an ONNX `Refiner` or an `IdentityRefiner` so that workers can rebuild it."""
-    if isinstance(refiner, IdentityRefiner):
-        return RefinerSpec(f"identity:{refiner.d_in}:{refiner.normalize}", refiner.d_in, refiner.d_out,
-                           "both", refiner.normalize)
-    if not isinstance(refiner, Refiner):
-        raise TypeError(f"Spark refinement needs an ONNX Refiner or an IdentityRefiner, got {type(refiner).__name__}")
-    return RefinerSpec(refiner.sha256, refiner.d_in, refiner.d_out, refiner.apply_to, refiner.normalize,
-                       _ship(spark, refiner.model_bytes))
+    """Describe any refiner kind (ONNX, linear, identity) so that workers can rebuild it from its bytes."""
+    if not isinstance(refiner, BaseRefiner):
+        raise TypeError(f"Spark refinement needs a simskip_faiss refiner, got {type(refiner).__name__}")
+    info, data = refiner.info(), refiner.to_bytes()
+    key = refiner.sha256 or f"{refiner.kind}:{refiner.d_in}:{refiner.normalize}:{refiner.apply_to}"
+    return RefinerSpec(key, refiner.kind, info, None if data is None else _ship(spark, data))
 
 
-def worker_refiner(spec: RefinerSpec):
-    """The refiner for `spec`, built once per Python worker process (onnxruntime 1 thread) and cached."""
+def worker_refiner(spec: RefinerSpec) -> BaseRefiner:
+    """The refiner for `spec`, built once per Python worker process (onnxruntime 1 thread) and cached.
+
+    `refiner_from_bytes` checks the rebuilt refiner against the driver's record (sha256 included), so
+    bytes corrupted on the way fail loudly.
+    """
     r = _WORKER_CACHE.get(spec.key)
     if r is None:
-        if spec.payload is None:
-            r = IdentityRefiner(spec.d_in, normalize=spec.normalize)
-        else:
-            r = Refiner(spec.payload.value, threads=1, source=f"refiner {spec.key[:16]}")
-            if r.sha256 != spec.key:
-                raise RuntimeError(f"refiner bytes arrived corrupted on the worker (sha256 {r.sha256[:16]}…)")
+        data = None if spec.payload is None else spec.payload.value
+        r = refiner_from_bytes(spec.kind, data, spec.info, threads=1, source=f"refiner {spec.key[:16]}")
         _WORKER_CACHE[spec.key] = r
     return r
 

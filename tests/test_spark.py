@@ -82,6 +82,19 @@ def test_spark_refined_equals_single_process(spark, setup):
     assert all(labels[int(i)] == f"doc{i}" for i in ids)  # other columns travel with their row
 
 
+def test_every_refiner_kind_ships_to_the_workers(spark, setup):
+    """A linear refiner (centring, a distilled map) and the identity refine on Spark as in-process."""
+    from simskip_faiss import IdentityRefiner, LinearRefiner
+
+    x, ids = setup["x"], setup["ids"]
+    rng = np.random.default_rng(3)
+    lin = LinearRefiner(np.eye(D_IN, dtype=np.float32) + 0.2 * rng.standard_normal((D_IN, D_IN)).astype(np.float32),
+                        mean=x.mean(0), normalize=True)
+    for r in (lin, IdentityRefiner(D_IN, normalize=True)):
+        got = by_id(S.refine_dataframe(frame(spark, setup, 2), r).toArrow(), "vector", ids)
+        assert np.abs(got - r.transform(x)).max() <= 1e-6, r
+
+
 def test_query_only_refiner_leaves_documents_raw(spark, setup, tmp_path):
     x, ids = setup["x"], setup["ids"]
     qr = make_refiner(tmp_path / "q.onnx", apply_to="queries", seed=1)
