@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -21,6 +22,7 @@ import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm.auto import tqdm
 
+from .baselines import lda_candidates, ridge_candidates
 from .datasets import EmbeddingData
 from .index import RefinedIndex, metric_code
 from .metrics import drop_self, knn_recall, paired_bootstrap, per_query_metrics
@@ -32,7 +34,9 @@ log = logging.getLogger(__name__)
 LABEL_METRICS = ("precision@10", "map@100")
 PAIR_METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
 HEADLINE = {"labels": "map@100", "pairs": "ndcg@10"}
-BASELINES = ("raw", "centred", "whitened", "abtt")
+BASELINES = ("raw", "centred", "whitened", "abtt", "ridge", "lda")
+# supervised baseline -> (task, metric) its hyperparameters maximise on val, ("task:metric", ...) kept >= raw there
+SUPERVISED_BASELINES = {"ridge": ("pairs", "ndcg@10", ()), "lda": ("labels", "map@100", ("pairs:ndcg@10",))}
 
 
 @dataclass
@@ -43,13 +47,14 @@ class EvalConfig:
     factory: str = "Flat"
     metric: str = "ip"
     split: str = "test"
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = BASELINES  # ridge / lda only where the data has pairs / labels
     abtt_components: int | None = None       # None: d/100 (Mu & Viswanath)
     max_queries: int | None = 5000           # per task, seeded subsample of the split's queries
     ann_factory: str | None = "HNSW32"       # None skips the ANN axis
     ann_sweep: tuple[int, ...] | None = None  # efSearch / nprobe values; None picks by index type
     ann_methods: tuple[str, ...] | None = None  # None: raw + every refiner under test
-    threads: int = 2
+    threads: int = 2                         # FAISS OpenMP threads while evaluating (restored after)
+    max_val_queries: int = 2000              # per task, to choose the supervised baselines' lam / shrinkage
     bootstrap: int = 1000
     seed: int = 0
     progress: bool = True
@@ -148,9 +153,12 @@ def _jsonable(o):
 
 def _md_header(info: dict) -> str:
     lines = ["# simskip-faiss evaluation", ""]
-    for k in ("data", "split", "factory", "metric", "queries", "machine", "command"):
+    for k in ("data", "split", "factory", "metric", "queries", "machine", "command", "shipped", "seconds"):
         if k in info:
             lines.append(f"- **{k}**: {info[k]}")
+    for name, meta in info.get("baselines", {}).items():
+        lines.append(f"- **{name}** baseline: {meta.get('name')}, fitted on the train split, chosen on {meta.get('chosen_on')}"
+                     + (", queries only (documents raw)" if meta.get("apply_to") == "queries" else ""))
     return "\n".join(lines) + "\n\n"
 
 
@@ -163,16 +171,96 @@ def _ann_table(ann: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def baselines(x_train: np.ndarray, names=BASELINES, abtt_components: int | None = None) -> dict:
-    """The free baselines, fitted on training rows only: raw, centred, PCA-whitened, all-but-the-top."""
-    d = x_train.shape[1]
+@contextmanager
+def faiss_threads(n: int):
+    """Run a block with FAISS's OpenMP thread count set to `n`, restoring the caller's setting after."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def baselines(data: EmbeddingData, names=BASELINES, abtt_components: int | None = None,
+              max_val_queries: int | None = 2000, seed: int = 0) -> dict:
+    """The free baselines, fitted on the train split only.
+
+    Unsupervised: raw, centred, PCA-whitened, all-but-the-top. Supervised, only where the data has
+    the supervision (otherwise left out), hyperparameters chosen on the val split: `ridge` (pairs;
+    query-only ridge-to-identity map, lam maximising nDCG@10) and `lda` (labels; centred vectors
+    with LDA coordinates appended, shrinkage and weight maximising mAP@100 among those that keep
+    pairs nDCG@10 at or above raw). Their metadata records the choice and every candidate's scores.
+    """
+    x_train = data.corpus[data.split_rows("train")]
+    d = data.corpus.shape[1]
     made = {"raw": lambda: IdentityRefiner(d), "centred": lambda: LinearRefiner.centring(x_train),
             "whitened": lambda: LinearRefiner.whitening(x_train),
-            "abtt": lambda: LinearRefiner.all_but_the_top(x_train, abtt_components)}
+            "abtt": lambda: LinearRefiner.all_but_the_top(x_train, abtt_components),
+            "ridge": lambda: _ridge_candidates(data), "lda": lambda: _lda_candidates(data)}
     unknown = set(names) - set(made)
     if unknown:
         raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {list(made)}")
-    return {n: made[n]() for n in names}
+    out = {}
+    for n in names:
+        if n not in SUPERVISED_BASELINES:
+            out[n] = made[n]()
+        elif (candidates := made[n]()):
+            task, metric, protect = SUPERVISED_BASELINES[n]
+            out[n] = choose_on_val(candidates, data, task, metric, protect, max_val_queries, seed)
+    return out
+
+
+def _ridge_candidates(data: EmbeddingData) -> list:
+    """Query-only ridge maps fitted on the train split's (query, relevant document) pairs; [] without pairs."""
+    if data.queries is None or data.qrels is None:
+        return []
+    qids = [q for q in data.split_queries("train") for _ in data.qrels[q]]
+    if not qids:
+        return []
+    docs = np.concatenate([data.qrels[q] for q in data.split_queries("train")])
+    return ridge_candidates(data.queries[qids], np.asarray(data.corpus[docs]))  # the identity first
+
+
+def _lda_candidates(data: EmbeddingData) -> list:
+    """Centred vectors with LDA coordinates appended, fitted on the train split's labels; [] without 2+ labels there."""
+    if data.labels is None:
+        return []
+    rows = data.split_rows("train")
+    if len(np.unique(data.labels[rows])) < 2:
+        return []
+    return lda_candidates(np.asarray(data.corpus[rows]), data.labels[rows])  # weight 0 (= centring) first
+
+
+def choose_on_val(candidates: list, data: EmbeddingData, task: str, metric: str, protect=(),
+                  max_queries: int | None = 2000, seed: int = 0):
+    """The candidate with the best mean `task` `metric` on the val split (the first on ties), among
+    those that keep each `protect` metric ("task:metric") at or above raw's on val.
+
+    Order candidates from most to least regularised: without val queries for `task`, or with no
+    candidate feasible, the first is returned. Its metadata records what it was chosen on and every
+    candidate's val scores.
+    """
+    queries = {t: q for t, q in task_queries(data, "val", max_queries, seed).items() if len(q)}
+    guarded = [p.split(":", 1) for p in protect if p.split(":", 1)[0] in queries]
+    queries = {t: q for t, q in queries.items() if t == task or any(t == g for g, _ in guarded)}
+    if task not in queries:
+        best = candidates[0]
+        best.metadata.update(chosen_on=f"nothing (no val {task} queries): the most regularised candidate")
+        return best
+
+    def means(refiner) -> dict:
+        s = score(build(refiner, data), data, queries)
+        return {f"{t}:{m}": float(s[t][m].mean()) for t, m in [(task, metric), *guarded]}
+
+    raw = means(IdentityRefiner(data.corpus.shape[1])) if guarded else {}
+    scores = {c.name: means(c) for c in candidates}
+    key = f"{task}:{metric}"
+    feasible = [c for c in candidates if all(scores[c.name][f"{t}:{m}"] >= raw[f"{t}:{m}"] for t, m in guarded)]
+    best = max(feasible, key=lambda c: scores[c.name][key]) if feasible else candidates[0]  # max: first on ties
+    best.metadata.update(chosen_on=f"val {key}" + "".join(f", {t}:{m} >= raw" for t, m in guarded),
+                         val_raw=raw, val_scores=scores)
+    return best
 
 
 def task_queries(data: EmbeddingData, split: str, max_queries: int | None, seed: int = 0) -> dict:
@@ -211,8 +299,9 @@ def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict
     return out
 
 
-def build(refiner, data: EmbeddingData, factory: str = "Flat", metric="ip") -> RefinedIndex:
-    index = RefinedIndex(refiner, factory, metric)
+def build(refiner, data: EmbeddingData, factory: str = "Flat", metric="ip", progress: bool = False) -> RefinedIndex:
+    """A `RefinedIndex` of `data`'s whole corpus behind `refiner` (trained on the corpus if the index needs it)."""
+    index = RefinedIndex(refiner, factory, metric, progress=progress)
     if not index.is_trained:
         index.train(data.corpus)
     index.add(data.corpus)
@@ -222,9 +311,13 @@ def build(refiner, data: EmbeddingData, factory: str = "Flat", metric="ip") -> R
 def evaluate(data: EmbeddingData, refiners: dict | None = None, config: EvalConfig | None = None) -> EvalReport:
     """Evaluate raw vectors, the free baselines and each refiner in `refiners` (name -> refiner) on `data`."""
     cfg = config or EvalConfig()
-    faiss.omp_set_num_threads(cfg.threads)
     metric_code(cfg.metric)
-    methods = baselines(data.corpus[data.split_rows("train")], cfg.baselines, cfg.abtt_components)
+    with faiss_threads(cfg.threads):
+        return _evaluate(data, refiners, cfg)
+
+
+def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> EvalReport:
+    methods = baselines(data, cfg.baselines, cfg.abtt_components, cfg.max_val_queries, cfg.seed)
     clash = set(methods) & set(refiners or {})
     if clash:
         raise ValueError(f"refiner names {sorted(clash)} clash with baseline names")
@@ -236,7 +329,8 @@ def evaluate(data: EmbeddingData, refiners: dict | None = None, config: EvalConf
         raise ValueError(f"{data.name} has neither labels nor queries with qrels, and the ANN axis is off: "
                          "nothing to evaluate")
     report = EvalReport(info={"data": data.summary(), "split": cfg.split, "factory": cfg.factory, "metric": cfg.metric,
-                              "queries": {t: int(len(q)) for t, q in queries.items()}, "config": asdict(cfg)})
+                              "queries": {t: int(len(q)) for t, q in queries.items()}, "config": asdict(cfg),
+                              "baselines": {n: methods[n].metadata for n in SUPERVISED_BASELINES if n in methods}})
     per_method = {}
     for name, ref in tqdm(methods.items() if queries else (), desc="evaluate", unit="method", disable=not cfg.progress):
         per_method[name] = score(build(ref, data, cfg.factory, cfg.metric), data, queries)
@@ -261,6 +355,30 @@ def evaluate(data: EmbeddingData, refiners: dict | None = None, config: EvalConf
     return report
 
 
+def choose_refiner(data: EmbeddingData, refiners: dict, config: EvalConfig | None = None,
+                   tolerance: float = 0.0) -> tuple[str, dict]:
+    """Which of `refiners` to ship, decided on the VALIDATION split (never test), by the guard's rule.
+
+    Each is scored on every val metric through the production path; feasible = no metric below raw
+    by more than `tolerance`; among feasible ones (all, if none is) the best mean relative gain over
+    raw wins, the first on ties. Returns (name, {name: {"objective", "feasible", "metrics"}, "raw": metrics}).
+    """
+    cfg = config or EvalConfig()
+    if len(refiners) == 1 or not task_queries(data, "val", 1, cfg.seed):
+        return next(iter(refiners)), {}
+    rep = evaluate(data, refiners, replace(cfg, split="val", baselines=("raw",), ann_factory=None,
+                                           max_queries=cfg.max_val_queries, bootstrap=100))
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rep.quality))
+    raw = {f"{t}:{m}": rep.value("raw", t, m) for t, m in keys}
+    table: dict = {"raw": raw}
+    for name in refiners:
+        m = {f"{t}:{k}": rep.value(name, t, k) for t, k in keys}
+        table[name] = {"objective": float(np.mean([(m[k] - raw[k]) / max(raw[k], 1e-9) for k in m])),
+                       "feasible": all(m[k] >= raw[k] - tolerance for k in m), "metrics": m}
+    pool = [n for n in refiners if table[n]["feasible"]] or list(refiners)
+    return max(pool, key=lambda n: table[n]["objective"]), table
+
+
 def _sweep_param(factory: str) -> tuple[str | None, tuple]:
     f = factory.upper()
     if "HNSW" in f:
@@ -273,7 +391,11 @@ def _sweep_param(factory: str) -> tuple[str | None, tuple]:
 def ann_sweep(refiner, corpus: np.ndarray, queries: np.ndarray, factory: str = "HNSW32", metric="ip",
               values=None, threads: int = 2, name: str = "refined", k: int = 10, repeats: int = 3) -> list[dict]:
     """Recall against exact search in the refined space, and queries/s through RefinedIndex (refining included)."""
-    faiss.omp_set_num_threads(threads)
+    with faiss_threads(threads):
+        return _ann_sweep(refiner, corpus, queries, factory, metric, values, threads, name, k, repeats)
+
+
+def _ann_sweep(refiner, corpus, queries, factory, metric, values, threads, name, k, repeats) -> list[dict]:
     index = RefinedIndex(refiner, factory, metric)
     if not index.is_trained:
         index.train(corpus)

@@ -32,12 +32,23 @@ def test_label_metrics_match_a_direct_computation():
     """precision@10 of raw digits, recomputed here with numpy brute force (not through FAISS or metrics.py)."""
     data = load_digits()
     rep = evaluate(data, None, EvalConfig(ann_factory=None, baselines=("raw",), **FAST))
-    rows = data.split_rows("test")
-    sims = data.corpus[rows] @ data.corpus.T
-    sims[np.arange(len(rows)), rows] = -np.inf  # drop self
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :10]
-    want = (data.labels[top] == data.labels[rows][:, None]).mean()
+    want = _precision_at_10(data.corpus, data.labels, data.split_rows("test"))
     assert rep.value("raw", "labels", "precision@10") == pytest.approx(want, abs=1e-3)
+
+
+def _precision_at_10(corpus, labels, rows, queries=None):
+    """Label precision@10 of corpus `rows` as queries (or `queries`, their vectors) by numpy brute force, self dropped."""
+    sims = (corpus[rows] if queries is None else queries) @ corpus.T
+    sims[np.arange(len(rows)), rows] = -np.inf
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+    return (labels[top] == labels[rows][:, None]).mean()
+
+
+def _ndcg_at_10(queries, corpus, targets):
+    """nDCG@10 with one relevant document per query, by numpy brute force."""
+    sims = queries @ corpus.T
+    rank = (sims > sims[np.arange(len(targets)), targets][:, None]).sum(1)
+    return np.where(rank < 10, 1 / np.log2(rank + 2), 0).mean()
 
 
 def test_baselines_are_what_they_claim(digits):
@@ -61,7 +72,10 @@ def test_report_files(synth, tmp_path):
     for f in ("report.json", "report.md", *plots):
         assert (tmp_path / f).stat().st_size > 100, f
     j = json.loads((tmp_path / "report.json").read_text())
-    assert {r["method"] for r in j["quality"]} == {"raw", "centred", "whitened", "abtt"}
+    assert {r["method"] for r in j["quality"]} == {"raw", "centred", "whitened", "abtt", "ridge", "lda"}
+    md = (tmp_path / "report.md").read_text()
+    assert "**ridge** baseline: ridge(lambda=" in md and "queries only (documents raw)" in md
+    assert "**lda** baseline: lda(shrinkage=" in md and "chosen on val labels:map@100, pairs:ndcg@10 >= raw" in md
     assert "ndcg@10" in (tmp_path / "report.md").read_text() and "raw" in rep.table()
 
 
@@ -80,3 +94,112 @@ def test_corpus_only_data_gets_the_ann_axis():
     assert not rep.quality and rep.ann[0]["10-recall@10"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(data, None, EvalConfig(ann_factory=None, **FAST))
+
+
+def test_evaluation_restores_the_callers_faiss_threads(synth):
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        evaluate(synth, None, EvalConfig(**{**FAST, "threads": 2}, baselines=("raw",), ann_factory="Flat"))
+        assert faiss.omp_get_max_threads() == 1
+        ann_sweep(IdentityRefiner(24), synth.corpus, synth.queries, "Flat", "ip", threads=2)
+        assert faiss.omp_get_max_threads() == 1
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """Clustered corpus + labels + queries (noisy copies of corpus rows) + qrels, as a user would hand them over."""
+    from conftest import clustered
+
+    x, y = clustered(n=500, d=16, n_classes=5, seed=4, spread=0.5)
+    rng = np.random.default_rng(5)
+    targets = rng.choice(len(x), 250, replace=False)
+    q = x[targets] + 0.25 * rng.standard_normal((250, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    d = tmp_path_factory.mktemp("user")
+    np.save(d / "corpus.npy", x)
+    np.save(d / "labels.npy", y)
+    np.save(d / "queries.npy", q)
+    (d / "qrels.tsv").write_text("query\tdoc\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(targets)))
+    args = ["--corpus", str(d / "corpus.npy"), "--labels", str(d / "labels.npy"), "--queries", str(d / "queries.npy"),
+            "--qrels", str(d / "qrels.tsv")]
+    return args, x, y, q, targets
+
+
+def test_cli_eval_end_to_end(user_files, onnx_path, tmp_path):
+    from simskip_faiss.cli import main
+    from simskip_faiss.datasets import load_user
+    from simskip_faiss.refiner import Refiner
+
+    args, x, y, q, targets = user_files
+    path, _ = onnx_path
+    assert main(["eval", *args, "--refiner", f"simskip={path}", "--ann-factory", "", "-q", "-o", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert {r["method"] for r in rep["quality"]} == {"raw", "centred", "whitened", "abtt", "ridge", "lda", "simskip"}
+    value = {(r["method"], r["task"], r["metric"]): r["value"] for r in rep["quality"]}
+    data = load_user(x, queries=q, labels=y, qrels=args[-1])
+    rows, qt = data.split_rows("test"), data.split_queries("test")
+    refined = Refiner.load(path).transform(x)
+    assert value["raw", "labels", "precision@10"] == pytest.approx(_precision_at_10(x, y, rows), abs=1e-6)
+    assert value["simskip", "labels", "precision@10"] == pytest.approx(_precision_at_10(refined, y, rows), abs=1e-6)
+    assert value["raw", "pairs", "ndcg@10"] == pytest.approx(_ndcg_at_10(q[qt], x, targets[qt]), abs=1e-6)
+    assert rep["info"]["queries"] == {"labels": len(rows), "pairs": len(qt)}
+    assert "| simskip |" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_run_end_to_end(user_files, tmp_path, capsys):
+    """The main job on small user data: both refiners trained and reported, the one shipped chosen on validation."""
+    from simskip_faiss.cli import main
+    from simskip_faiss.datasets import load_user
+    from simskip_faiss.index import RefinedIndex
+    from simskip_faiss.refiner import Refiner
+
+    args, x, y, q, targets = user_files
+    out = tmp_path / "run"
+    assert main(["run", *args, "-o", str(out), "-q", "--hidden", "16", "--epochs", "2", "--batch-size", "64",
+                 "--alphas", "0", "0.5", "1", "--factory", "HNSW16"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    methods = {r["method"] for r in rep["quality"]}
+    assert methods == {"raw", "centred", "whitened", "abtt", "ridge", "lda", "unsupervised", "supervised"}
+    info = rep["info"]
+    assert set(info["guard"]) == {"unsupervised", "supervised"} and info["seconds"]["total"] > 0
+    val = info["validation"]
+    shipped = info["shipped"].split(":")[0]
+    assert shipped == max(("unsupervised", "supervised"), key=lambda n: (val[n]["feasible"], val[n]["objective"]))
+    assert (out / "refiner.onnx").read_bytes() == (out / f"refiner-{shipped}.onnx").read_bytes()
+    assert RefinedIndex.load(out / "bundle").refiner.sha256 == Refiner.load(out / "refiner.onnx").sha256
+    data = load_user(x, queries=q, labels=y, qrels=args[-1])
+    # validation and test numbers against numpy brute force, through each exported file
+    assert val["raw"]["labels:precision@10"] == pytest.approx(_precision_at_10(x, y, data.split_rows("val")), abs=1e-6)
+    rows = data.split_rows("test")
+    value = {(r["method"], r["task"], r["metric"]): r["value"] for r in rep["quality"]}
+    for name in ("unsupervised", "supervised"):
+        refined = Refiner.load(out / f"refiner-{name}.onnx").transform(x)
+        assert value[name, "labels", "precision@10"] == pytest.approx(_precision_at_10(refined, y, rows), abs=1e-6)
+    assert "shipping " + shipped in capsys.readouterr().out
+    assert any(a["method"] == "supervised" and a["factory"] == "HNSW16" for a in rep["ann"])
+
+
+def test_choose_refiner_looks_only_at_validation(synth, monkeypatch):
+    """The shipped refiner is chosen on val queries only, by the guard's rule (whitening hurts here, identity does not)."""
+    import simskip_faiss.evaluation as ev
+
+    seen = []
+    real_score = ev.score
+
+    def spy(index, data, queries, **kw):
+        seen.append(queries)
+        return real_score(index, data, queries, **kw)
+
+    monkeypatch.setattr(ev, "score", spy)
+    x_train = synth.corpus[synth.split_rows("train")]
+    refiners = {"whitened": LinearRefiner.whitening(x_train), "same": IdentityRefiner(24)}
+    name, table = ev.choose_refiner(synth, refiners, EvalConfig(**FAST))
+    assert name == "same" and table["same"]["objective"] == 0.0 and table["same"]["feasible"]
+    assert table["whitened"]["objective"] < 0 and not table["whitened"]["feasible"]
+    val_rows, val_q = set(synth.split_rows("val")), set(synth.split_queries("val"))
+    assert seen and all(set(q["labels"]) <= val_rows and set(q["pairs"]) <= val_q for q in seen)
