@@ -2,7 +2,7 @@
 
 The guard picks one α on validation; this shows the whole curve on the held-out test split, so a
 user who can accept a small loss on one task sees what it buys on the other. For each seed and
-signal, one unguarded model is trained (epoch chosen on validation as usual); its residual scale α
+signal, one unguarded model is trained (checkpoint chosen on validation as usual); its residual scale α
 in refined = x + α·f(x) is then swept, each α exported to ONNX and evaluated through the same exact
 FAISS path as bench/quality.py. Writes bench/results/frontier.{json,md}.
 
@@ -30,15 +30,14 @@ from quality import METRICS, _machine, resplit  # noqa: E402
 from simskip_faiss import datasets  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.evaluation import EvalConfig, evaluate  # noqa: E402
-from simskip_faiss.export import export  # noqa: E402
 from simskip_faiss.refiner import Refiner  # noqa: E402
-from simskip_faiss.training import fit  # noqa: E402
+from simskip_faiss.guard import fit  # noqa: E402
 
 SIGNALS = {
-    "unsup": dict(),
-    "unsup+preserve": dict(preserve_weight=1),
-    "labels": dict(unsupervised_weight=0, label_weight=1),
-    "labels+preserve": dict(unsupervised_weight=0, label_weight=1, preserve_weight=1),
+    "unsup": dict(unsupervised_weight=1),
+    "unsup+preserve": dict(unsupervised_weight=1, preserve_weight=1),
+    "labels": dict(label_weight=1),
+    "labels+preserve": dict(label_weight=1, preserve_weight=1),
 }
 ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -48,7 +47,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--signals", nargs="+", default=list(SIGNALS), choices=list(SIGNALS))
     ap.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
-    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "results"))
     args = ap.parse_args()
@@ -61,14 +59,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             refiners = {}
             for sig in args.signals:
-                res = fit(data, TrainConfig(seed=seed, epochs=args.epochs, threads=args.threads, progress=False,
+                res = fit(data, TrainConfig(seed=seed, threads=args.threads, progress=False,
                                             guard=False, **SIGNALS[sig]))
                 for a in args.alphas:
                     res.model.alpha.fill_(a)
                     path = Path(tmp) / f"{sig}-{a:g}.onnx"
-                    export(res.model, path, {"metric": "ip"})
+                    res.export(path)
                     refiners[f"{sig}@{a:g}"] = Refiner.load(path, threads=args.threads)
-                print(f"seed {seed} {sig}: epoch {res.best_epoch}", flush=True)
+                print(f"seed {seed} {sig}: step {res.best_step}", flush=True)
             rep = evaluate(data, refiners, EvalConfig(ann_factory=None, threads=args.threads, progress=False, seed=seed))
         for q in rep.quality:
             if "@" in q["method"] and (q["task"], q["metric"]) in METRICS:

@@ -13,6 +13,7 @@ _LAZY = {
     "TrainConfig": ("config", "TrainConfig"),
     "Supervision": ("training", "Supervision"),
     "train": ("training", "train"),
+    "fit": ("guard", "fit"),
     "export": ("export", "export"),
     "evaluate": ("evaluation", "evaluate"),
     "datasets": ("datasets", None),

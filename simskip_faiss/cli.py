@@ -110,9 +110,12 @@ def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, so the CLI and the Python API cannot drift apart."""
+    import typing
+
     from .config import TrainConfig
 
-    g = p.add_argument_group("training (TrainConfig)")
+    hints = typing.get_type_hints(TrainConfig)
+    g = p.add_argument_group("training (TrainConfig; an option left unset is chosen for you, see --help of each)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("progress", "threads"):  # --threads and --quiet are common options
             continue
@@ -128,6 +131,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            help="metrics held to the no-drop rule, e.g. pairs:ndcg@10 (default: all)")
         elif isinstance(default, tuple):
             g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
+        elif default is None:  # optional: "auto" unless given
+            kind = next(t for t in typing.get_args(hints[f.name]) if t is not type(None))
+            g.add_argument(flag, type=kind, default=None, help="default: chosen for you")
         else:
             g.add_argument(flag, type=type(default), default=default)
 
@@ -140,16 +146,20 @@ def _train_config(args):
     return TrainConfig(**kw, threads=args.threads, progress=not args.quiet)
 
 
-def _data_from_args(args):
+TRAIN_FRACTIONS = (0.9, 0.1, 0.0)  # `train` uses every labelled row and pair: train + validation, no test
+
+
+def _data_from_args(args, fractions=None):
     """A named data set (--data) or the user's files (--corpus, --queries, --qrels, --labels)."""
     from . import datasets
 
+    split = {"fractions": fractions} if fractions else {}
     if getattr(args, "corpus", None):
         return datasets.load_user(args.corpus, queries=args.queries, labels=args.labels, qrels=args.qrels,
-                                  seed=args.split_seed)
+                                  seed=args.split_seed, **split)
     if args.queries or args.qrels or args.labels:
         raise CLIError("--queries/--qrels/--labels go with --corpus")
-    kw = {"seed": args.split_seed}
+    kw = {"seed": args.split_seed, **split}
     if args.data == "wordnet":
         kw.update(n_synsets=args.n_synsets, progress=not args.quiet)
     return datasets.load(args.data, **kw)
@@ -168,26 +178,25 @@ def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> N
 
 
 def cmd_train(args) -> None:
-    from .export import export
-    from .training import fit, train
+    """Train (guarded by default) and export. Supervision given (labels, pairs) is all used for
+    training and validation: the data is split 90/10 with no test slice (evaluation is `eval`)."""
+    from .training import train
 
     cfg = _train_config(args)
-    supervised = args.labels or args.qrels or cfg.label_weight > 0 or cfg.pair_weight > 0
-    if args.corpus_npy and not supervised and not cfg.guard:
+    if args.corpus_npy and not (args.labels or args.qrels) and not cfg.guard:
         res = train(args.corpus_npy, cfg)  # streamed from the memory-mapped file
-        meta = {"config": dataclasses.asdict(cfg), "metric": cfg.metric, "best_epoch": res.best_epoch}
-        model, seconds = res.model, res.seconds
     else:
+        from .guard import fit
+
         if args.corpus_npy:
             args.corpus = args.corpus_npy
-        data = _data_from_args(args)
+        data = _data_from_args(args, fractions=TRAIN_FRACTIONS)
         res = fit(data, cfg)
-        model, meta, seconds = res.model, res.metadata(), res.seconds
-        if res.guard:
-            print(res.guard.summary(), file=sys.stderr)
-    meta = export(model, args.output, meta, precision=args.precision)
-    print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, {meta['precision']}, trained in "
-          f"{seconds:.1f}s, ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
+        print(res.guard.summary(), file=sys.stderr)
+    meta = res.export(args.output, precision=args.precision)
+    print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, signals {'+'.join(meta['signals'])}, "
+          f"apply_to={meta['apply_to']}, {meta['precision']}, trained in {res.seconds:.1f}s (best step "
+          f"{res.best_step}, stopped: {res.stopped}), ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
 
 
 def cmd_quantize(args) -> None:
@@ -293,10 +302,9 @@ def cmd_run(args) -> None:
     """The main job: data -> the unsupervised and the supervised refiner, each guarded -> export both ->
     choose one on VALIDATION -> bundle it -> evaluate both on test against every baseline -> report."""
     from .evaluation import EvalConfig, build, choose_refiner, evaluate
-    from .export import export
     from .persistence import atomic_write_bytes
     from .refiner import Refiner
-    from .training import fit
+    from .guard import fit
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +318,7 @@ def cmd_run(args) -> None:
         t = time.perf_counter()
         res = fit(data, dataclasses.replace(base, **weights))
         path = out / f"refiner-{name}.onnx"
-        meta = export(res.model, path, res.metadata())
+        meta = res.export(path)
         seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
         refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
         print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "

@@ -1,14 +1,23 @@
 """Training configuration: a plain dataclass, importable without torch (the CLI builds its flags from it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ACTIVATION_NAMES = ("gelu", "relu", "silu", "tanh")
 
 
+SIGNALS = ("unsupervised", "labels", "pairs")
+LR_GRID = (1e-3, 3e-3)              # searched on validation when TrainConfig.lr is None
+TEMPERATURE_GRID = (0.05, 0.1)      # likewise for TrainConfig.temperature (supervised terms)
+
+
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. Why each default is what it is: docs/design.md."""
+    """Everything that defines a training run; None means "chosen for you" (see `resolved`).
+
+    Why the defaults are what they are: docs/design.md, measured in bench/results/robustness.md (every
+    default across WordNet 1k-20k and digits, 3 seeds) and bench/results/quality.md (WordNet 20k variants).
+    """
 
     # network: refined = x + alpha * f(x), f = MLP with `depth` hidden layers of width `hidden`
     hidden: int = 512
@@ -17,29 +26,36 @@ class TrainConfig:
     normalize: bool = True          # L2-normalise the output (required for inner-product / cosine indexes)
     metric: str = "ip"              # the index metric the refiner is meant for: "ip" or "l2"
     head_dim: int = 128             # projection head width (unsupervised loss only; dropped at export)
-    # signals: weights of each loss term; 0 switches it off
-    unsupervised_weight: float = 1.0       # SimSkip: two augmented views of the same embedding
-    label_weight: float = 0.0             # supervised contrastive: same label = positive
-    pair_weight: float = 0.0              # query -> document InfoNCE
+    # signals: weights of each loss term. All three None (default): follow the supervision given
+    # (labels -> labels, pairs -> pairs, both -> both, none -> unsupervised). Any one set: the
+    # others that are None become 0.
+    unsupervised_weight: float | None = None  # SimSkip: two augmented views of the same embedding
+    label_weight: float | None = None         # supervised contrastive: same label = positive
+    pair_weight: float | None = None          # query -> document InfoNCE
     pair_mode: str = "symmetric"    # "symmetric" (one refiner for both) or "query_only" (documents stay raw)
-    preserve_weight: float = 0.0    # neighbourhood preservation: KL between raw and refined in-batch similarities
+    pair_negatives: int = 1024      # symmetric pairs: extra refined corpus rows per step as negatives
+    preserve_weight: float | None = None  # neighbourhood preservation (KL of in-batch similarities); None: auto
     # augmentations (unsupervised signal)
     mask_prob: float = 0.3          # each coordinate zeroed with this probability
     noise_scale: float = 0.5        # Gaussian noise, in units of the corpus's per-dimension std
     unsupervised_temperature: float = 0.5  # NT-Xent temperature (SimCLR's default; 0.05 hurt on WordNet)
-    # optimisation
-    temperature: float = 0.05       # supervised (labels, pairs) and preservation terms
-    lr: float = 1e-3
+    # optimisation: a budget in optimizer steps, validated every `eval_every` steps
+    temperature: float | None = None  # supervised (labels, pairs) and preservation terms; None: searched
+    lr: float | None = None           # None: searched over LR_GRID on validation (fit) / LR_GRID[0] (train)
     weight_decay: float = 1e-4
-    batch_size: int = 512
-    epochs: int = 10
-    patience: int = 3               # epochs without held-out improvement before stopping
-    val_fraction: float = 0.1       # held-out slice of the corpus for early stopping (unsupervised)
-    max_val: int = 4096             # cap on held-out vectors scored each epoch
+    batch_size: int = 512           # upper bound: small corpora get smaller batches (more steps per pass)
+    max_steps: int = 3000           # optimizer steps at most
+    epochs: int | None = None       # optional cap in passes over the training rows
+    eval_every: int = 50            # optimizer steps between validations
+    patience: int = 4               # validations without improvement before stopping
+    search_evals: int = 1           # validations each lr/temperature candidate gets before the best continues
+    time_budget: float | None = None  # seconds for the whole fit, an upper bound (checked between steps)
+    val_fraction: float = 0.1       # held-out slice of the corpus for early stopping (train() without a guard)
+    max_val: int = 4096             # cap on held-out vectors scored each evaluation (train() without a guard)
     seed: int = 0
-    threads: int | None = None      # torch intra-op threads; None leaves torch's default
+    threads: int | None = None      # torch intra-op threads while training (restored after); None: torch's
     progress: bool = True
-    # the guard: choose alpha in refined = x + alpha * f(x) (and the epoch) on validation metrics
+    # the guard: choose alpha in refined = x + alpha * f(x) (and the checkpoint) on validation metrics
     guard: bool = True
     alphas: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
     tolerance: float = 0.0          # allowed validation drop of any metric below raw (0: no drop at all)
@@ -55,21 +71,28 @@ class TrainConfig:
             raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
         if self.pair_mode not in ("symmetric", "query_only"):
             raise ValueError(f"pair_mode must be 'symmetric' or 'query_only', got {self.pair_mode!r}")
-        for name in ("hidden", "depth", "head_dim", "batch_size", "epochs"):
+        for name in ("hidden", "depth", "head_dim", "batch_size", "max_steps", "eval_every", "patience", "search_evals"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive or None, got {self.epochs}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be a positive number of seconds or None, got {self.time_budget}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be at least 2 (contrastive losses need negatives)")
+        if self.pair_negatives < 0:
+            raise ValueError(f"pair_negatives must be >= 0, got {self.pair_negatives}")
         if not 0 <= self.mask_prob < 1:
             raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
-        if self.temperature <= 0 or self.unsupervised_temperature <= 0:
+        if (self.temperature is not None and self.temperature <= 0) or self.unsupervised_temperature <= 0:
             raise ValueError(f"temperatures must be positive, got {self.temperature}, {self.unsupervised_temperature}")
-        if self.preserve_weight < 0:
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive or None, got {self.lr}")
+        if self.preserve_weight is not None and self.preserve_weight < 0:
             raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
-        if min(self.unsupervised_weight, self.label_weight, self.pair_weight) < 0 or self.unsupervised_weight + self.label_weight + self.pair_weight == 0:
+        weights = [w for w in self.weights().values() if w is not None]
+        if any(w < 0 for w in weights) or (len(weights) == 3 and sum(weights) == 0):
             raise ValueError("signal weights must be >= 0 and at least one must be > 0")
-        if self.pair_mode == "query_only" and (self.unsupervised_weight > 0 or self.label_weight > 0):
-            raise ValueError("pair_mode='query_only' refines queries only; combine it with no other signal")
         if any(t not in ("labels", "pairs") for t in self.guard_tasks):
             raise ValueError(f"guard_tasks must name 'labels' and/or 'pairs', got {self.guard_tasks}")
         if any(m.partition(":")[0] not in ("labels", "pairs") or not m.partition(":")[2] for m in self.guard_metrics):
@@ -79,3 +102,45 @@ class TrainConfig:
         if self.metric == "ip" and not self.normalize:
             raise ValueError("an inner-product refiner must L2-normalise its output (normalize=True): "
                              "after a non-isometric transform raw inner products are not comparable")
+        if self.is_resolved():
+            self._check_signals()
+
+    def weights(self) -> dict[str, float | None]:
+        """The three signal weights by name (None = not set)."""
+        return {"unsupervised": self.unsupervised_weight, "labels": self.label_weight, "pairs": self.pair_weight}
+
+    def is_resolved(self) -> bool:
+        return all(w is not None for w in self.weights().values()) and self.preserve_weight is not None
+
+    def signals(self) -> list[str]:
+        """The signals a resolved config trains with (weight > 0), plus "preserve"."""
+        on = [k for k, w in self.weights().items() if w]
+        return on + (["preserve"] if self.preserve_weight else [])
+
+    def apply_to(self) -> str:
+        """What the trained refiner must be applied to: "queries" (query-only pairs) or "both"."""
+        return "queries" if self.pair_mode == "query_only" and self.pair_weight else "both"
+
+    def resolved(self, has_labels: bool, has_pairs: bool) -> "TrainConfig":
+        """A copy with concrete signal weights: explicit ones kept, the rest following the supervision.
+
+        Defaults (measured in bench/results/robustness.md): labels -> label_weight 1; pairs ->
+        pair_weight 1 (symmetric, `pair_negatives` extra negatives); both -> both; neither -> the
+        paper's unsupervised signal. preserve_weight None -> 0.
+        """
+        w = self.weights()
+        if all(v is None for v in w.values()):
+            w = {"unsupervised": 0.0 if has_labels or has_pairs else 1.0,
+                 "labels": 1.0 if has_labels else 0.0, "pairs": 1.0 if has_pairs else 0.0}
+        w = {k: float(v or 0.0) for k, v in w.items()}
+        cfg = replace(self, unsupervised_weight=w["unsupervised"], label_weight=w["labels"], pair_weight=w["pairs"],
+                      preserve_weight=float(self.preserve_weight or 0.0))
+        if cfg.label_weight > 0 and not has_labels:
+            raise ValueError("label_weight > 0 but no labels were given")
+        if cfg.pair_weight > 0 and not has_pairs:
+            raise ValueError("pair_weight > 0 but no queries with query->document pairs were given")
+        return cfg
+
+    def _check_signals(self) -> None:
+        if self.pair_mode == "query_only" and (self.unsupervised_weight > 0 or self.label_weight > 0):
+            raise ValueError("pair_mode='query_only' refines queries only; combine it with no other signal")

@@ -210,11 +210,22 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     hides a broken export); a reduced `precision` is then checked to `tol` (default
     PARITY_TOLERANCE[precision]). Returns the metadata written, including `precision` and the
     measured `parity_max_abs_err` (and `fp32_parity_max_abs_err` for reduced precisions).
+
+    `metadata["apply_to"]` must not contradict how the model was trained (`model.apply_to`): a
+    query-only model exported as "both" would refine the documents it was trained to leave raw.
+    A fit or train result exports itself with everything filled in: `result.export(path)`.
     """
     _check_precision(precision)
     d = model.f[-1].out_features
+    trained_for = getattr(model, "apply_to", "both")
+    apply_to = (metadata or {}).get("apply_to")
+    if apply_to is None and trained_for != "both":
+        raise ValueError(f"this model was trained to refine {trained_for} only: export it with "
+                         f"metadata={{'apply_to': {trained_for!r}}} or use result.export(path)")
+    if apply_to == "both" and trained_for == "queries":
+        raise ValueError(f"apply_to={apply_to!r} but the model was trained for apply_to={trained_for!r}")
     meta = {"format": "simskip-refiner/1", "version": __version__, "d_in": d, "d_out": d,
-            "normalize": bool(model.normalize), "alpha": float(model.alpha), "apply_to": "both"}
+            "normalize": bool(model.normalize), "alpha": float(model.alpha), "apply_to": trained_for}
     meta.update(metadata or {})
     meta["precision"] = "fp32"
     proto = to_onnx_proto(model, d, opset)

@@ -43,7 +43,7 @@ def trained(data):
     from simskip_faiss.training import TrainConfig, train
 
     x, _ = data
-    cfg = TrainConfig(hidden=32, epochs=3, batch_size=128, seed=0, threads=2, progress=False, patience=5)
+    cfg = TrainConfig(hidden=32, epochs=3, batch_size=128, seed=0, threads=1, progress=False, patience=5, eval_every=5)
     return train(x, cfg)
 
 

@@ -1,4 +1,5 @@
-"""Training signals and the guard: each signal learns its planted structure; a harmful refiner ships as identity."""
+"""The guard (guard.py): signals follow the supervision, the step budget, alpha and checkpoint
+chosen on validation, a harmful refiner ships as identity, bad input fails clearly."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,37 +13,117 @@ from simskip_faiss import Refiner  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.datasets import make_synthetic  # noqa: E402
 from simskip_faiss.export import export  # noqa: E402
-from simskip_faiss.training import fit  # noqa: E402
+from simskip_faiss.guard import _combine, _f, fit, only_supervision as _only  # noqa: E402
 
-BASE = dict(hidden=64, batch_size=128, threads=2, progress=False, seed=0, max_val_queries=400)
+# lr and temperature fixed (no search) keeps each fit to a few seconds
+BASE = dict(hidden=64, threads=1, progress=False, seed=0, max_val_queries=400, lr=3e-3, temperature=0.1,
+            eval_every=25, max_steps=150, patience=3)
 
 
 @pytest.fixture(scope="module")
 def planted():
-    return make_synthetic(n=1500, d=24, n_queries=600, seed=3)
+    return make_synthetic(n=1200, d=24, n_queries=500, seed=3)
+
+
+@pytest.mark.parametrize("labels, pairs, want", [
+    (True, False, ["labels"]), (False, True, ["pairs"]), (True, True, ["labels", "pairs"]),
+    (False, False, ["unsupervised"]),
+])
+def test_signals_follow_the_supervision_given(planted, labels, pairs, want):
+    res = fit(_only(planted, labels, pairs), TrainConfig(**{**BASE, "max_steps": 25}))
+    assert res.config.signals() == want and res.guard.signals == want
+    assert res.metadata()["signals"] == want
+
+
+def test_explicit_weights_override_the_supervision(planted):
+    res = fit(planted, TrainConfig(**{**BASE, "max_steps": 25}, label_weight=1.0))
+    assert res.config.signals() == ["labels"]  # pairs given, but the user asked for labels only
+    assert res.config.pair_weight == 0 and res.config.unsupervised_weight == 0
+    with pytest.raises(ValueError, match="no queries"):
+        fit(_only(planted, pairs=False), TrainConfig(**BASE, pair_weight=1.0))
 
 
 @pytest.mark.parametrize("signal", [
-    dict(),  # unsupervised
-    dict(unsupervised_weight=0, label_weight=1),
-    dict(unsupervised_weight=0, pair_weight=1),
-    dict(unsupervised_weight=0, pair_weight=1, pair_mode="query_only"),
-    dict(unsupervised_weight=0.5, label_weight=1, pair_weight=1),
+    dict(unsupervised_weight=1.0),
+    dict(label_weight=1.0),
+    dict(pair_weight=1.0),
+    dict(pair_weight=1.0, pair_mode="query_only"),
+    dict(unsupervised_weight=0.5, label_weight=1.0, pair_weight=1.0),
 ])
 def test_each_signal_lowers_its_own_loss(planted, signal):
-    cfg = TrainConfig(epochs=8, guard=False, patience=8, **{**BASE, "batch_size": 64}, **signal)
+    cfg = TrainConfig(**{**BASE, "max_steps": 200, "patience": 100, "lr": 1e-3, "temperature": 0.05},
+                      guard=False, **signal)
     res = fit(planted, cfg)
     losses = [h["loss"] for h in res.history[1:]]
     assert len(losses) == 8 and losses[-1] < losses[0] * 0.95, losses
 
 
-def test_labels_signal_improves_label_retrieval_on_validation(planted):
-    res = fit(planted, TrainConfig(epochs=4, unsupervised_weight=0, label_weight=1, **BASE))
+def test_labels_improve_label_retrieval_on_validation(planted):
+    res = fit(_only(planted, pairs=False), TrainConfig(**BASE))
     g = res.guard
-    assert g.alpha > 0
+    assert g.alpha > 0 and res.best_step > 0
     chosen = next(c for c in g.candidates if c["alpha"] == g.alpha)
     assert chosen["metrics"]["labels:map@100"] > g.raw["labels:map@100"]
     assert all(chosen["metrics"][k] >= g.raw[k] for k in g.raw)  # nothing dropped on validation
+
+
+def _brute_force(data, refine_q, refine_d, rows, qids):
+    """Validation p@10 (labels) and nDCG@10/Recall@10/MRR@10 (one relevant document per query),
+    by numpy brute force over the whole corpus."""
+    docs = refine_d(data.corpus)
+    s = refine_q(data.corpus[rows]) @ docs.T
+    s[np.arange(len(rows)), rows] = -np.inf  # a label query does not retrieve itself
+    top = np.argsort(-s, axis=1, kind="stable")[:, :10]
+    out = {"labels:precision@10": float((data.labels[top] == data.labels[rows][:, None]).mean())}
+    top = np.argsort(-(refine_q(data.queries[qids]) @ docs.T), axis=1, kind="stable")[:, :10]
+    rel = np.array([data.qrels[i][0] for i in qids])
+    hit = top == rel[:, None]
+    rank = np.where(hit.any(1), hit.argmax(1), -1)
+    out["pairs:ndcg@10"] = float(np.where(rank >= 0, 1 / np.log2(np.maximum(rank, 0) + 2), 0).mean())
+    out["pairs:recall@10"] = float((rank >= 0).mean())
+    out["pairs:mrr@10"] = float(np.where(rank >= 0, 1 / (np.maximum(rank, 0) + 1), 0).mean())
+    return out
+
+
+def test_guard_table_matches_metrics_recomputed_from_the_refined_vectors(planted):
+    """Independent of the guard's own code: refine with the model at each alpha, search by brute force."""
+    cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, guard_metrics=("labels:map@100",))
+    res = fit(planted, cfg)
+    g, model = res.guard, res.model
+    rows, qids = planted.split_rows("val"), planted.split_queries("val")
+    assert len(rows) <= 400 and len(qids) <= 400  # below max_val_queries: the guard used them all
+
+    def at(alpha):
+        def refine(x):
+            model.alpha.fill_(alpha)
+            with torch.no_grad():
+                return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        return refine
+
+    shipped = model.alpha.item()
+    raw = _brute_force(planted, lambda x: x, lambda x: x, rows, qids)
+    for k, v in raw.items():
+        assert g.raw[k] == pytest.approx(v, abs=1e-6), k
+    for c in g.candidates:
+        got = _brute_force(planted, at(c["alpha"]), at(c["alpha"]), rows, qids)
+        for k, v in got.items():
+            assert c["metrics"][k] == pytest.approx(v, abs=2e-3), (c["alpha"], k)  # ties may order differently
+        assert c["feasible"] == (c["metrics"]["labels:map@100"] >= g.raw["labels:map@100"])
+    model.alpha.fill_(shipped)
+    ok = [c for c in g.candidates if c["feasible"] and c["alpha"] > 0 and c["objective"] > 0]
+    assert g.alpha == (max(ok, key=lambda c: c["objective"])["alpha"] if ok else 0.0)
+    assert "labels:map@100" in g.criterion and set(g.raw) > {"labels:map@100"}  # every metric still scored
+
+
+def test_cheap_alpha_sweep_equals_the_models_forward_pass(planted):
+    res = fit(_only(planted, pairs=False), TrainConfig(**{**BASE, "max_steps": 50}, guard=False))
+    model, x = res.model, planted.corpus[:100]
+    fx = _f(model, x)
+    for a in (0.1, 0.5, 1.0):
+        model.alpha.fill_(a)
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(_combine(x, fx, a, True), want, atol=1e-6)
 
 
 def test_guard_ships_identity_for_a_harmful_refiner(planted):
@@ -52,23 +133,44 @@ def test_guard_ships_identity_for_a_harmful_refiner(planted):
     bad = planted.labels.copy()
     bad[train_rows] = rng.permutation(bad[train_rows])
     # validation sees the true labels; training sees noise (fit hides non-train labels from training)
-    data = dataclasses.replace(planted, labels=np.where(planted.corpus_split == 0, bad, planted.labels))
-    unguarded = fit(data, TrainConfig(epochs=4, unsupervised_weight=0, label_weight=1, guard=False, **BASE))
+    data = _only(dataclasses.replace(planted, labels=np.where(planted.corpus_split == 0, bad, planted.labels)), pairs=False)
+    unguarded = fit(data, TrainConfig(**BASE, guard=False))
     worse = unguarded.guard.candidates[0]["metrics"]
     assert worse["labels:map@100"] < unguarded.guard.raw["labels:map@100"]  # it really hurts
-    res = fit(data, TrainConfig(epochs=4, unsupervised_weight=0, label_weight=1, **BASE))
+    res = fit(data, TrainConfig(**BASE))
     assert res.guard.alpha == 0.0 and "identity" in res.guard.reason
     x = torch.from_numpy(planted.corpus[:50])
     with torch.no_grad():
         np.testing.assert_allclose(res.model(x).numpy(), planted.corpus[:50], atol=1e-6)
 
 
+def test_small_corpus_gets_small_batches_and_enough_steps(planted):
+    from simskip_faiss.training import batch_size
+
+    cfg = TrainConfig()
+    assert batch_size(cfg, 100_000) == 512 and batch_size(cfg, 1200) == 150 and batch_size(cfg, 100) == 32
+    res = fit(_only(planted, pairs=False), TrainConfig(**{**BASE, "patience": 100, "max_steps": 100}))
+    assert [h["step"] for h in res.history] == [0, 25, 50, 75, 100]  # the budget, not the corpus size, sets steps
+    assert res.stopped == "max_steps"
+
+
+def test_lr_and_temperature_are_searched_on_validation(planted):
+    cfg = TrainConfig(**{**BASE, "lr": None, "temperature": None, "max_steps": 100}, label_weight=1.0)
+    res = fit(_only(planted, pairs=False), cfg)
+    search = res.guard.search
+    assert {(s["lr"], s["temperature"]) for s in search} == {(1e-3, 0.05), (3e-3, 0.05), (1e-3, 0.1), (3e-3, 0.1)}
+    chosen = [s for s in search if s.get("chosen")]
+    assert len(chosen) == 1 and (res.config.lr, res.config.temperature) == (chosen[0]["lr"], chosen[0]["temperature"])
+    raced = [s for s in search if not s.get("chosen")]
+    assert all(s["step"] <= cfg.search_evals * cfg.eval_every for s in raced)  # losers trained search_evals validations only
+
+
 def test_alpha_is_baked_into_the_onnx(tmp_path, planted):
-    res = fit(planted, TrainConfig(epochs=1, guard=False, **BASE))
+    res = fit(planted, TrainConfig(**{**BASE, "max_steps": 25}, guard=False))
     model = res.model
     torch.nn.init.normal_(model.f[-1].weight, std=0.2)  # make f(x) clearly non-zero
     model.alpha.fill_(0.3)
-    meta = export(model, tmp_path / "a.onnx", res.metadata())
+    meta = res.export(tmp_path / "a.onnx")
     ref = Refiner.load(tmp_path / "a.onnx")
     x = planted.corpus[:64]
     with torch.no_grad():
@@ -79,47 +181,64 @@ def test_alpha_is_baked_into_the_onnx(tmp_path, planted):
     assert meta["alpha"] == pytest.approx(0.3) and ref.metadata["alpha"] == pytest.approx(0.3)
 
 
-def test_guard_report_is_in_the_metadata(tmp_path, planted):
-    res = fit(planted, TrainConfig(epochs=2, **BASE))
-    export(res.model, tmp_path / "g.onnx", res.metadata())
-    g = Refiner.load(tmp_path / "g.onnx").metadata["guard"]
+def test_fit_result_exports_itself_with_apply_to_signals_and_guard(tmp_path, planted):
+    res = fit(_only(planted, labels=False), TrainConfig(**{**BASE, "max_steps": 50}, pair_weight=1.0,
+                                                       pair_mode="query_only"))
+    res.export(tmp_path / "q.onnx")
+    ref = Refiner.load(tmp_path / "q.onnx")
+    assert ref.apply_to == "queries" and ref.metadata["signals"] == ["pairs"]
+    g = ref.metadata["guard"]
     assert g["alpha"] == res.guard.alpha and len(g["candidates"]) == len(TrainConfig().alphas)
-    assert {"labels:map@100", "pairs:ndcg@10"} <= set(g["raw"])
+    assert set(g["raw"]) == {"pairs:ndcg@10", "pairs:recall@10", "pairs:recall@100", "pairs:mrr@10"}
+    with pytest.raises(ValueError, match="queries only"):  # not silently "both"
+        export(res.model, tmp_path / "bad.onnx")
+    with pytest.raises(ValueError, match="trained for apply_to='queries'"):
+        export(res.model, tmp_path / "bad.onnx", {"apply_to": "both"})
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_guard_tasks_and_agreement_proxy(planted):
-    res = fit(planted, TrainConfig(epochs=1, guard_tasks=("pairs",), **BASE))
+    res = fit(planted, TrainConfig(**{**BASE, "max_steps": 25}, guard_tasks=("pairs",)))
     assert set(res.guard.raw) == {"pairs:ndcg@10", "pairs:recall@10", "pairs:recall@100", "pairs:mrr@10"}
-    corpus_only = dataclasses.replace(planted, labels=None, label_names=None, queries=None, query_split=None, qrels=None,
-                                      query_text=None)
-    res = fit(corpus_only, TrainConfig(epochs=1, min_agreement=0.95, **BASE))
+    corpus_only = _only(planted, labels=False, pairs=False)
+    res = fit(corpus_only, TrainConfig(**{**BASE, "max_steps": 50}, min_agreement=0.95))
     chosen = next(c for c in res.guard.candidates if c["alpha"] == res.guard.alpha)
     assert chosen["metrics"]["agreement@10"] >= 0.95 and "not measured" in res.guard.reason
     with pytest.raises(ValueError, match="guard_tasks"):
-        fit(corpus_only, TrainConfig(epochs=1, guard_tasks=("labels",), **BASE))
+        fit(corpus_only, TrainConfig(**BASE, guard_tasks=("labels",)))
 
 
-def test_similarity_kl_is_zero_only_when_neighbourhoods_agree():
-    from simskip_faiss.training import similarity_kl
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 8, generator=g)
-    assert float(similarity_kl(x, x, 0.1)) == pytest.approx(0.0, abs=1e-6)
-    assert float(similarity_kl(x, 3 * x, 0.1)) == pytest.approx(0.0, abs=1e-6)  # scale-free (cosine)
-    assert float(similarity_kl(x, torch.randn(32, 8, generator=g), 0.1)) > 0.1
-
-
-def test_guard_metrics_limit_the_no_drop_rule_to_the_named_metrics(planted):
-    cfg = TrainConfig(epochs=2, unsupervised_weight=0, label_weight=1, pair_weight=1,
-                      guard_metrics=("labels:map@100",), **BASE)
-    g = fit(planted, cfg).guard
-    assert "labels:map@100" in g.criterion and set(g.raw) > {"labels:map@100"}  # every metric still scored
-    # independently: the best objective among alpha > 0 whose protected metric did not drop, else identity
-    ok = [c for c in g.candidates if c["alpha"] > 0 and c["metrics"]["labels:map@100"] >= g.raw["labels:map@100"]]
-    best = max(ok, key=lambda c: c["objective"], default=None)
-    assert g.alpha == (best["alpha"] if best and best["objective"] > 0 else 0.0)
-    assert all(c["feasible"] == (c["metrics"]["labels:map@100"] >= g.raw["labels:map@100"]) for c in g.candidates)
+def test_guard_metrics_must_be_measured(planted):
     with pytest.raises(ValueError, match="task:metric"):
         TrainConfig(guard_metrics=("ndcg@10",))
     with pytest.raises(ValueError, match="not measured on validation"):
-        fit(planted, dataclasses.replace(cfg, guard_metrics=("pairs:bogus@3",)))
+        fit(planted, TrainConfig(**BASE, guard_metrics=("pairs:bogus@3",)))
+
+
+def test_fit_restores_torch_threads(planted):
+    before = torch.get_num_threads()
+    fit(_only(planted, pairs=False), TrainConfig(**{**BASE, "max_steps": 25, "threads": 1 if before != 1 else 2}))
+    assert torch.get_num_threads() == before
+
+
+# -- bad input: a clear error, or a fallback that says what it did -------------------------------
+
+def test_single_class_labels_are_refused(planted):
+    data = _only(dataclasses.replace(planted, labels=np.zeros(len(planted.corpus), np.int64)), pairs=False)
+    with pytest.raises(ValueError, match="1 class.*at least 2"):
+        fit(data, TrainConfig(**BASE))
+
+
+def test_corpus_too_small_for_a_validation_split():
+    tiny = make_synthetic(n=12, d=8, n_queries=4, seed=0, fractions=(0.95, 0.05, 0.0))
+    with pytest.raises(ValueError, match="validation"):
+        fit(tiny, TrainConfig(**BASE))
+    with pytest.raises(ValueError, match="too small for the guard"):
+        fit(_only(tiny, labels=False, pairs=False), TrainConfig(**BASE))
+
+
+def test_time_budget_too_short_for_one_validation_says_what_it_did(planted):
+    res = fit(_only(planted, pairs=False), TrainConfig(**{**BASE, "eval_every": 10_000, "max_steps": 10_000},
+                                                        time_budget=0.05))
+    assert res.stopped == "time_budget" and 0 < res.history[1]["step"] < 10_000
+    assert "time budget" in res.guard.reason and "before the first scheduled validation" in res.guard.reason

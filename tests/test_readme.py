@@ -12,16 +12,25 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def test_python_example_runs(tmp_path, monkeypatch):
+    import torch
+
     code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((600, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     np.save(tmp_path / "corpus.npy", x)
-    np.save(tmp_path / "queries.npy", x[:20])
+    np.save(tmp_path / "queries.npy", x[:200])
+    (tmp_path / "qrels.tsv").write_text("".join(f"{i}\t{i}\n" for i in range(200)))
     monkeypatch.chdir(tmp_path)
-    env: dict = {}
-    exec(compile(code, "README.md", "exec"), env)
-    index, D, I = env["index"], env["D"], env["I"]
-    assert index.ntotal == 600 and I.shape == (20, 10)
-    assert (I[:, 0] == np.arange(20)).all()  # each query finds itself first after refinement
-    np.testing.assert_array_equal(index.search(x[:20], 10)[1], I)  # the reloaded bundle agrees
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the example leaves torch's threads alone; keep the suite fast on a shared machine
+    try:
+        env: dict = {}
+        exec(compile(code, "README.md", "exec"), env)
+    finally:
+        torch.set_num_threads(threads)
+    index, D, I, result = env["index"], env["D"], env["I"], env["result"]
+    assert result.config.signals() == ["pairs"] and result.guard is not None
+    assert index.ntotal == 600 and I.shape == (200, 10)
+    assert (I[:, 0] == np.arange(200)).all()  # each query finds itself first after refinement
+    np.testing.assert_array_equal(index.search(x[:200], 10)[1], I)  # the reloaded bundle agrees

@@ -44,10 +44,10 @@ def test_supcon_prefers_label_aligned_embeddings():
 
 def test_training_lowers_heldout_loss(trained):
     hist = trained.history
-    assert hist[0]["epoch"] == 0 and len(hist) >= 2
+    assert hist[0]["step"] == 0 and len(hist) >= 2
     # val is minus the held-out contrastive loss: it must rise above the identity's value
     assert max(h["val"] for h in hist[1:]) > hist[0]["val"] + 0.05
-    assert trained.best_epoch >= 1
+    assert trained.best_step >= 1
 
 
 def test_same_seed_same_weights(data):
@@ -72,7 +72,7 @@ def test_trains_from_memmapped_npy(tmp_path, data):
 @pytest.mark.parametrize("bad, err", [
     (dict(activation="swish"), "activation"), (dict(metric="cosine"), "metric"),
     (dict(batch_size=1), "batch_size"), (dict(temperature=0), "temperature"),
-    (dict(unsupervised_weight=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
+    (dict(unsupervised_weight=0, label_weight=0, pair_weight=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
 ])
 def test_config_rejects_bad_values(bad, err):
     with pytest.raises(ValueError, match=err):
@@ -123,3 +123,79 @@ def test_export_refuses_mismatch(trained, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="does not match torch"):
         ex.export(Off(trained.model), tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_train_restores_torch_threads(data):
+    x, _ = data
+    before = torch.get_num_threads()
+    train(x, TrainConfig(hidden=16, epochs=1, batch_size=100, threads=1 if before != 1 else 2, progress=False))
+    assert torch.get_num_threads() == before
+
+
+def test_train_follows_the_supervision_and_uses_a_step_budget(data):
+    from simskip_faiss.training import Supervision
+
+    x, y = data
+    cfg = TrainConfig(hidden=16, max_steps=30, eval_every=10, patience=100, threads=1, progress=False)
+    res = train(x, cfg, Supervision(labels=y))
+    assert res.config.signals() == ["labels"] and res.config.label_weight == 1 and res.config.unsupervised_weight == 0
+    assert [h["step"] for h in res.history] == [0, 10, 20, 30] and res.stopped == "max_steps"
+    assert (res.config.lr, res.config.temperature) == (1e-3, 0.05)  # train() without a guard: the grids' first
+    assert train(x, cfg).config.signals() == ["unsupervised"]
+
+
+def _user_files(tmp_path, data, n_pairs=120):
+    x, y = data
+    np.save(tmp_path / "corpus.npy", x)
+    np.save(tmp_path / "labels.npy", y)
+    rng = np.random.default_rng(0)
+    docs = rng.choice(len(x), n_pairs, replace=False)
+    q = x[docs] + 0.05 * rng.standard_normal(x[docs].shape).astype(np.float32)
+    np.save(tmp_path / "queries.npy", (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32))
+    (tmp_path / "qrels.tsv").write_text("".join(f"{i}\t{d}\n" for i, d in enumerate(docs)))
+    return tmp_path
+
+
+def test_cli_train_default_guarded_end_to_end(tmp_path, data, capsys):
+    """`simskip-faiss train corpus.npy --labels --queries --qrels`: guarded by default, signals follow the
+    supervision, all of it used for training and validation (90/10, no test slice), metadata complete."""
+    from simskip_faiss import Refiner
+    from simskip_faiss.cli import main
+
+    d = _user_files(tmp_path, data)
+    argv = ["train", str(d / "corpus.npy"), "--labels", str(d / "labels.npy"), "--queries", str(d / "queries.npy"),
+            "--qrels", str(d / "qrels.tsv"), "-o", str(d / "r.onnx"), "--threads", "1", "-q",
+            "--hidden", "16", "--max-steps", "60", "--eval-every", "20"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "guard: alpha=" in err and "signals: labels, pairs" in err and "search: lr=" in err
+    meta = Refiner.load(d / "r.onnx").metadata
+    assert meta["signals"] == ["labels", "pairs"] and meta["apply_to"] == "both" and "guard" in meta
+    assert meta["n_train"] == round(0.9 * len(data[0]))  # train + validation: no rows held back for a test split
+    assert meta["train_seconds"] > 0 and meta["stopped"] in ("patience", "max_steps")
+
+
+def test_cli_train_no_guard_metadata_comes_from_the_result(tmp_path, data):
+    from simskip_faiss import Refiner
+    from simskip_faiss.cli import main
+
+    d = _user_files(tmp_path, data)
+    assert main(["train", str(d / "corpus.npy"), "-o", str(d / "u.onnx"), "--no-guard", "--threads", "1", "-q",
+                 "--hidden", "16", "--max-steps", "20", "--eval-every", "10"]) == 0
+    meta = Refiner.load(d / "u.onnx").metadata
+    assert meta["signals"] == ["unsupervised"] and meta["apply_to"] == "both" and meta["train_seconds"] > 0
+    assert meta["n_train"] == len(data[0]) - round(0.1 * len(data[0])) and meta["best_step"] in (10, 20)
+
+
+def test_cli_train_refuses_qrels_outside_the_corpus_or_queries(tmp_path, data, capsys):
+    from simskip_faiss.cli import main
+
+    d = _user_files(tmp_path, data)
+    base = ["train", str(d / "corpus.npy"), "--queries", str(d / "queries.npy"), "-o", str(d / "x.onnx"), "-q"]
+    (d / "bad_doc.tsv").write_text("0\t5\n1\t99999\n")
+    assert main(base + ["--qrels", str(d / "bad_doc.tsv")]) == 2
+    assert "doc id 99999 out of range" in capsys.readouterr().err
+    (d / "bad_q.tsv").write_text("0\t5\n500\t3\n")
+    assert main(base + ["--qrels", str(d / "bad_q.tsv")]) == 2
+    assert "query id 500 out of range" in capsys.readouterr().err
+    assert not (d / "x.onnx").exists()

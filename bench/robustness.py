@@ -1,0 +1,196 @@
+"""Robustness bench: the guarded refiner with default settings across corpus sizes, data and signals.
+
+WordNet + MiniLM subsets of 1k, 2k, 5k and 20k synsets, and scikit-learn's digits; each seed
+re-draws the train/val/test split and the training seed; per signal the refiner is trained with
+only that supervision (none, labels, pairs, both; digits has labels only) and TrainConfig's
+defaults, and evaluated on the test split with every metric the data has (so a signal's effect on
+the other task is visible). Writes bench/results/robustness.json and robustness.md, with the
+issue's targets checked.
+
+    python bench/robustness.py                               # everything (~40 min on 2 shared cores)
+    python bench/robustness.py --sets wordnet-2000 digits --seeds 0
+    python bench/robustness.py --variant labels+preserve:preserve_weight=1 --sets wordnet-20000
+    python bench/robustness.py --merge a/robustness.json b/robustness.json   # runs split across processes
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+import faiss  # noqa: E402
+import torch  # noqa: E402
+
+from simskip_faiss import datasets  # noqa: E402
+from simskip_faiss.config import TrainConfig  # noqa: E402
+from simskip_faiss.evaluation import EvalConfig, evaluate  # noqa: E402
+from simskip_faiss.guard import fit, only_supervision as only  # noqa: E402
+from simskip_faiss.refiner import Refiner  # noqa: E402
+
+SETS = ("wordnet-1000", "wordnet-2000", "wordnet-5000", "wordnet-20000", "digits")
+SIGNALS = {"none": (False, False), "labels": (True, False), "pairs": (False, True), "both": (True, True)}
+METRICS = [("labels", "precision@10"), ("labels", "map@100"), ("pairs", "ndcg@10"), ("pairs", "recall@100"),
+           ("pairs", "mrr@10")]
+
+
+def load(name: str, seed: int):
+    """The data set with a split drawn by `seed` (WordNet: the same synset subset for every seed)."""
+    if name == "digits":
+        return datasets.load_digits(seed=seed)
+    data = datasets.load_wordnet(n_synsets=int(name.split("-")[1]), seed=0, progress=False)
+    split = datasets.make_splits(len(data.corpus), seed=seed)
+    qs = np.array([split[r[0]] for r in data.qrels], dtype=np.int8)
+    return dataclasses.replace(data, corpus_split=split, query_split=qs, info={**data.info, "split_seed": seed})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--signals", nargs="+", default=list(SIGNALS), choices=list(SIGNALS))
+    ap.add_argument("--variant", default="defaults",
+                    help="NAME[:field=value,...] TrainConfig overrides, to compare a non-default setting")
+    ap.add_argument("--threads", type=int, default=1, help="torch and FAISS threads (default 1: shared machine)")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="combine the runs of these result files (e.g. runs split across processes) and write them")
+    args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        meta = {"command": " + ".join(p["meta"]["command"] for p in parts), "machine": parts[0]["meta"]["machine"],
+                "seconds": sum(p["meta"]["seconds"] for p in parts), "variant": parts[0]["meta"]["variant"]}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print(write(Path(args.out), "defaults", [r for p in parts for r in p["runs"]], meta))
+        return
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    name, _, spec = args.variant.partition(":")
+    overrides = {k: type(getattr(TrainConfig(), k) if getattr(TrainConfig(), k) is not None else 1.0)(v)
+                 for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, t0 = [], time.perf_counter()
+    for set_name in args.sets:
+        for seed in args.seeds:
+            data = load(set_name, seed)
+            refiners, fits = {}, {}
+            with tempfile.TemporaryDirectory() as tmp:
+                for sig in args.signals:
+                    has_l, has_p = SIGNALS[sig]
+                    if (has_p and data.queries is None) or (has_l and data.labels is None):
+                        continue
+                    t = time.perf_counter()
+                    res = fit(only(data, has_l, has_p), TrainConfig(seed=seed, threads=args.threads, progress=False,
+                                                                    **overrides))
+                    secs = time.perf_counter() - t
+                    res.export(Path(tmp) / f"{sig}.onnx")
+                    refiners[sig] = Refiner.load(Path(tmp) / f"{sig}.onnx", threads=args.threads)
+                    g = res.guard
+                    fits[sig] = {"alpha": g.alpha, "step": res.best_step, "stopped": res.stopped, "seconds": round(secs, 1),
+                                 "signals": g.signals, "lr": res.config.lr, "temperature": res.config.temperature}
+                    print(f"{set_name} seed {seed} {sig}: {fits[sig]}", flush=True)
+                rep = evaluate(data, refiners, EvalConfig(baselines=("raw",), ann_factory=None, threads=args.threads,
+                                                          progress=False, seed=seed, bootstrap=200))
+            for sig, f in fits.items():
+                vals = {f"{t}:{m}": (rep.value(sig, t, m), rep.value("raw", t, m)) for t, m in METRICS
+                        if any(q["task"] == t for q in rep.quality)}
+                rows.append({"set": set_name, "seed": seed, "signal": sig, "variant": name, **f, "metrics": vals})
+            md = write(out, name, rows, {"command": "python bench/robustness.py " + " ".join(sys.argv[1:]),
+                                         "machine": _machine(args.threads), "seconds": round(time.perf_counter() - t0),
+                                         "variant": args.variant})  # after every seed: a partial run keeps its results
+    print(md)
+
+
+def write(out: Path, name: str, rows: list[dict], meta: dict) -> str:
+    path = out / ("robustness.json" if name == "defaults" else f"robustness-{name}.json")
+    path.write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+    md = markdown(rows, meta)
+    if name == "defaults":
+        (out / "robustness.md").write_text(md)
+    return md
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean over seeds per (set, signal): raw value, change and ratio per metric, time, alphas."""
+    out = []
+    for key in dict.fromkeys((r["set"], r["signal"]) for r in rows):
+        rs = [r for r in rows if (r["set"], r["signal"]) == key]
+        s = {"set": key[0], "signal": key[1], "seconds": float(np.mean([r["seconds"] for r in rs])),
+             "max_seconds": max(r["seconds"] for r in rs), "alpha": [r["alpha"] for r in rs], "metrics": {}}
+        for m in rs[0]["metrics"]:
+            v = np.array([r["metrics"][m][0] for r in rs])
+            raw = np.array([r["metrics"][m][1] for r in rs])
+            s["metrics"][m] = {"raw": float(raw.mean()), "delta": float((v - raw).mean()), "ratio": float((v / raw).mean())}
+        out.append(s)
+    return out
+
+
+def targets(summ: list[dict]) -> list[tuple[str, bool, str]]:
+    """The issue's targets, each (what, met, the numbers)."""
+    res = []
+    by = {(s["set"], s["signal"]): s for s in summ}
+    for (st, sig), s in by.items():
+        m = s["metrics"]
+        if sig == "labels":
+            others = {k: v["delta"] for k, v in m.items() if k != "labels:map@100" and k.startswith("labels")}
+            ok = m["labels:map@100"]["ratio"] >= 1.25 and all(d >= -0.005 for d in others.values())
+            res.append((f"{st} labels: mAP@100 ≥ 1.25× raw, other label metrics ≥ raw − 0.005", ok,
+                        f"× {m['labels:map@100']['ratio']:.3f}, " + ", ".join(f"{k} {d:+.4f}" for k, d in others.items())))
+        if sig == "none":
+            worst = min(v["delta"] for v in m.values())
+            res.append((f"{st} no supervision: no metric below raw − 0.005", worst >= -0.005, f"worst Δ {worst:+.4f}"))
+        if st == "wordnet-20000" and sig == "pairs":
+            nd, topic = m["pairs:ndcg@10"]["delta"], min(v["delta"] for k, v in m.items() if k.startswith("labels"))
+            res.append(("wordnet-20000 pairs: nDCG@10 ≥ raw + 0.03, topic ≥ raw − 0.005", nd >= 0.03 and topic >= -0.005,
+                        f"nDCG@10 {nd:+.4f}, worst topic Δ {topic:+.4f}"))
+        if st == "wordnet-20000" and sig == "both":
+            r, nd = m["labels:map@100"]["ratio"], m["pairs:ndcg@10"]["delta"]
+            res.append(("wordnet-20000 labels+pairs: mAP@100 ≥ 1.35× raw, nDCG@10 ≥ raw + 0.02", r >= 1.35 and nd >= 0.02,
+                        f"× {r:.3f}, nDCG@10 {nd:+.4f}"))
+        if st.startswith("wordnet") and int(st.split("-")[1]) < 5000 or st == "digits":
+            res.append((f"{st} {sig}: trained in ≤ 60 s", s["max_seconds"] <= 60, f"max {s['max_seconds']:.0f} s"))
+    return res
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    summ = summary(rows)
+    lines = [f"Command: `{meta['command']}` — {meta['machine']}, {meta['seconds']} s in all.",
+             "Defaults only (variant: " + meta["variant"] + "); mean over seeds on the test split; "
+             "raw absolute, then the change (Δ) vs raw; topic mAP also as a ratio. Training seconds include "
+             "the lr/temperature search and the guard.", "",
+             "| data | signal | α per seed | train s | topic p@10 | topic mAP@100 | ex→def nDCG@10 | ex→def R@100 | ex→def MRR@10 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summ:
+        cells = []
+        for t, mname in METRICS:
+            v = s["metrics"].get(f"{t}:{mname}")
+            if v is None:
+                cells.append("—")
+            else:
+                cells.append(f"{v['raw']:.4f} {v['delta']:+.4f}" + (f" (×{v['ratio']:.2f})" if mname == "map@100" else ""))
+        lines.append(f"| {s['set']} | {s['signal']} | {', '.join(f'{a:g}' for a in s['alpha'])} | {s['seconds']:.0f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Targets:", ""]
+    for what, ok, nums in targets(summ):
+        lines.append(f"- {'met' if ok else '**not met**'}: {what} ({nums})")
+    return "\n".join(lines) + "\n"
+
+
+def _machine(threads: int) -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, {threads} torch/FAISS thread(s), "
+            f"python {platform.python_version()}, torch {torch.__version__}, faiss {faiss.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The guard: train on an `EmbeddingData`, and choose the checkpoint and alpha on its validation split.
+
+refined(alpha) = normalize(x + alpha * f(x)). The guard scores every candidate on every validation
+metric it has judgements for (labels: precision@10, mAP@100; pairs: nDCG@10, Recall@10/100,
+MRR@10), exact FAISS search over the whole corpus. A candidate is feasible when no protected
+metric falls below raw by more than `tolerance`; the objective is the mean relative gain over
+raw. If no feasible alpha > 0 gains, the identity (alpha = 0) ships and the report says so.
+
+Contract with the training loop (`training.Run`): the loop calls `Guard.evaluator(tag)` —
+`(model, step) -> Evaluation` — every `eval_every` steps; the guard keeps its own record keyed by
+(tag, step), so calls may come in any order and from several runs (the lr/temperature search).
+Each evaluation computes x and f(x) once for the validation queries and the corpus and forms each
+alpha's vectors by a cheap combination: a coarse alpha grid during training, the full grid on the
+two best checkpoints at the end.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import faiss
+import numpy as np
+import torch
+
+from .config import LR_GRID, TEMPERATURE_GRID, TrainConfig
+from .evaluation import LABEL_METRICS, PAIR_METRICS, score, task_queries
+from .metrics import drop_self, knn_recall
+from .training import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
+
+log = logging.getLogger(__name__)
+
+MIN_VAL = 2  # validation queries (or rows) a task needs to be guarded on
+# a validation must raise the objective by this share of the best so far to count as progress:
+# label training creeps up for thousands of steps (WordNet 20k: 2,400) for a few per cent
+MIN_GAIN = 0.02
+
+
+@dataclass
+class GuardReport:
+    """What the guard saw and chose; stored in the ONNX metadata and printed."""
+
+    alpha: float
+    step: int
+    criterion: str
+    raw: dict[str, float]
+    candidates: list[dict]
+    reason: str
+    signals: list[str] = field(default_factory=list)
+    search: list[dict] = field(default_factory=list)  # lr/temperature candidates and their best objective
+
+    def summary(self) -> str:
+        lines = [f"guard: alpha={self.alpha:g} (step {self.step}), signals: {', '.join(self.signals) or '-'}",
+                 f"  criterion: {self.criterion}", f"  {self.reason}"]
+        for s in self.search:
+            lines.append(f"  search: lr={s['lr']:g} temperature={s['temperature']:g}: best objective "
+                         f"{s['objective']:+.4f} by step {s['step']}{' <' if s.get('chosen') else ''}")
+        keys = list(self.raw)
+        lines.append("  alpha  " + "  ".join(f"{k:>16}" for k in keys) + "  objective")
+        lines.append("  raw    " + "  ".join(f"{self.raw[k]:16.4f}" for k in keys))
+        for c in self.candidates:
+            mark = " <" if c["alpha"] == self.alpha and self.alpha > 0 else ""
+            lines.append(f"  {c['alpha']:<5g}  " + "  ".join(f"{c['metrics'][k]:16.4f}" for k in keys)
+                         + f"  {c['objective']:+.4f}{'' if c['feasible'] else ' (drops)'}{mark}")
+        return "\n".join(lines)
+
+
+def coarse_grid(alphas: tuple[float, ...], n: int = 4) -> tuple[float, ...]:
+    """Every second positive alpha from the top (1.0, 0.5, 0.2, 0.1 of the default grid), at most n."""
+    pos = sorted((a for a in alphas if a > 0), reverse=True)
+    return tuple(sorted(pos[::2][:n]))
+
+
+def _combine(x: np.ndarray, fx: np.ndarray, alpha: float, normalize: bool) -> np.ndarray:
+    """normalize?(x + alpha * f(x)): the model's forward pass at `alpha`, from x and f(x) computed once."""
+    y = x + np.float32(alpha) * fx
+    if normalize:
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _f(model: SimSkip, x: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """f(x) (the residual branch, before alpha), in batches."""
+    out = np.empty_like(x, dtype=np.float32)
+    with torch.no_grad():
+        for s in range(0, len(x), batch):
+            out[s:s + batch] = model.f(torch.from_numpy(np.ascontiguousarray(x[s:s + batch], dtype=np.float32))).numpy()
+    return out
+
+
+class Guard:
+    """Scores a model on the validation split at a grid of alphas, with exact FAISS search."""
+
+    def __init__(self, data, cfg: TrainConfig):
+        self.data, self.cfg = data, cfg
+        self.queries = {t: q for t, q in task_queries(data, "val", cfg.max_val_queries, cfg.seed).items()
+                        if len(q) >= MIN_VAL}
+        if cfg.guard_tasks:
+            unknown = set(cfg.guard_tasks) - set(self.queries)
+            if unknown:
+                raise ValueError(f"guard_tasks {sorted(unknown)} have no validation data (available: {sorted(self.queries)})")
+            self.queries = {t: v for t, v in self.queries.items() if t in cfg.guard_tasks}
+        if cfg.label_weight and "labels" not in self.queries and not cfg.guard_tasks:
+            raise ValueError(f"label training needs at least {MIN_VAL} labelled validation rows to guard against "
+                             f"(the validation split has {len(data.split_rows('val'))} rows)")
+        if cfg.pair_weight and "pairs" not in self.queries and not cfg.guard_tasks:
+            raise ValueError(f"pair training needs at least {MIN_VAL} validation queries with qrels to guard against "
+                             f"(the validation split has {len(data.split_queries('val'))} queries)")
+        self.proxy = not self.queries
+        if self.proxy:  # unsupervised and nothing to validate on: raw-neighbour agreement proxy
+            rows = data.split_rows("val")[: cfg.max_val_queries]
+            if len(rows) < MIN_VAL or data.corpus.shape[0] < 12:
+                raise ValueError(f"the corpus ({data.corpus.shape[0]} rows, {len(rows)} in validation) is too small "
+                                 f"for the guard's validation split: give at least {MIN_VAL} validation rows and "
+                                 "12 rows in all, or pass guard=False")
+            self.queries = {"agreement": rows}
+        self.corpus = np.ascontiguousarray(data.corpus, dtype=np.float32)
+        self.qx = {t: np.ascontiguousarray(self.corpus[r] if t != "pairs" else data.queries[r], dtype=np.float32)
+                   for t, r in self.queries.items()}
+        self.raw = self._metrics(self.corpus, self.qx)
+        self.protected = list(cfg.guard_metrics or self.raw)
+        unknown = set(self.protected) - set(self.raw)
+        if unknown:
+            raise ValueError(f"guard_metrics {sorted(unknown)} are not measured on validation (measured: {sorted(self.raw)})")
+        which = "validation metric" if self.protected == list(self.raw) else "of " + ", ".join(self.protected)
+        self.criterion = ("neighbour agreement with raw >= %g" % cfg.min_agreement if self.proxy
+                          else f"no {which} below raw by more than {cfg.tolerance:g}; maximise mean relative gain")
+        self.record: dict[tuple[str, int], Evaluation] = {}
+        self.seconds = 0.0
+
+    def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray]) -> dict[str, float]:
+        index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
+        index.add(docs)
+        if self.proxy:
+            rows = self.queries["agreement"]
+            I = drop_self(index.search(q["agreement"], 11)[1], rows, 10)
+            if not hasattr(self, "_raw_nn"):
+                self._raw_nn = I
+            return {"agreement@10": knn_recall(self._raw_nn, I, ks=(10,))["10-recall@10"]}
+        per_task = score(index, self.data, self.queries, vectors=q)
+        return {f"{t}:{m}": float(pq[m].mean()) for t, pq in per_task.items()
+                for m in (LABEL_METRICS if t == "labels" else PAIR_METRICS)}
+
+    def _objective(self, m: dict[str, float]) -> tuple[bool, float]:
+        if self.proxy:
+            return m["agreement@10"] >= self.cfg.min_agreement, 0.0
+        feasible = all(m[k] >= self.raw[k] - self.cfg.tolerance for k in self.protected)
+        return feasible, float(np.mean([(m[k] - self.raw[k]) / max(self.raw[k], 1e-9) for k in m]))
+
+    def sweep(self, model: SimSkip, alphas) -> list[dict]:
+        """Every alpha's validation metrics, feasibility and objective, from one f(x) pass."""
+        t0 = time.perf_counter()
+        model.eval()
+        fq = {t: _f(model, x) for t, x in self.qx.items()}
+        fd = None if model.apply_to == "queries" else _f(model, self.corpus)
+        cands = []
+        for a in alphas:
+            docs = self.corpus if fd is None else _combine(self.corpus, fd, a, model.normalize)
+            q = {t: _combine(x, fq[t], a, model.normalize) for t, x in self.qx.items()}
+            m = self._metrics(docs, q)
+            feasible, obj = self._objective(m)
+            cands.append({"alpha": float(a), "metrics": m, "feasible": feasible, "objective": obj})
+        self.seconds += time.perf_counter() - t0
+        return cands
+
+    def choose(self, cands: list[dict]) -> tuple[float, float]:
+        """(objective, alpha) of the best candidate; (0, 0) = the identity when none is feasible and gains."""
+        if not self.cfg.guard:
+            return cands[-1]["objective"], cands[-1]["alpha"]
+        ok = [c for c in cands if c["feasible"] and c["alpha"] > 0]
+        if self.proxy:  # the boldest alpha that keeps the raw neighbourhoods
+            best = max(ok, key=lambda c: c["alpha"], default=None)
+            return (best["alpha"], best["alpha"]) if best else (0.0, 0.0)
+        best = max(ok, key=lambda c: c["objective"], default=None)
+        if best is None or best["objective"] <= 0:
+            return 0.0, 0.0
+        return best["objective"], best["alpha"]
+
+    def grid(self, final: bool) -> tuple[float, ...]:
+        if not self.cfg.guard:
+            return (1.0,)  # unguarded: alpha = 1, only the checkpoint is chosen
+        return tuple(self.cfg.alphas) if final else coarse_grid(self.cfg.alphas)
+
+    def evaluator(self, tag: str = ""):
+        """The training loop's callback: `(model, step) -> Evaluation` on the coarse grid, recorded by (tag, step)."""
+        def evaluate(model: SimSkip, step: int) -> Evaluation:
+            cands = self.sweep(model, self.grid(final=False))
+            obj, alpha = self.choose(cands)
+            ev = Evaluation(step, obj, alpha, {"candidates": cands})
+            self.record[(tag, step)] = ev
+            return ev
+        evaluate.min_gain = MIN_GAIN  # read by training.Run: smaller gains do not reset patience
+        return evaluate
+
+
+@dataclass
+class FitResult(TrainResult):
+    guard: GuardReport | None = None
+
+    def metadata(self) -> dict:
+        """What `export` stamps into the ONNX file: the training record plus the guard report."""
+        meta = super().metadata()
+        if self.guard is not None:
+            meta["guard"] = asdict(self.guard)
+        return meta
+
+
+def only_supervision(data, labels: bool = True, pairs: bool = True):
+    """A copy of `data` keeping only the named supervision: what a user handing over just that would give."""
+    kw = {}
+    if not labels:
+        kw.update(labels=None, label_names=None)
+    if not pairs:
+        kw.update(queries=None, query_split=None, qrels=None, query_text=None)
+    return replace(data, **kw)
+
+
+def supervision(data, rows: np.ndarray) -> Supervision:
+    """The training signal of `data`: labels of `rows` (others hidden as -1) and pairs of queries in the train split."""
+    labels = None
+    if data.labels is not None:
+        keep = np.zeros(len(data.labels), bool)
+        keep[rows] = True
+        labels = np.where(keep, data.labels, -1).astype(np.int64)
+    return Supervision.from_qrels(data.queries, data.qrels, labels, data.split_queries("train"))
+
+
+def fit(data, config: TrainConfig | None = None) -> FitResult:
+    """Train on an `EmbeddingData`'s train split; the guard picks the checkpoint and alpha on its val split.
+
+    Signals follow the data's supervision unless the config sets weights; lr and temperature left
+    None are searched (each candidate trains `search_evals` validations, the best continues).
+    Labels of non-train rows and pairs of non-train queries are hidden from training. If no alpha
+    beats raw on validation, the result is the identity (alpha = 0) and the guard report says so.
+    torch's thread count is restored on return.
+    """
+    cfg = config or TrainConfig()
+    t0 = time.perf_counter()
+    deadline = t0 + cfg.time_budget if cfg.time_budget else None
+    train_rows = data.split_rows("train")
+    sup = supervision(data, train_rows)
+    cfg = cfg.resolved(sup.has_labels, sup.has_pairs)
+    sup = _check_supervision(cfg, sup, *data.corpus.shape)
+    if len(train_rows) < 2:
+        raise ValueError(f"the train split has {len(train_rows)} rows; training needs at least 2")
+    log.info("signals: %s", ", ".join(cfg.signals()))
+    with torch_threads(cfg.threads):
+        guard = Guard(data, cfg)
+        if guard.proxy:  # no quality signal: checkpoints follow the held-out loss, alpha is chosen at the end
+            run = Run(data.corpus, replace(cfg, lr=cfg.lr or LR_GRID[0]), sup, train_rows,
+                      val_rows=data.split_rows("val"), deadline=deadline,
+                      initial=None if cfg.guard else Evaluation(0, float("-inf"))).advance()
+            search = []
+        else:
+            run, search = _search(data, cfg, sup, train_rows, guard, deadline)
+        out = _finish(run, guard, search, t0, deadline)
+    log.info("%s", out.guard.summary())
+    return out
+
+
+def _search(data, cfg: TrainConfig, sup: Supervision, train_rows, guard: Guard, deadline):
+    """Race the lr/temperature candidates for `search_evals` validations each; continue the best."""
+    lrs = (cfg.lr,) if cfg.lr else LR_GRID
+    temps = (cfg.temperature,) if cfg.temperature or not (cfg.label_weight or cfg.pair_weight or cfg.preserve_weight) \
+        else TEMPERATURE_GRID
+    grid = [(lr, t) for t in temps for lr in lrs]
+    identity = Evaluation(0, 0.0 if cfg.guard else float("-inf"), 0.0)  # untrained f = 0: exactly raw
+    runs, search = [], []
+    for i, (lr, t) in enumerate(grid):
+        if deadline is not None and runs and time.perf_counter() > deadline:
+            log.warning("time budget reached during the lr/temperature search: %d of %d candidates tried", i, len(grid))
+            break
+        run = Run(data.corpus, replace(cfg, lr=lr, temperature=t or TEMPERATURE_GRID[0]), sup, train_rows,
+                  guard.evaluator(f"lr={lr:g},t={t or TEMPERATURE_GRID[0]:g}"), initial=identity, deadline=deadline)
+        runs.append(run.advance(cfg.search_evals if len(grid) > 1 else None))
+        search.append({"lr": run.cfg.lr, "temperature": run.cfg.temperature, "objective": run.best.objective,
+                       "step": run.best.step})
+    best = max(range(len(runs)), key=lambda i: (runs[i].best.objective, -i))
+    if len(grid) > 1:
+        search[best]["chosen"] = True
+        runs[best].advance()
+        search[best].update(objective=runs[best].best.objective, step=runs[best].best.step)
+    return runs[best], search
+
+
+def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> FitResult:
+    """The full alpha grid on the run's two best checkpoints; the better one ships, with its report."""
+    res = run.result()
+    model, cfg = res.model, res.config
+    tried = []
+    for step, state in run.checkpoints() if not guard.proxy else [(res.best_step, run.best_state)]:
+        if step == 0 and cfg.guard:  # the untrained model is exactly raw: no need to search it
+            same = [{"alpha": a, "metrics": dict(guard.raw), "feasible": True, "objective": 0.0} for a in guard.grid(True)]
+            tried.append(((0.0, 0.0), 0, state, same))
+            continue
+        model.load_state_dict(state)
+        cands = guard.sweep(model, guard.grid(final=True))
+        tried.append((guard.choose(cands), step, state, cands))
+    (obj, alpha), step, state, cands = max(tried, key=lambda t: (t[0][0], -t[1]))
+    model.load_state_dict(state)
+    model.alpha.fill_(alpha)
+    model.eval()
+    if not cfg.guard:
+        reason = f"unguarded: alpha=1 at the checkpoint with the best validation objective (step {step})"
+    elif alpha == 0:
+        reason = "no alpha > 0 beat the raw vectors on validation without a drop: shipping the identity"
+        if not guard.proxy and step == 0:  # show the trained checkpoint that came closest
+            trained = [t for t in tried if t[1] > 0]
+            if trained:
+                cands, step = trained[0][3], trained[0][1]
+                reason += f"; the table shows step {step}, the trained checkpoint that came closest"
+    else:
+        reason = f"alpha={alpha:g} at step {step} gave the best validation result with no metric dropping"
+    if guard.proxy:
+        reason += " (no labels or pairs to validate on: quality was not measured, only closeness to raw)"
+    if run.stopped == "time_budget":
+        reason += f"; training stopped at the time budget ({cfg.time_budget:g} s) after step {run.step}"
+        if len(run.history) > 1 and run.history[1]["step"] < cfg.eval_every:
+            reason += " (the budget ran out before the first scheduled validation: validated there instead)"
+    out = FitResult(model=model, config=cfg, history=res.history, best_step=step, seconds=time.perf_counter() - t0,
+                    n_train=res.n_train, stopped=res.stopped)
+    out.guard = GuardReport(alpha=alpha, step=step, criterion=guard.criterion, raw=guard.raw, candidates=cands,
+                            reason=reason, signals=cfg.signals(), search=search)
+    return out
