@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the main job on WordNet + MiniLM) and `make test`.
-# Each creates its own virtual environment. torch is pinned to the CPU wheel (see pyproject.toml).
+# Each creates its own virtual environment and installs with -c constraints.txt: the exact versions
+# this project is tested with (pyproject.toml states ranges; torch 2.13.0 is the CPU wheel).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -1,7 +1,7 @@
 """Scale bench: refine + index throughput on Spark at local[1] vs local[2], and a projection to 100M / 1B vectors.
 
-Measures, on synthetic unit vectors of MiniLM's width (d=384) and a refiner of the size measured
-in DESIGN.md §3 (one residual block, hidden 1024):
+Measures, on synthetic unit vectors of MiniLM's width (d=384) and a refiner twice the default
+width (one residual block, hidden 1024; docs/design.md):
   - single-process, 1 thread: onnxruntime refine rate, FAISS add rate per core for several IVF
     quantizers, k-means training rate, bytes per vector of each index type;
   - Spark (`simskip_faiss.spark`): refine-only (noop sink) and the distributed build

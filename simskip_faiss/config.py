@@ -19,8 +19,8 @@ TEMPERATURE_GRID = (0.05, 0.1)      # likewise for TrainConfig.temperature (supe
 class TrainConfig:
     """Everything that defines a training run; None means "chosen for you" (see `resolved`).
 
-    Why the defaults are what they are is measured in bench/results/robustness.md (every default
-    across WordNet 1k-20k and digits, 3 seeds) and bench/results/quality.md (WordNet 20k variants).
+    Why the defaults are what they are: docs/design.md, measured in bench/results/robustness.md (every
+    default across WordNet 1k-20k and digits, 3 seeds) and bench/results/quality.md (WordNet 20k variants).
     """
 
     # network: refined = x + alpha * f(x), f = MLP with `depth` hidden layers of width `hidden`

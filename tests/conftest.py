@@ -34,7 +34,12 @@ def digits():
 
 @pytest.fixture(scope="session")
 def trained(data):
-    """A refiner trained for a few epochs on the clustered data (non-identity weights)."""
+    """A refiner trained for a few epochs on the clustered data (non-identity weights).
+
+    Needs the train extra: tests using it (or `onnx_path`) skip where torch or onnx is not installed.
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
     from simskip_faiss.training import TrainConfig, train
 
     x, _ = data

@@ -122,3 +122,173 @@ def test_train_int8_and_quantize(files, onnx_path, capsys):
     err = capsys.readouterr().err
     assert "already int8" in err and len(err.strip().splitlines()) == 1
     assert not (d / "again.onnx").exists()
+
+
+# --------------------------------------------------------------------------- errors: one line, bugs not disguised
+# These use the identity refiner, so they run without the train extra.
+
+
+@pytest.fixture()
+def small(tmp_path):
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    np.save(tmp_path / "c.npy", x)
+    return tmp_path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("argv, msg", [
+    ([], "required: command"),
+    (["search"], "required: bundle, queries, -o/--output"),
+    (["search", "b", "q.npy", "-o", "x.npz", "-k", "ten"], "argument -k: invalid int value: 'ten'"),
+    (["build", "identity", "c.npy", "-o", "b", "--metric", "cosine"], "invalid choice: 'cosine'"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+])
+def test_usage_errors_are_one_line(capsys, argv, msg):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = one_line_error(capsys)
+    assert err.startswith("simskip-faiss: error:") and msg in err and "--help" in err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "{d}/c.npy", "-o", "/proc/x.onnx"], "cannot write /proc/x.onnx"),
+    (["train", "{d}/c.npy", "-o", "{d}"], "is a directory"),
+    (["train", "{d}/c.npy", "-o", "{d}/c.npy/r.onnx"], "is not a directory"),
+    (["build", "identity", "{d}/c.npy", "-o", "/proc/bundle"], "cannot write /proc/bundle"),
+    (["build", "identity", "{d}/c.npy", "-o", "{d}/c.npy"], "is an existing file"),
+    (["build", "identity", "{d}/c.npy", "-o", "/proc/self/nope/bundle"], "cannot write"),
+])
+def test_outputs_are_checked_before_the_work(small, capsys, monkeypatch, argv, msg):
+    """An unwritable -o fails at once: the command (training, adding) never starts."""
+    import simskip_faiss.cli as cli
+
+    def never(args):
+        raise AssertionError("the command ran although its output cannot be written")
+
+    monkeypatch.setattr(cli, "cmd_train", never)
+    monkeypatch.setattr(cli, "cmd_build", never)
+    assert main([a.format(d=small) for a in argv]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("simskip-faiss: error:") and msg in err
+    assert not [p for p in small.iterdir() if p.name.startswith(".simskip-write-check")]  # probe removed
+
+
+def test_missing_output_parents_are_created(small, capsys):
+    assert main(["build", "identity", str(small / "c.npy"), "-o", str(small / "new" / "deeper" / "bundle"),
+                 "--factory", "Flat", "-q"]) == 0
+    assert (small / "new" / "deeper" / "bundle" / "manifest.json").is_file()
+
+
+def test_faiss_messages_have_no_cpp_signatures(small, capsys):
+    assert main(["build", "identity", str(small / "c.npy"), "-o", str(small / "b"), "--factory", "Bogus"]) == 2
+    err = one_line_error(capsys)
+    assert "could not parse index string Bogus" in err
+    assert "::" not in err and ".cpp" not in err and "Error in" not in err
+
+
+def test_plain_message_strips_faiss_locations():
+    import faiss
+
+    from simskip_faiss.cli import plain_message
+
+    with pytest.raises(RuntimeError) as e:
+        faiss.ParameterSpace().set_index_parameter(faiss.IndexFlatL2(4), "efSearch", 3)
+    assert "faiss::" in str(e.value)  # what FAISS says ...
+    assert plain_message(e.value) == "could not set parameter efSearch"  # ... and what the user reads
+    assert plain_message(RuntimeError("Error in void faiss::f(int) at /x/y.cpp:12: Error: 'k > 0' failed")) \
+        == "FAISS check failed: k > 0"
+    with pytest.raises(RuntimeError) as e:
+        faiss.index_factory(8, "IVF4,PQ3")
+    assert plain_message(e.value).startswith("The dimension of the vector (d) should be a multiple of")
+
+
+def test_bad_input_is_exit_2_and_a_bug_is_not_disguised(small, capsys, monkeypatch):
+    from simskip_faiss import RefinedIndex
+
+    d = small
+    assert main(["build", "identity", str(d / "c.npy"), "-o", str(d / "b"), "--factory", "Flat", "-q"]) == 0
+    np.save(d / "q4.npy", np.zeros((3, 4), np.float32))
+    capsys.readouterr()
+    # bad input (our validation): one line, exit 2
+    assert main(["search", str(d / "b"), str(d / "q4.npy"), "-o", str(d / "r.npz")]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("simskip-faiss: error:") and "internal" not in err
+    # a bug (a TypeError/KeyError not raised by our validation): exit 1, called internal, never "error: <text>"
+    for bug in (TypeError("'NoneType' object is not subscriptable"), KeyError("D"), RuntimeError("boom")):
+        def broken(self, x, k, params=None, bug=bug):
+            raise bug
+
+        monkeypatch.setattr(RefinedIndex, "search", broken)
+        np.save(d / "q.npy", np.zeros((3, 8), np.float32))
+        assert main(["search", str(d / "b"), str(d / "q.npy"), "-o", str(d / "r.npz")]) == 1
+        err = one_line_error(capsys)
+        assert "internal error" in err and type(bug).__name__ in err and "re-run with -v" in err
+        # -v: the full traceback, ending in the failing function
+        assert main(["search", str(d / "b"), str(d / "q.npy"), "-o", str(d / "r.npz"), "-v"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "in broken" in err
+        assert err.strip().splitlines()[-1].startswith("simskip-faiss: internal error")
+
+
+def test_user_error_classification():
+    """Exit 2 only for errors our validation raised (or CLIError / file errors); the rest are bugs."""
+    from simskip_faiss import IdentityRefiner, RefinedIndex
+    from simskip_faiss.cli import CLIError, _is_user_error, plain_message
+
+    def caught(f):
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001
+            return e
+        raise AssertionError("no exception")
+
+    class BadStr(Exception):
+        def __str__(self):
+            return 1  # str() of it raises a TypeError inside the package's own code, not at a `raise`
+
+    index = RefinedIndex(IdentityRefiner(8), "Flat", "l2")
+    assert _is_user_error(caught(lambda: index.add(np.zeros((2, 5), np.float32))))  # our ValueError
+    assert _is_user_error(caught(lambda: index.search(np.zeros((2, 8), np.float32), "3")))  # our TypeError
+    assert _is_user_error(CLIError("x")) and _is_user_error(caught(lambda: open("/nonexistent/x")))
+    assert not _is_user_error(caught(lambda: plain_message(BadStr())))  # a TypeError in our code, not ours to raise
+    assert not _is_user_error(caught(lambda: np.zeros(3).reshape(2)))  # numpy's ValueError
+    assert not _is_user_error(caught(lambda: {}["k"])) and not _is_user_error(RuntimeError("x"))
+
+
+def test_missing_extra_names_the_extra(capsys, monkeypatch):
+    import simskip_faiss.cli as cli
+
+    def needs_wn(args):
+        raise ModuleNotFoundError("No module named 'sentence_transformers'", name="sentence_transformers")
+
+    monkeypatch.setattr(cli, "cmd_eval", needs_wn)
+    assert main(["eval", "--data", "synthetic"]) == 2
+    assert "pip install 'simskip-faiss[data]'" in one_line_error(capsys)
+
+
+def test_python_dash_m():
+    out = subprocess.run([sys.executable, "-m", "simskip_faiss", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("simskip-faiss ")
+
+
+def test_readme_command_lines_parse():
+    """Every `simskip-faiss ...` line in the README's shell blocks is a valid command line."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from simskip_faiss.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln.split(" #")[0] for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+             for ln in block.splitlines() if ln.startswith("simskip-faiss ")]
+    assert len(lines) >= 8
+    for ln in lines:
+        args = build_parser().parse_args(shlex.split(ln)[1:])
+        assert callable(args.func), ln

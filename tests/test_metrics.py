@@ -2,7 +2,7 @@
 
 Third-party references: pytrec_eval (trec_eval itself; package ``pytrec-eval-terrier``, skipped
 if absent), sklearn.metrics.ndcg_score, faiss.contrib.evaluation.knn_intersection_measure, and
-a deliberately naive loop implementation written from DESIGN.md §4's definitions.
+a deliberately naive loop implementation written from docs/metrics.md's definitions.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_cross_check_pytrec_eval():
         np.testing.assert_allclose(ours[ours_key], ref, atol=1e-12, err_msg=ours_key)
 
     # the naive reference agrees with trec_eval on P@10 and on mAP@100 (trec_eval's
-    # map_cut_100 divides by |rel|; DESIGN.md's mAP@k by min(k, |rel|): rescale)
+    # map_cut_100 divides by |rel|; docs/metrics.md's mAP@k by min(k, |rel|): rescale)
     n_rel = ours["n_relevant"]
     naive = _naive(I[ours["query_index"]], [qrels[i] for i in ours["query_index"]])
     res2 = pytrec_eval.RelevanceEvaluator(qd, {"P_10", "map_cut_100"}).evaluate(run(100))
@@ -228,7 +228,7 @@ def test_cross_check_sklearn_ndcg():
 
 
 def _naive(I, qrels=None, query_labels=None, db_labels=None, n_relevant=None):
-    """Literal loop implementation of DESIGN.md §4 (binary relevance)."""
+    """Literal loop implementation of docs/metrics.md (binary relevance)."""
     out = {k: [] for k in ("ndcg10", "r10", "r100", "mrr10", "p10", "map100")}
     for i, row in enumerate(I):
         if qrels is not None:

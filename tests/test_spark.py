@@ -150,7 +150,11 @@ def test_distributed_build_equals_single_machine(spark, setup, tmp_path, factory
         D2, I2 = dist.search(x[:100], 10)
         np.testing.assert_array_equal(I2, I1)
         np.testing.assert_allclose(D2, D1, rtol=1e-6, atol=1e-6)
-    assert I1[:, 0].tolist() == ids[:100].tolist() if factory == "IVF4,Flat" else True
+    own = ids[:100]  # each query is a stored vector: its own id must come back (mapped ids, not shard rows)
+    if factory == "IVF4,Flat":
+        assert I1[:, 0].tolist() == own.tolist()  # exact codes: every vector finds itself first
+    else:  # 16-bit PQ codes are lossy (measured 0.63-0.74 first, 0.98-1.0 in the top 10); wrong ids give ~1/600
+        assert (I1[:, 0] == own).mean() >= 0.5 and (I1 == own[:, None]).any(axis=1).mean() >= 0.9
 
 
 def test_build_with_given_trained_index(spark, setup, tmp_path):

@@ -12,14 +12,15 @@ import textwrap
 
 import faiss
 import numpy as np
-import onnx
 import pytest
-import torch
 
-from simskip_faiss import IdentityRefiner, RefinedIndex, Refiner
-from simskip_faiss.export import PARITY_TOLERANCE, export, quantize
-from simskip_faiss.index import release_rows, reserve
-from simskip_faiss.refiner import LinearRefiner, distil_linear
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+
+from simskip_faiss import IdentityRefiner, RefinedIndex, Refiner  # noqa: E402
+from simskip_faiss.export import PARITY_TOLERANCE, export, quantize  # noqa: E402
+from simskip_faiss.index import release_rows, reserve  # noqa: E402
+from simskip_faiss.refiner import LinearRefiner, distil_linear  # noqa: E402
 
 
 def intersection_at_10(a: np.ndarray, b: np.ndarray) -> float:
