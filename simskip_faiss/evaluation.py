@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from .baselines import lda_candidates, ridge_candidates
 from .datasets import EmbeddingData
-from .index import RefinedIndex, metric_code
+from .faiss_utils import metric_code
+from .index import RefinedIndex
 from .metrics import drop_self, knn_recall, paired_bootstrap, per_query_metrics
 from .persistence import atomic_write_bytes
 from .refiner import IdentityRefiner, LinearRefiner

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfinite_rows, to_float32
-from .faiss_utils import (METRIC_NAMES, METRICS, build_index, check_search_params, metric_code,  # noqa: F401
+from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric_code,
                           reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, load_bundle, save_bundle
 from .refiner import NORM_RANGE, Refiner, as_input, refiner_from_bytes

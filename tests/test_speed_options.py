@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from simskip_faiss import IdentityRefiner, RefinedIndex, Refiner  # noqa: E402
 from simskip_faiss.export import PARITY_TOLERANCE, export, quantize  # noqa: E402
-from simskip_faiss.index import release_rows, reserve  # noqa: E402
+from simskip_faiss.faiss_utils import release_rows, reserve  # noqa: E402
 from simskip_faiss.refiner import LinearRefiner, distil_linear  # noqa: E402
 
 
