@@ -3,7 +3,7 @@
 Layout of a bundle directory:
     manifest.json              format version, dimensions, metric, factory, ntotal, refiner, sha256 of each file
     index-<sha16>.faiss        faiss.write_index output
-    refiner-<sha16>.onnx       the exported refiner (absent for an identity refiner)
+    refiner-<sha16>.onnx|.npy  the refiner's to_bytes(): ONNX, or a linear map as .npy arrays (absent for the identity)
     .lock                      taken (flock) by a save for its whole duration; readers never take it
 
 What holds, and why:
