@@ -226,10 +226,12 @@ def quantizer_candidates(nlist: int, niter: int) -> dict:
     def package(method):
         return lambda index, x: train_ivf(index, x, method, niter=niter)
 
-    def two_level_then_flat(index, x):  # (c): two-level centroids, then 1 flat Lloyd iteration over the sample
-        train_ivf(index, x, "two-level", niter=niter)
-        q = faiss.extract_index_ivf(index).quantizer
-        _centroids_into(index, _lloyd(x, nlist, 1, faiss.IndexFlatIP(x.shape[1]), q.reconstruct_n(0, nlist)))
+    def two_level_then_flat(steps):  # (c): two-level centroids, then `steps` flat Lloyd iterations over all vectors
+        def train(index, x):
+            train_ivf(index, x, "two-level", niter=niter)
+            q = faiss.extract_index_ivf(index).quantizer
+            _centroids_into(index, _lloyd(x, nlist, steps, faiss.IndexFlatIP(x.shape[1]), q.reconstruct_n(0, nlist)))
+        return train
 
     def ivf_assigned(index, x):  # (d): niter iterations, assignment by an IVF over the centroids (nprobe 8 of √nlist)
         init = x[np.random.default_rng(0).choice(len(x), nlist, replace=False)]
@@ -264,7 +266,8 @@ def quantizer_candidates(nlist: int, niter: int) -> dict:
         "flat": ("FAISS k-means, flat assignment (reference)", package("flat")),
         "flat, seed 2": ("the same from another random start (the noise floor)", flat_seed2),
         "two-level": ("faiss.contrib two_level_clustering", package("two-level")),
-        "two-level+1 flat": ("two-level centroids, then 1 flat Lloyd iteration", two_level_then_flat),
+        **{f"two-level+{i} flat": (f"two-level centroids, then {i} flat Lloyd iteration{'s' * (i > 1)}",
+                                   two_level_then_flat(i)) for i in (1, 2, 3)},
         "IVF-assigned": (f"assignment by IVF{int(math.sqrt(nlist))} over the centroids, nprobe 8", ivf_assigned),
         "HNSW-assigned": ("assignment by HNSW32 over the centroids, efSearch 16", hnsw_assigned),
         "SuperKMeans": ("FAISS ClusteringParameters.use_super_kmeans", super_kmeans),
@@ -443,8 +446,9 @@ def meets_target(r: dict) -> bool:
     return r["cpu_speedup"] >= 3 and all(v >= -0.01 for v in r["recall_diff"].values())
 
 
-def quantizer_conclusion(q: dict) -> list[str]:
-    """What the comparison says: which candidate meets the target, and why each other one does not."""
+def quantizer_conclusion(q: dict, extra: dict) -> list[str]:
+    """What the comparison says: which candidate meets the target, and why each other one does not.
+    `extra`: methods of a separate run at the same d (each against that run's own flat k-means)."""
     ms, keys = q["methods"], [k for k in q["methods"]["flat"] if k.startswith("10-recall")]
 
     def d(name):  # "Δ -0.0643 / -0.0491"
@@ -453,7 +457,7 @@ def quantizer_conclusion(q: dict) -> list[str]:
     def fewer(name):
         return f"{ms[name]['cpu_speedup']:.1f}× fewer CPU-s"
 
-    won = [name for name, r in ms.items() if name != "flat" and meets_target(r)]
+    won = [name for name, r in {**ms, **extra}.items() if name != "flat" and meets_target(r)]
     out = [f"Target (≥ 3× fewer CPU-seconds than flat, 10-recall@10 within 0.01 at equal nprobe) met by: "
            f"**{', '.join(won) if won else 'none'}**."]
     why = []
@@ -464,10 +468,16 @@ def quantizer_conclusion(q: dict) -> list[str]:
         why.append(f"- two-level: by far the cheapest ({fewer('two-level')}), but {d('two-level')}: a second-level "
                    "centroid cannot cross its first-level cluster's border, so vectors near those borders get "
                    "worse lists.")
-    if "two-level+1 flat" in ms:
-        why.append(f"- two-level + 1 flat iteration ({fewer('two-level+1 flat')}, {d('two-level+1 flat')}): one "
-                   "exact Lloyd step over all vectors recovers less than half of the loss; each further step costs "
-                   "a tenth of flat k-means, so the 3× budget allows about one more, not the several it would need.")
+    steps = {name: r for name, r in {**ms, **extra}.items() if name.startswith("two-level+")}
+    if "two-level+1 flat" in ms and "two-level" in ms:
+        step = ms["two-level+1 flat"]["train_cpu_seconds"] - ms["two-level"]["train_cpu_seconds"]
+        fit = int((ms["flat"]["train_cpu_seconds"] / 3 - ms["two-level"]["train_cpu_seconds"]) // step)
+        why.append(f"- two-level + flat Lloyd iterations over all vectors: each iteration costs ~{step:.1f} CPU-s "
+                   f"(a tenth of flat k-means), so about {fit} fit in the 3× budget; "
+                   + "; ".join(f"{name.split('+')[1]}: {r['cpu_speedup']:.1f}× fewer CPU-s, "
+                               + " / ".join(f"{v:+.3f}" for v in r["recall_diff"].values())
+                               for name, r in sorted(steps.items()))
+                   + ". Each exact step recovers part of the loss, not enough within the budget.")
     if "IVF-assigned" in ms:
         why.append(f"- IVF-assigned ({fewer('IVF-assigned')}, {d('IVF-assigned')}): at d = {q['d']} FAISS's flat "
                    "scan is one BLAS matrix product, so scanning 8 of √nlist lists per vector saves little time; and "
@@ -512,9 +522,12 @@ def quantizer_report(q: dict, others: list[dict]) -> list[str]:
                      f"{r['cpu_speedup']:.2f} | "
                      + " | ".join(f"{r[k]:.4f} ({r['recall_diff'][k]:+.4f})" for k in keys)
                      + f" | {'—' if name == 'flat' else '**yes**' if meets_target(r) else 'no'} |")
-    lines += ["", *quantizer_conclusion(q), ""]
+    extra = {k: v for o in others if o["d"] == q["d"] for k, v in o["methods"].items() if k != "flat"}
+    lines += ["", *quantizer_conclusion(q, extra), ""]
     for o in others:  # a confirmation at another d, fewer candidates
-        lines += [f"Confirmation at d = {o['d']} (`{o['command']}`):", "",
+        title = (f"Confirmation at d = {o['d']}" if o["d"] != q["d"] else
+                 "More flat steps after two-level (a separate run, with its own flat reference)")
+        lines += [f"{title} (`{o['command']}`):", "",
                   "| k-means | train CPU s | × fewer CPU-s than flat | " + " | ".join(f"{k.split()[-1]} Δ" for k in keys) + " |",
                   "|---|---:|---:|" + "---:|" * len(keys)]
         for name, r in o["methods"].items():
@@ -578,7 +591,8 @@ def write_report(m: dict, path: Path) -> None:
               "pays the validation pass (a second parquet read in the workers, and Spark SQL grouping the ids "
               "to find duplicates), the merge and the save.", ""]
     if m.get("quantizer"):
-        lines += quantizer_report(m["quantizer"], [v for k, v in m.items() if k.startswith("quantizer_d")])
+        lines += quantizer_report(m["quantizer"], [v for k, v in m.items()
+                                                   if k.startswith("quantizer_") and k != "quantizer_partial"])
     p = {r["n"]: r for r in m["projection"]}
     a, b = p[100_000_000], p[1_000_000_000]
     lines += ["## Projection", "",
