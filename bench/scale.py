@@ -462,8 +462,12 @@ def quantizer_conclusion(q: dict, extra: dict) -> list[str]:
            f"**{', '.join(won) if won else 'none'}**."]
     why = []
     if "flat, seed 2" in ms:
+        noise = max(abs(v) for v in ms["flat, seed 2"]["recall_diff"].values())
         why.append(f"- The noise floor: flat k-means itself, from another random start, moves recall by "
-                   f"{d('flat, seed 2')}; a difference of 0.01 is about what chance alone gives here.")
+                   f"{d('flat, seed 2')} (its training took {ms['flat, seed 2']['train_cpu_seconds']:.1f} CPU-s against "
+                   f"{ms['flat']['train_cpu_seconds']:.1f}: the run-to-run spread of CPU-seconds here)"
+                   + ("; recall differences of 0.01 are therefore not chance." if noise < 0.005 else
+                      "; a recall difference of 0.01 is about what chance alone gives here."))
     if "two-level" in ms:
         why.append(f"- two-level: by far the cheapest ({fewer('two-level')}), but {d('two-level')}: a second-level "
                    "centroid cannot cross its first-level cluster's border, so vectors near those borders get "
@@ -471,13 +475,12 @@ def quantizer_conclusion(q: dict, extra: dict) -> list[str]:
     steps = {name: r for name, r in {**ms, **extra}.items() if name.startswith("two-level+")}
     if "two-level+1 flat" in ms and "two-level" in ms:
         step = ms["two-level+1 flat"]["train_cpu_seconds"] - ms["two-level"]["train_cpu_seconds"]
-        fit = int((ms["flat"]["train_cpu_seconds"] / 3 - ms["two-level"]["train_cpu_seconds"]) // step)
-        why.append(f"- two-level + flat Lloyd iterations over all vectors: each iteration costs ~{step:.1f} CPU-s "
-                   f"(a tenth of flat k-means), so about {fit} fit in the 3× budget; "
+        why.append(f"- two-level + flat Lloyd iterations over all vectors: each costs ~{step:.1f} CPU-s (a tenth of "
+                   "flat k-means) and recovers part of the loss: "
                    + "; ".join(f"{name.split('+')[1]}: {r['cpu_speedup']:.1f}× fewer CPU-s, "
                                + " / ".join(f"{v:+.3f}" for v in r["recall_diff"].values())
                                for name, r in sorted(steps.items()))
-                   + ". Each exact step recovers part of the loss, not enough within the budget.")
+                   + ". The steps that fit in the 3× budget do not bring recall within 0.01.")
     if "IVF-assigned" in ms:
         why.append(f"- IVF-assigned ({fewer('IVF-assigned')}, {d('IVF-assigned')}): at d = {q['d']} FAISS's flat "
                    "scan is one BLAS matrix product, so scanning 8 of √nlist lists per vector saves little time; and "
@@ -491,9 +494,10 @@ def quantizer_conclusion(q: dict, extra: dict) -> list[str]:
             why.append(f"- {name} ({fewer(name)}, {d(name)}): k-means on a sample has fewer vectors per centroid; "
                        "subsampling alone does not meet the recall target either.")
     why.append("- Not in the default run: k-means assigned by HNSW32 (efSearch 16) and FAISS's SuperKMeans "
-               "(`ClusteringParameters.use_super_kmeans`, pruned exact assignment) both cost more than a third of "
-               "flat's CPU-seconds in trial runs (SuperKMeans more than flat's), so neither can meet the target at "
-               "this d (`--candidates HNSW-assigned SuperKMeans flat` measures them).")
+               "(`ClusteringParameters.use_super_kmeans`, pruned exact assignment) were each stopped unfinished in "
+               "trial runs at this size after using more CPU-seconds than a third of flat's (SuperKMeans: more "
+               "than flat's whole training), so neither can meet the target here (`--candidates HNSW-assigned "
+               "SuperKMeans flat` measures them to the end).")
     out += ["", "Why the others lose:", "", *why, ""]
     if not won:
         out.append("So nothing is adopted: flat k-means stays the default of `build_index` / `spark-build`, and "
@@ -527,13 +531,17 @@ def quantizer_report(q: dict, others: list[dict]) -> list[str]:
     for o in others:  # a confirmation at another d, fewer candidates
         title = (f"Confirmation at d = {o['d']}" if o["d"] != q["d"] else
                  "More flat steps after two-level (a separate run, with its own flat reference)")
-        lines += [f"{title} (`{o['command']}`):", "",
+        argv = shlex.split(o["command"])
+        left = [c for c in argv[argv.index("--candidates") + 1:] if c not in o["methods"]] if "--candidates" in argv else []
+        lines += [f"{title} (`{o['command']}`" + (f"; stopped before {', '.join(left)} finished, for time"
+                                                  if o.get("partial") and left else "") + "):", "",
                   "| k-means | train CPU s | × fewer CPU-s than flat | " + " | ".join(f"{k.split()[-1]} Δ" for k in keys) + " |",
                   "|---|---:|---:|" + "---:|" * len(keys)]
         for name, r in o["methods"].items():
             lines.append(f"| {name} | {r['train_cpu_seconds']:.1f} | {r['cpu_speedup']:.2f} | "
                          + " | ".join(f"{r['recall_diff'][k]:+.4f}" for k in keys) + " |")
-        lines.append("")
+        won = [name for name, r in o["methods"].items() if name != "flat" and meets_target(r)]
+        lines += ["", f"Target met here by: **{', '.join(won) if won else 'none'}**.", ""]
     return lines
 
 
@@ -636,7 +644,7 @@ def write_report(m: dict, path: Path) -> None:
               f"~{b['train_core_hours_flat_kmeans']:,.0f} at 1B (cost ∝ sample × nlist × d). "
               + (f"Two-level k-means (cost ∝ sample × √nlist × d, scaled by the ratio measured above) would bring "
                  f"that to ~{a['train_core_hours_two_level']:,.2f} and ~{b['train_core_hours_two_level']:,.2f} "
-                 "core-hours, at the recall cost measured above (at nlist 4096; at 65,536+ lists neither the "
+                 "core-hours, at the recall cost measured above, which grows with d (at nlist 4096; at 65,536+ lists neither the "
                  "cost nor the recall is measured). "
                  if a["train_core_hours_two_level"] is not None else "")
               + "The sample itself is drawn by the workers while they validate (`build_index(train_size=...)`).",
