@@ -203,7 +203,7 @@ def test_guard_tasks_and_agreement_proxy(planted):
     corpus_only = _only(planted, labels=False, pairs=False)
     res = fit(corpus_only, TrainConfig(**{**BASE, "max_steps": 50}, min_agreement=0.95))
     chosen = next(c for c in res.guard.candidates if c["alpha"] == res.guard.alpha)
-    assert chosen["metrics"]["agreement@10"] >= 0.95 and "not measured" in res.guard.reason
+    assert chosen["metrics"]["agreement@100"] >= 0.95 and "not measured" in res.guard.reason
     with pytest.raises(ValueError, match="guard_tasks"):
         fit(corpus_only, TrainConfig(**BASE, guard_tasks=("labels",)))
 
@@ -275,3 +275,4 @@ def test_without_supervision_the_guard_holds_raw_neighbour_agreement(planted):
     assert rejected > 0  # the threshold did bite
     ok = [c["alpha"] for c in res.guard.candidates if c["feasible"] and c["alpha"] > 0]
     assert res.guard.alpha == max(ok, default=0.0) and res.guard.alpha > 0
+
