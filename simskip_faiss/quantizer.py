@@ -58,8 +58,9 @@ def train_ivf(index: faiss.Index, x: np.ndarray, method: str = "flat", niter: in
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] < ivf.nlist:
         raise ValueError(f"{x.shape[0]} training vectors for {ivf.nlist} lists: need at least one per list")
-    centroids, _ = two_level_clustering(x, int(round(math.sqrt(ivf.nlist))), ivf.nlist,
-                                        clustering_niter=niter, seed=seed)
+    # spherical for inner product, as FAISS's own IVF training does (IndexIVF sets cp.spherical)
+    centroids, _ = two_level_clustering(x, int(round(math.sqrt(ivf.nlist))), ivf.nlist, clustering_niter=niter,
+                                        seed=seed, spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
     ivf.quantizer.reset()
     ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index.train(x)  # quantizer.ntotal == nlist: FAISS keeps these centroids and trains the codes only
