@@ -534,7 +534,8 @@ def quantizer_report(q: dict, others: list[dict]) -> list[str]:
         argv = shlex.split(o["command"])
         left = [c for c in argv[argv.index("--candidates") + 1:] if c not in o["methods"]] if "--candidates" in argv else []
         lines += [f"{title} (`{o['command']}`" + (f"; stopped before {', '.join(left)} finished, for time"
-                                                  if o.get("partial") and left else "") + "):", "",
+                                                  if o.get("partial") and left else "")
+                  + (f"; {o['note']}" if o.get("note") else "") + "):", "",
                   "| k-means | train CPU s | × fewer CPU-s than flat | " + " | ".join(f"{k.split()[-1]} Δ" for k in keys) + " |",
                   "|---|---:|---:|" + "---:|" * len(keys)]
         for name, r in o["methods"].items():
