@@ -5,7 +5,8 @@ that the machine's noise hits both alike; medians throughout):
   1. refine throughput at batch 1/16/1024/8192: onnxruntime (fp32, int8) vs torch eager vs a numpy
      matrix-multiply roofline (the two matmuls of the same shapes, i.e. the same FLOPs);
   2. single-vector refine latency of the default model (d=384, hidden=512, depth 1) and smaller widths;
-  3. single-query RefinedIndex.search vs raw FAISS (Flat, HNSW32, IVF1024,Flat) on 100k x 384;
+  3. single-query RefinedIndex.search vs raw FAISS (Flat, HNSW32, IVF256,Flat) on WordNet/MiniLM at equal
+     10-recall@10, distance computations counted;
   4. the native linear path (LinearRefiner.to_faiss) vs the same pre-transform built by hand;
   5. quality parity of every speed option: 10-recall@10 vs the fp32 refiner on WordNet/MiniLM;
   6. streamed ingest of 1M x 384 from a .npy (in subprocesses): throughput vs raw add, peak RSS;
@@ -55,7 +56,8 @@ from simskip_faiss.export import export  # noqa: E402
 from simskip_faiss.metrics import knn_recall  # noqa: E402
 from simskip_faiss.refiner import LinearRefiner, as_input, distil_linear  # noqa: E402
 from simskip_faiss.evaluation import LABEL_METRICS, PAIR_METRICS, build, score, task_queries  # noqa: E402
-from simskip_faiss.training import SimSkip, fit, train  # noqa: E402
+from simskip_faiss.guard import fit  # noqa: E402
+from simskip_faiss.training import SimSkip, train  # noqa: E402
 
 D, HIDDEN = 384, 512
 OWN = {"int8": "fp32", "fp16": "fp32", "hidden 256 int8": "hidden 256 fp32", "hidden 128 int8": "hidden 128 fp32",
@@ -241,7 +243,8 @@ def single_vector(files: dict[str, Path], n: int = 2000, rounds: int = 5) -> dic
 # queries per turn: Flat streams the whole 150 MB index from memory on every query (no cache to keep
 # warm), so its contenders alternate query by query; HNSW/IVF run 100 queries per turn (~20 ms)
 BLOCK = {"Flat": 1, "HNSW32": 100, "IVF": 100}
-FACTORIES = {"Flat": ("Flat", None), "HNSW32": ("HNSW32", ("efSearch", 64)), "IVF": ("IVF1024,Flat", ("nprobe", 16))}
+FACTORIES = {"Flat": ("Flat", None), "HNSW32": ("HNSW32", ("efSearch", 64)), "IVF": ("IVF256,Flat", ("nprobe", 16))}
+KNOB_GRID = {"efSearch": tuple(range(8, 257, 4)), "nprobe": tuple(range(1, 257))}
 
 
 def _tune(index, knob) -> None:
@@ -249,47 +252,77 @@ def _tune(index, knob) -> None:
         faiss.ParameterSpace().set_index_parameter(index, *knob)
 
 
-def search_latency(refiner_file: Path, base: np.ndarray, queries: np.ndarray, n_queries: dict[str, int],
-                   build_threads: int, rounds: int) -> dict[str, dict]:
-    """Single-query latency of raw FAISS (raw vectors) and of RefinedIndex.search vs the same steps by hand.
+def _ndis(index, queries: np.ndarray, knob) -> tuple[np.ndarray, float]:
+    """(top-10 ids, distance computations per query) at `knob`; FAISS's own counters (HNSW, IVF), else ntotal."""
+    _tune(index, knob)
+    stats = {"efSearch": faiss.cvar.hnsw_stats, "nprobe": faiss.cvar.indexIVF_stats}.get(knob[0]) if knob else None
+    if stats is not None:
+        stats.reset()
+    I = index.search(queries, 10)[1]
+    return I, (stats.ndis / len(queries) if stats is not None else float(index.ntotal))
 
+
+def search_latency(refiner_file: Path, corpus: np.ndarray, queries: np.ndarray, n_queries: dict[str, int],
+                   build_threads: int, rounds: int) -> dict[str, dict]:
+    """Single-query latency of raw FAISS (raw vectors) and of RefinedIndex.search, at equal recall.
+
+    The refiner's own data (the corpus it was trained on and its queries). Raw FAISS runs at the
+    factory's knob (efSearch 64 / nprobe 16); the refined index at the smallest knob whose 10-recall@10
+    against exact search in its own space reaches raw's against exact search in the raw space, with
+    FAISS's distance counters (`ndis`) reported at both knobs: an index whose lists or graph are
+    harder to search in the refined space shows it there, not as wrapper overhead.
     by_hand = refiner.transform then FAISS search of the refined index: the work RefinedIndex.search
-    must do, so overhead = RefinedIndex.search - by_hand (both cold or warm alike). The refine alone
-    and FAISS alone on the refined index are timed too, in their own loops.
+    must do, so overhead = RefinedIndex.search - by_hand. The refine alone and FAISS alone on the
+    refined index are timed too, in their own loops (`blocks`: interleaved turns).
     """
     out = {}
     ref = Refiner.load(refiner_file, threads=1)
+    rq_all = ref.transform(queries)
+    gt_raw, gt_ref = exact_top10(corpus, queries), exact_top10(ref.transform(corpus), rq_all)
     for name, (factory, knob) in FACTORIES.items():
         set_threads(build_threads)
         t0 = time.perf_counter()
         raw = faiss.index_factory(D, factory, faiss.METRIC_INNER_PRODUCT)
-        raw.train(base)
-        raw.add(base)
+        raw.train(corpus)
+        raw.add(corpus)
         ri = RefinedIndex(ref, factory, "ip")
-        ri.train(base)
-        ri.add(base)
+        ri.train(corpus)
+        ri.add(corpus)
         build = time.perf_counter() - t0
-        _tune(raw, knob)
-        _tune(ri.index, knob)
         set_threads(1)
+        inner = ri.index
+        I, raw_ndis = _ndis(raw, queries, knob)
+        target = recall_at_10(gt_raw, I)
+        I, ndis_same = _ndis(inner, rq_all, knob)
+        same_recall = recall_at_10(gt_ref, I)
+        matched = knob
+        if knob:
+            v = next((v for v in KNOB_GRID[knob[0]] if recall_at_10(gt_ref, _ndis(inner, rq_all, (knob[0], v))[0]) >= target),
+                     KNOB_GRID[knob[0]][-1])
+            matched = (knob[0], v)
+        I, ndis = _ndis(inner, rq_all, matched)
+        _tune(raw, knob)
         n = n_queries[name]
         q = [queries[i:i + 1] for i in range(n)]
-        rq = [ref.transform(v) for v in q]
-        inner = ri.index
+        rq = [rq_all[i:i + 1] for i in range(n)]
         t = blocks({"raw_faiss": lambda i: raw.search(q[i], 10),
                     "by_hand": lambda i: inner.search(ref.transform(q[i]), 10),
                     "refined_index": lambda i: ri.search(q[i], 10),
                     "refine_only": lambda i: ref.transform(q[i]),
                     "refined_faiss_only": lambda i: inner.search(rq[i], 10)}, n, rounds, BLOCK[name])
         med = {k: float(np.median(v) * 1e6) for k, v in t.items()}
-        out[name] = {"factory": factory, "param": knob, "n_queries": n, "rounds": rounds, "build_s": build,
+        out[name] = {"factory": factory, "param": knob, "matched_param": matched, "n_queries": n, "rounds": rounds,
+                     "build_s": build, "raw_recall10": target, "recall10_same_param": same_recall,
+                     "recall10": recall_at_10(gt_ref, I), "raw_ndis": raw_ndis, "ndis_same_param": ndis_same, "ndis": ndis,
                      "median_us": med, "overhead_us": 1e6 * per_block(t["refined_index"], t["by_hand"], BLOCK[name], lambda x, y: x - y),
                      "overhead_us_of_medians": med["refined_index"] - med["by_hand"],
+                     "interference_us": med["by_hand"] - med["refine_only"] - med["refined_faiss_only"],
                      "refined_vs_raw": med["refined_index"] / med["raw_faiss"],
                      "extra_over_raw_minus_refine_us": 1e6 * per_block(t["refined_index"], t["raw_faiss"], BLOCK[name], lambda x, y: x - y)
                      - med["refine_only"]}
-        print(f"  {name}: " + ", ".join(f"{k} {v:.1f} us" for k, v in med.items())
-              + f"; overhead {out[name]['overhead_us']:.1f} us", flush=True)
+        print(f"  {name}: {matched} recall {out[name]['recall10']:.4f} (raw {target:.4f}), ndis {ndis:.0f} (raw {raw_ndis:.0f}); "
+              + ", ".join(f"{k} {v:.1f} us" for k, v in med.items())
+              + f"; overhead {out[name]['overhead_us']:.1f} us; extra {out[name]['extra_over_raw_minus_refine_us']:.1f} us", flush=True)
     return out
 
 
@@ -831,14 +864,23 @@ def markdown(r: dict) -> str:
         L += ["", "## 2. Single-vector refine latency (Refiner.transform, 1 thread, µs)", "", "| refiner | median | p90 | file bytes |", "|---|---|---|---|"]
         L += [f"| {k} | {v['median_us']:.1f} | {v['p90_us']:.1f} | {r['files'].get(k, '')} |" for k, v in r["single_vector"].items()]
     if "search" in r:
-        L += ["", f"## 3. Single-query search, {r['search_n']:,} × {D} clustered unit vectors, k=10, 1 thread, "
+        L += ["", f"## 3. Single-query search on {r.get('search_data', 'clustered unit vectors')} ({r['search_n']:,} × {D}), k=10, 1 thread, "
               f"{r.get('search_precision', 'fp32')} refiner (median µs)", "",
-              "| index | raw FAISS | FAISS alone on refined index | refine alone | refine + FAISS by hand | RefinedIndex.search | overhead vs by hand (per-turn median) | RefinedIndex − raw − refine | RefinedIndex / raw FAISS |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "Raw FAISS at the factory's knob; the refined index at the smallest knob whose 10-recall@10 against exact search in its "
+              "own space reaches raw's against exact search in the raw space. ndis: distance computations per query (FAISS's counters; "
+              "Flat: ntotal), refined at the raw knob → at its own.", "",
+              "Interference = by hand − refine alone − FAISS alone: refining and searching back to back evict each other's "
+              "working set from the core's L2 cache (timed alone, each runs warm).", "",
+              "| index | knob raw → refined (recall) | ndis raw | ndis refined | raw FAISS | FAISS alone on refined index | refine alone | refine + FAISS by hand | interference | RefinedIndex.search | overhead vs by hand (per-turn median) | RefinedIndex − raw − refine | RefinedIndex / raw FAISS |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k, s in r["search"].items():
             m = s["median_us"]
-            L.append(f"| {s['factory']} {s['param'] or ''} | {m['raw_faiss']:.1f} | {m['refined_faiss_only']:.1f} | {m['refine_only']:.1f} | "
-                     f"{m['by_hand']:.1f} | {m['refined_index']:.1f} | {s['overhead_us']:+.1f} | {s.get('extra_over_raw_minus_refine_us', float('nan')):+.1f} | "
+            knob = (f"{s['param'][0]} {s['param'][1]} → {s['matched_param'][1]} ({s['raw_recall10']:.4f} → {s['recall10']:.4f})"
+                    if s.get("matched_param") else "exact")
+            nd = f"{s['ndis_same_param']:.0f} → {s['ndis']:.0f}" if "ndis" in s else ""
+            L.append(f"| {s['factory']} | {knob} | {s.get('raw_ndis', float('nan')):.0f} | {nd} | {m['raw_faiss']:.1f} | {m['refined_faiss_only']:.1f} | {m['refine_only']:.1f} | "
+                     f"{m['by_hand']:.1f} | {s.get('interference_us', float('nan')):+.1f} | {m['refined_index']:.1f} | {s['overhead_us']:+.1f} | "
+                     f"{s.get('extra_over_raw_minus_refine_us', float('nan')):+.1f} | "
                      f"{s['refined_vs_raw']:.3f} |")
     n = r.get("native", {})
     if n:
@@ -945,19 +987,21 @@ def main() -> None:
             r["single_vector"] = single_vector(svf, 500 if a.quick else 2000, 3 if a.quick else 5)
             print("  " + ", ".join(f"{k} {v['median_us']:.1f} us" for k, v in r["single_vector"].items()), flush=True)
 
-        if run & {3, 4}:
+        if run & {3, 7, 8}:
+            hq = (data.queries if data is not None and data.queries is not None else clustered(2000, D, seed=13))
+            hq = np.ascontiguousarray(hq[np.random.default_rng(0).permutation(len(hq))[:300 if a.quick else 2000]])
+        if 3 in run:
+            print(f"3. search latency on {source} ({len(corpus):,} x {D}, the shipped {shipped_precision()} refiner)", flush=True)
+            r["search_n"] = len(corpus)
+            r["search_data"] = source
+            r["search_precision"] = shipped_precision()
+            r["search"] = search_latency(files[shipped_precision()], corpus, hq, nq, a.threads, rounds)
+        if 4 in run:
             base = clustered(n_search, D, seed=11)
             queries = clustered(max(nq.values()), D, seed=12)
-        if 3 in run:
-            print(f"3. search latency on {n_search:,} x {D} (the shipped {shipped_precision()} refiner)", flush=True)
-            r["search_n"] = n_search
-            r["search_precision"] = shipped_precision()
-            r["search"] = search_latency(files[shipped_precision()], base, queries, nq, a.threads, rounds)
 
-        if 4 in run:
             print("4. native linear path", flush=True)
             r["native"] = native_linear(files["fp32"], base, queries, nq["IVF"], a.threads, rounds)
-        if run & {3, 4}:
             del base
 
         if 5 in run:
@@ -988,8 +1032,6 @@ def main() -> None:
             npy.unlink()
 
         if run & {7, 8}:
-            hq = (data.queries if data is not None and data.queries is not None else clustered(2000, D, seed=13))
-            hq = np.ascontiguousarray(hq[np.random.default_rng(0).permutation(len(hq))[:300 if a.quick else 2000]])
             chosen = {"default fp32": files["fp32"], "default int8": files["int8"],
                       **{f"hidden {w} int8": work / f"h{w}-int8.onnx" for w in models}}
             print(f"7. single-query HNSW32 on {source} ({len(corpus):,} x {D}): where the time goes", flush=True)

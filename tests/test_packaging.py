@@ -44,3 +44,24 @@ def test_the_repository_cites_only_its_own_docs():
     assert {"docs/metrics.md", "docs/evaluation.md", "docs/design.md"} <= cited
     for c in cited:
         assert (ROOT / c).is_file(), f"{c} is cited but missing"
+
+
+def _is_submodule(package, name: str) -> bool:
+    import importlib.util
+
+    return hasattr(package, "__path__") and importlib.util.find_spec(f"{package.__name__}.{name}") is not None
+
+
+def test_bench_scripts_import_names_the_package_has():
+    """Every `from simskip_faiss... import name` in bench/ names something that exists (bench scripts are not run in CI)."""
+    import ast
+    import importlib
+
+    missing = []
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "simskip_faiss":
+                module = importlib.import_module(node.module)
+                missing += [f"{script.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and not _is_submodule(module, a.name)]
+    assert not missing, f"bench scripts import names that do not exist: {missing}"
