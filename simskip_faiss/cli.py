@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     s.add_argument("--quantizer", default="flat", choices=["flat", "two-level"],
                    help="k-means of the IVF coarse quantizer: flat (FAISS's, default) or two-level (far cheaper at "
-                        "large nlist, slightly lower recall at equal nprobe; see bench/results/scale.md)")
+                        "large nlist, lower recall at equal nprobe; see bench/results/scale.md)")
     s.add_argument("--shard-dir", help="where executors write shards: a path the driver sees too "
                                        "(default: a temporary directory beside the output)")
     s.set_defaults(func=cmd_spark_build, output_kind="dir")

@@ -114,16 +114,19 @@ class Guard:
                                  f"for the guard's validation split: give at least {MIN_VAL} validation rows and "
                                  "12 rows in all, or pass guard=False")
             self.queries = {"agreement": rows}
+        self.agreement_k = min(cfg.agreement_k, data.corpus.shape[0] - 2)
         self.corpus = np.ascontiguousarray(data.corpus, dtype=np.float32)
         self.qx = {t: np.ascontiguousarray(self.corpus[r] if t != "pairs" else data.queries[r], dtype=np.float32)
                    for t, r in self.queries.items()}
+        self._raw_nn = None
         self.raw = self._metrics(self.corpus, self.qx)
         self.protected = list(cfg.guard_metrics or self.raw)
         unknown = set(self.protected) - set(self.raw)
         if unknown:
             raise ValueError(f"guard_metrics {sorted(unknown)} are not measured on validation (measured: {sorted(self.raw)})")
         which = "validation metric" if self.protected == list(self.raw) else "of " + ", ".join(self.protected)
-        self.criterion = ("neighbour agreement with raw >= %g" % cfg.min_agreement if self.proxy
+        self.criterion = (f"{self.agreement_k}-NN agreement with raw on validation rows >= {cfg.min_agreement:g}; "
+                          "the largest alpha that holds it" if self.proxy
                           else f"no {which} below raw by more than {cfg.tolerance:g}; maximise mean relative gain")
         self.record: dict[tuple[str, int], Evaluation] = {}
         self.seconds = 0.0
@@ -131,19 +134,19 @@ class Guard:
     def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray]) -> dict[str, float]:
         index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
         index.add(docs)
-        if self.proxy:
-            rows = self.queries["agreement"]
-            I = drop_self(index.search(q["agreement"], 11)[1], rows, 10)
-            if not hasattr(self, "_raw_nn"):
+        if self.proxy:  # share of each validation row's raw k nearest neighbours still in its refined top k
+            k, rows = self.agreement_k, self.queries["agreement"]
+            I = drop_self(index.search(q["agreement"], k + 1)[1], rows, k)
+            if self._raw_nn is None:  # the first call scores the raw vectors
                 self._raw_nn = I
-            return {"agreement@10": knn_recall(self._raw_nn, I, ks=(10,))["10-recall@10"]}
+            return {f"agreement@{k}": knn_recall(self._raw_nn, I, ks=(k,))[f"{k}-recall@{k}"]}
         per_task = score(index, self.data, self.queries, vectors=q)
         return {f"{t}:{m}": float(pq[m].mean()) for t, pq in per_task.items()
                 for m in (LABEL_METRICS if t == "labels" else PAIR_METRICS)}
 
     def _objective(self, m: dict[str, float]) -> tuple[bool, float]:
         if self.proxy:
-            return m["agreement@10"] >= self.cfg.min_agreement, 0.0
+            return m[f"agreement@{self.agreement_k}"] >= self.cfg.min_agreement, 0.0
         feasible = all(m[k] >= self.raw[k] - self.cfg.tolerance for k in self.protected)
         return feasible, float(np.mean([(m[k] - self.raw[k]) / max(self.raw[k], 1e-9) for k in m]))
 

@@ -4,11 +4,14 @@ Flat k-means assigns every training vector to every centroid in each iteration: 
 multiply-adds per iteration, so with the usual 64–256 training vectors per list the cost grows as
 nlist². Two-level clustering (`faiss.contrib.clustering.two_level_clustering`) first clusters into
 √nlist groups, then splits each group into its share of the nlist centroids: about n·√nlist·d per
-iteration. bench/scale.py measured both for IVF4096 on 1M vectors (bench/results/scale.md):
-two-level took 4.4× fewer CPU-seconds but lost 0.05–0.07 of 10-recall@10 at equal nprobe, because
-no centroid can cross its first-level cluster's border. That is a trade, not a win, so flat
-k-means stays the default; choose "two-level" when training time is the bottleneck (nlist in the
-tens of thousands) and a higher nprobe can buy the recall back.
+iteration. bench/scale.py measured both, and cheaper k-means variants, for IVF4096 on 1M vectors
+(bench/results/scale.md): two-level took ~13× fewer CPU-seconds than flat but lost 0.049–0.064
+of 10-recall@10 at equal nprobe, because no centroid can cross its first-level cluster's border. None
+of the variants that were measured beside it (flat Lloyd steps after two-level, assignment by an
+IVF or HNSW index over the centroids, by the centroids nearest each vector's own, FAISS's
+SuperKMeans, k-means on a sample) was both ≥ 3× cheaper and within 0.01 of flat's recall. Two-level
+is a trade, not a win, so flat k-means stays the default; choose "two-level" when training time is
+the bottleneck (nlist in the tens of thousands) and a higher nprobe can buy the recall back.
 """
 from __future__ import annotations
 
@@ -55,8 +58,9 @@ def train_ivf(index: faiss.Index, x: np.ndarray, method: str = "flat", niter: in
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] < ivf.nlist:
         raise ValueError(f"{x.shape[0]} training vectors for {ivf.nlist} lists: need at least one per list")
-    centroids, _ = two_level_clustering(x, int(round(math.sqrt(ivf.nlist))), ivf.nlist,
-                                        clustering_niter=niter, seed=seed)
+    # spherical for inner product, as FAISS's own IVF training does (IndexIVF sets cp.spherical)
+    centroids, _ = two_level_clustering(x, int(round(math.sqrt(ivf.nlist))), ivf.nlist, clustering_niter=niter,
+                                        seed=seed, spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT)
     ivf.quantizer.reset()
     ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index.train(x)  # quantizer.ntotal == nlist: FAISS keeps these centroids and trains the codes only

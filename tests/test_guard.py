@@ -203,7 +203,7 @@ def test_guard_tasks_and_agreement_proxy(planted):
     corpus_only = _only(planted, labels=False, pairs=False)
     res = fit(corpus_only, TrainConfig(**{**BASE, "max_steps": 50}, min_agreement=0.95))
     chosen = next(c for c in res.guard.candidates if c["alpha"] == res.guard.alpha)
-    assert chosen["metrics"]["agreement@10"] >= 0.95 and "not measured" in res.guard.reason
+    assert chosen["metrics"]["agreement@100"] >= 0.95 and "not measured" in res.guard.reason
     with pytest.raises(ValueError, match="guard_tasks"):
         fit(corpus_only, TrainConfig(**BASE, guard_tasks=("labels",)))
 
@@ -242,3 +242,37 @@ def test_time_budget_too_short_for_one_validation_says_what_it_did(planted):
                                                         time_budget=0.05))
     assert res.stopped == "time_budget" and 0 < res.history[1]["step"] < 10_000
     assert "time budget" in res.guard.reason and "before the first scheduled validation" in res.guard.reason
+
+
+def _agreement(x: np.ndarray, y: np.ndarray, rows: np.ndarray, k: int) -> float:
+    """Brute force: the share of each row's raw k nearest neighbours (inner product, self excluded)
+    still among its k nearest after refinement."""
+    def top(v):
+        s = v[rows] @ v.T
+        s[np.arange(len(rows)), rows] = -np.inf
+        return np.argsort(-s, axis=1, kind="stable")[:, :k]
+    a, b = top(x), top(y)
+    return float(np.mean([len(set(p) & set(q)) / k for p, q in zip(a, b)]))
+
+
+def test_without_supervision_the_guard_holds_raw_neighbour_agreement(planted):
+    """No labels or pairs to validate on: an alpha whose agreement@k with the raw k-NN on validation
+    rows (computed here with numpy) is below min_agreement is rejected; the boldest other ships."""
+    data, threshold = _only(planted, labels=False, pairs=False), 0.97
+    cfg = TrainConfig(**{**BASE, "max_steps": 50}, agreement_k=20, min_agreement=threshold)
+    res = fit(data, cfg)
+    key = "agreement@20"
+    assert list(res.guard.raw) == [key] and res.guard.raw[key] == 1.0 and "20-NN agreement" in res.guard.criterion
+    x = np.ascontiguousarray(data.corpus, np.float32)
+    fx = _f(res.model, x)
+    rows = data.split_rows("val")[: cfg.max_val_queries]
+    rejected = 0
+    for c in res.guard.candidates:
+        want = _agreement(x, _combine(x, fx, c["alpha"], True), rows, 20)
+        assert c["metrics"][key] == pytest.approx(want, abs=1e-3), c["alpha"]
+        assert c["feasible"] == (want >= threshold), c
+        rejected += want < threshold
+    assert rejected > 0  # the threshold did bite
+    ok = [c["alpha"] for c in res.guard.candidates if c["feasible"] and c["alpha"] > 0]
+    assert res.guard.alpha == max(ok, default=0.0) and res.guard.alpha > 0
+
