@@ -48,7 +48,7 @@ class TrainConfig:
     lr: float | None = None           # None: searched over LR_GRID on validation (fit) / LR_GRID[0] (train)
     weight_decay: float = 1e-4
     batch_size: int = 512           # upper bound: small corpora get smaller batches (more steps per pass)
-    max_steps: int = 3000           # optimizer steps at most
+    max_steps: int = 1000           # optimizer steps at most (label training creeps past it for ~2% more)
     epochs: int | None = None       # optional cap in passes over the training rows
     eval_every: int = 50            # optimizer steps between validations
     patience: int = 4               # validations without improvement before stopping
