@@ -197,7 +197,8 @@ def cmd_train(args) -> None:
     meta = res.export(args.output, precision=args.precision)
     print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, signals {'+'.join(meta['signals'])}, "
           f"apply_to={meta['apply_to']}, {meta['precision']}, trained in {res.seconds:.1f}s (best step "
-          f"{res.best_step}, stopped: {res.stopped}), ONNX parity max abs err {meta['parity_max_abs_err']:.2e}")
+          f"{res.best_step}, stopped: {res.stopped}), ONNX parity max abs err {meta['parity_max_abs_err']:.2e}"
+          + (f" ({meta['precision_fallback']})" if "precision_fallback" in meta else ""))
 
 
 def cmd_quantize(args) -> None:
@@ -319,11 +320,12 @@ def cmd_run(args) -> None:
         t = time.perf_counter()
         res = fit(data, dataclasses.replace(base, **weights))
         path = out / f"refiner-{name}.onnx"
-        meta = res.export(path, precision=DEFAULT_PRECISION)
+        meta = res.export(path, precision="auto")
         seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
         refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
         print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "
-              f"(alpha={meta['alpha']:g}, parity max abs err {meta['parity_max_abs_err']:.1e})")
+              f"(alpha={meta['alpha']:g}, {meta['precision']}, parity max abs err {meta['parity_max_abs_err']:.1e}"
+              + (f"; {meta['precision_fallback']}" if "precision_fallback" in meta else "") + ")")
         if res.guard:
             print(res.guard.summary())
     ecfg = EvalConfig(factory="Flat", metric=args.metric, ann_factory=args.factory if args.factory != "Flat" else None,
@@ -558,9 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
     _add_data_options(s, default="wordnet")
     _add_train_options(s)
-    s.add_argument("--precision", default=DEFAULT_PRECISION, choices=["fp32", "fp16", "int8"],
-                   help=f"weights of the exported file (default {DEFAULT_PRECISION}): int8 (dynamic quantisation: about half "
-                        "the single-query latency at the same quality; see bench/results/speed.md), fp32 or fp16 (half the file)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],
+                   help=f"weights of the exported file: auto (default) is {DEFAULT_PRECISION} when it passes its parity check "
+                        "against torch and fp32 when it does not (said in the output and the file); int8 (dynamic "
+                        "quantisation: about half the single-query latency at the same quality; see "
+                        "bench/results/speed.md), fp32 or fp16 (half the file)")
     s.set_defaults(func=cmd_train, output_kind="file")
 
     s = sub.add_parser("quantize", parents=[common], help="convert an fp32 refiner to int8 or fp16",

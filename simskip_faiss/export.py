@@ -8,7 +8,10 @@ Precision: "fp32" (default, parity with torch to 1e-5), "int8" (dynamic quantisa
 matrices: about half the single-query latency, 4x smaller file) or "fp16" (weights stored in half
 precision, computed in fp32: half the file, same speed). The reduced precisions are verified
 against torch with the looser tolerance in PARITY_TOLERANCE, and the error measured is stamped
-into the file; bench/speed.py measures what they do to 10-recall@10.
+into the file; bench/speed.py measures what they do to 10-recall@10. "auto" (what the CLI ships)
+is config.DEFAULT_PRECISION when that passes its check and fp32 when it does not: a refiner that
+moves vectors far (label training at alpha 1, say) can exceed int8's tolerance, and then gets the
+exact file instead of an error after training, with the reason stamped in `precision_fallback`.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .config import DEFAULT_PRECISION
 from .persistence import atomic_write_bytes
 from .refiner import METADATA_KEY, Refiner
 
@@ -29,6 +33,10 @@ log = logging.getLogger(__name__)
 
 PARITY_BATCHES = (1, 7, 1000)
 PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class ParityError(RuntimeError):
+    """An exported graph differs from its reference by more than the tolerance of its precision."""
 # max |refined - torch| on random unit inputs; int8 and fp16 measured at ~6e-4 and ~1e-4 on the
 # default model (d=384, hidden=512), so these leave a margin without hiding a broken conversion
 PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "int8": 1e-2}
@@ -133,13 +141,13 @@ def verify(model, onnx_bytes: bytes, d: int, batches=PARITY_BATCHES, tol: float 
 
     worst = max_abs_error(reference, onnx_bytes, d, batches, seed)
     if not worst <= tol:
-        raise RuntimeError(f"ONNX export does not match torch: max abs error {worst:.3g} > {tol:g}")
+        raise ParityError(f"ONNX export does not match torch: max abs error {worst:.3g} > {tol:g}")
     return worst
 
 
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"precision must be one of {PRECISIONS} (or 'auto' when exporting), got {precision!r}")
     return precision
 
 
@@ -214,8 +222,11 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     `metadata["apply_to"]` must not contradict how the model was trained (`model.apply_to`): a
     query-only model exported as "both" would refine the documents it was trained to leave raw.
     A fit or train result exports itself with everything filled in: `result.export(path)`.
+    precision="auto": DEFAULT_PRECISION if it passes its check, else fp32 with `precision_fallback`
+    saying why (an explicit precision that fails raises ValueError and writes nothing).
     """
-    _check_precision(precision)
+    auto = precision == "auto"
+    precision = _check_precision(DEFAULT_PRECISION if auto else precision)
     d = model.f[-1].out_features
     trained_for = getattr(model, "apply_to", "both")
     apply_to = (metadata or {}).get("apply_to")
@@ -232,12 +243,19 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     meta["parity_max_abs_err"] = verify(model, with_metadata(proto, meta), d)
     if precision != "fp32":
         tol = PARITY_TOLERANCE[precision] if tol is None else float(tol)
-        proto = convert(proto, precision)
-        meta.update(precision=precision, parity_tolerance=tol, fp32_parity_max_abs_err=meta["parity_max_abs_err"])
-        meta["parity_max_abs_err"] = verify(model, with_metadata(proto, meta), d, tol=tol)
+        reduced = convert(proto, precision)
+        rmeta = dict(meta, precision=precision, parity_tolerance=tol, fp32_parity_max_abs_err=meta["parity_max_abs_err"])
+        try:
+            rmeta["parity_max_abs_err"] = verify(model, with_metadata(reduced, rmeta), d, tol=tol)
+            proto, meta = reduced, rmeta
+        except ParityError as e:
+            if not auto:
+                raise ValueError(f"{e} at {precision}; export it at another precision, e.g. fp32") from None
+            meta["precision_fallback"] = f"{precision} exceeded its parity tolerance ({e}): exported fp32"
+            log.warning("%s", meta["precision_fallback"])
     data = with_metadata(proto, meta)  # the same graph, stamped with its measured parity
     atomic_write_bytes(Path(path), data)
-    log.info("exported %s refiner to %s (parity max abs err %.2e)", precision, path, meta["parity_max_abs_err"])
+    log.info("exported %s refiner to %s (parity max abs err %.2e)", meta["precision"], path, meta["parity_max_abs_err"])
     return meta
 
 

@@ -175,7 +175,9 @@ class TrainResult:
                 "apply_to": self.config.apply_to(), "signals": self.config.signals()}
 
     def export(self, path: str | os.PathLike, precision: str = "fp32") -> dict:
-        """Export the trained refiner with its metadata (apply_to, signals, guard report); returns it."""
+        """Export the trained refiner with its metadata (apply_to, signals, guard report); returns it.
+
+        precision: "fp32", "fp16", "int8", or "auto" (int8 unless it fails its parity check: see export)."""
         from .export import export
 
         return export(self.model, path, self.metadata(), precision=precision)

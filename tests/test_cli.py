@@ -105,6 +105,23 @@ def test_serving_path_never_imports_torch(files, onnx_path):
     assert "blocked-ok" in out.stdout
 
 
+def test_train_default_precision_falls_back_to_fp32_and_says_so(files, capsys, monkeypatch):
+    from simskip_faiss import Refiner
+    from simskip_faiss.export import PARITY_TOLERANCE
+
+    d = files
+    monkeypatch.setitem(PARITY_TOLERANCE, "int8", 0.0)  # int8 cannot pass: the default must not fail after training
+    assert run("train", d / "corpus.npy", "-o", d / "auto.onnx", "--epochs", "1", "--hidden", "16", "--no-guard", "-q") == 0
+    out = capsys.readouterr().out
+    assert "fp32" in out and "int8 exceeded its parity tolerance" in out
+    assert Refiner.load(d / "auto.onnx").precision == "fp32"
+    assert run("train", d / "corpus.npy", "-o", d / "i8.onnx", "--epochs", "1", "--hidden", "16", "--no-guard",
+               "--precision", "int8", "-q") == 2  # asked for explicitly: a one-line error, nothing written
+    err = capsys.readouterr().err
+    assert "export it at another precision" in err and len(err.strip().splitlines()) == 1
+    assert not (d / "i8.onnx").exists()
+
+
 def test_train_int8_and_quantize(files, onnx_path, capsys):
     from simskip_faiss import Refiner
 

@@ -59,6 +59,26 @@ def test_int8_export_is_stamped_verified_and_keeps_neighbours(int8_export, onnx_
     assert intersection_at_10(top10(r32(x), r32(x[:200])), top10(r8(x), r8(x[:200]))) >= 0.9
 
 
+def test_auto_precision_ships_int8_or_falls_back_to_fp32(trained, tmp_path, data, monkeypatch):
+    """auto = int8 when it passes its parity check; when it fails, the exact fp32 file, saying why.
+    An explicit int8 that fails raises and leaves the file at the path as it was."""
+    x, _ = data
+    with torch.no_grad():
+        want = trained.model(torch.from_numpy(x)).numpy()
+    assert export(trained.model, tmp_path / "a.onnx", precision="auto")["precision"] == "int8"
+    monkeypatch.setitem(PARITY_TOLERANCE, "int8", 1e-7)  # no int8 graph is that close to torch
+    meta = export(trained.model, tmp_path / "b.onnx", precision="auto")
+    r = Refiner.load(tmp_path / "b.onnx")
+    assert meta["precision"] == r.precision == "fp32" and r.metadata == meta
+    assert meta["precision_fallback"].startswith("int8 exceeded its parity tolerance") and "> 1e-07" in meta["precision_fallback"]
+    assert "parity_tolerance" not in meta and meta["parity_max_abs_err"] <= 1e-5
+    np.testing.assert_allclose(r.transform(x), want, atol=1e-5)
+    before = (tmp_path / "a.onnx").read_bytes()
+    with pytest.raises(ValueError, match="at int8; export it at another precision, e.g. fp32"):
+        export(trained.model, tmp_path / "a.onnx", precision="int8")
+    assert (tmp_path / "a.onnx").read_bytes() == before
+
+
 def test_fp16_export_stores_half_weights(trained, tmp_path, data):
     meta = export(trained.model, tmp_path / "h.onnx", precision="fp16")
     proto = onnx.load(tmp_path / "h.onnx")
