@@ -65,7 +65,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="combine the runs of these result files (e.g. runs split across processes) and write them")
+    ap.add_argument("--compare", nargs=2, metavar=("BASE", "OTHER"),
+                    help="two result files: per data set and signal, OTHER's mean test metrics and time minus BASE's")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(*(json.loads(Path(f).read_text()) for f in args.compare)))
+        return
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         meta = {"command": " + ".join(p["meta"]["command"] for p in parts), "machine": parts[0]["meta"]["machine"],
@@ -184,6 +189,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines += ["", "Targets:", ""]
     for what, ok, nums in targets(summ):
         lines.append(f"- {'met' if ok else '**not met**'}: {what} ({nums})")
+    return "\n".join(lines) + "\n"
+
+
+def compare(base: dict, other: dict) -> str:
+    """Markdown: for each (set, signal) in both runs, OTHER − BASE of every mean test metric and of train seconds."""
+    sb, so = ({(x["set"], x["signal"]): x for x in summary(r["runs"])} for r in (base, other))
+    lines = [f"BASE: `{base['meta']['command']}` (variant {base['meta']['variant']}).",
+             f"OTHER: `{other['meta']['command']}` (variant {other['meta']['variant']}).",
+             "Mean over seeds on the test split: OTHER − BASE; train s is BASE → OTHER.", "",
+             "| data | signal | train s | topic p@10 | topic mAP@100 | ex→def nDCG@10 | ex→def R@100 | ex→def MRR@10 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in (k for k in sb if k in so):
+        b, o = sb[key], so[key]
+        cells = [f"{o['metrics'][m]['delta'] - b['metrics'][m]['delta']:+.4f}" if m in b["metrics"] else "—"
+                 for m in (f"{t}:{n}" for t, n in METRICS)]
+        lines.append(f"| {key[0]} | {key[1]} | {b['seconds']:.0f} → {o['seconds']:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
