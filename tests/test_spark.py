@@ -132,9 +132,9 @@ def test_one_onnx_session_per_worker_process(spark, setup):
 def test_distributed_build_equals_single_machine(spark, setup, tmp_path, factory, source):
     x, ids, r = setup["x"], setup["ids"], setup["refiner"]
     src = str(setup["parquet"]) if source == "parquet" else frame(spark, setup)
-    how = "two-level" if source == "parquet" else "flat"
+    how = "two-level" if source == "parquet" else "mini-batch"  # mini-batch: the default
     res = S.build_index(src, r, tmp_path / "bundle", factory=factory, metric="ip", train_size=400, partitions=3,
-                        quantizer=how)
+                        **({"quantizer": how} if how != "mini-batch" else {}))
     assert res.quantizer == how
     assert len(res.shards) == 3 and sum(n for _, n in res.shards) == res.n == N
     assert not any(p.name.startswith(".shards-") for p in tmp_path.iterdir())  # shards cleaned up
