@@ -661,9 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ (default: 100000)")
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     s.add_argument("--quantizer", default="mini-batch", choices=["mini-batch", "flat", "two-level"],
-                   help="k-means of the IVF coarse quantizer: mini-batch (default: 3-5x fewer CPU-seconds than FAISS's "
+                   help="k-means of the IVF coarse quantizer: mini-batch (default: ~4x fewer CPU-seconds than FAISS's "
                         "flat k-means at large nlist, equal or better recall), flat (FAISS's) or two-level (cheapest, "
-                        "lower recall at equal nprobe); see bench/results/scale.md"),
+                        "lower recall at equal nprobe); see bench/results/scale.md")
     s.add_argument("--shard-dir", help="where executors write shards: a path the driver sees too "
                                        "(default: a temporary directory beside the output)")
     s.set_defaults(func=cmd_spark_build, output_kind="dir")

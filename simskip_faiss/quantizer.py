@@ -37,7 +37,7 @@ def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
 
 
 def check_method(index: faiss.Index, method: str) -> None:
-    """Fail early on an unknown method, or two-level for an index it cannot train."""
+    """Fail early on an unknown method, or a cheap k-means (two-level, mini-batch) for an index it cannot train."""
     if method not in METHODS:
         raise ValueError(f"quantizer training must be one of {METHODS}, got {method!r}")
     if method != "flat" and not index.is_trained and ivf_of(index) is None:
@@ -80,7 +80,8 @@ def train_ivf(index: faiss.Index, x: np.ndarray, method: str = "flat", niter: in
 
 
 def minibatch_kmeans(x: np.ndarray, k: int, passes: float = 2.0, per_centroid: int = 10, decay: float = 0.8,
-                     spherical: bool = False, seed: int = 1234, min_steps: int = 48, max_passes: float = 10) -> np.ndarray:
+                     spherical: bool = False, seed: int = 1234, min_steps: int = 48,
+                     max_passes: float = 10) -> np.ndarray:
     """k centroids of float32 (n, d) `x` by mini-batch k-means with forgetting; returns (k, d) float32.
 
     Each step assigns a fresh random batch of `per_centroid`·k vectors to the nearest centroid (exact,
@@ -100,7 +101,8 @@ def minibatch_kmeans(x: np.ndarray, k: int, passes: float = 2.0, per_centroid: i
     if not 0 < k <= n:
         raise ValueError(f"k-means needs 1 <= k <= n, got k={k} for n={n} vectors")
     if not (0 < decay <= 1 and passes > 0 and per_centroid > 0 and min_steps > 0 and max_passes > 0):
-        raise ValueError(f"need 0 < decay <= 1, passes > 0 and per_centroid > 0, got {decay}, {passes}, {per_centroid}")
+        raise ValueError(f"need 0 < decay <= 1 and positive passes, per_centroid, min_steps and max_passes, got "
+                         f"{decay}, {passes}, {per_centroid}, {min_steps}, {max_passes}")
     rng = np.random.default_rng(seed)
     size = min(n, per_centroid * k)
     centroids = x[rng.choice(n, k, replace=False)]

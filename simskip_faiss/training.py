@@ -44,8 +44,8 @@ assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
 class SimSkip(nn.Module):
     """refined = normalize?(x + alpha * f(x)); f's last layer is zero-initialised so the untrained net is the identity."""
 
-    def __init__(self, d: int, hidden: int = TrainConfig.hidden, depth: int = 1, activation: str = "gelu", normalize: bool = True,
-                 apply_to: str = "both"):
+    def __init__(self, d: int, hidden: int = TrainConfig.hidden, depth: int = 1, activation: str = "gelu",
+                 normalize: bool = True, apply_to: str = "both"):
         super().__init__()
         self.apply_to = apply_to  # "queries": trained to refine queries only (documents stay raw)
         layers: list[nn.Module] = []
