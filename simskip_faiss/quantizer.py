@@ -108,7 +108,9 @@ def minibatch_kmeans(x: np.ndarray, k: int, passes: float = 2.0, per_centroid: i
     centroids = x[rng.choice(n, k, replace=False)]
     sums, counts = centroids.astype(np.float64), np.ones(k)
     index = faiss.IndexFlatIP(d) if spherical else faiss.IndexFlatL2(d)
-    for _ in range(max(1, min(max(min_steps, round(passes * n / size)), round(max_passes * n / size)))):
+    per_pass = n / size  # batches in one pass over x
+    steps = max(1, min(max(min_steps, round(passes * per_pass)), round(max_passes * per_pass)))
+    for _ in range(steps):
         batch = x[np.sort(rng.choice(n, size, replace=False))]
         index.reset()
         index.add(centroids)
