@@ -84,7 +84,9 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, sample_s: float
     Each sample times as many back-to-back calls as fill about `sample_s` (calibrated per function
     on its warm-up), so short calls are timed over a loop and slow ones once. `settle_s` of sleep
     before each sample lets the previous function's thread pool stop spinning: OpenBLAS's and
-    onnxruntime's busy-waiting workers halve the speed of whatever runs next on 2 cores.
+    onnxruntime's busy-waiting workers halve the speed of whatever runs next on 2 cores. After the
+    sleep, one untimed call wakes this function's own workers (and the idle core), so the sample
+    measures steady-state throughput, not a wake-up.
     """
     inner = {}
     for k, f in fns.items():
@@ -99,6 +101,7 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, sample_s: float
         for k, f in fns.items():
             if settle_s:
                 time.sleep(settle_s)
+                f()
             t = time.perf_counter_ns()
             for _ in range(inner[k]):
                 f()
@@ -220,7 +223,10 @@ def throughput(model: SimSkip, files: dict[str, Path], threads: int, batches, re
             for sb in sorted({1024, 2048, 4096} - {refs["fp32"].batch_size}):
                 r = Refiner.load(files["fp32"], threads=threads, batch_size=sb)
                 fns[f"ort_fp32_sub{sb}"] = lambda r=r, x=x: r.transform(x)
-        t = interleaved(fns, reps[b], settle_s=0.15 if threads > 1 else 0.0)
+        # 2+ threads: every path alone on the cores (0.5 s for OpenBLAS's spinning to stop), over
+        # samples of 0.2 s; 20 ms samples after a sleep measured the second core's wake-up instead
+        t = (interleaved(fns, min(reps[b], 15), sample_s=0.2, settle_s=0.5) if threads > 1
+             else interleaved(fns, reps[b]))
         flops = 2 * b * 2 * D * HIDDEN
         for k, s in t.items():
             rows.append({"threads": threads, "batch": b, "path": k, "us_per_call": s * 1e6, "vectors_per_s": b / s,

@@ -93,7 +93,8 @@ class BaseRefiner(ABC):
 
     def transform(self, x) -> np.ndarray:
         """Refine (n, d_in) real numbers into float32 (n, d_out); bad input and bad output raise ValueError."""
-        return self.check_output(self.apply_unchecked(as_input(x, self.d_in)))
+        x = as_input(x, self.d_in)
+        return self.check_output(self.apply_unchecked(x), x=x)
 
     __call__ = transform
 
@@ -110,10 +111,12 @@ class BaseRefiner(ABC):
         return {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize,
                 "apply_to": self.apply_to, "sha256": self.sha256, "metadata": self.metadata}
 
-    def check_output(self, y: np.ndarray, offset: int = 0) -> np.ndarray:
+    def check_output(self, y: np.ndarray, offset: int = 0, x: np.ndarray | None = None) -> np.ndarray:
         """Return `y` if every refined row is finite (and unit-norm or zero when normalising); else raise.
 
         `offset` is added to the row numbers in the message (rows of a chunk of a larger input).
+        `x`, the input: a zero refined row is then accepted only for a zero input row (a float32
+        normalisation whose squared norm overflows returns zero, not the unit vector it owes).
         """
         if self.normalize:
             if y.shape[0] == 1:  # the single query: a dot product and a Python comparison
@@ -124,7 +127,10 @@ class BaseRefiner(ABC):
             dev = np.abs(sq - 1.0)
             if dev.max(initial=0.0) <= UNIT_TOLERANCE:
                 return y
-            bad = np.flatnonzero(~((dev <= UNIT_TOLERANCE) | (sq == 0)))
+            zero_ok = sq == 0
+            if x is not None and zero_ok.any():
+                zero_ok &= ~x.any(axis=1)
+            bad = np.flatnonzero(~((dev <= UNIT_TOLERANCE) | zero_ok))
             if bad.size:
                 norm = np.sqrt(sq[bad[0]])
                 raise ValueError(
@@ -177,11 +183,10 @@ class Refiner(BaseRefiner):
     """An exported ONNX refiner run by onnxruntime in bounded-size batches.
 
     `threads` (default 1; None = every core) is how many cores one call may use. The onnxruntime
-    session itself is single-threaded; a large input is split into sub-batches that `threads`
-    workers run concurrently (onnxruntime releases the GIL). Measured in bench/speed.py, this
-    data parallelism reached the numpy matmul roofline at batch >= 1024 on 2 cores, where
-    onnxruntime's own intra-op pool reached about half of it, and a single vector is not slowed
-    by a thread pool's wake-up. `batch_size` bounds the rows of one onnxruntime run (memory).
+    session itself is single-threaded; a large input is split into sub-batches that the calling
+    thread and `threads - 1` pool workers take in turn (onnxruntime releases the GIL). Measured in
+    bench/speed.py section 1, this data parallelism beats onnxruntime's own intra-op pool at batch
+    >= 1024 on 2 cores, and a single vector is not slowed by a thread pool's wake-up. `batch_size` bounds the rows of one onnxruntime run (memory).
     """
 
     kind = "onnx"
@@ -256,16 +261,32 @@ class Refiner(BaseRefiner):
             return self._run(x)
         step = min(self.batch_size, -(-n // max(workers, 1)))
         out = np.empty((n, self.d_out), dtype=np.float32)
+        starts = iter(range(0, n, step))
+        taking = threading.Lock()
 
-        def part(s: int) -> None:
-            out[s:s + step] = self._run(x[s:s + step])
+        def drain() -> None:  # run sub-batches until none is left; after a failure, none is
+            while True:
+                with taking:
+                    s = next(starts, None)
+                if s is None:
+                    return
+                try:
+                    out[s:s + step] = self._run(x[s:s + step])
+                except BaseException:
+                    with taking:
+                        for _ in starts:
+                            pass
+                    raise
 
-        starts = range(0, n, step)
-        if workers <= 1:
-            for s in starts:
-                part(s)
-        else:
-            list(self._executor().map(part, starts))  # list(): re-raises a worker's exception here
+        # the calling thread is one of the `workers` runners: no hand-off for it, and never more
+        # runners than cores (measured in bench/speed.py section 1)
+        helpers = [self._executor().submit(drain) for _ in range(workers - 1)]
+        try:
+            drain()
+        finally:  # wait for every helper, whatever happened here
+            errors = [e for e in (f.exception() for f in helpers) if e is not None]
+        if errors:
+            raise errors[0]
         return out
 
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -295,7 +316,7 @@ class Refiner(BaseRefiner):
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="simskip-refine")
+                self._pool = ThreadPoolExecutor(max(self.threads - 1, 1), thread_name_prefix="simskip-refine")
             return self._pool
 
     def __del__(self):

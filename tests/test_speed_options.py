@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import faiss
 import numpy as np
@@ -108,7 +110,7 @@ def test_quantize_file_round_trip_and_refusals(onnx_path, tmp_path, data):
 
 
 def test_fp32_export_graph_is_lean_and_exact(trained, tmp_path, data):
-    """alpha != 1 is folded into the weights and normalisation needs no Shape/Expand: same function."""
+    """alpha != 1 is folded into the weights and normalisation is one node: same function."""
     from simskip_faiss.training import SimSkip
 
     m = SimSkip(16, 32)
@@ -116,7 +118,7 @@ def test_fp32_export_graph_is_lean_and_exact(trained, tmp_path, data):
     m.alpha.fill_(0.3)
     export(m, tmp_path / "a.onnx")
     ops = [n.op_type for n in onnx.load(tmp_path / "a.onnx").graph.node]
-    assert not {"Shape", "Expand", "Mul"} & set(ops), ops
+    assert ops == ["Gemm", "Gelu", "Gemm", "Add", "RMSNormalization"], ops
     x, _ = data
     with torch.no_grad():
         want = m(torch.from_numpy(x)).numpy()
@@ -294,6 +296,25 @@ def test_streamed_ingest_peak_memory_is_the_index_plus_a_few_chunks(tmp_path):
     assert m["growth_kb"] <= m["index_kb"] + 6 * chunk_kb, m
 
 
+def test_a_failing_sub_batch_raises_in_the_caller_and_stops_the_rest(onnx_path, data):
+    """A worker's exception reaches the caller (not swallowed by the pool); no sub-batch starts after it."""
+    r = Refiner.load(onnx_path[0], threads=2, batch_size=256)
+    x = np.tile(data[0], (20, 1))[:256 * 12]  # 12 sub-batches for 2 runners
+    calls, run = [], r._run
+
+    def flaky(part):
+        calls.append(threading.get_ident())
+        if threading.get_ident() != caller:
+            raise MemoryError("worker failed")
+        time.sleep(0.05)  # the caller is slow: the worker takes the next sub-batch and fails on it
+        return run(part)
+
+    caller, r._run = threading.get_ident(), flaky
+    with pytest.raises(MemoryError, match="worker failed"):
+        r.transform(x)
+    assert len(calls) <= 3, calls  # the caller's first, the worker's failed one, at most one more in flight
+
+
 def test_default_sub_batch_splits_large_inputs_exactly(onnx_path, data):
     """1024 rows per onnxruntime run by default; the split result equals one run."""
     two = Refiner.load(onnx_path[0], threads=2)
@@ -311,7 +332,12 @@ def test_threads_split_one_call_across_workers_with_the_same_result(onnx_path, d
     two = Refiner.load(onnx_path[0], threads=2)
     np.testing.assert_allclose(two.transform(x), one, atol=1e-6)
     np.testing.assert_allclose(two.transform(x[::-1].copy()), one[::-1], atol=1e-6)
-    assert two._pool is not None and two._pool._max_workers == 2  # the split really happened
+    ran_on, run = [], two._run
+    two._run = lambda part: (ran_on.append(threading.get_ident()), run(part))[1]
+    np.testing.assert_allclose(two.transform(x), one, atol=1e-6)
+    # the split really happened: the caller ran one sub-batch, the one pool worker the other
+    assert len(ran_on) == 2 and threading.get_ident() in ran_on and len(set(ran_on)) == 2
+    assert two._pool._max_workers == 1
     assert Refiner.load(onnx_path[0], threads=None).threads >= 1
     with pytest.raises(ValueError, match="threads must be positive"):
         Refiner.load(onnx_path[0], threads=0)
