@@ -137,8 +137,8 @@ class RefinedIndex:
     # -- refinement ---------------------------------------------------------------------------
     def refine_queries(self, x) -> np.ndarray:
         """Validated queries, refined; refined rows that are not finite (or not unit-norm when normalising) raise."""
-        r = self.refiner
-        return r.check_output(r.apply_unchecked(as_input(x, self.d, "queries")))
+        r, x = self.refiner, as_input(x, self.d, "queries")
+        return r.check_output(r.apply_unchecked(x), x=x)
 
     def refine_documents(self, x) -> np.ndarray:
         """Documents go through the refiner unless it is query-only (then they are stored raw)."""
@@ -149,7 +149,7 @@ class RefinedIndex:
     def _refine_block(self, x: np.ndarray, offset: int) -> np.ndarray:
         if self.refiner.apply_to != "both":
             return x
-        return self.refiner.check_output(self.refiner.apply_unchecked(x), offset)
+        return self.refiner.check_output(self.refiner.apply_unchecked(x), offset, x)
 
     def _check_norms(self, x: np.ndarray, offset: int, name: str) -> None:
         """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE)."""

@@ -251,6 +251,23 @@ def test_normalising_refiner_refuses_rows_outside_its_float32_range(refiner, dat
                 r.transform(x[:2] * 3e21)
 
 
+def test_a_zero_refined_row_is_accepted_only_for_a_zero_input_row(data):
+    """A normalising refiner that returns zero for a non-zero row (an overflowed float32 norm) is refused."""
+    x, _ = data
+    collapse = LinearRefiner(np.zeros((16, 16), np.float32), np.zeros(16), normalize=True)  # every row -> 0
+    q = x[:3].copy()
+    q[1] = 0
+    with pytest.raises(ValueError, match=r"refined rows 0, 2 \(2 in all\) are not unit vectors \(norm 0 "):
+        collapse.transform(q)
+    np.testing.assert_array_equal(collapse.transform(np.zeros((2, 16), np.float32)), 0)  # zero in, zero out
+    idx = RefinedIndex(collapse, "Flat", "ip")
+    with pytest.raises(ValueError, match="not unit vectors"):
+        idx.refine_queries(x[:1])  # the single-query path
+    with pytest.raises(ValueError, match="not unit vectors"):
+        idx.add(x[:4])
+    assert idx.ntotal == 0
+
+
 def test_non_finite_refined_output_is_refused_and_a_failed_stream_rolled_back(data):
     x, _ = data
     lin = LinearRefiner(np.eye(16, dtype=np.float32) * 1e30, np.zeros(16), normalize=False)
