@@ -102,7 +102,8 @@ def _refine(spec: RefinerSpec, x: np.ndarray, role: str) -> np.ndarray:
     """Refine queries always; documents only when the refiner applies to both (query-only stores raw)."""
     if role == "documents" and spec.apply_to == "queries":
         return x
-    return worker_refiner(spec).apply_unchecked(x)
+    r = worker_refiner(spec)
+    return r.check_output(r.apply_unchecked(x), x=x)  # never a silent non-unit or zero row
 
 
 # -- Spark helpers ------------------------------------------------------------------------------------

@@ -124,6 +124,11 @@ def test_bad_rows_named_and_nothing_written(env, tmp_path):
     bad[7, 2] = np.nan
     with pytest.raises(BadRowsError, match=f"id {ids[7]}: NaN"):
         coll.upsert(ids, bad)
+    assert r.normalize and r.apply_to == "both"
+    huge = x.copy()
+    huge[21] *= 1e19  # finite, but its squared norm overflows float32: the refiner cannot normalise it
+    with pytest.raises(BadRowsError, match=f"id {ids[21]}: L2 norm outside"):
+        coll.insert(ids, huge)
     table = pa.table({"id": ids, "vector": pa.array(rows, pa.list_(pa.float32()))})
     pq.write_table(table, tmp_path / "bad.parquet", row_group_size=8)
     from simskip_faiss.milvus import ingest_parquet

@@ -107,6 +107,17 @@ def test_query_only_refiner_leaves_documents_raw(spark, setup, tmp_path):
     np.testing.assert_array_equal(by_id(queries, "vector", ids), x)  # the input column is kept
 
 
+def test_worker_refuses_a_row_the_refiner_cannot_normalise(spark, setup):
+    """A finite row whose squared norm overflows float32 fails its task by name, not as a zero vector."""
+    spec = S.refiner_spec(spark, setup["refiner"])
+    x = setup["x"][:4].copy()
+    np.testing.assert_allclose(S._refine(spec, x, "queries"), setup["refiner"].transform(x), atol=1e-6)
+    x[2] *= 1e21
+    for role in ("queries", "documents"):
+        with pytest.raises(ValueError, match="refined row 2 .*not unit vectors"):
+            S._refine(spec, x, role)
+
+
 def test_one_onnx_session_per_worker_process(spark, setup):
     """Each Python worker builds the refiner once and reuses it across tasks (no session per task)."""
     r = setup["refiner"]
