@@ -50,9 +50,10 @@ def as_input(x, d: int, name: str = "x") -> np.ndarray:
     Single queries spend a few microseconds in general validation; this path checks the same
     things for the common case in about half the time and defers everything else to `as_matrix`.
     Finiteness by one dot product: a finite sum of squares means every value is finite (a NaN or
-    Inf, or an overflow, sends the row to `as_matrix`'s exact check). Measured in bench/speed.py's
-    setting (HNSW32, one query): np.isfinite(x).all() before the refiner added ~10 us to the
-    search that follows it, the dot product ~1-5 us.
+    Inf, or an overflow, sends the row to `as_matrix`'s exact check; numpy then warns of the
+    overflow, for norms above 1.8e19 that float32 distances cannot hold anyway). Measured in
+    bench/speed.py's setting (HNSW32, one query): np.isfinite(x).all() before the refiner added
+    ~10 us to the search that follows it, the dot product ~1-5 us.
     """
     if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.shape[1] == d
             and 0 < x.shape[0] <= FAST_ROWS and x.flags.c_contiguous):
@@ -191,9 +192,10 @@ class Refiner(BaseRefiner):
 
     `threads` (default 1; None = every core) is how many cores one call may use. The onnxruntime
     session itself is single-threaded; a large input is split into sub-batches that the calling
-    thread and `threads - 1` pool workers take in turn (onnxruntime releases the GIL). Measured in
-    bench/speed.py section 1, this data parallelism beats onnxruntime's own intra-op pool at batch
-    >= 1024 on 2 cores, and a single vector is not slowed by a thread pool's wake-up. `batch_size` bounds the rows of one onnxruntime run (memory).
+    thread and `threads - 1` pool workers take in turn (onnxruntime releases the GIL). Measured on
+    2 cores: alone, 1.8x one thread's rate at batch 1024 (numpy's matmul roofline); in bench/speed.py
+    section 1, above onnxruntime's own intra-op pool at batch >= 4096 and below it at 1024. A single
+    vector is not slowed by a pool's wake-up. `batch_size` bounds the rows of one onnxruntime run.
     """
 
     kind = "onnx"
