@@ -749,7 +749,7 @@ def environment(threads: int) -> dict:
             "threads": {"throughput (onnxruntime intra-op / FAISS OpenMP / BLAS / torch)": threads,
                         "latency and search (onnxruntime / FAISS / BLAS / torch)": 1,
                         "index builds (FAISS)": threads, "onnxruntime inter-op": 1,
-                        "Refiner": "single-threaded onnxruntime session, sub-batches run by `threads` Python workers"},
+                        "Refiner": "single-threaded onnxruntime session, sub-batches run by the calling thread and `threads` - 1 workers"},
             "blas_pools": blas, "loadavg_start": os.getloadavg()}
 
 
