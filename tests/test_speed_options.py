@@ -300,13 +300,15 @@ def test_a_failing_sub_batch_raises_in_the_caller_and_stops_the_rest(onnx_path, 
     """A worker's exception reaches the caller (not swallowed by the pool); no sub-batch starts after it."""
     r = Refiner.load(onnx_path[0], threads=2, batch_size=256)
     x = np.tile(data[0], (20, 1))[:256 * 12]  # 12 sub-batches for 2 runners
-    calls, run = [], r._run
+    calls, run, failed = [], r._run, threading.Event()
 
     def flaky(part):
         calls.append(threading.get_ident())
         if threading.get_ident() != caller:
+            failed.set()
             raise MemoryError("worker failed")
-        time.sleep(0.05)  # the caller is slow: the worker takes the next sub-batch and fails on it
+        failed.wait(10)  # the caller's first sub-batch ends only after the worker's has failed
+        time.sleep(0.01)
         return run(part)
 
     caller, r._run = threading.get_ident(), flaky
@@ -332,11 +334,20 @@ def test_threads_split_one_call_across_workers_with_the_same_result(onnx_path, d
     two = Refiner.load(onnx_path[0], threads=2)
     np.testing.assert_allclose(two.transform(x), one, atol=1e-6)
     np.testing.assert_allclose(two.transform(x[::-1].copy()), one[::-1], atol=1e-6)
-    ran_on, run = [], two._run
-    two._run = lambda part: (ran_on.append(threading.get_ident()), run(part))[1]
+    ran_on, run, other = [], two._run, threading.Event()
+
+    def recorded(part):
+        ran_on.append(threading.get_ident())
+        if threading.get_ident() == caller:
+            other.wait(10)  # hold the caller until the pool worker has taken the other sub-batch
+        else:
+            other.set()
+        return run(part)
+
+    caller, two._run = threading.get_ident(), recorded
     np.testing.assert_allclose(two.transform(x), one, atol=1e-6)
     # the split really happened: the caller ran one sub-batch, the one pool worker the other
-    assert len(ran_on) == 2 and threading.get_ident() in ran_on and len(set(ran_on)) == 2
+    assert len(ran_on) == 2 and caller in ran_on and len(set(ran_on)) == 2
     assert two._pool._max_workers == 1
     assert Refiner.load(onnx_path[0], threads=None).threads >= 1
     with pytest.raises(ValueError, match="threads must be positive"):
