@@ -137,8 +137,7 @@ class RefinedIndex:
     # -- refinement ---------------------------------------------------------------------------
     def refine_queries(self, x) -> np.ndarray:
         """Validated queries, refined; refined rows that are not finite (or not unit-norm when normalising) raise."""
-        r, x = self.refiner, as_input(x, self.d, "queries")
-        return r.check_output(r.apply_unchecked(x), x=x)
+        return self.refiner.apply_checked(as_input(x, self.d, "queries"))
 
     def refine_documents(self, x) -> np.ndarray:
         """Documents go through the refiner unless it is query-only (then they are stored raw)."""
@@ -149,7 +148,7 @@ class RefinedIndex:
     def _refine_block(self, x: np.ndarray, offset: int) -> np.ndarray:
         if self.refiner.apply_to != "both":
             return x
-        return self.refiner.check_output(self.refiner.apply_unchecked(x), offset, x)
+        return self.refiner.apply_checked(x, offset)
 
     def _check_norms(self, x: np.ndarray, offset: int, name: str) -> None:
         """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE)."""

@@ -101,10 +101,13 @@ class BaseRefiner(ABC):
 
     def transform(self, x) -> np.ndarray:
         """Refine (n, d_in) real numbers into float32 (n, d_out); bad input and bad output raise ValueError."""
-        x = as_input(x, self.d_in)
-        return self.check_output(self.apply_unchecked(x), x=x)
+        return self.apply_checked(as_input(x, self.d_in))
 
     __call__ = transform
+
+    def apply_checked(self, x: np.ndarray, offset: int = 0) -> np.ndarray:
+        """`apply_unchecked` on validated `x`, its output checked (`check_output`); row numbers from `offset`."""
+        return self.check_output(self.apply_unchecked(x), x, offset)
 
     @abstractmethod
     def apply_unchecked(self, x: np.ndarray) -> np.ndarray:
@@ -119,12 +122,13 @@ class BaseRefiner(ABC):
         return {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize,
                 "apply_to": self.apply_to, "sha256": self.sha256, "metadata": self.metadata}
 
-    def check_output(self, y: np.ndarray, offset: int = 0, x: np.ndarray | None = None) -> np.ndarray:
-        """Return `y` if every refined row is finite (and unit-norm or zero when normalising); else raise.
+    def check_output(self, y: np.ndarray, x: np.ndarray, offset: int = 0) -> np.ndarray:
+        """Return `y`, refined from `x`, if every row is finite (and unit-norm, or zero for a zero input
+        row, when normalising); else raise.
 
-        `offset` is added to the row numbers in the message (rows of a chunk of a larger input).
-        `x`, the input: a zero refined row is then accepted only for a zero input row (a float32
-        normalisation whose squared norm overflows returns zero, not the unit vector it owes).
+        A zero refined row of a non-zero input is refused: a float32 normalisation whose squared norm
+        overflows returns zero, not the unit vector it owes. `offset` is added to the row numbers in
+        the message (rows of a chunk of a larger input).
         """
         if self.normalize:
             if y.shape[0] == 1:  # the single query: a dot product and a Python comparison
@@ -136,7 +140,7 @@ class BaseRefiner(ABC):
             if dev.max(initial=0.0) <= UNIT_TOLERANCE:
                 return y
             zero_ok = sq == 0
-            if x is not None and zero_ok.any():
+            if zero_ok.any():
                 zero_ok &= ~x.any(axis=1)
             bad = np.flatnonzero(~((dev <= UNIT_TOLERANCE) | zero_ok))
             if bad.size:

@@ -102,8 +102,7 @@ def _refine(spec: RefinerSpec, x: np.ndarray, role: str) -> np.ndarray:
     """Refine queries always; documents only when the refiner applies to both (query-only stores raw)."""
     if role == "documents" and spec.apply_to == "queries":
         return x
-    r = worker_refiner(spec)
-    return r.check_output(r.apply_unchecked(x), x=x)  # never a silent non-unit or zero row
+    return worker_refiner(spec).apply_checked(x)  # never a silent non-unit or zero row
 
 
 # -- Spark helpers ------------------------------------------------------------------------------------
