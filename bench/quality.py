@@ -40,7 +40,7 @@ VARIANTS = {
     "labels-unguarded": dict(label_weight=1, guard=False),
     "labels-guarded": dict(label_weight=1),
     "labels-guarded-tol0.003": dict(label_weight=1, tolerance=0.003),
-    "pairs-sym-guarded": dict(pair_weight=1),
+    "pairs-sym-guarded": dict(pair_weight=1, pair_mode="symmetric"),
     "pairs-query-only-unguarded": dict(pair_weight=1, pair_mode="query_only", guard=False),
     "pairs-query-only-guarded": dict(pair_weight=1, pair_mode="query_only"),
     "pairs-query-only-guard-pairs": dict(pair_weight=1, pair_mode="query_only", guard_tasks=("pairs",)),

@@ -132,6 +132,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            help="metrics held to the no-drop rule, e.g. pairs:ndcg@10 (default: all)")
         elif isinstance(default, tuple):
             g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
+        elif f.name == "pair_mode":
+            g.add_argument(flag, choices=["symmetric", "query_only"], default=None,
+                           help="default: query_only for pairs alone (the index keeps raw vectors), else symmetric")
         elif default is None:  # optional: "auto" unless given
             kind = next(t for t in typing.get_args(hints[f.name]) if t is not type(None))
             g.add_argument(flag, type=kind, default=None, help="default: chosen for you")

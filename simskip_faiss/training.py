@@ -4,8 +4,8 @@ This is the torch layer: the network, the losses and the training loop; it knows
 retrieval metrics. Signals (any weighted mix, see `TrainConfig.resolved`): the paper's
 unsupervised SimSkip (two augmented views, NT-Xent through a projection head), supervised
 contrastive on labels, query->document InfoNCE on pairs (symmetric: queries and documents
-refined, with extra corpus rows as negatives; or query-only: documents stay raw and every corpus
-row is a negative), and neighbourhood preservation. f's last layer starts at zero, so training
+refined; or query-only: documents stay raw), with extra corpus rows as negatives, and neighbourhood
+preservation (for a query-only refiner: documents fed to it as queries stay where they are). f's last layer starts at zero, so training
 starts from the identity.
 
 The budget is counted in optimizer steps, not epochs, so a 1k-row corpus trains as long as a
@@ -102,6 +102,18 @@ def similarity_kl(raw: torch.Tensor, refined: torch.Tensor, temperature: float) 
         return F.log_softmax((z @ z.T / temperature).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
     p_raw = logp(raw)
     return (p_raw.exp() * (p_raw - logp(refined))).sum(1).mean()
+
+
+def stay_put(raw: torch.Tensor, refined: torch.Tensor, temperature: float, normalize: bool = True) -> torch.Tensor:
+    """Preservation for a query-only refiner: how far it moves corpus rows, mean ½|refined - raw|² / |raw|²
+    (= 1 - cos for a normalising refiner, whose target is the normalised raw row), over `temperature`.
+
+    Its queries are searched against raw documents, so a document fed to it as a query keeps its
+    raw neighbours exactly when it is left in place; dividing by the temperature puts the term on
+    the scale of the InfoNCE logits it competes with.
+    """
+    target = F.normalize(raw, dim=-1) if normalize else raw
+    return (0.5 * (refined - target).pow(2).sum(1) / target.pow(2).sum(1).clamp_min(1e-12)).mean() / temperature
 
 
 def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float, target: torch.Tensor | None = None,
@@ -225,9 +237,7 @@ class Run:
         per_pass = max(1, math.ceil(n_units / self.batch))
         self.max_steps = min(cfg.max_steps, cfg.epochs * per_pass) if cfg.epochs else cfg.max_steps
         self.model = SimSkip(d, cfg.hidden, cfg.depth, cfg.activation, cfg.normalize, cfg.apply_to())
-        doc_bank = (torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
-                    if cfg.pair_mode == "query_only" and cfg.pair_weight > 0 else None)
-        self.losses = _Losses(cfg, d, _Augment(_column_std(corpus, self.rng), cfg.mask_prob, cfg.noise_scale), sup, doc_bank)
+        self.losses = _Losses(cfg, d, _Augment(_column_std(corpus, self.rng), cfg.mask_prob, cfg.noise_scale), sup)
         self.opt = torch.optim.AdamW(list(self.model.parameters()) + list(self.losses.head.parameters()),
                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.evaluate is None:
@@ -406,9 +416,9 @@ WEIGHTS = {"unsupervised": "unsupervised_weight", "labels": "label_weight", "pai
 class _Losses(nn.Module):
     """The weighted training objective; holds the projection head so it is dropped with this object."""
 
-    def __init__(self, cfg: TrainConfig, d: int, augment: _Augment, sup: Supervision, doc_bank: torch.Tensor | None):
+    def __init__(self, cfg: TrainConfig, d: int, augment: _Augment, sup: Supervision):
         super().__init__()
-        self.cfg, self.augment, self.sup, self.doc_bank = cfg, augment, sup, doc_bank
+        self.cfg, self.augment, self.sup = cfg, augment, sup
         self.head = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.head_dim))
 
     def forward(self, model: SimSkip, x: torch.Tensor, rows: np.ndarray, corpus: np.ndarray,
@@ -423,22 +433,21 @@ class _Losses(nn.Module):
         if cfg.pair_weight > 0 and pair_batch is not None and len(pair_batch) > 1:
             out["pairs"] = self._pairs(model, corpus, pair_batch, gen)
         if cfg.preserve_weight > 0:
-            out["preserve"] = similarity_kl(x, model(x), cfg.temperature)
+            out["preserve"] = (stay_put(x, model(x), cfg.temperature, cfg.normalize) if cfg.apply_to() == "queries"
+                               else similarity_kl(x, model(x), cfg.temperature))
         return out
 
     def _pairs(self, model: SimSkip, corpus: np.ndarray, pair_batch: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         cfg = self.cfg
         qi, di = self.sup.pair_query[pair_batch], self.sup.pair_doc[pair_batch]
         q = model(_rows(self.sup.queries, qi))
-        if cfg.pair_mode == "query_only":  # every corpus row is a candidate, documents stay raw
-            return info_nce(q, self.doc_bank, cfg.temperature, torch.from_numpy(di))
         docs = _rows(corpus, di)
         mask = None
         if cfg.pair_negatives:
             extra = torch.randint(0, corpus.shape[0], (cfg.pair_negatives,), generator=gen).numpy()
             docs = torch.cat([docs, _rows(corpus, extra)])
             mask = torch.from_numpy(np.concatenate([np.zeros((len(di), len(di)), bool), extra[None, :] == di[:, None]], 1))
-        return info_nce(q, model(docs), cfg.temperature, mask=mask)
+        return info_nce(q, docs if cfg.apply_to() == "queries" else model(docs), cfg.temperature, mask=mask)
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(getattr(self.cfg, WEIGHTS[k]) * v for k, v in parts.items())

@@ -25,14 +25,27 @@ def planted():
     return make_synthetic(n=1200, d=24, n_queries=500, seed=3)
 
 
-@pytest.mark.parametrize("labels, pairs, want", [
-    (True, False, ["labels"]), (False, True, ["pairs"]), (True, True, ["labels", "pairs"]),
-    (False, False, ["unsupervised"]),
+@pytest.mark.parametrize("labels, pairs, want, apply_to", [
+    (True, False, ["labels"], "both"), (False, True, ["pairs", "preserve"], "queries"),
+    (True, True, ["labels", "pairs"], "both"), (False, False, ["unsupervised"], "both"),
 ])
-def test_signals_follow_the_supervision_given(planted, labels, pairs, want):
+def test_signals_follow_the_supervision_given(planted, labels, pairs, want, apply_to):
     res = fit(_only(planted, labels, pairs), TrainConfig(**{**BASE, "max_steps": 25}))
     assert res.config.signals() == want and res.guard.signals == want
-    assert res.metadata()["signals"] == want
+    assert res.metadata()["signals"] == want and res.metadata()["apply_to"] == apply_to
+
+
+@pytest.mark.parametrize("given, has_labels, want", [
+    ({}, False, ("query_only", 1.0)),                      # pairs alone: documents stay raw, and stay put
+    ({}, True, ("symmetric", 0.0)),                        # labels need refined documents
+    ({"pair_mode": "symmetric"}, False, ("symmetric", 0.0)),
+    ({"preserve_weight": 0.0}, False, ("query_only", 0.0)),
+    ({"pair_weight": 1.0, "unsupervised_weight": 1.0}, False, ("symmetric", 0.0)),
+])
+def test_pair_mode_and_preservation_follow_the_signals(given, has_labels, want):
+    cfg = TrainConfig(**given).resolved(has_labels=has_labels, has_pairs=True)
+    assert (cfg.pair_mode, cfg.preserve_weight) == want
+    assert cfg.apply_to() == ("queries" if want[0] == "query_only" else "both")
 
 
 def test_explicit_weights_override_the_supervision(planted):
@@ -186,7 +199,7 @@ def test_fit_result_exports_itself_with_apply_to_signals_and_guard(tmp_path, pla
                                                        pair_mode="query_only"))
     res.export(tmp_path / "q.onnx")
     ref = Refiner.load(tmp_path / "q.onnx")
-    assert ref.apply_to == "queries" and ref.metadata["signals"] == ["pairs"]
+    assert ref.apply_to == "queries" and ref.metadata["signals"] == ["pairs", "preserve"]
     g = ref.metadata["guard"]
     assert g["alpha"] == res.guard.alpha and len(g["candidates"]) == len(TrainConfig().alphas)
     assert set(g["raw"]) == {"pairs:ndcg@10", "pairs:recall@10", "pairs:recall@100", "pairs:mrr@10"}

@@ -30,7 +30,9 @@ def test_python_example_runs(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     index, D, I, result = env["index"], env["D"], env["I"], env["result"]
-    assert result.config.signals() == ["pairs"] and result.guard is not None
+    assert result.config.signals() == ["pairs", "preserve"] and result.guard is not None
+    assert index.refiner.apply_to == "queries"  # pairs alone: a query-only refiner, the index keeps raw vectors
+    np.testing.assert_array_equal(index.index.reconstruct_n(0, 5), x[:5])
     assert index.ntotal == 600 and I.shape == (200, 10)
     assert (I[:, 0] == np.arange(200)).all()  # each query finds itself first after refinement
     np.testing.assert_array_equal(index.search(x[:200], 10)[1], I)  # the reloaded bundle agrees

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from simskip_faiss.training import SimSkip, TrainConfig, nt_xent, supcon, train  # noqa: E402
+from simskip_faiss.training import SimSkip, Supervision, TrainConfig, nt_xent, stay_put, supcon, train  # noqa: E402
 
 
 def test_untrained_refiner_is_identity(data):
@@ -40,6 +40,50 @@ def test_supcon_prefers_label_aligned_embeddings():
     aligned = torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]])
     crossed = torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1]])
     assert float(supcon(aligned, labels, 0.1)) < float(supcon(crossed, labels, 0.1))
+
+
+def test_stay_put_is_how_far_corpus_rows_move():
+    """1 - cos for a normalising refiner, ½|y - x|²/|x|² for a raw one, over the temperature; 0 in place."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5)) * 3
+    y = rng.standard_normal((6, 5))
+    yn = y / np.linalg.norm(y, axis=1, keepdims=True)
+    cos = (yn * x).sum(1) / np.linalg.norm(x, axis=1)
+    t = 0.05
+    got = float(stay_put(torch.tensor(x), torch.tensor(yn), t))
+    assert got == pytest.approx((1 - cos).mean() / t, rel=1e-9)
+    raw = float(stay_put(torch.tensor(x), torch.tensor(y), t, normalize=False))
+    assert raw == pytest.approx((0.5 * ((y - x) ** 2).sum(1) / (x ** 2).sum(1)).mean() / t, rel=1e-9)
+    xn = torch.tensor(x / np.linalg.norm(x, axis=1, keepdims=True))
+    assert float(stay_put(torch.tensor(x), xn, t)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_query_only_pair_loss_scores_refined_queries_against_raw_documents_and_negatives(data):
+    """InfoNCE of refined queries over raw [positives, sampled corpus rows], computed here in numpy."""
+    from simskip_faiss.training import _Augment, _Losses
+
+    x, _ = data
+    n, d = x.shape
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((20, d)).astype(np.float32)
+    sup = Supervision(queries=queries, pair_query=np.arange(20), pair_doc=rng.choice(n, 20, replace=False))
+    cfg = TrainConfig(temperature=0.1, pair_negatives=7).resolved(has_labels=False, has_pairs=True)
+    assert cfg.apply_to() == "queries"
+    model = SimSkip(d, hidden=8).eval()
+    torch.nn.init.normal_(model.f[-1].weight, std=0.5)  # not the identity
+    losses = _Losses(cfg, d, _Augment(np.ones(d, np.float32), 0.0, 0.0), sup)
+    batch = np.arange(3, 11)
+    with torch.no_grad():
+        got = float(losses._pairs(model, x, batch, torch.Generator().manual_seed(5)))
+        qv = model(torch.from_numpy(queries[batch])).numpy().astype(np.float64)
+    extra = torch.randint(0, n, (7,), generator=torch.Generator().manual_seed(5)).numpy()
+    pos = sup.pair_doc[batch]
+    cand = x[np.concatenate([pos, extra])].astype(np.float64)
+    cand /= np.linalg.norm(cand, axis=1, keepdims=True)
+    logits = qv @ cand.T / 0.1
+    logits[:, len(pos):][extra[None, :] == pos[:, None]] = -np.inf  # a copy of the positive is not a negative
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert got == pytest.approx(-logp[np.arange(len(pos)), np.arange(len(pos))].mean(), rel=1e-5)
 
 
 def test_training_lowers_heldout_loss(trained):
