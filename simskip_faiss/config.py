@@ -40,8 +40,9 @@ class TrainConfig:
     pair_weight: float | None = None          # query -> document InfoNCE
     # "symmetric" (one refiner for queries and documents) or "query_only" (documents stay raw, the index
     # is not rebuilt). None: query_only when pairs are the only signal, else symmetric (labels need
-    # refined documents). Pairs alone, WordNet 1k-20k, 3 seeds: query_only with preserve_weight 1
-    # gained more nDCG@10 on 3 of 4 sets and kept topic search far better (bench/results/robustness.md)
+    # refined documents). Pairs alone, WordNet 1k-20k, 3 seeds, against symmetric: more nDCG@10 on
+    # 1k/5k/20k (less on 2k), topic mAP@100 better on 5k/20k and level on 1k/2k, topic p@10 lower
+    # on 1k/2k (bench/results/robustness-pairs-mode.md)
     pair_mode: str | None = None
     pair_negatives: int = 1024      # extra corpus rows per step as negatives (refined if symmetric, raw if query_only)
     # neighbourhood preservation: symmetric, the KL of in-batch similarities raw vs refined; query_only,

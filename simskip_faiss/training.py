@@ -5,8 +5,8 @@ retrieval metrics. Signals (any weighted mix, see `TrainConfig.resolved`): the p
 unsupervised SimSkip (two augmented views, NT-Xent through a projection head), supervised
 contrastive on labels, query->document InfoNCE on pairs (symmetric: queries and documents
 refined; or query-only: documents stay raw), with extra corpus rows as negatives, and neighbourhood
-preservation (for a query-only refiner: documents fed to it as queries stay where they are). f's last layer starts at zero, so training
-starts from the identity.
+preservation (for a query-only refiner: documents fed to it as queries stay where they are). f's
+last layer starts at zero, so training starts from the identity.
 
 The budget is counted in optimizer steps, not epochs, so a 1k-row corpus trains as long as a
 1M-row one (batches shrink for small corpora). Every `eval_every` steps the loop calls
