@@ -218,7 +218,8 @@ class Run:
 
     def __init__(self, corpus: np.ndarray, cfg: TrainConfig, sup: Supervision, train_rows: np.ndarray,
                  evaluate: Evaluator | None = None, val_rows: np.ndarray | None = None,
-                 initial: Evaluation | None = None, deadline: float | None = None):
+                 initial: Evaluation | None = None, deadline: float | None = None,
+                 train_pairs: np.ndarray | None = None, val_pairs: np.ndarray | None = None):
         if not cfg.is_resolved():
             raise ValueError("Run needs a resolved TrainConfig (TrainConfig.resolved)")
         self.cfg = cfg = replace(cfg, lr=cfg.lr or LR_GRID[0], temperature=cfg.temperature or TEMPERATURE_GRID[0])
@@ -230,7 +231,10 @@ class Run:
         if cfg.label_weight > 0 and cfg.unsupervised_weight == 0:  # supcon needs labelled rows
             train_rows = train_rows[sup.labels[train_rows] >= 0]
         self.train_rows = train_rows
-        self.pairs = np.arange(len(sup.pair_query)) if cfg.pair_weight > 0 else None
+        if cfg.pair_weight > 0:  # pair ids to learn from (default: all); val_pairs are held out for HeldOutLoss
+            self.pairs = np.arange(len(sup.pair_query)) if train_pairs is None else np.asarray(train_pairs, np.int64)
+        else:
+            self.pairs = None
         rows_used = cfg.unsupervised_weight > 0 or cfg.label_weight > 0 or cfg.preserve_weight > 0
         n_units = len(train_rows) if rows_used else len(self.pairs)
         self.batch = batch_size(cfg, n_units)
@@ -242,7 +246,8 @@ class Run:
                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
         if self.evaluate is None:
             self.evaluate = HeldOutLoss(corpus, np.asarray(val_rows if val_rows is not None else [], np.int64)[: cfg.max_val],
-                                        cfg, self.losses)
+                                        cfg, self.losses, None if self.pairs is None or val_pairs is None
+                                        else np.asarray(val_pairs, np.int64)[: cfg.max_val])
         self.step, self.bad, self.done, self.stopped, self.seconds = 0, 0, False, "", 0.0
         self.model.eval()
         self.best = initial if initial is not None else self.evaluate(self.model, 0)
@@ -331,7 +336,8 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
     Signals follow `supervision` unless the config sets weights; lr and temperature default to
     the first of LR_GRID / TEMPERATURE_GRID (`guard.fit` searches them on validation).
     `train_rows`/`val_rows` choose the rows to learn from and to hold out (default: a seeded
-    `val_fraction` slice held out). `evaluate(model, step) -> Evaluation` scores checkpoints
+    `val_fraction` slice held out; with pairs, the pairs of a seeded `val_fraction` of the queries
+    are held out too, so that the default evaluator scores the pair term on pairs it never trained on). `evaluate(model, step) -> Evaluation` scores checkpoints
     (default: minus the loss on the held-out rows). torch's thread count is restored on return.
     """
     cfg = config or TrainConfig()
@@ -344,16 +350,32 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
         perm = np.random.default_rng(cfg.seed).permutation(n)
         n_val = max(2, int(round(cfg.val_fraction * n))) if cfg.val_fraction > 0 else 0
         val_rows, train_rows = perm[:n_val], perm[n_val:]
+    train_pairs = val_pairs = None
+    if cfg.pair_weight > 0 and evaluate is None and cfg.val_fraction > 0:
+        train_pairs, val_pairs = _held_out_pairs(sup.pair_query, cfg.val_fraction, cfg.seed)
     train_rows = np.asarray(train_rows, dtype=np.int64)
     val_rows = np.asarray(val_rows if val_rows is not None else [], dtype=np.int64)
     if len(train_rows) < 2:
         raise ValueError(f"only {len(train_rows)} training vectors; need at least 2")
     with torch_threads(cfg.threads):
-        return Run(corpus, cfg, sup, train_rows, evaluate, val_rows).advance().result()
+        return Run(corpus, cfg, sup, train_rows, evaluate, val_rows, train_pairs=train_pairs,
+                   val_pairs=val_pairs).advance().result()
+
+
+def _held_out_pairs(pair_query: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) pair ids: every pair of a seeded `fraction` of the queries is held out
+    (at least one query, and never all of them); with one query, nothing is held out."""
+    queries = np.unique(pair_query)
+    if len(queries) < 2:
+        return np.arange(len(pair_query)), np.zeros(0, np.int64)
+    n_val = min(len(queries) - 1, max(1, int(round(fraction * len(queries)))))
+    held = np.isin(pair_query, np.random.default_rng(seed).permutation(queries)[:n_val])
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 class HeldOutLoss:
-    """Evaluator: minus the training objective on held-out corpus rows (fixed augmentation seed).
+    """Evaluator: minus the training objective on held-out corpus rows and held-out pairs (fixed
+    augmentation and negative-sampling seed).
 
     A lower loss is not better retrieval, so an evaluation counts as an improvement only when the
     loss falls by `min_gain` (1%) of its value: without a quality signal, train until the loss levels off.
@@ -361,8 +383,9 @@ class HeldOutLoss:
 
     min_gain = 0.01
 
-    def __init__(self, corpus: np.ndarray, rows: np.ndarray, cfg: TrainConfig, losses: "_Losses"):
-        self.corpus, self.rows, self.cfg, self.losses = corpus, rows, cfg, losses
+    def __init__(self, corpus: np.ndarray, rows: np.ndarray, cfg: TrainConfig, losses: "_Losses",
+                 pairs: np.ndarray | None = None):
+        self.corpus, self.rows, self.cfg, self.losses, self.pairs = corpus, rows, cfg, losses, pairs
         self.x = _rows(corpus, rows) if len(rows) >= 2 else None
 
     def __call__(self, model: SimSkip, step: int) -> Evaluation:
@@ -370,7 +393,7 @@ class HeldOutLoss:
             return Evaluation(step, float("nan"))
         with torch.no_grad():
             g = torch.Generator().manual_seed(self.cfg.seed + 7919)
-            parts = self.losses(model, self.x, self.rows, self.corpus, g, None)
+            parts = self.losses(model, self.x, self.rows, self.corpus, g, self.pairs)
             return Evaluation(step, -float(self.losses.total(parts)) if parts else float("nan"))
 
 

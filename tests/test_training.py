@@ -176,6 +176,33 @@ def test_train_restores_torch_threads(data):
     assert torch.get_num_threads() == before
 
 
+def test_train_without_a_guard_learns_pairs_and_scores_them_on_held_out_pairs():
+    """train() with pairs alone (a query-only refiner): the default evaluator scores the pair term on
+    pairs of held-out queries, so the refiner learns a mapping that generalises instead of stopping at
+    the identity (which only the stay-put term would prefer)."""
+    from simskip_faiss.training import _held_out_pairs
+
+    rng = np.random.default_rng(0)
+    d = 16
+    docs = rng.standard_normal((600, d)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    distort = np.eye(d) + 0.6 * rng.standard_normal((d, d)) / np.sqrt(d)  # queries: a fixed distortion of their documents
+    queries = (docs[:400] @ distort.T).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    sup = Supervision(queries=queries, pair_query=np.arange(400), pair_doc=np.arange(400))
+    res = train(docs, TrainConfig(max_steps=150, hidden=32, threads=1, progress=False), sup)
+    assert res.config.apply_to() == "queries" and res.config.signals() == ["pairs", "preserve"]
+    assert res.best_step > 0 and float(res.model.f[-1].weight.detach().abs().sum()) > 0
+    best = next(h["val"] for h in res.history if h["step"] == res.best_step)
+    assert best > res.history[0]["val"] * 0.9  # held-out loss at least 10% below the identity's (values are -loss)
+
+    pair_query = np.repeat(np.arange(50), 3)  # 3 pairs per query: a held-out query takes all of its pairs
+    tr, val = _held_out_pairs(pair_query, 0.1, seed=4)
+    assert len(np.intersect1d(tr, val)) == 0 and len(tr) + len(val) == 150
+    assert len(np.unique(pair_query[val])) == 5 and not np.isin(pair_query[tr], pair_query[val]).any()
+    assert len(_held_out_pairs(np.zeros(4, np.int64), 0.1, 0)[1]) == 0  # one query: nothing to hold out
+
+
 def test_train_follows_the_supervision_and_uses_a_step_budget(data):
     from simskip_faiss.training import Supervision
 
