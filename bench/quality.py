@@ -41,9 +41,12 @@ VARIANTS = {
     "labels-guarded": dict(label_weight=1),
     "labels-guarded-tol0.003": dict(label_weight=1, tolerance=0.003),
     "pairs-sym-guarded": dict(pair_weight=1, pair_mode="symmetric"),
-    "pairs-query-only-unguarded": dict(pair_weight=1, pair_mode="query_only", guard=False),
-    "pairs-query-only-guarded": dict(pair_weight=1, pair_mode="query_only"),
-    "pairs-query-only-guard-pairs": dict(pair_weight=1, pair_mode="query_only", guard_tasks=("pairs",)),
+    # query-only without the stay-put term (preserve_weight=0), as first measured; the default adds it
+    "pairs-query-only-unguarded": dict(pair_weight=1, pair_mode="query_only", preserve_weight=0, guard=False),
+    "pairs-query-only-guarded": dict(pair_weight=1, pair_mode="query_only", preserve_weight=0),
+    "pairs-query-only-guard-pairs": dict(pair_weight=1, pair_mode="query_only", preserve_weight=0,
+                                         guard_tasks=("pairs",)),
+    "pairs-default": dict(pair_weight=1),  # query-only with stay-put (preserve_weight 1)
     # the guard protecting only the metric the target names: topic gain at no nDCG@10 loss
     "labels-guard-ndcg": dict(label_weight=1, guard_metrics=("pairs:ndcg@10",)),
     "labels-guard-ndcg-tol0.003": dict(label_weight=1, guard_metrics=("pairs:ndcg@10",), tolerance=0.003),
