@@ -21,7 +21,7 @@ from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfi
 from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric_code,
                           reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, load_bundle, save_bundle
-from .refiner import NORM_RANGE, Refiner, as_input, refiner_from_bytes
+from .refiner import NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
 
 
 class RWLock:
@@ -158,8 +158,7 @@ class RefinedIndex:
         if bad.size:
             norm = float(np.linalg.norm(x[bad[0]].astype(np.float64)))
             raise ValueError(f"{name}: {bad.size} row(s), first at row {int(bad[0]) + offset}, have L2 norm "
-                             f"{norm:.3g}, outside [{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}], the range a "
-                             f"normalising refiner computes in float32")
+                             f"{norm:.3g}, {NORM_RANGE_REASON}")
 
     def _chunks(self, x, desc: str):
         """(start, refined rows) in chunks of `chunk_size`; a memmap's pages are unmapped once refined."""

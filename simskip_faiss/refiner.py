@@ -36,6 +36,9 @@ METADATA_KEY = "simskip"
 KINDS = ("onnx", "identity", "linear")
 APPLY_TO = ("both", "queries")
 NORM_RANGE = (1e-18, 1e18)  # input row norms a normalising refiner computes correctly in float32
+# why a row outside NORM_RANGE is refused before it is written (RefinedIndex, Milvus)
+NORM_RANGE_REASON = (f"outside [{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}], the range a normalising refiner "
+                     "computes in float32")
 UNIT_TOLERANCE = 1e-2  # |‖y‖² − 1| allowed in a normalising refiner's output (fp16/int8 graphs included)
 
 
