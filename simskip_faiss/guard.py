@@ -11,7 +11,8 @@ Contract with the training loop (`training.Run`): the loop calls `Guard.evaluato
 (tag, step), so calls may come in any order and from several runs (the lr/temperature search).
 Each evaluation computes x and f(x) once for the validation queries and the corpus and forms each
 alpha's vectors by a cheap combination: a coarse alpha grid during training, the full grid on the
-two best checkpoints at the end.
+two best checkpoints at the end. The in-training validations score a seeded subset of at most
+`coarse_val_queries` queries per task (they only rank checkpoints); the final sweep scores them all.
 """
 from __future__ import annotations
 
@@ -120,6 +121,14 @@ class Guard:
                    for t, r in self.queries.items()}
         self._raw_nn = None
         self.raw = self._metrics(self.corpus, self.qx)
+        # the validations during training only rank checkpoints: a seeded subset of the queries does
+        # that at a fraction of the search (the cost of a guarded fit on large corpora); the final
+        # alpha sweep on the two best checkpoints scores every validation query
+        rng = np.random.default_rng(cfg.seed + 1)
+        self.coarse = {t: np.sort(rng.choice(len(r), cfg.coarse_val_queries, replace=False))
+                       for t, r in self.queries.items() if len(r) > cfg.coarse_val_queries and not self.proxy}
+        self.raw_coarse = (self._metrics(self.corpus, self._subset(self.qx, True), self._subset(self.queries, True))
+                           if self.coarse else self.raw)
         self.protected = list(cfg.guard_metrics or self.raw)
         unknown = set(self.protected) - set(self.raw)
         if unknown:
@@ -131,37 +140,48 @@ class Guard:
         self.record: dict[tuple[str, int], Evaluation] = {}
         self.seconds = 0.0
 
-    def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray]) -> dict[str, float]:
+    def _subset(self, per_task: dict, coarse: bool) -> dict:
+        """`per_task` (query rows or vectors by task) cut to the coarse subset when `coarse`."""
+        return {t: v[self.coarse[t]] if coarse and t in self.coarse else v for t, v in per_task.items()}
+
+    def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray], rows: dict | None = None) -> dict[str, float]:
+        """Mean validation metrics of query vectors `q` (ids `rows`, default all) searched over `docs`."""
+        rows = self.queries if rows is None else rows
         index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
         index.add(docs)
         if self.proxy:  # share of each validation row's raw k nearest neighbours still in its refined top k
-            k, rows = self.agreement_k, self.queries["agreement"]
-            I = drop_self(index.search(q["agreement"], k + 1)[1], rows, k)
+            k = self.agreement_k
+            I = drop_self(index.search(q["agreement"], k + 1)[1], rows["agreement"], k)
             if self._raw_nn is None:  # the first call scores the raw vectors
                 self._raw_nn = I
             return {f"agreement@{k}": knn_recall(self._raw_nn, I, ks=(k,))[f"{k}-recall@{k}"]}
-        per_task = score(index, self.data, self.queries, vectors=q)
+        per_task = score(index, self.data, rows, vectors=q)
         return {f"{t}:{m}": float(pq[m].mean()) for t, pq in per_task.items()
                 for m in (LABEL_METRICS if t == "labels" else PAIR_METRICS)}
 
-    def _objective(self, m: dict[str, float]) -> tuple[bool, float]:
+    def _objective(self, m: dict[str, float], raw: dict[str, float]) -> tuple[bool, float]:
         if self.proxy:
             return m[f"agreement@{self.agreement_k}"] >= self.cfg.min_agreement, 0.0
-        feasible = all(m[k] >= self.raw[k] - self.cfg.tolerance for k in self.protected)
-        return feasible, float(np.mean([(m[k] - self.raw[k]) / max(self.raw[k], 1e-9) for k in m]))
+        feasible = all(m[k] >= raw[k] - self.cfg.tolerance for k in self.protected)
+        return feasible, float(np.mean([(m[k] - raw[k]) / max(raw[k], 1e-9) for k in m]))
 
-    def sweep(self, model: SimSkip, alphas) -> list[dict]:
-        """Every alpha's validation metrics, feasibility and objective, from one f(x) pass."""
+    def sweep(self, model: SimSkip, alphas, coarse: bool = False) -> list[dict]:
+        """Every alpha's validation metrics, feasibility and objective, from one f(x) pass.
+
+        `coarse`: on the coarse subset of the validation queries (the in-training validations).
+        """
         t0 = time.perf_counter()
         model.eval()
-        fq = {t: _f(model, x) for t, x in self.qx.items()}
+        qx, rows = self._subset(self.qx, coarse), self._subset(self.queries, coarse)
+        raw = self.raw_coarse if coarse else self.raw
+        fq = {t: _f(model, x) for t, x in qx.items()}
         fd = None if model.apply_to == "queries" else _f(model, self.corpus)
         cands = []
         for a in alphas:
             docs = self.corpus if fd is None else _combine(self.corpus, fd, a, model.normalize)
-            q = {t: _combine(x, fq[t], a, model.normalize) for t, x in self.qx.items()}
-            m = self._metrics(docs, q)
-            feasible, obj = self._objective(m)
+            q = {t: _combine(x, fq[t], a, model.normalize) for t, x in qx.items()}
+            m = self._metrics(docs, q, rows)
+            feasible, obj = self._objective(m, raw)
             cands.append({"alpha": float(a), "metrics": m, "feasible": feasible, "objective": obj})
         self.seconds += time.perf_counter() - t0
         return cands
@@ -187,7 +207,7 @@ class Guard:
     def evaluator(self, tag: str = ""):
         """The training loop's callback: `(model, step) -> Evaluation` on the coarse grid, recorded by (tag, step)."""
         def evaluate(model: SimSkip, step: int) -> Evaluation:
-            cands = self.sweep(model, self.grid(final=False))
+            cands = self.sweep(model, self.grid(final=False), coarse=True)
             obj, alpha = self.choose(cands)
             ev = Evaluation(step, obj, alpha, {"candidates": cands})
             self.record[(tag, step)] = ev

@@ -13,7 +13,7 @@ from simskip_faiss import Refiner  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.datasets import make_synthetic  # noqa: E402
 from simskip_faiss.export import export  # noqa: E402
-from simskip_faiss.guard import _combine, _f, fit, only_supervision as _only  # noqa: E402
+from simskip_faiss.guard import Guard, _combine, _f, fit, only_supervision as _only  # noqa: E402
 
 # lr and temperature fixed (no search) keeps each fit to a few seconds
 BASE = dict(hidden=64, threads=1, progress=False, seed=0, max_val_queries=400, lr=3e-3, temperature=0.1,
@@ -126,6 +126,42 @@ def test_guard_table_matches_metrics_recomputed_from_the_refined_vectors(planted
     ok = [c for c in g.candidates if c["feasible"] and c["alpha"] > 0 and c["objective"] > 0]
     assert g.alpha == (max(ok, key=lambda c: c["objective"])["alpha"] if ok else 0.0)
     assert "labels:map@100" in g.criterion and set(g.raw) > {"labels:map@100"}  # every metric still scored
+
+
+def test_in_training_validations_score_a_seeded_subset_and_the_final_sweep_all(planted):
+    """The coarse validations rank checkpoints on at most coarse_val_queries per task, recomputed here
+    by brute force on exactly those queries; the shipped report scores every validation query."""
+    cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, coarse_val_queries=30)
+    res = fit(planted, cfg)
+    guard = Guard(planted, res.config)
+    rows, qids = planted.split_rows("val"), planted.split_queries("val")
+    assert len(rows) > 30 and len(qids) > 30
+    sub_rows, sub_qids = guard._subset(guard.queries, True)["labels"], guard._subset(guard.queries, True)["pairs"]
+    assert len(sub_rows) == len(sub_qids) == 30 and set(sub_rows) < set(rows) and set(sub_qids) < set(qids)
+    assert Guard(planted, res.config).coarse.keys() == guard.coarse.keys()  # seeded: the same subset
+    assert all((Guard(planted, res.config).coarse[t] == guard.coarse[t]).all() for t in guard.coarse)
+    model = res.model
+    ev = guard.evaluator("t")(model, 1)
+
+    def at(alpha):
+        def refine(x):
+            model.alpha.fill_(alpha)
+            with torch.no_grad():
+                return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        return refine
+
+    raw = _brute_force(planted, lambda x: x, lambda x: x, sub_rows, sub_qids)
+    for c in ev.detail["candidates"]:
+        got = _brute_force(planted, at(c["alpha"]), at(c["alpha"]), sub_rows, sub_qids)
+        for k, v in got.items():
+            assert c["metrics"][k] == pytest.approx(v, abs=1e-6), (c["alpha"], k)
+        want = np.mean([(c["metrics"][k] - guard.raw_coarse[k]) / guard.raw_coarse[k] for k in c["metrics"]])
+        assert c["objective"] == pytest.approx(want)  # relative to raw on the same subset
+    for k, v in raw.items():
+        assert guard.raw_coarse[k] == pytest.approx(v, abs=1e-6)
+    full = _brute_force(planted, lambda x: x, lambda x: x, rows, qids)
+    for k, v in full.items():  # the shipped report: every validation query
+        assert res.guard.raw[k] == pytest.approx(v, abs=1e-6)
 
 
 def test_cheap_alpha_sweep_equals_the_models_forward_pass(planted):
