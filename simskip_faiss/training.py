@@ -447,30 +447,55 @@ class _Losses(nn.Module):
     def forward(self, model: SimSkip, x: torch.Tensor, rows: np.ndarray, corpus: np.ndarray,
                 gen: torch.Generator, pair_batch: np.ndarray | None) -> dict[str, torch.Tensor]:
         cfg, out = self.cfg, {}
+        fx = None
+
+        def refined_x() -> torch.Tensor:  # model(x), computed once per step and shared by the terms
+            nonlocal fx
+            if fx is None:
+                fx = model(x)
+            return fx
+
         if cfg.unsupervised_weight > 0:
             z1 = self.head(model(self.augment(x, gen)))
             z2 = self.head(model(self.augment(x, gen)))
             out["unsupervised"] = nt_xent(z1, z2, cfg.unsupervised_temperature)
         if cfg.label_weight > 0:
-            out["labels"] = supcon(model(x), torch.from_numpy(self.sup.labels[rows]), cfg.temperature)
+            out["labels"] = supcon(refined_x(), torch.from_numpy(self.sup.labels[rows]), cfg.temperature)
         if cfg.pair_weight > 0 and pair_batch is not None and len(pair_batch) > 1:
-            out["pairs"] = self._pairs(model, corpus, pair_batch, gen)
+            out["pairs"] = self._pairs(model, corpus, pair_batch, gen, rows, refined_x)
         if cfg.preserve_weight > 0:
-            out["preserve"] = (stay_put(x, model(x), cfg.temperature, cfg.normalize) if cfg.apply_to() == "queries"
-                               else similarity_kl(x, model(x), cfg.temperature))
+            out["preserve"] = (stay_put(x, refined_x(), cfg.temperature, cfg.normalize) if cfg.apply_to() == "queries"
+                               else similarity_kl(x, refined_x(), cfg.temperature))
         return out
 
-    def _pairs(self, model: SimSkip, corpus: np.ndarray, pair_batch: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+    def _pairs(self, model: SimSkip, corpus: np.ndarray, pair_batch: np.ndarray, gen: torch.Generator,
+               rows: np.ndarray, refined_x: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Query -> document InfoNCE: in-batch documents plus `pair_negatives` corpus rows as negatives.
+
+        Query-only, the negatives are raw sampled rows (a lookup). Symmetric, they are refined, so the
+        step's training batch (already refined for the other terms) serves first and only the rest
+        is sampled: the same number of negatives for far fewer forward and backward passes.
+        """
         cfg = self.cfg
         qi, di = self.sup.pair_query[pair_batch], self.sup.pair_doc[pair_batch]
         q = model(_rows(self.sup.queries, qi))
+        symmetric = cfg.apply_to() == "both"
         docs = _rows(corpus, di)
-        mask = None
-        if cfg.pair_negatives:
-            extra = torch.randint(0, corpus.shape[0], (cfg.pair_negatives,), generator=gen).numpy()
-            docs = torch.cat([docs, _rows(corpus, extra)])
-            mask = torch.from_numpy(np.concatenate([np.zeros((len(di), len(di)), bool), extra[None, :] == di[:, None]], 1))
-        return info_nce(q, docs if cfg.apply_to() == "queries" else model(docs), cfg.temperature, mask=mask)
+        if symmetric:
+            docs = model(docs)
+        if not cfg.pair_negatives:
+            return info_nce(q, docs, cfg.temperature)
+        shared = rows[: cfg.pair_negatives] if symmetric else rows[:0]
+        extra = torch.randint(0, corpus.shape[0], (cfg.pair_negatives - len(shared),), generator=gen).numpy()
+        negs = [docs]
+        if len(shared):
+            negs.append(refined_x()[: len(shared)])
+        if len(extra):
+            ex = _rows(corpus, extra)
+            negs.append(model(ex) if symmetric else ex)
+        neg_rows = np.concatenate([shared, extra])
+        mask = torch.from_numpy(np.concatenate([np.zeros((len(di), len(di)), bool), neg_rows[None, :] == di[:, None]], 1))
+        return info_nce(q, torch.cat(negs), cfg.temperature, mask=mask)
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(getattr(self.cfg, WEIGHTS[k]) * v for k, v in parts.items())

@@ -74,16 +74,59 @@ def test_query_only_pair_loss_scores_refined_queries_against_raw_documents_and_n
     losses = _Losses(cfg, d, _Augment(np.ones(d, np.float32), 0.0, 0.0), sup)
     batch = np.arange(3, 11)
     with torch.no_grad():
-        got = float(losses._pairs(model, x, batch, torch.Generator().manual_seed(5)))
+        got = float(losses._pairs(model, x, batch, torch.Generator().manual_seed(5), np.arange(4), lambda: 1 / 0))
         qv = model(torch.from_numpy(queries[batch])).numpy().astype(np.float64)
     extra = torch.randint(0, n, (7,), generator=torch.Generator().manual_seed(5)).numpy()
     pos = sup.pair_doc[batch]
-    cand = x[np.concatenate([pos, extra])].astype(np.float64)
+    cand_rows = np.concatenate([pos, extra])
+    assert got == pytest.approx(_info_nce_np(qv, x[cand_rows], len(pos), cand_rows, pos), rel=1e-5)
+
+
+def _info_nce_np(qv, cand, n_pos, cand_rows=None, pos_rows=None, t=0.1):
+    """InfoNCE of queries over [positives, negatives] in float64; a negative that is a copy of the
+    query's positive (same corpus row) is not a negative."""
+    cand = np.asarray(cand, np.float64)
     cand /= np.linalg.norm(cand, axis=1, keepdims=True)
-    logits = qv @ cand.T / 0.1
-    logits[:, len(pos):][extra[None, :] == pos[:, None]] = -np.inf  # a copy of the positive is not a negative
+    qv = qv / np.linalg.norm(qv, axis=1, keepdims=True)
+    logits = qv @ cand.T / t
+    if cand_rows is not None:
+        logits[:, n_pos:][cand_rows[n_pos:][None, :] == pos_rows[:, None]] = -np.inf
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    assert got == pytest.approx(-logp[np.arange(len(pos)), np.arange(len(pos))].mean(), rel=1e-5)
+    return -logp[np.arange(n_pos), np.arange(n_pos)].mean()
+
+
+def test_symmetric_pair_loss_takes_refined_negatives_from_the_training_batch_first(data):
+    """Symmetric: refined [positives, the step's refined batch rows, sampled rows up to pair_negatives]."""
+    from simskip_faiss.training import _Augment, _Losses
+
+    x, _ = data
+    n, d = x.shape
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((20, d)).astype(np.float32)
+    sup = Supervision(queries=queries, pair_query=np.arange(20), pair_doc=rng.choice(n, 20, replace=False))
+    cfg = TrainConfig(temperature=0.1, pair_negatives=9, pair_mode="symmetric").resolved(False, True)
+    model = SimSkip(d, hidden=8).eval()
+    torch.nn.init.normal_(model.f[-1].weight, std=0.5)
+    losses = _Losses(cfg, d, _Augment(np.ones(d, np.float32), 0.0, 0.0), sup)
+    batch, rows = np.arange(3, 11), np.array([sup.pair_doc[4], 7, 50, 2, 9, 11])  # row 0 copies a positive
+
+    def ref(v):
+        return model(torch.from_numpy(np.ascontiguousarray(v, np.float32))).numpy()
+
+    with torch.no_grad():
+        got = float(losses._pairs(model, x, batch, torch.Generator().manual_seed(5), rows, lambda: model(torch.from_numpy(x[rows]))))
+        qv = ref(queries[batch])
+        extra = torch.randint(0, n, (3,), generator=torch.Generator().manual_seed(5)).numpy()
+        pos = sup.pair_doc[batch]
+        cand_rows = np.concatenate([pos, rows, extra])
+        want = _info_nce_np(qv, ref(x[cand_rows]), len(pos), cand_rows, pos)
+    assert got == pytest.approx(want, rel=1e-5)
+    many = TrainConfig(temperature=0.1, pair_negatives=4, pair_mode="symmetric").resolved(False, True)
+    with torch.no_grad():  # fewer negatives than batch rows: the first pair_negatives rows, nothing sampled
+        got = float(_Losses(many, d, losses.augment, sup)._pairs(model, x, batch, torch.Generator(), rows,
+                                                                 lambda: model(torch.from_numpy(x[rows]))))
+        cand_rows = np.concatenate([pos, rows[:4]])
+        assert got == pytest.approx(_info_nce_np(qv, ref(x[cand_rows]), len(pos), cand_rows, pos), rel=1e-5)
 
 
 def test_training_lowers_heldout_loss(trained):
