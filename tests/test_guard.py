@@ -98,6 +98,17 @@ def _brute_force(data, refine_q, refine_d, rows, qids):
     return out
 
 
+def _at(model):
+    """at(alpha) -> the model's forward pass with alpha set (numpy in, numpy out)."""
+    def at(alpha):
+        def refine(x):
+            model.alpha.fill_(alpha)
+            with torch.no_grad():
+                return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        return refine
+    return at
+
+
 def test_guard_table_matches_metrics_recomputed_from_the_refined_vectors(planted):
     """Independent of the guard's own code: refine with the model at each alpha, search by brute force."""
     cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, guard_metrics=("labels:map@100",))
@@ -106,12 +117,7 @@ def test_guard_table_matches_metrics_recomputed_from_the_refined_vectors(planted
     rows, qids = planted.split_rows("val"), planted.split_queries("val")
     assert len(rows) <= 400 and len(qids) <= 400  # below max_val_queries: the guard used them all
 
-    def at(alpha):
-        def refine(x):
-            model.alpha.fill_(alpha)
-            with torch.no_grad():
-                return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
-        return refine
+    at = _at(model)
 
     shipped = model.alpha.item()
     raw = _brute_force(planted, lambda x: x, lambda x: x, rows, qids)
@@ -143,12 +149,7 @@ def test_in_training_validations_score_a_seeded_subset_and_the_final_sweep_all(p
     model = res.model
     ev = guard.evaluator("t")(model, 1)
 
-    def at(alpha):
-        def refine(x):
-            model.alpha.fill_(alpha)
-            with torch.no_grad():
-                return model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
-        return refine
+    at = _at(model)
 
     raw = _brute_force(planted, lambda x: x, lambda x: x, sub_rows, sub_qids)
     for c in ev.detail["candidates"]:

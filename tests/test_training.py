@@ -58,20 +58,25 @@ def test_stay_put_is_how_far_corpus_rows_move():
     assert float(stay_put(torch.tensor(x), xn, t)) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_query_only_pair_loss_scores_refined_queries_against_raw_documents_and_negatives(data):
-    """InfoNCE of refined queries over raw [positives, sampled corpus rows], computed here in numpy."""
+def _pair_setup(x, cfg, seed):
+    """20 random queries paired with distinct corpus rows, a small non-identity refiner and its losses."""
     from simskip_faiss.training import _Augment, _Losses
 
-    x, _ = data
     n, d = x.shape
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     queries = rng.standard_normal((20, d)).astype(np.float32)
     sup = Supervision(queries=queries, pair_query=np.arange(20), pair_doc=rng.choice(n, 20, replace=False))
-    cfg = TrainConfig(temperature=0.1, pair_negatives=7).resolved(has_labels=False, has_pairs=True)
-    assert cfg.apply_to() == "queries"
     model = SimSkip(d, hidden=8).eval()
     torch.nn.init.normal_(model.f[-1].weight, std=0.5)  # not the identity
-    losses = _Losses(cfg, d, _Augment(np.ones(d, np.float32), 0.0, 0.0), sup)
+    return queries, sup, model, _Losses(cfg, d, _Augment(np.ones(d, np.float32), 0.0, 0.0), sup)
+
+
+def test_query_only_pair_loss_scores_refined_queries_against_raw_documents_and_negatives(data):
+    """InfoNCE of refined queries over raw [positives, sampled corpus rows], computed here in numpy."""
+    x, n = data[0], len(data[0])
+    cfg = TrainConfig(temperature=0.1, pair_negatives=7).resolved(has_labels=False, has_pairs=True)
+    assert cfg.apply_to() == "queries"
+    queries, sup, model, losses = _pair_setup(x, cfg, seed=1)
     batch = np.arange(3, 11)
     with torch.no_grad():
         got = float(losses._pairs(model, x, batch, torch.Generator().manual_seed(5), np.arange(4), lambda: 1 / 0))
@@ -97,17 +102,11 @@ def _info_nce_np(qv, cand, n_pos, cand_rows=None, pos_rows=None, t=0.1):
 
 def test_symmetric_pair_loss_takes_refined_negatives_from_the_training_batch_first(data):
     """Symmetric: refined [positives, the step's refined batch rows, sampled rows up to pair_negatives]."""
-    from simskip_faiss.training import _Augment, _Losses
+    from simskip_faiss.training import _Losses
 
-    x, _ = data
-    n, d = x.shape
-    rng = np.random.default_rng(2)
-    queries = rng.standard_normal((20, d)).astype(np.float32)
-    sup = Supervision(queries=queries, pair_query=np.arange(20), pair_doc=rng.choice(n, 20, replace=False))
+    x, n, d = data[0], *data[0].shape
     cfg = TrainConfig(temperature=0.1, pair_negatives=9, pair_mode="symmetric").resolved(False, True)
-    model = SimSkip(d, hidden=8).eval()
-    torch.nn.init.normal_(model.f[-1].weight, std=0.5)
-    losses = _Losses(cfg, d, _Augment(np.ones(d, np.float32), 0.0, 0.0), sup)
+    queries, sup, model, losses = _pair_setup(x, cfg, seed=2)
     batch, rows = np.arange(3, 11), np.array([sup.pair_doc[4], 7, 50, 2, 9, 11])  # row 0 copies a positive
 
     def ref(v):
