@@ -20,7 +20,6 @@ import numpy as np
 from .checks import as_ids, check_shape, load_npy, nonfinite_rows, to_float32
 from .faiss_utils import METRIC_NAMES, metric_code
 from .arrow import BadRowsError, arrow_vectors
-from .refiner import NORM_RANGE_REASON
 
 PREFIX = "simskip."
 FORMAT = "1"
@@ -152,9 +151,7 @@ class RefinedCollection:
     def _write(self, op: str, ids, vectors, fields: dict[str, Sequence] | None) -> int:
         ids, x = checked_rows(ids, vectors, self.refiner.d_in)
         if self.refiner.apply_to == "both":  # before the first write, like every other row check
-            bad = [(int(ids[i]), f"L2 norm {NORM_RANGE_REASON}") for i in self.refiner.norm_range_rows(x)]
-            if bad:
-                raise BadRowsError(bad)
+            self.refiner.refuse_norm_range(x, ids)
         fields = fields or {}
         for k, col in fields.items():
             if k in ("id", "vector"):

@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .arrow import BadRowsError
 from .checks import as_matrix, l2_normalize
 from .faiss_utils import build_index
 
@@ -166,6 +167,15 @@ class BaseRefiner(ABC):
         with np.errstate(over="ignore", under="ignore"):
             n = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
         return np.flatnonzero(((n < NORM_RANGE[0]) & (n > 0)) | (n > NORM_RANGE[1]))
+
+    def refuse_norm_range(self, x: np.ndarray, ids=None) -> None:
+        """Raise BadRowsError naming every row of `x` that `norm_range_rows` finds, by its id in `ids`
+        (an Arrow array, numpy array or sequence; positions in `x` if None)."""
+        bad = self.norm_range_rows(x)
+        if bad.size:
+            if ids is not None:
+                ids = ids.to_pylist() if hasattr(ids, "to_pylist") else ids.tolist() if hasattr(ids, "tolist") else ids
+            raise BadRowsError([(ids[i] if ids is not None else int(i), f"L2 norm {NORM_RANGE_REASON}") for i in bad])
 
 
 class IdentityRefiner(BaseRefiner):

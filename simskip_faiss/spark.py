@@ -10,7 +10,8 @@ Arrow batches through `mapInArrow`, for data that is not plain parquet files.
   ONNX bytes are broadcast once; each Python worker process keeps one onnxruntime session (1
   thread: one task per core, no oversubscription).
 - `write_refined`: validate every row first, then write parquet to a staging path and rename it:
-  a bad row (null or wrong-length vector, NaN/Inf, null id) fails with its id and writes nothing.
+  a bad row (null or wrong-length vector, NaN/Inf, null id, or an L2 norm a normalising refiner
+  cannot normalise in float32) fails with its id and writes nothing.
 - `build_index`: train the FAISS index on a refined sample on the driver (optionally two-level
   k-means for a large nlist, `quantizer.py`), ship the trained empty index (`faiss.serialize_index`) to every
   task, add each task's refined vectors to its own copy and write it as a shard, then
@@ -98,11 +99,17 @@ def worker_refiner(spec: RefinerSpec) -> BaseRefiner:
     return r
 
 
-def _refine(spec: RefinerSpec, x: np.ndarray, role: str) -> np.ndarray:
-    """Refine queries always; documents only when the refiner applies to both (query-only stores raw)."""
+def _refine(spec: RefinerSpec, x: np.ndarray, role: str, ids=None) -> np.ndarray:
+    """Refine queries always; documents only when the refiner applies to both (query-only stores raw).
+
+    Rows a normalising refiner cannot normalise in float32 are refused first, by id (`ids`: an
+    Arrow array or sequence; positions in `x` if None), as Milvus and `RefinedIndex` refuse them.
+    """
     if role == "documents" and spec.apply_to == "queries":
         return x
-    return worker_refiner(spec).apply_checked(x)  # never a silent non-unit or zero row
+    refiner = worker_refiner(spec)
+    refiner.refuse_norm_range(x, ids)
+    return refiner.apply_checked(x)  # never a silent non-unit or zero row
 
 
 # -- Spark helpers ------------------------------------------------------------------------------------
@@ -237,8 +244,9 @@ def _refine_batches(spec: RefinerSpec, vector_col: str, id_col: str | None, out:
     """The mapInArrow function: Arrow batch in, same batch with the refined column out."""
     def run(batches: Iterator) -> Iterator:
         for b in batches:
-            x = arrow_vectors(b.column(vector_col), spec.d_in, b.column(id_col) if id_col else None)
-            y = to_arrow_list(_refine(spec, x, role))
+            ids = b.column(id_col) if id_col else None
+            x = arrow_vectors(b.column(vector_col), spec.d_in, ids)
+            y = to_arrow_list(_refine(spec, x, role, ids))
             names = b.schema.names
             yield b.set_column(names.index(out), out, y) if out in names else b.append_column(out, y)
     return run
@@ -669,7 +677,7 @@ class _ShardJob:
         for b in batches:
             ids = b.column(self.id_col)
             x = arrow_vectors(b.column(self.vector_col), self.spec.d_in, ids)
-            index.add_with_ids(_refine(self.spec, x, "documents"), ids.to_numpy(zero_copy_only=False).astype(np.int64))
+            index.add_with_ids(_refine(self.spec, x, "documents", ids), ids.to_numpy(zero_copy_only=False).astype(np.int64))
         path = ""
         if index.ntotal:
             path = str(Path(self.shard_dir) / f"shard-{pid:05d}.faiss")

@@ -107,15 +107,26 @@ def test_query_only_refiner_leaves_documents_raw(spark, setup, tmp_path):
     np.testing.assert_array_equal(by_id(queries, "vector", ids), x)  # the input column is kept
 
 
-def test_worker_refuses_a_row_the_refiner_cannot_normalise(spark, setup):
-    """A finite row whose squared norm overflows float32 fails its task by name, not as a zero vector."""
+def test_worker_refuses_a_row_the_refiner_cannot_normalise_by_id(spark, setup, tmp_path):
+    """A finite row whose squared norm overflows float32 fails its task naming its id (as Milvus and
+    RefinedIndex refuse it), not as a zero vector; written through Spark, nothing is written."""
     spec = S.refiner_spec(spark, setup["refiner"])
-    x = setup["x"][:4].copy()
+    x, ids = setup["x"][:4].copy(), setup["ids"][:4]
     np.testing.assert_allclose(S._refine(spec, x, "queries"), setup["refiner"].transform(x), atol=1e-6)
     x[2] *= 1e21
     for role in ("queries", "documents"):
-        with pytest.raises(ValueError, match="refined row 2 .*not unit vectors"):
+        with pytest.raises(S.BadRowsError, match=f"id {ids[2]}: L2 norm outside") as e:
+            S._refine(spec, x, role, pa.array(ids))
+        assert e.value.rows == [(int(ids[2]), e.value.rows[0][1])]
+        with pytest.raises(S.BadRowsError, match="id 2: L2 norm outside"):  # no ids: its position
             S._refine(spec, x, role)
+    pq.write_table(vectors_table(x, ids), tmp_path / "huge.parquet")
+    df = spark.read.parquet(str(tmp_path / "huge.parquet"))
+    with pytest.raises(Exception, match=f"id {ids[2]}: L2 norm outside"):
+        S.write_refined(df, setup["refiner"], tmp_path / "out")
+    with pytest.raises(Exception, match=f"id {ids[2]}: L2 norm outside"):
+        S.build_index(df, setup["refiner"], tmp_path / "bundle", factory="IDMap,Flat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.parquet"]  # no output, no staging, no shards
 
 
 def test_one_onnx_session_per_worker_process(spark, setup):
