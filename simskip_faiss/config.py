@@ -45,8 +45,8 @@ class TrainConfig:
     # on 1k/2k (bench/results/robustness-pairs-mode.md)
     pair_mode: str | None = None
     # corpus rows per step as extra negatives: query_only, raw sampled rows; symmetric, refined, the step's
-    # training batch first (already refined for the other terms), the rest sampled. Sharing the batch:
-    # labels+pairs 30% faster (WordNet 20k 53 -> 37 s), ex->def up and topic mAP a little down on 2k-20k
+    # training batch first (already refined for the other terms), the rest sampled: 2,048 rows through the
+    # refiner per labels+pairs step instead of 2,560; ex->def up and topic mAP a little down on WordNet 2k-20k
     pair_negatives: int = 1024
     # neighbourhood preservation: symmetric, the KL of in-batch similarities raw vs refined; query_only,
     # corpus rows fed to the query refiner stay put (training.stay_put). None: 1 for a query-only
@@ -85,7 +85,7 @@ class TrainConfig:
     max_val_queries: int = 2000     # per task, for the guard's validation search
     # per task, at the validations during training, which only rank checkpoints (the final alpha sweep
     # scores all max_val_queries): exact search over the corpus is most of a guarded fit's time on
-    # large corpora (WordNet 20k labels: 25 of 50 s), and this halves it there
+    # large corpora (WordNet 20k labels: 25 of 50 s), and this cuts it to 16 s there
     coarse_val_queries: int = 1000
 
     def __post_init__(self):

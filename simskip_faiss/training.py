@@ -474,7 +474,7 @@ class _Losses(nn.Module):
 
         Query-only, the negatives are raw sampled rows (a lookup). Symmetric, they are refined, so the
         step's training batch (already refined for the other terms) serves first and only the rest
-        is sampled: the same number of negatives for far fewer forward and backward passes.
+        is sampled: the same number of negatives for fewer rows through the refiner.
         """
         cfg = self.cfg
         qi, di = self.sup.pair_query[pair_batch], self.sup.pair_doc[pair_batch]
