@@ -71,8 +71,15 @@ def arrow_vectors(col, d: int, ids=None, what: str = "input") -> np.ndarray:
         if np.isfinite(x).all():
             return np.ascontiguousarray(x, dtype=np.float32)
     bad = _bad_rows(col, d)
-    id_list = ids.to_pylist() if hasattr(ids, "to_pylist") else ids
+    id_list = as_id_list(ids)
     raise BadRowsError([(id_list[i] if id_list is not None else i, p) for i, p in bad], what=what)
+
+
+def as_id_list(ids) -> list | None:
+    """Row ids (an Arrow array, numpy array or sequence) as a list of Python values, for messages; None stays None."""
+    if ids is None:
+        return None
+    return ids.to_pylist() if hasattr(ids, "to_pylist") else ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 
 def _all_equal(col, d: int) -> bool:

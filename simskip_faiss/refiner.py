@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .arrow import BadRowsError
+from .arrow import BadRowsError, as_id_list
 from .checks import as_matrix, l2_normalize
 from .faiss_utils import build_index
 
@@ -173,8 +173,7 @@ class BaseRefiner(ABC):
         (an Arrow array, numpy array or sequence; positions in `x` if None)."""
         bad = self.norm_range_rows(x)
         if bad.size:
-            if ids is not None:
-                ids = ids.to_pylist() if hasattr(ids, "to_pylist") else ids.tolist() if hasattr(ids, "tolist") else ids
+            ids = as_id_list(ids)
             raise BadRowsError([(ids[i] if ids is not None else int(i), f"L2 norm {NORM_RANGE_REASON}") for i in bad])
 
 
