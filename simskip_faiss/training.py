@@ -337,8 +337,9 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
     the first of LR_GRID / TEMPERATURE_GRID (`guard.fit` searches them on validation).
     `train_rows`/`val_rows` choose the rows to learn from and to hold out (default: a seeded
     `val_fraction` slice held out; with pairs, the pairs of a seeded `val_fraction` of the queries
-    are held out too, so that the default evaluator scores the pair term on pairs it never trained on). `evaluate(model, step) -> Evaluation` scores checkpoints
-    (default: minus the loss on the held-out rows). torch's thread count is restored on return.
+    are held out too, so that the default evaluator scores the pair term on pairs it never trained
+    on). `evaluate(model, step) -> Evaluation` scores checkpoints (default: minus the loss on the
+    held-out rows and pairs). torch's thread count is restored on return.
     """
     cfg = config or TrainConfig()
     corpus = _corpus(corpus)
