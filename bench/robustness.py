@@ -81,8 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     name, _, spec = args.variant.partition(":")
-    overrides = {k: type(getattr(TrainConfig(), k) if getattr(TrainConfig(), k) is not None else 1.0)(v)
-                 for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+    overrides = {k: _value(k, v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()
@@ -110,11 +109,24 @@ def main() -> None:
             for sig, f in fits.items():
                 vals = {f"{t}:{m}": (rep.value(sig, t, m), rep.value("raw", t, m)) for t, m in METRICS
                         if any(q["task"] == t for q in rep.quality)}
-                rows.append({"set": set_name, "seed": seed, "signal": sig, "variant": name, **f, "metrics": vals})
+                # the paired-bootstrap interval of the change vs raw and the number of test queries behind it
+                ci = {f"{r['task']}:{r['metric']}": [r["ci_low"], r["ci_high"], r["n"], r["better"], r["worse"]]
+                      for r in rep.quality if r["method"] == sig and f"{r['task']}:{r['metric']}" in vals}
+                rows.append({"set": set_name, "seed": seed, "signal": sig, "variant": name, **f, "metrics": vals, "ci": ci})
             md = write(out, name, rows, {"command": "python bench/robustness.py " + " ".join(sys.argv[1:]),
                                          "machine": _machine(args.threads), "seconds": round(time.perf_counter() - t0),
                                          "variant": args.variant})  # after every seed: a partial run keeps its results
     print(md)
+
+
+def _value(field: str, text: str):
+    """A --variant value as the type of TrainConfig's default for `field` (None defaults: a float)."""
+    default = getattr(TrainConfig(), field)
+    if isinstance(default, bool):
+        if text.lower() not in ("1", "0", "true", "false"):
+            raise SystemExit(f"--variant {field}: give true or false, not {text!r}")
+        return text.lower() in ("1", "true")
+    return type(default if default is not None else 1.0)(text)
 
 
 def write(out: Path, name: str, rows: list[dict], meta: dict) -> str:
@@ -137,8 +149,24 @@ def summary(rows: list[dict]) -> list[dict]:
             v = np.array([r["metrics"][m][0] for r in rs])
             raw = np.array([r["metrics"][m][1] for r in rs])
             s["metrics"][m] = {"raw": float(raw.mean()), "delta": float((v - raw).mean()), "ratio": float((v / raw).mean())}
+            if all(m in r.get("ci", {}) for r in rs):  # what the change is made of, per seed
+                cis = [r["ci"][m] for r in rs]
+                s["metrics"][m].update(queries=[c[2] for c in cis], better=[c[3] for c in cis], worse=[c[4] for c in cis],
+                                       losing_seeds=sum(c[1] < 0 for c in cis))
         out.append(s)
     return out
+
+
+def _noise(v: dict) -> str:
+    """'; per seed: test queries, how many the refiner moved up and down, ...' for a metric with that record, else ''.
+
+    What a mean change is made of: on small test splits one query moves a recall by 1/n.
+    """
+    if "queries" not in v:
+        return ""
+    j = lambda k: "/".join(map(str, v[k]))  # noqa: E731
+    return (f"; per seed {j('queries')} test queries, {j('better')} up, {j('worse')} down, a loss in "
+            f"{v['losing_seeds']} of {len(v['queries'])} seeds' 95% paired-bootstrap intervals")
 
 
 def targets(summ: list[dict]) -> list[tuple[str, bool, str]]:
@@ -153,16 +181,18 @@ def targets(summ: list[dict]) -> list[tuple[str, bool, str]]:
             res.append((f"{st} labels: mAP@100 ≥ 1.25× raw, other label metrics ≥ raw − 0.005", ok,
                         f"× {m['labels:map@100']['ratio']:.3f}, " + ", ".join(f"{k} {d:+.4f}" for k, d in others.items())))
         if sig == "none":
-            worst = min(v["delta"] for v in m.values())
-            res.append((f"{st} no supervision: no metric below raw − 0.005", worst >= -0.005, f"worst Δ {worst:+.4f}"))
+            key = min(m, key=lambda k: m[k]["delta"])
+            worst = m[key]["delta"]
+            res.append((f"{st} no supervision: no metric below raw − 0.005", worst >= -0.005,
+                        f"worst Δ {worst:+.4f}" + (f", {key}{_noise(m[key])}" if worst < -0.005 else "")))
         if st == "wordnet-20000" and sig == "pairs":
             nd, topic = m["pairs:ndcg@10"]["delta"], min(v["delta"] for k, v in m.items() if k.startswith("labels"))
             res.append(("wordnet-20000 pairs: nDCG@10 ≥ raw + 0.03, topic ≥ raw − 0.005", nd >= 0.03 and topic >= -0.005,
-                        f"nDCG@10 {nd:+.4f}, worst topic Δ {topic:+.4f}"))
+                        f"nDCG@10 {nd:+.4f}{_noise(m['pairs:ndcg@10'])}, worst topic Δ {topic:+.4f}"))
         if st == "wordnet-20000" and sig == "both":
             r, nd = m["labels:map@100"]["ratio"], m["pairs:ndcg@10"]["delta"]
             res.append(("wordnet-20000 labels+pairs: mAP@100 ≥ 1.35× raw, nDCG@10 ≥ raw + 0.02", r >= 1.35 and nd >= 0.02,
-                        f"× {r:.3f}, nDCG@10 {nd:+.4f}"))
+                        f"× {r:.3f}, nDCG@10 {nd:+.4f}{_noise(m['pairs:ndcg@10'])}"))
         if st.startswith("wordnet") and int(st.split("-")[1]) < 5000 or st == "digits":
             res.append((f"{st} {sig}: trained in ≤ 60 s", s["max_seconds"] <= 60, f"max {s['max_seconds']:.0f} s"))
     return res

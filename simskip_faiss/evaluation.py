@@ -342,7 +342,7 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
                        "std": float(pq[m].std()), "n": int(len(pq[m]))}
                 bs = paired_bootstrap(per_method["raw"][task][m], pq[m], n=cfg.bootstrap, seed=cfg.seed)
                 row.update(delta=bs["diff"], ci_low=bs["ci_low"], ci_high=bs["ci_high"],
-                           significant=bool(bs["significant"]) and name != "raw")
+                           significant=bool(bs["significant"]) and name != "raw", better=bs["better"], worse=bs["worse"])
                 report.quality.append(row)
     if cfg.ann_factory:
         ann_names = cfg.ann_methods or ["raw", *(refiners or {})]

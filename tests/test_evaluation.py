@@ -44,11 +44,12 @@ def _precision_at_10(corpus, labels, rows, queries=None):
     return (labels[top] == labels[rows][:, None]).mean()
 
 
-def _ndcg_at_10(queries, corpus, targets):
-    """nDCG@10 with one relevant document per query, by numpy brute force."""
+def _ndcg_at_10(queries, corpus, targets, per_query=False):
+    """nDCG@10 with one relevant document per query, by numpy brute force (mean, or per query)."""
     sims = queries @ corpus.T
     rank = (sims > sims[np.arange(len(targets)), targets][:, None]).sum(1)
-    return np.where(rank < 10, 1 / np.log2(rank + 2), 0).mean()
+    ndcg = np.where(rank < 10, 1 / np.log2(rank + 2), 0)
+    return ndcg if per_query else ndcg.mean()
 
 
 def test_baselines_are_what_they_claim(digits):
@@ -147,6 +148,12 @@ def test_cli_eval_end_to_end(user_files, onnx_path, tmp_path):
     assert value["raw", "labels", "precision@10"] == pytest.approx(_precision_at_10(x, y, rows), abs=1e-6)
     assert value["simskip", "labels", "precision@10"] == pytest.approx(_precision_at_10(refined, y, rows), abs=1e-6)
     assert value["raw", "pairs", "ndcg@10"] == pytest.approx(_ndcg_at_10(q[qt], x, targets[qt]), abs=1e-6)
+    # the queries each refiner moved up and down, counted from per-query scores computed here
+    change = (_ndcg_at_10(Refiner.load(path).transform(q[qt]), refined, targets[qt], per_query=True)
+              - _ndcg_at_10(q[qt], x, targets[qt], per_query=True))
+    row = next(r for r in rep["quality"] if (r["method"], r["task"], r["metric"]) == ("simskip", "pairs", "ndcg@10"))
+    assert (row["better"], row["worse"]) == ((change > 1e-6).sum(), (change < -1e-6).sum())
+    assert row["better"] + row["worse"] > 0
     assert rep["info"]["queries"] == {"labels": len(rows), "pairs": len(qt)}
     assert "| simskip |" in (tmp_path / "report.md").read_text()
 

@@ -365,6 +365,11 @@ def test_paired_bootstrap():
     assert shift["diff"] == pytest.approx(0.1)
     assert shift["ci_low"] == pytest.approx(0.1) and shift["significant"]
     assert shift["p_value"] == 0.0
+    assert (same["better"], same["worse"]) == (0, 0) and (shift["better"], shift["worse"]) == (500, 0)
+    moved = a.copy()
+    moved[[3, 7, 11]] += 0.5
+    moved[[20, 40]] -= 0.25
+    assert (paired_bootstrap(a, moved)["better"], paired_bootstrap(a, moved)["worse"]) == (3, 2)
     noise = paired_bootstrap(a, a + rng.normal(0, 0.1, 500), n=2000)
     assert noise["ci_low"] < noise["diff"] < noise["ci_high"]
     # CI width ≈ 2 * 1.96 * 0.1 / sqrt(500) ≈ 0.0175
