@@ -109,7 +109,7 @@ def main() -> None:
             for sig, f in fits.items():
                 vals = {f"{t}:{m}": (rep.value(sig, t, m), rep.value("raw", t, m)) for t, m in METRICS
                         if any(q["task"] == t for q in rep.quality)}
-                # the paired-bootstrap interval of the change vs raw and the number of test queries behind it
+                # the change's paired-bootstrap interval, its test queries, and how many moved up and down
                 ci = {f"{r['task']}:{r['metric']}": [r["ci_low"], r["ci_high"], r["n"], r["better"], r["worse"]]
                       for r in rep.quality if r["method"] == sig and f"{r['task']}:{r['metric']}" in vals}
                 rows.append({"set": set_name, "seed": seed, "signal": sig, "variant": name, **f, "metrics": vals, "ci": ci})
