@@ -113,7 +113,7 @@ class Guard:
             if len(rows) < MIN_VAL or data.corpus.shape[0] < 12:
                 raise ValueError(f"the corpus ({data.corpus.shape[0]} rows, {len(rows)} in validation) is too small "
                                  f"for the guard's validation split: give at least {MIN_VAL} validation rows and "
-                                 "12 rows in all, or pass guard=False")
+                                 "12 rows in all, or pass guard=False (on the command line --no-guard)")
             self.queries = {"agreement": rows}
         self.agreement_k = min(cfg.agreement_k, data.corpus.shape[0] - 2)
         self.corpus = np.ascontiguousarray(data.corpus, dtype=np.float32)

@@ -275,7 +275,7 @@ def test_fit_restores_torch_threads(planted):
 
 def test_single_class_labels_are_refused(planted):
     data = _only(dataclasses.replace(planted, labels=np.zeros(len(planted.corpus), np.int64)), pairs=False)
-    with pytest.raises(ValueError, match="1 class.*at least 2"):
+    with pytest.raises(ValueError, match=r"1 class.*at least 2 \(pass label_weight=0, on the command line --label-weight 0,"):
         fit(data, TrainConfig(**BASE))
 
 
@@ -283,7 +283,7 @@ def test_corpus_too_small_for_a_validation_split():
     tiny = make_synthetic(n=12, d=8, n_queries=4, seed=0, fractions=(0.95, 0.05, 0.0))
     with pytest.raises(ValueError, match="validation"):
         fit(tiny, TrainConfig(**BASE))
-    with pytest.raises(ValueError, match="too small for the guard"):
+    with pytest.raises(ValueError, match=r"too small for the guard.*guard=False \(on the command line --no-guard\)"):
         fit(_only(tiny, labels=False, pairs=False), TrainConfig(**BASE))
 
 
