@@ -152,7 +152,7 @@ def summary(rows: list[dict]) -> list[dict]:
             if all(m in r.get("ci", {}) for r in rs):  # what the change is made of, per seed
                 cis = [r["ci"][m] for r in rs]
                 s["metrics"][m].update(queries=[c[2] for c in cis], better=[c[3] for c in cis], worse=[c[4] for c in cis],
-                                       losing_seeds=sum(c[1] < 0 for c in cis))
+                                       gaining_seeds=sum(c[0] > 0 for c in cis), losing_seeds=sum(c[1] < 0 for c in cis))
         out.append(s)
     return out
 
@@ -165,8 +165,8 @@ def _noise(v: dict) -> str:
     if "queries" not in v:
         return ""
     j = lambda k: "/".join(map(str, v[k]))  # noqa: E731
-    return (f"; per seed {j('queries')} test queries, {j('better')} up, {j('worse')} down, a loss in "
-            f"{v['losing_seeds']} of {len(v['queries'])} seeds' 95% paired-bootstrap intervals")
+    return (f"; per seed {j('queries')} test queries, {j('better')} up, {j('worse')} down, the 95% paired-bootstrap "
+            f"interval above 0 in {v['gaining_seeds']} and below 0 in {v['losing_seeds']} of {len(v['queries'])} seeds")
 
 
 def targets(summ: list[dict]) -> list[tuple[str, bool, str]]:
