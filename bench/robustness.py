@@ -110,9 +110,10 @@ def main() -> None:
                 vals = {f"{t}:{m}": (rep.value(sig, t, m), rep.value("raw", t, m)) for t, m in METRICS
                         if any(q["task"] == t for q in rep.quality)}
                 # the change's paired-bootstrap interval, its test queries, and how many moved up and down
-                ci = {f"{r['task']}:{r['metric']}": [r["ci_low"], r["ci_high"], r["n"], r["better"], r["worse"]]
-                      for r in rep.quality if r["method"] == sig and f"{r['task']}:{r['metric']}" in vals}
-                rows.append({"set": set_name, "seed": seed, "signal": sig, "variant": name, **f, "metrics": vals, "ci": ci})
+                change = {f"{r['task']}:{r['metric']}": {k: r[k] for k in ("ci_low", "ci_high", "n", "better", "worse")}
+                          for r in rep.quality if r["method"] == sig and f"{r['task']}:{r['metric']}" in vals}
+                rows.append({"set": set_name, "seed": seed, "signal": sig, "variant": name, **f, "metrics": vals,
+                             "change": change})
             md = write(out, name, rows, {"command": "python bench/robustness.py " + " ".join(sys.argv[1:]),
                                          "machine": _machine(args.threads), "seconds": round(time.perf_counter() - t0),
                                          "variant": args.variant})  # after every seed: a partial run keeps its results
@@ -149,10 +150,11 @@ def summary(rows: list[dict]) -> list[dict]:
             v = np.array([r["metrics"][m][0] for r in rs])
             raw = np.array([r["metrics"][m][1] for r in rs])
             s["metrics"][m] = {"raw": float(raw.mean()), "delta": float((v - raw).mean()), "ratio": float((v / raw).mean())}
-            if all(m in r.get("ci", {}) for r in rs):  # what the change is made of, per seed
-                cis = [r["ci"][m] for r in rs]
-                s["metrics"][m].update(queries=[c[2] for c in cis], better=[c[3] for c in cis], worse=[c[4] for c in cis],
-                                       gaining_seeds=sum(c[0] > 0 for c in cis), losing_seeds=sum(c[1] < 0 for c in cis))
+            if all(m in r.get("change", {}) for r in rs):  # what the change is made of, per seed
+                ch = [r["change"][m] for r in rs]
+                s["metrics"][m].update(queries=[c["n"] for c in ch], better=[c["better"] for c in ch],
+                                       worse=[c["worse"] for c in ch], gaining_seeds=sum(c["ci_low"] > 0 for c in ch),
+                                       losing_seeds=sum(c["ci_high"] < 0 for c in ch))
         out.append(s)
     return out
 
