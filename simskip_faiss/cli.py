@@ -186,6 +186,9 @@ def cmd_train(args) -> None:
     training and validation: the data is split 90/10 with no test slice (evaluation is `eval`)."""
     from .training import train
 
+    if args.queries and not args.qrels:  # nothing would use them: pairs need their relevant documents
+        raise CLIError("--queries without --qrels: training learns from queries only as query->document pairs; "
+                       "give --qrels (TSV: query_row<TAB>doc_row) or leave out --queries")
     cfg = _train_config(args)
     if args.corpus_npy and not (args.labels or args.qrels) and not cfg.guard:
         res = train(args.corpus_npy, cfg)  # streamed from the memory-mapped file

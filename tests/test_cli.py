@@ -51,6 +51,7 @@ def test_train_from_npy(files, capsys):
     (["build", "{d}/corpus.npy", "{d}/corpus.npy", "-o", "{d}/b2"], "not a valid ONNX model"),
     (["build", "{onnx}", "{d}/queries.npy", "-o", "{d}/b3", "--factory", "Bogus"], "FAISS could not build"),
     (["search", "{d}/bundle", "{onnx}", "-o", "{d}/x.npz"], "not a .npy file"),
+    (["train", "{d}/corpus.npy", "--queries", "{d}/queries.npy", "-o", "{d}/t.onnx"], "--queries without --qrels"),
 ])
 def test_errors_are_one_line(files, onnx_path, capsys, argv, msg):
     d = files
