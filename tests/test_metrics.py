@@ -369,7 +369,8 @@ def test_paired_bootstrap():
     moved = a.copy()
     moved[[3, 7, 11]] += 0.5
     moved[[20, 40]] -= 0.25
-    assert (paired_bootstrap(a, moved)["better"], paired_bootstrap(a, moved)["worse"]) == (3, 2)
+    counted = paired_bootstrap(a, moved)
+    assert (counted["better"], counted["worse"]) == (3, 2)
     noise = paired_bootstrap(a, a + rng.normal(0, 0.1, 500), n=2000)
     assert noise["ci_low"] < noise["diff"] < noise["ci_high"]
     # CI width ≈ 2 * 1.96 * 0.1 / sqrt(500) ≈ 0.0175
