@@ -102,7 +102,8 @@ def main() -> None:
                     refiners[sig] = Refiner.load(Path(tmp) / f"{sig}.onnx", threads=args.threads)
                     g = res.guard
                     fits[sig] = {"alpha": g.alpha, "step": res.best_step, "stopped": res.stopped, "seconds": round(secs, 1),
-                                 "signals": g.signals, "lr": res.config.lr, "temperature": res.config.temperature}
+                                 "signals": g.signals, "lr": res.config.lr, "temperature": res.config.temperature,
+                                 "within_noise": g.within_noise}
                     print(f"{set_name} seed {seed} {sig}: {fits[sig]}", flush=True)
                 rep = evaluate(data, refiners, EvalConfig(baselines=("raw",), ann_factory=None, threads=args.threads,
                                                           progress=False, seed=seed, bootstrap=200))
@@ -145,7 +146,8 @@ def summary(rows: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["set"], r["signal"]) for r in rows):
         rs = [r for r in rows if (r["set"], r["signal"]) == key]
         s = {"set": key[0], "signal": key[1], "seconds": float(np.mean([r["seconds"] for r in rs])),
-             "max_seconds": max(r["seconds"] for r in rs), "alpha": [r["alpha"] for r in rs], "metrics": {}}
+             "max_seconds": max(r["seconds"] for r in rs), "alpha": [r["alpha"] for r in rs],
+             "noisy": [bool(r.get("within_noise")) for r in rs], "metrics": {}}
         for m in rs[0]["metrics"]:
             v = np.array([r["metrics"][m][0] for r in rs])
             raw = np.array([r["metrics"][m][1] for r in rs])
@@ -205,7 +207,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Command: `{meta['command']}` — {meta['machine']}, {meta['seconds']} s in all.",
              "Defaults only (variant: " + meta["variant"] + "); mean over seeds on the test split; "
              "raw absolute, then the change (Δ) vs raw; topic mAP also as a ratio. Training seconds include "
-             "the lr/temperature search and the guard.", "",
+             "the lr/temperature search and the guard. An α marked * shipped on a validation gain whose 95% "
+             "interval reaches 0 (the guard report calls it within noise).", "",
              "| data | signal | α per seed | train s | topic p@10 | topic mAP@100 | ex→def nDCG@10 | ex→def R@100 | ex→def MRR@10 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summ:
@@ -216,7 +219,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 cells.append("—")
             else:
                 cells.append(f"{v['raw']:.4f} {v['delta']:+.4f}" + (f" (×{v['ratio']:.2f})" if mname == "map@100" else ""))
-        lines.append(f"| {s['set']} | {s['signal']} | {', '.join(f'{a:g}' for a in s['alpha'])} | {s['seconds']:.0f} | "
+        lines.append(f"| {s['set']} | {s['signal']} | {', '.join(f'{a:g}' + '*' * n for a, n in zip(s['alpha'], s['noisy']))} | {s['seconds']:.0f} | "
                      + " | ".join(cells) + " |")
     lines += ["", "Targets:", ""]
     for what, ok, nums in targets(summ):

@@ -26,7 +26,7 @@ import torch
 
 from .config import LR_GRID, TEMPERATURE_GRID, TrainConfig
 from .evaluation import LABEL_METRICS, PAIR_METRICS, score, task_queries
-from .metrics import drop_self, knn_recall
+from .metrics import drop_self, knn_recall, paired_bootstrap
 from .training import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,23 @@ class GuardReport:
     reason: str
     signals: list[str] = field(default_factory=list)
     search: list[dict] = field(default_factory=list)  # lr/temperature candidates and their best objective
+    # the shipped objective's paired-bootstrap interval over the validation queries (Guard.interval);
+    # empty when the identity ships or nothing measures quality (unguarded, agreement proxy)
+    interval: dict = field(default_factory=dict)
+
+    @property
+    def within_noise(self) -> bool:
+        """True when a refiner shipped on a validation gain whose interval reaches 0."""
+        return bool(self.interval) and self.interval["ci_low"] <= 0
 
     def summary(self) -> str:
         lines = [f"guard: alpha={self.alpha:g} (step {self.step}), signals: {', '.join(self.signals) or '-'}",
                  f"  criterion: {self.criterion}", f"  {self.reason}"]
+        if self.interval:
+            iv = self.interval
+            lines.append(f"  validation gain {iv['objective']:+.4f}, {iv['level']:.0%} interval {iv['ci_low']:+.4f} to "
+                         f"{iv['ci_high']:+.4f} over " + ", ".join(f"{n} {t} queries" for t, n in iv["queries"].items())
+                         + (": within noise" if self.within_noise else ""))
         for s in self.search:
             lines.append(f"  search: lr={s['lr']:g} temperature={s['temperature']:g}: best objective "
                          f"{s['objective']:+.4f} by step {s['step']}{' <' if s.get('chosen') else ''}")
@@ -155,9 +168,12 @@ class Guard:
             if self._raw_nn is None:  # the first call scores the raw vectors
                 self._raw_nn = I
             return {f"agreement@{k}": knn_recall(self._raw_nn, I, ks=(k,))[f"{k}-recall@{k}"]}
+        return {k: float(v.mean()) for k, v in self._per_query(index, q, rows).items()}
+
+    def _per_query(self, index, q: dict[str, np.ndarray], rows: dict) -> dict[str, np.ndarray]:
+        """Every validation metric per query ("task:metric" -> one value per query of the task)."""
         per_task = score(index, self.data, rows, vectors=q)
-        return {f"{t}:{m}": float(pq[m].mean()) for t, pq in per_task.items()
-                for m in (LABEL_METRICS if t == "labels" else PAIR_METRICS)}
+        return {f"{t}:{m}": pq[m] for t, pq in per_task.items() for m in (LABEL_METRICS if t == "labels" else PAIR_METRICS)}
 
     def _objective(self, m: dict[str, float], raw: dict[str, float]) -> tuple[bool, float]:
         if self.proxy:
@@ -185,6 +201,34 @@ class Guard:
             cands.append({"alpha": float(a), "metrics": m, "feasible": feasible, "objective": obj})
         self.seconds += time.perf_counter() - t0
         return cands
+
+    def interval(self, model: SimSkip, alpha: float, n: int = 1000, ci: float = 0.95) -> dict:
+        """The objective of `model` at `alpha` on every validation query, with a paired-bootstrap interval.
+
+        The objective is a mean of per-query terms: query i of task t contributes
+        sum over t's metrics of (refined_i - raw_i) / raw mean, times (queries in all) / (N * queries
+        of t), N the number of metrics; so `metrics.paired_bootstrap` over the pooled queries gives
+        its interval. A gain whose interval reaches 0 is one the validation split cannot tell from noise.
+        """
+        t0 = time.perf_counter()
+        model.eval()
+        index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(self.corpus.shape[1])
+        index.add(self.corpus)
+        raw = self._per_query(index, self.qx, self.queries)
+        docs = self.corpus if model.apply_to == "queries" else _combine(self.corpus, _f(model, self.corpus), alpha,
+                                                                         model.normalize)
+        index.reset()
+        index.add(docs)
+        got = self._per_query(index, {t: _combine(x, _f(model, x), alpha, model.normalize) for t, x in self.qx.items()},
+                              self.queries)
+        sizes = {t: len(r) for t, r in self.queries.items()}
+        terms = {t: np.zeros(k) for t, k in sizes.items()}
+        for key, values in got.items():
+            terms[key.partition(":")[0]] += (values - raw[key]) / max(float(raw[key].mean()), 1e-9)
+        pooled = np.concatenate([terms[t] * sum(sizes.values()) / (len(got) * sizes[t]) for t in sizes])
+        b = paired_bootstrap(np.zeros_like(pooled), pooled, n=n, seed=self.cfg.seed, ci=ci)
+        self.seconds += time.perf_counter() - t0
+        return {"objective": b["diff"], "ci_low": b["ci_low"], "ci_high": b["ci_high"], "level": ci, "queries": sizes}
 
     def choose(self, cands: list[dict]) -> tuple[float, float]:
         """(objective, alpha) of the best candidate; (0, 0) = the identity when none is feasible and gains."""
@@ -323,6 +367,7 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
     model.load_state_dict(state)
     model.alpha.fill_(alpha)
     model.eval()
+    interval: dict = {}
     if not cfg.guard:
         reason = f"unguarded: alpha=1 at the checkpoint with the best validation objective (step {step})"
     elif alpha == 0:
@@ -334,14 +379,22 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
                 reason += f"; the table shows step {step}, the trained checkpoint that came closest"
     else:
         reason = f"alpha={alpha:g} at step {step} gave the best validation result with no metric dropping"
+        if not guard.proxy:
+            interval = guard.interval(model, alpha)
+            if interval["ci_low"] <= 0:
+                reason += ("; but the gain is within validation noise (its interval reaches 0): more validation "
+                           "labels or pairs would tell whether it is real")
     if guard.proxy:
         reason += " (no labels or pairs to validate on: quality was not measured, only closeness to raw)"
     if run.stopped == "time_budget":
         reason += f"; training stopped at the time budget ({cfg.time_budget:g} s) after step {run.step}"
         if len(run.history) > 1 and run.history[1]["step"] < cfg.eval_every:
             reason += " (the budget ran out before the first scheduled validation: validated there instead)"
+    if interval.get("ci_low", 1) <= 0:
+        log.warning("the shipped refiner's validation gain %+.4f has a %.0f%% interval reaching 0 (%+.4f to %+.4f): "
+                    "within noise", interval["objective"], 100 * interval["level"], interval["ci_low"], interval["ci_high"])
     out = FitResult(model=model, config=cfg, history=res.history, best_step=step, seconds=time.perf_counter() - t0,
                     n_train=res.n_train, stopped=res.stopped)
     out.guard = GuardReport(alpha=alpha, step=step, criterion=guard.criterion, raw=guard.raw, candidates=cands,
-                            reason=reason, signals=cfg.signals(), search=search)
+                            reason=reason, signals=cfg.signals(), search=search, interval=interval)
     return out

@@ -134,6 +134,50 @@ def test_guard_table_matches_metrics_recomputed_from_the_refined_vectors(planted
     assert "labels:map@100" in g.criterion and set(g.raw) > {"labels:map@100"}  # every metric still scored
 
 
+def test_interval_of_the_gain_from_per_query_metrics_by_brute_force(planted):
+    """Guard.interval against per-query ranks computed here: the pooled per-query objective terms,
+    bootstrapped by metrics.paired_bootstrap, give the same objective and interval."""
+    from simskip_faiss.metrics import paired_bootstrap
+
+    data = _only(planted, labels=False)
+    res = fit(data, TrainConfig(**BASE, guard=False))  # unguarded: a trained query refiner at alpha = 1
+    guard = Guard(data, res.config)
+    iv = guard.interval(res.model, 1.0)
+    qids = data.split_queries("val")
+    assert iv["queries"] == {"pairs": len(qids)} and iv["level"] == 0.95
+
+    def ranks(refine):  # rank of each query's one relevant document (documents stay raw: query-only)
+        s = refine(data.queries[qids]) @ data.corpus.T
+        rel = np.array([data.qrels[i][0] for i in qids])
+        return (s > s[np.arange(len(qids)), rel][:, None]).sum(1)
+
+    def per_query(r):
+        return {"ndcg@10": np.where(r < 10, 1 / np.log2(r + 2), 0), "recall@10": (r < 10) * 1.0,
+                "recall@100": (r < 100) * 1.0, "mrr@10": np.where(r < 10, 1 / (r + 1), 0)}
+
+    raw, got = per_query(ranks(lambda x: x)), per_query(ranks(_at(res.model)(1.0)))
+    terms = sum((got[m] - raw[m]) / raw[m].mean() for m in raw) / len(raw)
+    want = paired_bootstrap(np.zeros_like(terms), terms, seed=res.config.seed)
+    assert iv["objective"] == pytest.approx(terms.mean(), abs=1e-9)
+    assert iv["objective"] == pytest.approx(res.guard.candidates[-1]["objective"], abs=1e-9)  # the table's alpha=1
+    assert (iv["ci_low"], iv["ci_high"]) == pytest.approx((want["ci_low"], want["ci_high"]), abs=1e-9)
+
+
+def test_a_gain_within_validation_noise_is_reported(planted):
+    """The shipped refiner's interval is in the report; one reaching 0 is called within noise."""
+    res = fit(planted, TrainConfig(**BASE))
+    g = res.guard
+    assert g.alpha > 0 and g.interval["ci_low"] <= g.interval["objective"] <= g.interval["ci_high"]
+    shipped = next(c for c in g.candidates if c["alpha"] == g.alpha)
+    assert g.interval["objective"] == pytest.approx(shipped["objective"], abs=1e-9)
+    assert g.within_noise == (g.interval["ci_low"] <= 0) == ("within validation noise" in g.reason)
+    assert "interval" in g.summary() and ("within noise" in g.summary()) == g.within_noise
+    noisy = dataclasses.replace(g, interval={**g.interval, "ci_low": -0.001})
+    assert noisy.within_noise and noisy.summary().splitlines()[3].endswith(": within noise")
+    ident = fit(_only(planted, labels=False), TrainConfig(**BASE))  # ships the identity (see the table)
+    assert ident.guard.alpha == 0 and ident.guard.interval == {} and not ident.guard.within_noise
+
+
 def test_in_training_validations_score_a_seeded_subset_and_the_final_sweep_all(planted):
     """The coarse validations rank checkpoints on at most coarse_val_queries per task, recomputed here
     by brute force on exactly those queries; the shipped report scores every validation query."""
