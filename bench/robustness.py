@@ -128,6 +128,8 @@ def _value(field: str, text: str):
         if text.lower() not in ("1", "0", "true", "false"):
             raise SystemExit(f"--variant {field}: give true or false, not {text!r}")
         return text.lower() in ("1", "true")
+    if isinstance(default, tuple):  # e.g. alphas=0/0.5/1 (commas separate the overrides)
+        return tuple(type(default[0] if default else "")(v) for v in text.split("/") if v)
     return type(default if default is not None else 1.0)(text)
 
 
