@@ -208,7 +208,9 @@ class Guard:
         The objective is a mean of per-query terms: query i of task t contributes
         sum over t's metrics of (refined_i - raw_i) / raw mean, times (queries in all) / (N * queries
         of t), N the number of metrics; so `metrics.paired_bootstrap` over the pooled queries gives
-        its interval. A gain whose interval reaches 0 is one the validation split cannot tell from noise.
+        its interval. Queries count as the metrics do: those with a relevant item (a label row whose
+        label no other row carries is not scored). A gain whose interval reaches 0 is one the
+        validation split cannot tell from noise.
         """
         t0 = time.perf_counter()
         model.eval()
@@ -221,10 +223,11 @@ class Guard:
         index.add(docs)
         got = self._per_query(index, {t: _combine(x, _f(model, x), alpha, model.normalize) for t, x in self.qx.items()},
                               self.queries)
-        sizes = {t: len(r) for t, r in self.queries.items()}
-        terms = {t: np.zeros(k) for t, k in sizes.items()}
+        terms: dict[str, np.ndarray] = {}  # per task, over its evaluated queries (those with a relevant item)
         for key, values in got.items():
-            terms[key.partition(":")[0]] += (values - raw[key]) / max(float(raw[key].mean()), 1e-9)
+            t = key.partition(":")[0]
+            terms[t] = terms.get(t, 0.0) + (values - raw[key]) / max(float(raw[key].mean()), 1e-9)
+        sizes = {t: len(v) for t, v in terms.items()}
         pooled = np.concatenate([terms[t] * sum(sizes.values()) / (len(got) * sizes[t]) for t in sizes])
         b = paired_bootstrap(np.zeros_like(pooled), pooled, n=n, seed=self.cfg.seed, ci=ci)
         self.seconds += time.perf_counter() - t0

@@ -163,6 +163,19 @@ def test_interval_of_the_gain_from_per_query_metrics_by_brute_force(planted):
     assert (iv["ci_low"], iv["ci_high"]) == pytest.approx((want["ci_low"], want["ci_high"]), abs=1e-9)
 
 
+def test_interval_skips_label_queries_without_a_relevant_row(planted):
+    """A validation row whose label no other row carries is not scored (no relevant item): the
+    interval counts the scored queries, as the metrics do (it raised a shape error before)."""
+    labels = planted.labels.copy()
+    lone = planted.split_rows("val")[0]
+    labels[lone] = labels.max() + 1
+    data = _only(dataclasses.replace(planted, labels=labels, label_names=[*planted.label_names, "lone"]), pairs=False)
+    res = fit(data, TrainConfig(**BASE, guard=False))
+    iv = Guard(data, res.config).interval(res.model, 1.0)
+    assert iv["queries"] == {"labels": len(planted.split_rows("val")) - 1}
+    assert iv["objective"] == pytest.approx(res.guard.candidates[-1]["objective"], abs=1e-9)
+
+
 def test_a_gain_within_validation_noise_is_reported(planted):
     """The shipped refiner's interval is in the report; one reaching 0 is called within noise."""
     res = fit(planted, TrainConfig(**BASE))
