@@ -76,6 +76,10 @@ class TrainConfig:
     guard: bool = True
     alphas: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
     tolerance: float = 0.0          # allowed validation drop of any metric below raw (0: no drop at all)
+    # the shipped gain's paired-bootstrap interval over the validation queries, at this level, must lie
+    # above 0, else the identity ships (the best of many candidates on a few dozen queries can be all
+    # selection; WordNet 1k-2k and synthetic pairs, bench/results/robustness.md). 0: ship any feasible gain
+    confidence: float = 0.95
     guard_tasks: tuple[str, ...] = ()  # tasks the guard protects and scores ("labels", "pairs"); () = all available
     guard_metrics: tuple[str, ...] = ()  # "task:metric" held to the no-drop rule, e.g. "pairs:ndcg@10"; () = all
     # no labels/pairs to validate on: the largest alpha keeping >= min_agreement of each validation
@@ -122,6 +126,8 @@ class TrainConfig:
             raise ValueError(f"guard_tasks must name 'labels' and/or 'pairs', got {self.guard_tasks}")
         if any(m.partition(":")[0] not in ("labels", "pairs") or not m.partition(":")[2] for m in self.guard_metrics):
             raise ValueError(f"guard_metrics must be 'task:metric' names such as 'pairs:ndcg@10', got {self.guard_metrics}")
+        if not 0 <= self.confidence < 1:
+            raise ValueError(f"confidence must be in [0, 1) (0: no interval required), got {self.confidence}")
         if not 0 <= self.min_agreement <= 1:
             raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):

@@ -49,13 +49,14 @@ class GuardReport:
     reason: str
     signals: list[str] = field(default_factory=list)
     search: list[dict] = field(default_factory=list)  # lr/temperature candidates and their best objective
-    # the shipped objective's paired-bootstrap interval over the validation queries (Guard.interval);
-    # empty when the identity ships or nothing measures quality (unguarded, agreement proxy)
+    # the best candidate's objective with its paired-bootstrap interval over the validation queries
+    # (Guard.interval); empty when no candidate gained or nothing measures quality (unguarded, agreement proxy)
     interval: dict = field(default_factory=dict)
 
     @property
     def within_noise(self) -> bool:
-        """True when a refiner shipped on a validation gain whose interval reaches 0."""
+        """True when the best candidate's validation gain has an interval reaching 0 (by default the
+        identity then ships; with confidence=0 the candidate does)."""
         return bool(self.interval) and self.interval["ci_low"] <= 0
 
     def summary(self) -> str:
@@ -63,7 +64,7 @@ class GuardReport:
                  f"  criterion: {self.criterion}", f"  {self.reason}"]
         if self.interval:
             iv = self.interval
-            lines.append(f"  validation gain {iv['objective']:+.4f}, {iv['level']:.0%} interval {iv['ci_low']:+.4f} to "
+            lines.append(f"  best validation gain {iv['objective']:+.4f}, {iv['level']:.0%} interval {iv['ci_low']:+.4f} to "
                          f"{iv['ci_high']:+.4f} over " + ", ".join(f"{n} {t} queries" for t, n in iv["queries"].items())
                          + (": within noise" if self.within_noise else ""))
         for s in self.search:
@@ -149,7 +150,8 @@ class Guard:
         which = "validation metric" if self.protected == list(self.raw) else "of " + ", ".join(self.protected)
         self.criterion = (f"{self.agreement_k}-NN agreement with raw on validation rows >= {cfg.min_agreement:g}; "
                           "the largest alpha that holds it" if self.proxy
-                          else f"no {which} below raw by more than {cfg.tolerance:g}; maximise mean relative gain")
+                          else f"no {which} below raw by more than {cfg.tolerance:g}; maximise mean relative gain"
+                          + (f"; the gain's {cfg.confidence:.0%} interval above 0" if cfg.confidence and cfg.guard else ""))
         self.record: dict[tuple[str, int], Evaluation] = {}
         self.seconds = 0.0
 
@@ -383,10 +385,16 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
     else:
         reason = f"alpha={alpha:g} at step {step} gave the best validation result with no metric dropping"
         if not guard.proxy:
-            interval = guard.interval(model, alpha)
-            if interval["ci_low"] <= 0:
-                reason += ("; but the gain is within validation noise (its interval reaches 0): more validation "
-                           "labels or pairs would tell whether it is real")
+            interval = guard.interval(model, alpha, ci=cfg.confidence or 0.95)
+            if interval["ci_low"] <= 0 and cfg.confidence:
+                reason = (f"alpha={alpha:g} at step {step} gained {interval['objective']:+.4f} on validation with no "
+                          f"metric dropping, but its {interval['level']:.0%} interval reaches 0: within noise, "
+                          "shipping the identity. More validation labels or pairs would tell; confidence=0 "
+                          "(on the command line --confidence 0) ships such a gain anyway")
+                alpha = 0.0
+                model.alpha.fill_(0.0)
+            elif interval["ci_low"] <= 0:
+                reason += "; the gain is within validation noise (its interval reaches 0)"
     if guard.proxy:
         reason += " (no labels or pairs to validate on: quality was not measured, only closeness to raw)"
     if run.stopped == "time_budget":
@@ -394,8 +402,9 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
         if len(run.history) > 1 and run.history[1]["step"] < cfg.eval_every:
             reason += " (the budget ran out before the first scheduled validation: validated there instead)"
     if interval.get("ci_low", 1) <= 0:
-        log.warning("the shipped refiner's validation gain %+.4f has a %.0f%% interval reaching 0 (%+.4f to %+.4f): "
-                    "within noise", interval["objective"], 100 * interval["level"], interval["ci_low"], interval["ci_high"])
+        log.warning("the best validation gain %+.4f has a %.0f%% interval reaching 0 (%+.4f to %+.4f): within noise%s",
+                    interval["objective"], 100 * interval["level"], interval["ci_low"], interval["ci_high"],
+                    "; shipping the identity" if alpha == 0 else "")
     out = FitResult(model=model, config=cfg, history=res.history, best_step=step, seconds=time.perf_counter() - t0,
                     n_train=res.n_train, stopped=res.stopped)
     out.guard = GuardReport(alpha=alpha, step=step, criterion=guard.criterion, raw=guard.raw, candidates=cands,

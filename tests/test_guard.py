@@ -111,7 +111,7 @@ def _at(model):
 
 def test_guard_table_matches_metrics_recomputed_from_the_refined_vectors(planted):
     """Independent of the guard's own code: refine with the model at each alpha, search by brute force."""
-    cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, guard_metrics=("labels:map@100",))
+    cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, guard_metrics=("labels:map@100",), confidence=0)
     res = fit(planted, cfg)
     g, model = res.guard, res.model
     rows, qids = planted.split_rows("val"), planted.split_queries("val")
@@ -176,19 +176,38 @@ def test_interval_skips_label_queries_without_a_relevant_row(planted):
     assert iv["objective"] == pytest.approx(res.guard.candidates[-1]["objective"], abs=1e-9)
 
 
-def test_a_gain_within_validation_noise_is_reported(planted):
-    """The shipped refiner's interval is in the report; one reaching 0 is called within noise."""
+def test_a_gain_within_validation_noise_ships_the_identity(planted, monkeypatch):
+    """The best candidate's interval is in the report; one reaching 0 ships the identity (by default)
+    or, with confidence=0, the candidate with a note."""
     res = fit(planted, TrainConfig(**BASE))
     g = res.guard
-    assert g.alpha > 0 and g.interval["ci_low"] <= g.interval["objective"] <= g.interval["ci_high"]
+    assert g.alpha > 0 and 0 < g.interval["ci_low"] <= g.interval["objective"] <= g.interval["ci_high"]
     shipped = next(c for c in g.candidates if c["alpha"] == g.alpha)
     assert g.interval["objective"] == pytest.approx(shipped["objective"], abs=1e-9)
-    assert g.within_noise == (g.interval["ci_low"] <= 0) == ("within validation noise" in g.reason)
-    assert "interval" in g.summary() and ("within noise" in g.summary()) == g.within_noise
-    noisy = dataclasses.replace(g, interval={**g.interval, "ci_low": -0.001})
-    assert noisy.within_noise and noisy.summary().splitlines()[3].endswith(": within noise")
-    ident = fit(_only(planted, labels=False), TrainConfig(**BASE))  # ships the identity (see the table)
+    assert not g.within_noise and "interval above 0" in g.criterion and "best validation gain" in g.summary()
+    ident = fit(_only(planted, labels=False), TrainConfig(**BASE))  # no candidate gains (see the table)
     assert ident.guard.alpha == 0 and ident.guard.interval == {} and not ident.guard.within_noise
+
+    seen = []
+
+    def noisy(self, model, alpha, n=1000, ci=0.95):
+        seen.append((alpha, ci))
+        return {"objective": 0.01, "ci_low": -0.002, "ci_high": 0.03, "level": ci, "queries": {"labels": 9}}
+
+    monkeypatch.setattr(Guard, "interval", noisy)
+    res = fit(planted, TrainConfig(**BASE))
+    g = res.guard
+    assert seen == [(shipped["alpha"], 0.95)] and g.within_noise and g.alpha == 0 and res.model.alpha.item() == 0
+    assert "within noise, shipping the identity" in g.reason and "--confidence 0" in g.reason
+    x = torch.from_numpy(planted.corpus[:20])
+    with torch.no_grad():
+        np.testing.assert_allclose(res.model(x).numpy(), planted.corpus[:20], atol=1e-6)
+    assert g.summary().splitlines()[3].endswith("over 9 labels queries: within noise")
+    res = fit(planted, TrainConfig(**BASE, confidence=0))
+    assert res.guard.alpha == shipped["alpha"] and "within validation noise" in res.guard.reason
+    assert "interval above 0" not in res.guard.criterion
+    with pytest.raises(ValueError, match="confidence"):
+        TrainConfig(confidence=1)
 
 
 def test_in_training_validations_score_a_seeded_subset_and_the_final_sweep_all(planted):
