@@ -76,10 +76,11 @@ class TrainConfig:
     guard: bool = True
     alphas: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
     tolerance: float = 0.0          # allowed validation drop of any metric below raw (0: no drop at all)
-    # the shipped gain's paired-bootstrap interval over the validation queries, at this level, must lie
-    # above 0, else the identity ships (the best of many candidates on a few dozen queries can be all
-    # selection; WordNet 1k-2k and synthetic pairs, bench/results/robustness.md). 0: ship any feasible gain
-    confidence: float = 0.95
+    # > 0: the best gain's paired-bootstrap interval over the validation queries, at this level, must lie
+    # above 0, else the identity ships. 0 (default): ship any feasible gain; the report still gives its 95%
+    # interval and says when it reaches 0. Not the default: at 0.95 it also refused real label gains on
+    # WordNet 20k, where flat but noisy ex->def terms widen the objective's interval (docs/design.md)
+    confidence: float = 0.0
     guard_tasks: tuple[str, ...] = ()  # tasks the guard protects and scores ("labels", "pairs"); () = all available
     guard_metrics: tuple[str, ...] = ()  # "task:metric" held to the no-drop rule, e.g. "pairs:ndcg@10"; () = all
     # no labels/pairs to validate on: the largest alpha keeping >= min_agreement of each validation

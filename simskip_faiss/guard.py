@@ -389,12 +389,13 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
             if interval["ci_low"] <= 0 and cfg.confidence:
                 reason = (f"alpha={alpha:g} at step {step} gained {interval['objective']:+.4f} on validation with no "
                           f"metric dropping, but its {interval['level']:.0%} interval reaches 0: within noise, "
-                          "shipping the identity. More validation labels or pairs would tell; confidence=0 "
-                          "(on the command line --confidence 0) ships such a gain anyway")
+                          "shipping the identity (confidence > 0). More validation labels or pairs would tell")
                 alpha = 0.0
                 model.alpha.fill_(0.0)
             elif interval["ci_low"] <= 0:
-                reason += "; the gain is within validation noise (its interval reaches 0)"
+                reason += ("; but the gain is within validation noise (its 95% interval reaches 0): more validation "
+                           "labels or pairs would tell whether it is real (confidence=0.95, on the command line "
+                           "--confidence 0.95, ships the identity instead)")
     if guard.proxy:
         reason += " (no labels or pairs to validate on: quality was not measured, only closeness to raw)"
     if run.stopped == "time_budget":

@@ -111,7 +111,7 @@ def _at(model):
 
 def test_guard_table_matches_metrics_recomputed_from_the_refined_vectors(planted):
     """Independent of the guard's own code: refine with the model at each alpha, search by brute force."""
-    cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, guard_metrics=("labels:map@100",), confidence=0)
+    cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, guard_metrics=("labels:map@100",))
     res = fit(planted, cfg)
     g, model = res.guard, res.model
     rows, qids = planted.split_rows("val"), planted.split_queries("val")
@@ -176,15 +176,16 @@ def test_interval_skips_label_queries_without_a_relevant_row(planted):
     assert iv["objective"] == pytest.approx(res.guard.candidates[-1]["objective"], abs=1e-9)
 
 
-def test_a_gain_within_validation_noise_ships_the_identity(planted, monkeypatch):
-    """The best candidate's interval is in the report; one reaching 0 ships the identity (by default)
-    or, with confidence=0, the candidate with a note."""
+def test_a_gain_within_validation_noise_is_reported_or_refused(planted, monkeypatch):
+    """The best candidate's interval is in the report; one reaching 0 ships with a note (by default)
+    or, with confidence > 0, the identity ships."""
     res = fit(planted, TrainConfig(**BASE))
     g = res.guard
     assert g.alpha > 0 and 0 < g.interval["ci_low"] <= g.interval["objective"] <= g.interval["ci_high"]
     shipped = next(c for c in g.candidates if c["alpha"] == g.alpha)
     assert g.interval["objective"] == pytest.approx(shipped["objective"], abs=1e-9)
-    assert not g.within_noise and "interval above 0" in g.criterion and "best validation gain" in g.summary()
+    assert not g.within_noise and "interval above 0" not in g.criterion and "best validation gain" in g.summary()
+    assert "interval above 0" in fit(planted, TrainConfig(**BASE, confidence=0.95)).guard.criterion
     ident = fit(_only(planted, labels=False), TrainConfig(**BASE))  # no candidate gains (see the table)
     assert ident.guard.alpha == 0 and ident.guard.interval == {} and not ident.guard.within_noise
 
@@ -195,17 +196,17 @@ def test_a_gain_within_validation_noise_ships_the_identity(planted, monkeypatch)
         return {"objective": 0.01, "ci_low": -0.002, "ci_high": 0.03, "level": ci, "queries": {"labels": 9}}
 
     monkeypatch.setattr(Guard, "interval", noisy)
-    res = fit(planted, TrainConfig(**BASE))
+    res = fit(planted, TrainConfig(**BASE, confidence=0.9))
     g = res.guard
-    assert seen == [(shipped["alpha"], 0.95)] and g.within_noise and g.alpha == 0 and res.model.alpha.item() == 0
-    assert "within noise, shipping the identity" in g.reason and "--confidence 0" in g.reason
+    assert seen == [(shipped["alpha"], 0.9)] and g.within_noise and g.alpha == 0 and res.model.alpha.item() == 0
+    assert "within noise, shipping the identity" in g.reason
     x = torch.from_numpy(planted.corpus[:20])
     with torch.no_grad():
         np.testing.assert_allclose(res.model(x).numpy(), planted.corpus[:20], atol=1e-6)
     assert g.summary().splitlines()[3].endswith("over 9 labels queries: within noise")
-    res = fit(planted, TrainConfig(**BASE, confidence=0))
-    assert res.guard.alpha == shipped["alpha"] and "within validation noise" in res.guard.reason
-    assert "interval above 0" not in res.guard.criterion
+    res = fit(planted, TrainConfig(**BASE))  # the default: ships it, and says so
+    assert seen[-1] == (shipped["alpha"], 0.95) and res.guard.alpha == shipped["alpha"]
+    assert "within validation noise" in res.guard.reason and "--confidence 0.95" in res.guard.reason
     with pytest.raises(ValueError, match="confidence"):
         TrainConfig(confidence=1)
 
