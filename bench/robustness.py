@@ -209,8 +209,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"Command: `{meta['command']}` — {meta['machine']}, {meta['seconds']} s in all.",
              "Defaults only (variant: " + meta["variant"] + "); mean over seeds on the test split; "
              "raw absolute, then the change (Δ) vs raw; topic mAP also as a ratio. Training seconds include "
-             "the lr/temperature search and the guard. An α marked * shipped on a validation gain whose 95% "
-             "interval reaches 0 (the guard report calls it within noise; confidence=0.95 would ship the identity).", "",
+             "the lr/temperature search and the guard. An α marked * shipped on a validation gain with no 95% "
+             "interval (the objective's or a metric's) above 0: the guard report calls it within noise; "
+             "confidence=0.95 would ship the identity.", "",
              "| data | signal | α per seed | train s | topic p@10 | topic mAP@100 | ex→def nDCG@10 | ex→def R@100 | ex→def MRR@10 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s in summ:

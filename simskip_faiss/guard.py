@@ -55,18 +55,19 @@ class GuardReport:
 
     @property
     def within_noise(self) -> bool:
-        """True when the best candidate's validation gain has an interval reaching 0 (by default the
-        identity then ships; with confidence=0 the candidate does)."""
-        return bool(self.interval) and self.interval["ci_low"] <= 0
+        """True when neither the best candidate's objective nor any of its validation metrics has a gain
+        whose interval lies above 0 (`Guard.interval`)."""
+        return noise(self.interval)
 
     def summary(self) -> str:
         lines = [f"guard: alpha={self.alpha:g} (step {self.step}), signals: {', '.join(self.signals) or '-'}",
                  f"  criterion: {self.criterion}", f"  {self.reason}"]
         if self.interval:
             iv = self.interval
-            lines.append(f"  best validation gain {iv['objective']:+.4f}, {iv['level']:.0%} interval {iv['ci_low']:+.4f} to "
-                         f"{iv['ci_high']:+.4f} over " + ", ".join(f"{n} {t} queries" for t, n in iv["queries"].items())
-                         + (": within noise" if self.within_noise else ""))
+            lines.append(f"  best validation gain {iv['objective']:+.4f} ({iv['level']:.0%} interval {iv['ci_low']:+.4f} to "
+                         f"{iv['ci_high']:+.4f}) over " + ", ".join(f"{n} {t} queries" for t, n in iv["queries"].items())
+                         + (": within noise, no interval above 0" if self.within_noise
+                            else "; beyond noise: " + ", ".join(["objective"] * (iv["ci_low"] > 0) + iv["gains"])))
         for s in self.search:
             lines.append(f"  search: lr={s['lr']:g} temperature={s['temperature']:g}: best objective "
                          f"{s['objective']:+.4f} by step {s['step']}{' <' if s.get('chosen') else ''}")
@@ -78,6 +79,11 @@ class GuardReport:
             lines.append(f"  {c['alpha']:<5g}  " + "  ".join(f"{c['metrics'][k]:16.4f}" for k in keys)
                          + f"  {c['objective']:+.4f}{'' if c['feasible'] else ' (drops)'}{mark}")
         return "\n".join(lines)
+
+
+def noise(interval: dict) -> bool:
+    """True for a `Guard.interval` whose objective and every metric have intervals reaching 0 (False for {})."""
+    return bool(interval) and interval["ci_low"] <= 0 and not interval["gains"]
 
 
 def coarse_grid(alphas: tuple[float, ...], n: int = 4) -> tuple[float, ...]:
@@ -151,7 +157,8 @@ class Guard:
         self.criterion = (f"{self.agreement_k}-NN agreement with raw on validation rows >= {cfg.min_agreement:g}; "
                           "the largest alpha that holds it" if self.proxy
                           else f"no {which} below raw by more than {cfg.tolerance:g}; maximise mean relative gain"
-                          + (f"; the gain's {cfg.confidence:.0%} interval above 0" if cfg.confidence and cfg.guard else ""))
+                          + (f"; the gain's or some metric's {cfg.confidence:.0%} interval above 0"
+                             if cfg.confidence and cfg.guard else ""))
         self.record: dict[tuple[str, int], Evaluation] = {}
         self.seconds = 0.0
 
@@ -211,8 +218,12 @@ class Guard:
         sum over t's metrics of (refined_i - raw_i) / raw mean, times (queries in all) / (N * queries
         of t), N the number of metrics; so `metrics.paired_bootstrap` over the pooled queries gives
         its interval. Queries count as the metrics do: those with a relevant item (a label row whose
-        label no other row carries is not scored). A gain whose interval reaches 0 is one the
-        validation split cannot tell from noise.
+        label no other row carries is not scored). Each metric's change gets its own interval too;
+        `gains` lists the metrics whose interval lies above 0. When neither the objective's interval
+        nor any metric's lies above 0, the validation split cannot tell the gain from noise. (Both
+        count: the objective averages relative changes over every metric, so a flat but noisy one,
+        e.g. Recall@10 at 0.19, widens its interval past a clear gain in another metric; and a gain
+        spread over several metrics on a few dozen queries can clear 0 in the objective only.)
         """
         t0 = time.perf_counter()
         model.eval()
@@ -232,8 +243,11 @@ class Guard:
         sizes = {t: len(v) for t, v in terms.items()}
         pooled = np.concatenate([terms[t] * sum(sizes.values()) / (len(got) * sizes[t]) for t in sizes])
         b = paired_bootstrap(np.zeros_like(pooled), pooled, n=n, seed=self.cfg.seed, ci=ci)
+        per_metric = {k: paired_bootstrap(raw[k], got[k], n=n, seed=self.cfg.seed, ci=ci) for k in got}
         self.seconds += time.perf_counter() - t0
-        return {"objective": b["diff"], "ci_low": b["ci_low"], "ci_high": b["ci_high"], "level": ci, "queries": sizes}
+        return {"objective": b["diff"], "ci_low": b["ci_low"], "ci_high": b["ci_high"], "level": ci, "queries": sizes,
+                "metrics": {k: {x: v[x] for x in ("diff", "ci_low", "ci_high")} for k, v in per_metric.items()},
+                "gains": [k for k, v in per_metric.items() if v["ci_low"] > 0]}
 
     def choose(self, cands: list[dict]) -> tuple[float, float]:
         """(objective, alpha) of the best candidate; (0, 0) = the identity when none is feasible and gains."""
@@ -386,26 +400,27 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
         reason = f"alpha={alpha:g} at step {step} gave the best validation result with no metric dropping"
         if not guard.proxy:
             interval = guard.interval(model, alpha, ci=cfg.confidence or 0.95)
-            if interval["ci_low"] <= 0 and cfg.confidence:
+            if noise(interval) and cfg.confidence:
                 reason = (f"alpha={alpha:g} at step {step} gained {interval['objective']:+.4f} on validation with no "
-                          f"metric dropping, but its {interval['level']:.0%} interval reaches 0: within noise, "
-                          "shipping the identity (confidence > 0). More validation labels or pairs would tell")
+                          f"metric dropping, but neither its nor any metric's {interval['level']:.0%} interval lies "
+                          "above 0: within noise, shipping the identity (confidence > 0). More validation labels or "
+                          "pairs would tell")
                 alpha = 0.0
                 model.alpha.fill_(0.0)
-            elif interval["ci_low"] <= 0:
-                reason += ("; but the gain is within validation noise (its 95% interval reaches 0): more validation "
-                           "labels or pairs would tell whether it is real (confidence=0.95, on the command line "
-                           "--confidence 0.95, ships the identity instead)")
+            elif noise(interval):
+                reason += ("; but the gain is within validation noise (no 95% interval lies above 0): more "
+                           "validation labels or pairs would tell whether it is real (confidence=0.95, on the command "
+                           "line --confidence 0.95, ships the identity instead)")
     if guard.proxy:
         reason += " (no labels or pairs to validate on: quality was not measured, only closeness to raw)"
     if run.stopped == "time_budget":
         reason += f"; training stopped at the time budget ({cfg.time_budget:g} s) after step {run.step}"
         if len(run.history) > 1 and run.history[1]["step"] < cfg.eval_every:
             reason += " (the budget ran out before the first scheduled validation: validated there instead)"
-    if interval.get("ci_low", 1) <= 0:
-        log.warning("the best validation gain %+.4f has a %.0f%% interval reaching 0 (%+.4f to %+.4f): within noise%s",
-                    interval["objective"], 100 * interval["level"], interval["ci_low"], interval["ci_high"],
-                    "; shipping the identity" if alpha == 0 else "")
+    if noise(interval):
+        log.warning("the best validation gain %+.4f is within noise: neither its nor any metric's %.0f%% interval "
+                    "lies above 0%s",
+                    interval["objective"], 100 * interval["level"], "; shipping the identity" if alpha == 0 else "")
     out = FitResult(model=model, config=cfg, history=res.history, best_step=step, seconds=time.perf_counter() - t0,
                     n_train=res.n_train, stopped=res.stopped)
     out.guard = GuardReport(alpha=alpha, step=step, criterion=guard.criterion, raw=guard.raw, candidates=cands,

@@ -161,6 +161,10 @@ def test_interval_of_the_gain_from_per_query_metrics_by_brute_force(planted):
     assert iv["objective"] == pytest.approx(terms.mean(), abs=1e-9)
     assert iv["objective"] == pytest.approx(res.guard.candidates[-1]["objective"], abs=1e-9)  # the table's alpha=1
     assert (iv["ci_low"], iv["ci_high"]) == pytest.approx((want["ci_low"], want["ci_high"]), abs=1e-9)
+    for m in raw:  # each metric's own interval, and the list of those above 0
+        one = paired_bootstrap(raw[m], got[m], seed=res.config.seed)
+        assert iv["metrics"][f"pairs:{m}"] == pytest.approx({k: one[k] for k in ("diff", "ci_low", "ci_high")}, abs=1e-9)
+    assert iv["gains"] == [f"pairs:{m}" for m in raw if paired_bootstrap(raw[m], got[m], seed=0)["ci_low"] > 0]
 
 
 def test_interval_skips_label_queries_without_a_relevant_row(planted):
@@ -193,7 +197,8 @@ def test_a_gain_within_validation_noise_is_reported_or_refused(planted, monkeypa
 
     def noisy(self, model, alpha, n=1000, ci=0.95):
         seen.append((alpha, ci))
-        return {"objective": 0.01, "ci_low": -0.002, "ci_high": 0.03, "level": ci, "queries": {"labels": 9}}
+        return {"objective": 0.01, "ci_low": -0.002, "ci_high": 0.03, "level": ci, "queries": {"labels": 9},
+                "metrics": {}, "gains": []}
 
     monkeypatch.setattr(Guard, "interval", noisy)
     res = fit(planted, TrainConfig(**BASE, confidence=0.9))
@@ -203,7 +208,17 @@ def test_a_gain_within_validation_noise_is_reported_or_refused(planted, monkeypa
     x = torch.from_numpy(planted.corpus[:20])
     with torch.no_grad():
         np.testing.assert_allclose(res.model(x).numpy(), planted.corpus[:20], atol=1e-6)
-    assert g.summary().splitlines()[3].endswith("over 9 labels queries: within noise")
+    assert g.summary().splitlines()[3].endswith("over 9 labels queries: within noise, no interval above 0")
+    clear = {"objective": 0.01, "ci_low": -0.002, "ci_high": 0.03, "level": 0.95, "queries": {"labels": 9},
+             "metrics": {}, "gains": ["labels:map@100"]}  # one metric's gain is beyond noise: that decides
+    monkeypatch.setattr(Guard, "interval", lambda self, model, alpha, n=1000, ci=0.95: clear)
+    res = fit(planted, TrainConfig(**BASE, confidence=0.9))
+    assert res.guard.alpha == shipped["alpha"] and not res.guard.within_noise and "noise" not in res.guard.reason
+    assert res.guard.summary().splitlines()[3].endswith("beyond noise: labels:map@100")
+    clear = {**clear, "ci_low": 0.001, "gains": []}  # or the objective's own interval: either test counts
+    res = fit(planted, TrainConfig(**BASE, confidence=0.9))
+    assert res.guard.alpha == shipped["alpha"] and res.guard.summary().splitlines()[3].endswith("beyond noise: objective")
+    monkeypatch.setattr(Guard, "interval", noisy)
     res = fit(planted, TrainConfig(**BASE))  # the default: ships it, and says so
     assert seen[-1] == (shipped["alpha"], 0.95) and res.guard.alpha == shipped["alpha"]
     assert "within validation noise" in res.guard.reason and "--confidence 0.95" in res.guard.reason
