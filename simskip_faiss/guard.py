@@ -49,8 +49,8 @@ class GuardReport:
     reason: str
     signals: list[str] = field(default_factory=list)
     search: list[dict] = field(default_factory=list)  # lr/temperature candidates and their best objective
-    # the best candidate's objective with its paired-bootstrap interval over the validation queries
-    # (Guard.interval); empty when no candidate gained or nothing measures quality (unguarded, agreement proxy)
+    # the best candidate's objective and each metric's change with paired-bootstrap intervals over the validation
+    # queries (Guard.interval); empty when no candidate gained or nothing measures quality (unguarded, proxy)
     interval: dict = field(default_factory=dict)
 
     @property
