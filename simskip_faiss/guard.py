@@ -166,11 +166,16 @@ class Guard:
         """`per_task` (query rows or vectors by task) cut to the coarse subset when `coarse`."""
         return {t: v[self.coarse[t]] if coarse and t in self.coarse else v for t, v in per_task.items()}
 
+    def _flat(self, docs: np.ndarray) -> faiss.Index:
+        """An exact index of `docs` in the refiner's metric: what every validation search runs on."""
+        index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
+        index.add(docs)
+        return index
+
     def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray], rows: dict | None = None) -> dict[str, float]:
         """Mean validation metrics of query vectors `q` (ids `rows`, default all) searched over `docs`."""
         rows = self.queries if rows is None else rows
-        index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
-        index.add(docs)
+        index = self._flat(docs)
         if self.proxy:  # share of each validation row's raw k nearest neighbours still in its refined top k
             k = self.agreement_k
             I = drop_self(index.search(q["agreement"], k + 1)[1], rows["agreement"], k)
@@ -227,15 +232,11 @@ class Guard:
         """
         t0 = time.perf_counter()
         model.eval()
-        index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(self.corpus.shape[1])
-        index.add(self.corpus)
-        raw = self._per_query(index, self.qx, self.queries)
+        raw = self._per_query(self._flat(self.corpus), self.qx, self.queries)
         docs = self.corpus if model.apply_to == "queries" else _combine(self.corpus, _f(model, self.corpus), alpha,
                                                                          model.normalize)
-        index.reset()
-        index.add(docs)
-        got = self._per_query(index, {t: _combine(x, _f(model, x), alpha, model.normalize) for t, x in self.qx.items()},
-                              self.queries)
+        got = self._per_query(self._flat(docs), {t: _combine(x, _f(model, x), alpha, model.normalize)
+                                                 for t, x in self.qx.items()}, self.queries)
         terms: dict[str, np.ndarray] = {}  # per task, over its evaluated queries (those with a relevant item)
         for key, values in got.items():
             t = key.partition(":")[0]
