@@ -113,7 +113,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, so the CLI and the Python API cannot drift apart."""
     import typing
 
-    from .config import TrainConfig
+    from .config import LABEL_LOSSES, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     g = p.add_argument_group("training (TrainConfig; an option left unset is chosen for you, see --help of each)")
@@ -132,6 +132,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                            help="metrics held to the no-drop rule, e.g. pairs:ndcg@10 (default: all)")
         elif isinstance(default, tuple):
             g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
+        elif f.name == "label_loss":
+            g.add_argument(flag, choices=list(LABEL_LOSSES), default=default,
+                           help="decoupled (default): same-label rows scored against other labels only; supcon: SupCon")
         elif f.name == "pair_mode":
             g.add_argument(flag, choices=["symmetric", "query_only"], default=None,
                            help="default: query_only for pairs alone (the index keeps raw vectors), else symmetric")

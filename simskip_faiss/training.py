@@ -75,20 +75,35 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
-def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020, L_out): same-label rows are positives."""
+def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float, decoupled: bool = True) -> torch.Tensor:
+    """Supervised contrastive loss over a batch: same-label rows are positives, other-label rows negatives.
+
+    decoupled=False is SupCon (Khosla et al. 2020, L_out): each positive's softmax runs over every other
+    row, the other positives included, so the loss is lowest when all of an anchor's positives score
+    alike, and it pushes the anchor's *nearest* same-label rows away until they do. That erases the
+    ranking inside a label, which is what a pair query needs to find its one document. decoupled=True
+    leaves the other positives out of each positive's denominator (as Decoupled Contrastive Learning,
+    Yeh et al. 2022, does for the unsupervised loss): every positive is scored against the negatives
+    only, never pushed down, and stops pulling once it outranks them. Rows labelled < 0 (unlabelled) are
+    neither anchors, positives nor negatives.
+    """
     z = F.normalize(z, dim=-1)
+    known = labels >= 0
+    z, labels = z[known], labels[known]
     sim = z @ z.T / temperature
     eye = torch.eye(z.shape[0], dtype=torch.bool)
-    sim = sim.masked_fill(eye, float("-inf"))
-    logp = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
-    npos = pos.sum(1)
-    keep = npos > 0
+    same = labels[:, None] == labels[None, :]
+    pos, neg = same & ~eye, ~same
+    keep = pos.any(1) & neg.any(1) if decoupled else pos.any(1)
     if not keep.any():
         return z.sum() * 0.0
-    mean_logp = (logp.masked_fill(~pos, 0.0).sum(1)[keep]) / npos[keep]
-    return -mean_logp.mean()
+    sim, pos, neg = sim[keep], pos[keep], neg[keep]
+    if decoupled:  # -log(e^s_p / (e^s_p + sum_n e^s_n)) = softplus(logsumexp_n s_n - s_p)
+        per_pos = F.softplus(torch.logsumexp(sim.masked_fill(~neg, float("-inf")), 1, keepdim=True) - sim)
+    else:
+        others = sim.masked_fill(eye[keep], float("-inf"))
+        per_pos = torch.logsumexp(others, 1, keepdim=True) - sim
+    return (per_pos.masked_fill(~pos, 0.0).sum(1) / pos.sum(1)).mean()
 
 
 def similarity_kl(raw: torch.Tensor, refined: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -461,7 +476,8 @@ class _Losses(nn.Module):
             z2 = self.head(model(self.augment(x, gen)))
             out["unsupervised"] = nt_xent(z1, z2, cfg.unsupervised_temperature)
         if cfg.label_weight > 0:
-            out["labels"] = supcon(refined_x(), torch.from_numpy(self.sup.labels[rows]), cfg.temperature)
+            out["labels"] = supcon(refined_x(), torch.from_numpy(self.sup.labels[rows]), cfg.temperature,
+                                   decoupled=cfg.label_loss == "decoupled")
         if cfg.pair_weight > 0 and pair_batch is not None and len(pair_batch) > 1:
             out["pairs"] = self._pairs(model, corpus, pair_batch, gen, rows, refined_x)
         if cfg.preserve_weight > 0:

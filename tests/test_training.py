@@ -42,6 +42,49 @@ def test_supcon_prefers_label_aligned_embeddings():
     assert float(supcon(aligned, labels, 0.1)) < float(supcon(crossed, labels, 0.1))
 
 
+def _label_loss_by_loops(z, labels, t, decoupled):
+    """The label loss written out per anchor and positive, in numpy."""
+    keep = labels >= 0
+    z, labels = z[keep], labels[keep]
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    s = z @ z.T / t
+    terms = []
+    for i in range(len(z)):
+        pos = [j for j in range(len(z)) if j != i and labels[j] == labels[i]]
+        neg = [j for j in range(len(z)) if labels[j] != labels[i]]
+        if not pos or (decoupled and not neg):
+            continue
+        per = []
+        for p in pos:
+            denom = [p] + neg if decoupled else [j for j in range(len(z)) if j != i]
+            per.append(-(s[i, p] - np.log(np.exp(s[i, denom]).sum())))
+        terms.append(np.mean(per))
+    return np.mean(terms)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_label_loss_by_brute_force(decoupled):
+    """Unlabelled rows (< 0) take no part: not one class of their own (they were before the decoupled loss)."""
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((9, 5))
+    labels = np.array([0, 0, 1, 1, 1, 2, -1, -1, -1])  # label 2 has no positive: not an anchor
+    got = float(supcon(torch.tensor(z), torch.tensor(labels), 0.2, decoupled=decoupled))
+    assert got == pytest.approx(_label_loss_by_loops(z, labels, 0.2, decoupled), rel=1e-9)
+    assert got == pytest.approx(float(supcon(torch.tensor(z[:6]), torch.tensor(labels[:6]), 0.2, decoupled=decoupled)), rel=1e-12)
+
+
+def test_decoupled_label_loss_never_pushes_a_near_same_label_row_away():
+    """SupCon (L_out) is lowest when an anchor's positives score alike, so it pays to move a row's nearest
+    same-label row away; the decoupled loss only ever rewards a positive for coming closer."""
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    def rows(near):  # row 1 is the anchor's (row 0's) nearest same-label row, at cosine `near`
+        return torch.tensor([[1.0, 0, 0], [near, (1 - near ** 2) ** 0.5, 0], [0.6, 0, 0.8],
+                             [-1, 0.2, 0], [-1, 0, 0.2]])
+    for decoupled, moves_closer in ((True, "lower"), (False, "higher")):
+        near, nearer = (float(supcon(rows(c), labels, 0.1, decoupled=decoupled)) for c in (0.9, 0.99))
+        assert (nearer < near) == (moves_closer == "lower"), (decoupled, near, nearer)
+
+
 def test_stay_put_is_how_far_corpus_rows_move():
     """1 - cos for a normalising refiner, ½|y - x|²/|x|² for a raw one, over the temperature; 0 in place."""
     rng = np.random.default_rng(0)
@@ -157,7 +200,7 @@ def test_trains_from_memmapped_npy(tmp_path, data):
 
 @pytest.mark.parametrize("bad, err", [
     (dict(activation="swish"), "activation"), (dict(metric="cosine"), "metric"),
-    (dict(batch_size=1), "batch_size"), (dict(temperature=0), "temperature"),
+    (dict(batch_size=1), "batch_size"), (dict(temperature=0), "temperature"), (dict(label_loss="triplet"), "label_loss"),
     (dict(unsupervised_weight=0, label_weight=0, pair_weight=0), "weight"), (dict(metric="ip", normalize=False), "normalize"),
 ])
 def test_config_rejects_bad_values(bad, err):
