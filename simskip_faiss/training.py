@@ -500,8 +500,11 @@ class _Losses(nn.Module):
         docs = _rows(corpus, di)
         if symmetric:
             docs = model(docs)
+        # queries that share a document (several examples of one definition) are in-batch copies of
+        # each other's positive, not negatives
+        shared_doc = torch.from_numpy((di[:, None] == di[None, :]) & ~np.eye(len(di), dtype=bool))
         if not cfg.pair_negatives:
-            return info_nce(q, docs, cfg.temperature)
+            return info_nce(q, docs, cfg.temperature, mask=shared_doc)
         shared = rows[: cfg.pair_negatives] if symmetric else rows[:0]
         extra = torch.randint(0, corpus.shape[0], (cfg.pair_negatives - len(shared),), generator=gen).numpy()
         negs = [docs]
@@ -511,7 +514,7 @@ class _Losses(nn.Module):
             ex = _rows(corpus, extra)
             negs.append(model(ex) if symmetric else ex)
         neg_rows = np.concatenate([shared, extra])
-        mask = torch.from_numpy(np.concatenate([np.zeros((len(di), len(di)), bool), neg_rows[None, :] == di[:, None]], 1))
+        mask = torch.cat([shared_doc, torch.from_numpy(neg_rows[None, :] == di[:, None])], 1)
         return info_nce(q, torch.cat(negs), cfg.temperature, mask=mask)
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -131,16 +131,38 @@ def test_query_only_pair_loss_scores_refined_queries_against_raw_documents_and_n
 
 
 def _info_nce_np(qv, cand, n_pos, cand_rows=None, pos_rows=None, t=0.1):
-    """InfoNCE of queries over [positives, negatives] in float64; a negative that is a copy of the
-    query's positive (same corpus row) is not a negative."""
+    """InfoNCE of queries over [positives, negatives] in float64; a candidate that is a copy of the
+    query's positive (same corpus row: a sampled row, or another query's positive) is not a negative."""
     cand = np.asarray(cand, np.float64)
     cand /= np.linalg.norm(cand, axis=1, keepdims=True)
     qv = qv / np.linalg.norm(qv, axis=1, keepdims=True)
     logits = qv @ cand.T / t
     if cand_rows is not None:
-        logits[:, n_pos:][cand_rows[n_pos:][None, :] == pos_rows[:, None]] = -np.inf
+        copy = cand_rows[None, :] == pos_rows[:, None]
+        copy[np.arange(n_pos), np.arange(n_pos)] = False  # the query's own positive
+        logits[copy] = -np.inf
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     return -logp[np.arange(n_pos), np.arange(n_pos)].mean()
+
+
+@pytest.mark.parametrize("pair_negatives", [0, 7])
+def test_pair_loss_does_not_count_a_shared_document_as_a_negative(data, pair_negatives):
+    """Two examples of one definition in a batch: each one's positive is not the other's negative."""
+    x, n = data[0], len(data[0])
+    cfg = TrainConfig(temperature=0.1, pair_negatives=pair_negatives).resolved(has_labels=False, has_pairs=True)
+    queries, sup, model, losses = _pair_setup(x, cfg, seed=3)
+    sup.pair_doc[[5, 8]] = sup.pair_doc[4]  # queries 4, 5 and 8 share one document
+    batch = np.arange(3, 11)
+    with torch.no_grad():
+        got = float(losses._pairs(model, x, batch, torch.Generator().manual_seed(5), np.arange(4), lambda: 1 / 0))
+        qv = model(torch.from_numpy(queries[batch])).numpy().astype(np.float64)
+    extra = torch.randint(0, n, (pair_negatives,), generator=torch.Generator().manual_seed(5)).numpy()
+    pos = sup.pair_doc[batch]
+    rows = np.concatenate([pos, extra])
+    want = _info_nce_np(qv, x[rows], len(pos), rows, pos)
+    assert got == pytest.approx(want, rel=1e-5)
+    counted_as_negatives = _info_nce_np(qv, x[rows], len(pos), np.concatenate([np.arange(-len(pos), 0), extra]), pos)
+    assert got < counted_as_negatives - 1e-3  # what the loss was before the fix, and clearly different
 
 
 def test_symmetric_pair_loss_takes_refined_negatives_from_the_training_batch_first(data):
