@@ -35,8 +35,11 @@ PARITY_BATCHES = (1, 7, 1000)
 PRECISIONS = ("fp32", "fp16", "int8")
 # max |refined - torch| on random unit inputs; int8 and fp16 measured at ~6e-4 and ~1e-4 on a
 # d=384, hidden=512 model, so these leave a margin without hiding a broken conversion (a refiner
-# that moves vectors far can still exceed int8's: precision "auto" then ships fp32)
-PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "int8": 1e-2}
+# that moves vectors far can still exceed int8's: precision "auto" then ships fp32). int8's is 5e-3,
+# not 1e-2: in bench/speed.py section 9 every int8 refiner with an error up to 1.3e-3 (WordNet,
+# synthetic; 3 widths) kept 10-recall@10 >= 0.992 against fp32, while the digits refiners (label
+# training at alpha 1, errors 8.8e-3 to 1.3e-2) kept only 0.94-0.97
+PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "int8": 5e-3}
 
 
 class ParityError(RuntimeError):
