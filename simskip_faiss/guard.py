@@ -140,7 +140,10 @@ class Guard:
         self.qx = {t: np.ascontiguousarray(self.corpus[r] if t != "pairs" else data.queries[r], dtype=np.float32)
                    for t, r in self.queries.items()}
         self._raw_nn = None
-        self.raw = self._metrics(self.corpus, self.qx)
+        # raw per-query metrics, kept for Guard.interval (the proxy has none: it measures closeness to raw)
+        self._raw_per_query = None if self.proxy else self._per_query(self._flat(self.corpus), self.qx, self.queries)
+        self.raw = (self._metrics(self.corpus, self.qx) if self.proxy
+                    else {k: float(v.mean()) for k, v in self._raw_per_query.items()})
         # the validations during training only rank checkpoints: a seeded subset of the queries does
         # that at a fraction of the search (the cost of a guarded fit on large corpora); the final
         # alpha sweep on the two best checkpoints scores every validation query
@@ -232,7 +235,7 @@ class Guard:
         """
         t0 = time.perf_counter()
         model.eval()
-        raw = self._per_query(self._flat(self.corpus), self.qx, self.queries)
+        raw = self._raw_per_query
         docs = self.corpus if model.apply_to == "queries" else _combine(self.corpus, _f(model, self.corpus), alpha,
                                                                          model.normalize)
         got = self._per_query(self._flat(docs), {t: _combine(x, _f(model, x), alpha, model.normalize)
