@@ -141,15 +141,14 @@ def as_ids(ids, n: int | None = None, name: str = "ids", to_store: bool = True) 
     return ids
 
 
-def check_k(k, ntotal: int) -> int:
-    """Validate a neighbour count against the number of stored vectors."""
+def check_k(k) -> int:
+    """Validate a neighbour count: a positive integer. k above ntotal is allowed: FAISS pads the missing
+    hits with id -1 (and the metric's worst distance), and so do RefinedIndex and MicroBatcher."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an integer, got {type(k).__name__}")
     k = int(k)
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
-    if k > ntotal:
-        raise ValueError(f"k={k} is larger than the number of stored vectors (ntotal={ntotal})")
     return k
 
 

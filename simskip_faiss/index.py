@@ -286,13 +286,15 @@ class RefinedIndex:
                                f"cannot remove them: the index keeps them") from None
 
     def search(self, x, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
-        """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does.
+        """Refine queries, search; returns (D, I) of shape (n, k) as FAISS does: where fewer than k vectors
+        are found (k > ntotal, an empty index, an IVF probe that reaches too few) the rest is padded with
+        id -1 and the metric's worst distance (-FLT_MAX for inner product, FLT_MAX for L2).
 
         params: a faiss.SearchParameters, or a dict such as {"efSearch": 64} / {"nprobe": 8}
         (validated: positive integers within faiss_utils.PARAM_BOUNDS; see `search_parameters`).
         """
-        if type(k) is not int or not 0 < k <= self.index.ntotal:  # the common case skips check_k's calls
-            k = check_k(k, self.ntotal)
+        if type(k) is not int or k <= 0:  # the common case skips check_k's calls
+            k = check_k(k)
         q = self.refine_queries(x)
         params = self._search_params(params) if params is not None else None
         lock = self._lock

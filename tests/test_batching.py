@@ -65,8 +65,10 @@ def test_fast_input_check_refuses_non_finite_and_keeps_huge_finite_values():
 
 def test_search_k_checks_still_apply(refined, data):
     x, _ = data
-    with pytest.raises(ValueError, match="larger than the number of stored"):
-        refined.search(x[:1], refined.ntotal + 1)
+    with pytest.raises(ValueError, match="positive"):
+        refined.search(x[:1], 0)
+    D, I = refined.search(x[:1], np.int64(refined.ntotal + 2))  # the slow path pads too
+    assert I.shape == (1, refined.ntotal + 2) and (I[0, -2:] == -1).all() and (I[0, :-2] >= 0).all()
     with pytest.raises(TypeError, match="integer"):
         refined.search(x[:1], 2.0)
     assert refined.search(x[:1], np.int64(3))[1].shape == (1, 3)
@@ -121,8 +123,11 @@ def test_a_bad_query_fails_only_its_caller(refined, data):
                 np.testing.assert_array_equal(fut[i].result()[1], refined.search(x[i:i + 1], 3)[1])
         with pytest.raises(ValueError, match="dimension 15"):
             mb.search(x[:1, :15], 3)
-        with pytest.raises(ValueError, match="larger than"):
-            mb.search(x[:1], refined.ntotal + 1)
+        with pytest.raises(ValueError, match="positive"):
+            mb.search(x[:1], -3)
+        big = refined.ntotal + 1  # padded with -1, as index.search does
+        for got, want in zip(mb.search(x[:2], big), refined.search(x[:2], big)):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_a_failing_batch_raises_in_each_of_its_callers_and_the_worker_survives(data):

@@ -141,13 +141,37 @@ def test_nan_deep_in_a_large_batch_leaves_index_unchanged(refiner, data):
 
 
 @pytest.mark.parametrize("k, exc, msg", [(0, ValueError, "positive"), (-1, ValueError, "positive"),
-                                         (51, ValueError, "ntotal=50"), (2.0, TypeError, "integer")])
+                                         (True, TypeError, "integer"), (2.0, TypeError, "integer")])
 def test_bad_k(refiner, data, k, exc, msg):
     x, _ = data
     idx = RefinedIndex(refiner, "Flat", "ip")
     idx.add(x[:50])
     with pytest.raises(exc, match=msg):
         idx.search(x[:2], k)
+
+
+@pytest.mark.parametrize("factory, metric", [("Flat", "ip"), ("Flat", "l2"), ("IDMap,Flat", "l2"), ("HNSW8", "ip")])
+def test_k_above_ntotal_pads_as_faiss_does(refiner, data, factory, metric):
+    """FAISS pads missing hits with id -1 and -FLT_MAX (ip) / FLT_MAX (l2); so does the wrapper, empty index included."""
+    x, _ = data
+    idx = RefinedIndex(refiner, factory, metric)
+    plain = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
+    worst = np.finfo(np.float32).max * (-1 if metric == "ip" else 1)
+    D, I = idx.search(x[:3], 4)
+    assert (I == -1).all() and (D == worst).all() and D.shape == (3, 4)
+    ids = np.arange(5) + 100
+    if factory.startswith("IDMap"):
+        idx.add_with_ids(x[:5], ids)
+        plain.add_with_ids(refiner.transform(x[:5]), ids)
+    else:
+        idx.add(x[:5])
+        plain.add(refiner.transform(x[:5]))
+    D, I = idx.search(x[10:13], 8)
+    D2, I2 = plain.search(refiner.transform(x[10:13]), 8)
+    np.testing.assert_array_equal(I, I2)
+    np.testing.assert_allclose(D, D2, rtol=1e-6)
+    assert (I[:, 5:] == -1).all() and (D[:, 5:] == worst).all()
+    assert sorted(I[0, :5]) == sorted(ids if factory.startswith("IDMap") else range(5))
 
 
 @pytest.mark.parametrize("ids, exc, msg", [(np.arange(4), ValueError, "length 4, expected 5"),
