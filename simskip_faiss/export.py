@@ -12,6 +12,12 @@ into the file; bench/speed.py measures what they do to 10-recall@10. "auto" (wha
 is config.DEFAULT_PRECISION when that passes its check and fp32 when it does not: a refiner that
 moves vectors far (label training at alpha 1, say) can exceed int8's tolerance, and then gets the
 exact file instead of an error after training, with the reason stamped in `precision_fallback`.
+
+Random inputs catch a broken conversion, not a harmless-looking error that reorders the neighbours
+of the user's own vectors (dense clusters, near-ties). Given a `sample` of those vectors, a reduced
+precision is also checked where it matters: the 10 nearest neighbours found with it against those
+found with fp32 (`sample_recall`, FAISS's 10-recall@10), and "auto" keeps it only at >= SAMPLE_RECALL.
+The CLI passes the training corpus.
 """
 from __future__ import annotations
 
@@ -40,6 +46,10 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # synthetic; 3 widths) kept 10-recall@10 >= 0.992 against fp32, while the digits refiners (label
 # training at alpha 1, errors 8.8e-3 to 1.3e-2) kept only 0.94-0.97
 PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-3, "int8": 5e-3}
+# 10-recall@10 against fp32 that a reduced precision must keep on the user's sample under "auto" (the
+# parity target of bench/speed.py); the sample is split into queries and a corpus of these sizes at most
+SAMPLE_RECALL = 0.99
+SAMPLE_QUERIES, SAMPLE_CORPUS = 1000, 20000
 
 
 class ParityError(RuntimeError):
@@ -155,6 +165,62 @@ def verify(model, onnx_bytes: bytes, d: int, batches=PARITY_BATCHES, tol: float 
     return worst
 
 
+def split_sample(sample, k: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, corpus) for the neighbour check, from the user's vectors `sample` (n, d), e.g. the corpus.
+
+    At most SAMPLE_QUERIES + SAMPLE_CORPUS seeded random rows are read (a memory-mapped file is fine);
+    up to SAMPLE_QUERIES of them, at most half, are the queries and the rest the corpus.
+    """
+    from .checks import as_matrix
+
+    sample = sample if hasattr(sample, "shape") else np.asarray(sample)
+    n = len(sample)
+    m = min(SAMPLE_QUERIES, n // 2)
+    if m < k:
+        raise ValueError(f"the sample has {n} rows; checking {k} nearest neighbours needs at least {2 * k}")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(n, SAMPLE_QUERIES + SAMPLE_CORPUS, replace=False)) if n > SAMPLE_QUERIES + SAMPLE_CORPUS \
+        else np.arange(n)
+    x = as_matrix(np.asarray(sample[rows]), name="sample")[rng.permutation(len(rows))]  # queries from anywhere
+    return x[:m], x[m:]
+
+
+def sample_recall(fp32: bytes, reduced: bytes, queries: np.ndarray, corpus: np.ndarray, apply_to: str = "both",
+                  metric: str = "ip", k: int = 10) -> float:
+    """FAISS's k-recall@k of the `reduced` refiner's exact k-NN against the `fp32` refiner's.
+
+    Both refine the queries and the corpus (the corpus stays raw for apply_to="queries", as in the index).
+    """
+    import faiss
+
+    from .metrics import knn_recall
+
+    tops = []
+    for onnx_bytes in (fp32, reduced):
+        r = Refiner(onnx_bytes, threads=1)
+        docs = corpus if apply_to == "queries" else r.transform(corpus)
+        tops.append(faiss.knn(r.transform(queries), docs, k,
+                              metric=faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)[1])
+    return knn_recall(tops[0], tops[1], ks=(k,))[f"{k}-recall@{k}"]
+
+
+def _sample_check(fp32: bytes, reduced: bytes, rmeta: dict, sample, k: int = 10) -> str | None:
+    """Compare the reduced graph's neighbours on `sample` with fp32's and stamp the result in `rmeta`;
+    returns why the reduced graph fails (below SAMPLE_RECALL), or None."""
+    if sample is None:
+        return None
+    if len(sample) < 2 * k:
+        log.info("the sample has %d rows: too few to compare %d nearest neighbours, not checked", len(sample), k)
+        return None
+    q, docs = split_sample(sample, k)
+    recall = sample_recall(fp32, reduced, q, docs, rmeta["apply_to"], rmeta.get("metric", "ip"), k)
+    rmeta.update(sample_recall=recall, sample_queries=len(q), sample_corpus=len(docs))
+    if recall >= SAMPLE_RECALL:
+        return None
+    return (f"{rmeta['precision']} kept {k}-recall@{k} {recall:.4f} < {SAMPLE_RECALL} against fp32 on "
+            f"{len(q)} queries over {len(docs)} rows of the sample")
+
+
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (or 'auto' when exporting), got {precision!r}")
@@ -221,7 +287,7 @@ def _fp16(proto):
 
 
 def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: int = 23,
-           precision: str = "fp32", tol: float | None = None) -> dict:
+           precision: str = "fp32", tol: float | None = None, sample=None) -> dict:
     """Export a `SimSkip` model to `path` atomically, after checking it with onnx.checker and onnxruntime.
 
     The fp32 graph is always checked against torch to 1e-5 first (so a reduced precision never
@@ -234,6 +300,9 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     A fit or train result exports itself with everything filled in: `result.export(path)`.
     precision="auto": DEFAULT_PRECISION if it passes its check, else fp32 with `precision_fallback`
     saying why (an explicit precision that fails raises ValueError and writes nothing).
+    `sample`: the user's vectors (e.g. the corpus); a reduced precision's neighbours on it are
+    compared with fp32's (`sample_recall`, stamped). Below SAMPLE_RECALL, "auto" falls back to
+    fp32; an explicit precision is kept, with a warning (a lossy format was asked for).
     """
     auto = precision == "auto"
     precision = _check_precision(DEFAULT_PRECISION if auto else precision)
@@ -257,12 +326,20 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
         rmeta = dict(meta, precision=precision, parity_tolerance=tol, fp32_parity_max_abs_err=meta["parity_max_abs_err"])
         try:
             rmeta["parity_max_abs_err"] = verify(model, with_metadata(reduced, rmeta), d, tol=tol)
-            proto, meta = reduced, rmeta
         except ParityError as e:
             if not auto:
                 raise ValueError(f"{e} at {precision}; export it at another precision, e.g. fp32") from None
             meta["precision_fallback"] = f"{precision} exceeded its parity tolerance ({e}): exported fp32"
             log.warning("%s", meta["precision_fallback"])
+        else:
+            why = _sample_check(with_metadata(proto, meta), with_metadata(reduced, rmeta), rmeta, sample)
+            if why is None or not auto:
+                proto, meta = reduced, rmeta
+                if why:
+                    log.warning("%s (kept: asked for explicitly)", why)
+            else:
+                meta["precision_fallback"] = f"{why}: exported fp32"
+                log.warning("%s", meta["precision_fallback"])
     data = with_metadata(proto, meta)  # the same graph, stamped with its measured parity
     atomic_write_bytes(Path(path), data)
     log.info("exported %s refiner to %s (parity max abs err %.2e)", meta["precision"], path, meta["parity_max_abs_err"])

@@ -201,13 +201,14 @@ class TrainResult:
                 "train_seconds": round(self.seconds, 2), "n_train": self.n_train, "stopped": self.stopped,
                 "apply_to": self.config.apply_to(), "signals": self.config.signals()}
 
-    def export(self, path: str | os.PathLike, precision: str = "fp32") -> dict:
+    def export(self, path: str | os.PathLike, precision: str = "fp32", sample=None) -> dict:
         """Export the trained refiner with its metadata (apply_to, signals, guard report); returns it.
 
-        precision: "fp32", "fp16", "int8", or "auto" (int8 unless it fails its parity check: see export)."""
+        precision: "fp32", "fp16", "int8", or "auto" (int8 unless it fails its parity check, or its
+        neighbours on `sample`, e.g. the corpus, differ from fp32's: see export)."""
         from .export import export
 
-        return export(self.model, path, self.metadata(), precision=precision)
+        return export(self.model, path, self.metadata(), precision=precision, sample=sample)
 
 
 @contextlib.contextmanager

@@ -106,6 +106,26 @@ def test_serving_path_never_imports_torch(files, onnx_path):
     assert "blocked-ok" in out.stdout
 
 
+def test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it(files, capsys, monkeypatch):
+    """The CLI hands the corpus to export: int8 ships stamped with its neighbours' recall on it, and
+    a recall below the bar ships fp32 with the reason printed."""
+    from simskip_faiss import Refiner
+    from simskip_faiss import export as export_module
+
+    d = files
+    n = len(np.load(d / "corpus.npy"))
+    assert run("train", d / "corpus.npy", "-o", d / "a.onnx", "--epochs", "1", "--hidden", "16", "--no-guard", "-q") == 0
+    m = Refiner.load(d / "a.onnx").metadata
+    assert m["precision"] == "int8" and 0.99 <= m["sample_recall"] <= 1
+    assert m["sample_queries"] + m["sample_corpus"] == min(n, 21000)
+    monkeypatch.setattr(export_module, "SAMPLE_RECALL", 1.01)  # no file can keep more than all of its neighbours
+    capsys.readouterr()
+    assert run("train", d / "corpus.npy", "-o", d / "b.onnx", "--epochs", "1", "--hidden", "16", "--no-guard", "-q") == 0
+    out = capsys.readouterr().out
+    assert "int8 kept 10-recall@10" in out and "exported fp32" in out
+    assert Refiner.load(d / "b.onnx").precision == "fp32"
+
+
 def test_train_default_precision_falls_back_to_fp32_and_says_so(files, capsys, monkeypatch):
     from simskip_faiss import Refiner
     from simskip_faiss.export import PARITY_TOLERANCE

@@ -81,6 +81,44 @@ def test_auto_precision_ships_int8_or_falls_back_to_fp32(trained, tmp_path, data
     assert (tmp_path / "a.onnx").read_bytes() == before
 
 
+def test_sample_recall_is_faiss_10_recall_at_10_by_brute_force(trained, tmp_path, data):
+    """The neighbour check against numpy: top-10 of the fp32 and int8 files, queries and corpus refined
+    (or the corpus left raw for a query-only refiner)."""
+    from simskip_faiss.export import sample_recall, split_sample
+
+    x, _ = data
+    export(trained.model, tmp_path / "f.onnx", {"metric": "ip"})
+    export(trained.model, tmp_path / "i.onnx", {"metric": "ip"}, precision="int8")
+    fb, ib = (tmp_path / "f.onnx").read_bytes(), (tmp_path / "i.onnx").read_bytes()
+    r32, r8 = Refiner(fb), Refiner(ib)
+    q, docs = split_sample(x)
+    assert len(q) == min(1000, len(x) // 2) and len(q) + len(docs) == len(x)
+    assert sorted(map(bytes, np.vstack([q, docs]))) == sorted(map(bytes, x))  # a split of the rows, each once
+    want = intersection_at_10(top10(r32(docs), r32(q)), top10(r8(docs), r8(q)))
+    assert sample_recall(fb, ib, q, docs) == pytest.approx(want, abs=1e-9)
+    want_q = intersection_at_10(top10(docs, r32(q)), top10(docs, r8(q)))
+    assert sample_recall(fb, ib, q, docs, apply_to="queries") == pytest.approx(want_q, abs=1e-9)
+    with pytest.raises(ValueError, match="sample has 15 rows"):
+        split_sample(x[:15])
+
+
+def test_auto_precision_falls_back_when_int8_reorders_the_sample(trained, tmp_path, data, caplog):
+    """Near-ties int8 cannot separate: its parity on random inputs passes, its neighbours on this sample
+    do not, so auto ships fp32 and says why; an explicit int8 is kept, stamped and warned about."""
+    x, _ = data
+    rng = np.random.default_rng(0)
+    ties = (x[0] + 2e-3 * rng.standard_normal((400, x.shape[1]))).astype(np.float32)  # one dense cluster
+    meta = export(trained.model, tmp_path / "a.onnx", {"metric": "ip"}, precision="auto", sample=x)
+    assert meta["precision"] == "int8" and meta["sample_recall"] >= 0.99 and meta["sample_queries"] == len(x) // 2
+    meta = export(trained.model, tmp_path / "b.onnx", {"metric": "ip"}, precision="auto", sample=ties)
+    assert meta["precision"] == Refiner.load(tmp_path / "b.onnx").precision == "fp32"
+    assert "10-recall@10" in meta["precision_fallback"] and "200 queries over 200 rows" in meta["precision_fallback"]
+    with caplog.at_level("WARNING", logger="simskip_faiss.export"):
+        meta = export(trained.model, tmp_path / "c.onnx", {"metric": "ip"}, precision="int8", sample=ties)
+    assert meta["precision"] == "int8" and meta["sample_recall"] < 0.99 and "precision_fallback" not in meta
+    assert "kept: asked for explicitly" in caplog.text
+
+
 def test_fp16_export_stores_half_weights(trained, tmp_path, data):
     meta = export(trained.model, tmp_path / "h.onnx", precision="fp16")
     proto = onnx.load(tmp_path / "h.onnx")
