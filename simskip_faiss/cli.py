@@ -184,6 +184,14 @@ def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> N
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
 
 
+def _export_checks(meta: dict) -> str:
+    """What export verified, for the line that reports the file: parity, neighbours on the corpus, any fallback."""
+    out = f"ONNX parity max abs err {meta['parity_max_abs_err']:.1e}"
+    if "sample_recall" in meta:
+        out += f", 10-recall@10 vs fp32 on the corpus {meta['sample_recall']:.4f}"
+    return out + (f"; {meta['precision_fallback']}" if "precision_fallback" in meta else "")
+
+
 def cmd_train(args) -> None:
     """Train (guarded by default) and export. Supervision given (labels, pairs) is all used for
     training and validation: the data is split 90/10 with no test slice (evaluation is `eval`)."""
@@ -208,8 +216,7 @@ def cmd_train(args) -> None:
     meta = res.export(args.output, precision=args.precision, sample=sample)  # reduced precision: checked on the corpus
     print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, signals {'+'.join(meta['signals'])}, "
           f"apply_to={meta['apply_to']}, {meta['precision']}, trained in {res.seconds:.1f}s (best step "
-          f"{res.best_step}, stopped: {res.stopped}), ONNX parity max abs err {meta['parity_max_abs_err']:.2e}"
-          + (f" ({meta['precision_fallback']})" if "precision_fallback" in meta else ""))
+          f"{res.best_step}, stopped: {res.stopped}), {_export_checks(meta)}")
 
 
 def cmd_quantize(args) -> None:
@@ -335,8 +342,7 @@ def cmd_run(args) -> None:
         seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
         refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
         print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "
-              f"(alpha={meta['alpha']:g}, {meta['precision']}, parity max abs err {meta['parity_max_abs_err']:.1e}"
-              + (f"; {meta['precision_fallback']}" if "precision_fallback" in meta else "") + ")")
+              f"(alpha={meta['alpha']:g}, {meta['precision']}, {_export_checks(meta)})")
         if res.guard:
             print(res.guard.summary())
     ecfg = EvalConfig(factory="Flat", metric=args.metric, ann_factory=args.factory if args.factory != "Flat" else None,
