@@ -114,16 +114,21 @@ class Guard:
 
     def __init__(self, data, cfg: TrainConfig):
         self.data, self.cfg = data, cfg
-        self.queries = {t: q for t, q in task_queries(data, "val", cfg.max_val_queries, cfg.seed).items()
-                        if len(q) >= MIN_VAL}
+        tasks = task_queries(data, "val", cfg.max_val_queries, cfg.seed)
+        if "labels" in tasks:  # a row whose label no other row carries has nothing to find: not scored (trec_eval's rule)
+            counts = np.bincount(data.labels[data.labels >= 0], minlength=1)
+            ql = data.labels[tasks["labels"]]
+            tasks["labels"] = tasks["labels"][(ql >= 0) & (counts[np.maximum(ql, 0)] > 1)]
+        self.queries = {t: q for t, q in tasks.items() if len(q) >= MIN_VAL}
         if cfg.guard_tasks:
             unknown = set(cfg.guard_tasks) - set(self.queries)
             if unknown:
                 raise ValueError(f"guard_tasks {sorted(unknown)} have no validation data (available: {sorted(self.queries)})")
             self.queries = {t: v for t, v in self.queries.items() if t in cfg.guard_tasks}
         if cfg.label_weight and "labels" not in self.queries and not cfg.guard_tasks:
-            raise ValueError(f"label training needs at least {MIN_VAL} labelled validation rows to guard against "
-                             f"(the validation split has {len(data.split_rows('val'))} rows)")
+            raise ValueError(f"label training needs at least {MIN_VAL} validation rows that share their label with "
+                             f"another row, to guard against (the validation split has {len(data.split_rows('val'))} "
+                             f"rows, {len(tasks.get('labels', ()))} of them such)")
         if cfg.pair_weight and "pairs" not in self.queries and not cfg.guard_tasks:
             raise ValueError(f"pair training needs at least {MIN_VAL} validation queries with qrels to guard against "
                              f"(the validation split has {len(data.split_queries('val'))} queries)")

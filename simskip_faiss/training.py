@@ -537,6 +537,10 @@ def _check_supervision(cfg: TrainConfig, sup: Supervision, n: int, d: int) -> Su
             raise ValueError(f"labels have {len(classes)} class{'es' if len(classes) != 1 else ''} among the "
                              "training rows; label training needs at least 2 (pass label_weight=0, on the command "
                              "line --label-weight 0, to train without them)")
+        if np.bincount(sup.labels[sup.labels >= 0]).max() < 2:
+            raise ValueError(f"no label is shared by two training rows ({len(classes)} labels, one row each): label "
+                             "training learns from rows of the same label (pass label_weight=0, on the command line "
+                             "--label-weight 0, to train without them)")
     if cfg.pair_weight > 0:
         sup.queries = as_matrix(sup.queries, d, "queries")
         sup.pair_query = np.asarray(sup.pair_query, dtype=np.int64)

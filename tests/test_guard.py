@@ -371,6 +371,24 @@ def test_single_class_labels_are_refused(planted):
         fit(data, TrainConfig(**BASE))
 
 
+def test_labels_no_two_rows_share_are_refused(planted):
+    """All-distinct labels give label training no positive and the guard nothing to score: it trained
+    with a zero loss and shipped the identity over a table of NaNs before."""
+    data = _only(dataclasses.replace(planted, labels=np.arange(len(planted.corpus)), label_names=None), pairs=False)
+    with pytest.raises(ValueError, match=r"no label is shared by two training rows \(\d+ labels, one row each\)"):
+        fit(data, TrainConfig(**BASE))
+
+
+def test_label_guard_needs_validation_rows_that_share_a_label(planted):
+    """Training rows with classes, validation rows each with a label of its own: nothing to guard on."""
+    labels = planted.labels.copy()
+    val = planted.split_rows("val")
+    labels[val] = labels.max() + 1 + np.arange(len(val))
+    data = _only(dataclasses.replace(planted, labels=labels, label_names=None), pairs=False)
+    with pytest.raises(ValueError, match=rf"share their label with another row.*has {len(val)} rows, 0 of them such"):
+        fit(data, TrainConfig(**BASE))
+
+
 def test_corpus_too_small_for_a_validation_split():
     tiny = make_synthetic(n=12, d=8, n_queries=4, seed=0, fractions=(0.95, 0.05, 0.0))
     with pytest.raises(ValueError, match="validation"):
