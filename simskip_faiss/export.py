@@ -347,12 +347,14 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
 
 
 def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision: str = "int8",
-             tol: float | None = None) -> dict:
+             tol: float | None = None, sample=None) -> dict:
     """Convert an exported fp32 refiner file to `precision`, verified against the fp32 file itself.
 
     No torch needed. Raises ValueError if the input is not an fp32 refiner and RuntimeError if the
     converted model differs from it by more than `tol` (default PARITY_TOLERANCE[precision]).
-    Returns the metadata written (with `quantized_from`: the sha256 of the fp32 file).
+    Returns the metadata written (with `quantized_from`: the sha256 of the fp32 file). `sample` (the
+    user's vectors): its 10-NN are compared with the fp32 file's and `sample_recall` is stamped; below
+    SAMPLE_RECALL, a warning (the conversion was asked for).
     """
     import onnx
 
@@ -369,6 +371,9 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     if not worst <= tol:
         raise RuntimeError(f"{precision} refiner does not match {onnx_in}: max abs error {worst:.3g} > {tol:g}")
     meta["parity_max_abs_err"] = worst
+    why = _sample_check(src.model_bytes, with_metadata(proto, meta), meta, sample)
+    if why:
+        log.warning("%s", why)
     atomic_write_bytes(Path(onnx_out), with_metadata(proto, meta))
     log.info("wrote %s refiner %s (max abs err %.2e vs %s)", precision, onnx_out, worst, onnx_in)
     return meta

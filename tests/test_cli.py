@@ -156,6 +156,9 @@ def test_train_int8_and_quantize(files, onnx_path, capsys):
     x = np.load(d / "corpus.npy")
     assert np.abs(q.transform(x) - src.transform(x)).max() <= q.metadata["parity_tolerance"]
     capsys.readouterr()
+    assert run("quantize", onnx_path[0], "-o", d / "q8.onnx", "--sample", d / "corpus.npy") == 0
+    recall = Refiner.load(d / "q8.onnx").metadata["sample_recall"]
+    assert f"10-recall@10 vs it on {d / 'corpus.npy'} {recall:.4f}" in capsys.readouterr().out
     assert run("quantize", d / "r8.onnx", "-o", d / "again.onnx") == 2  # already int8
     err = capsys.readouterr().err
     assert "already int8" in err and len(err.strip().splitlines()) == 1

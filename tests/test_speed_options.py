@@ -145,6 +145,12 @@ def test_quantize_file_round_trip_and_refusals(onnx_path, tmp_path, data):
     with pytest.raises(RuntimeError, match="does not match"):
         quantize(onnx_path[0], tmp_path / "tight.onnx", tol=1e-9)
     assert not (tmp_path / "tight.onnx").exists() and not (tmp_path / "x.onnx").exists()
+    from simskip_faiss.export import split_sample
+
+    meta = quantize(onnx_path[0], tmp_path / "s.onnx", sample=x)  # the neighbour check, against the fp32 file
+    s8, (qs, docs) = Refiner.load(tmp_path / "s.onnx"), split_sample(x)
+    want = intersection_at_10(top10(src(docs), src(qs)), top10(s8(docs), s8(qs)))
+    assert meta["sample_recall"] == pytest.approx(want, abs=1e-9) == s8.metadata["sample_recall"]
 
 
 def test_fp32_export_graph_is_lean_and_exact(trained, tmp_path, data):
