@@ -118,7 +118,7 @@ def test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it(file
     m = Refiner.load(d / "a.onnx").metadata
     assert m["precision"] == "int8" and 0.99 <= m["sample_recall"] <= 1
     assert f"10-recall@10 vs fp32 on the corpus {m['sample_recall']:.4f}" in capsys.readouterr().out
-    assert m["sample_queries"] + m["sample_corpus"] == min(n, 21000)
+    assert m["sample_queries"] + m["sample_corpus"] == min(n, export_module.SAMPLE_QUERIES + export_module.SAMPLE_CORPUS)
     monkeypatch.setattr(export_module, "SAMPLE_RECALL", 1.01)  # no file can keep more than all of its neighbours
     assert run("train", d / "corpus.npy", "-o", d / "b.onnx", "--epochs", "1", "--hidden", "16", "--no-guard", "-q") == 0
     out = capsys.readouterr().out

@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
 from simskip_faiss import IdentityRefiner, RefinedIndex, Refiner  # noqa: E402
-from simskip_faiss.export import PARITY_TOLERANCE, export, quantize  # noqa: E402
+from simskip_faiss.export import PARITY_TOLERANCE, export, quantize, sample_recall, split_sample  # noqa: E402
 from simskip_faiss.faiss_utils import release_rows, reserve  # noqa: E402
 from simskip_faiss.refiner import LinearRefiner, distil_linear  # noqa: E402
 
@@ -84,8 +84,6 @@ def test_auto_precision_ships_int8_or_falls_back_to_fp32(trained, tmp_path, data
 def test_sample_recall_is_faiss_10_recall_at_10_by_brute_force(trained, tmp_path, data):
     """The neighbour check against numpy: top-10 of the fp32 and int8 files, queries and corpus refined
     (or the corpus left raw for a query-only refiner)."""
-    from simskip_faiss.export import sample_recall, split_sample
-
     x, _ = data
     export(trained.model, tmp_path / "f.onnx", {"metric": "ip"})
     export(trained.model, tmp_path / "i.onnx", {"metric": "ip"}, precision="int8")
@@ -145,8 +143,6 @@ def test_quantize_file_round_trip_and_refusals(onnx_path, tmp_path, data):
     with pytest.raises(RuntimeError, match="does not match"):
         quantize(onnx_path[0], tmp_path / "tight.onnx", tol=1e-9)
     assert not (tmp_path / "tight.onnx").exists() and not (tmp_path / "x.onnx").exists()
-    from simskip_faiss.export import split_sample
-
     meta = quantize(onnx_path[0], tmp_path / "s.onnx", sample=x)  # the neighbour check, against the fp32 file
     s8, (qs, docs) = Refiner.load(tmp_path / "s.onnx"), split_sample(x)
     want = intersection_at_10(top10(src(docs), src(qs)), top10(s8(docs), s8(qs)))
