@@ -203,7 +203,6 @@ def cmd_train(args) -> None:
     cfg = _train_config(args)
     if args.corpus_npy and not (args.labels or args.qrels) and not cfg.guard:
         res = train(args.corpus_npy, cfg)  # streamed from the memory-mapped file
-        sample = _load_npy(args.corpus_npy, "corpus")
     else:
         from .guard import fit
 
@@ -212,8 +211,7 @@ def cmd_train(args) -> None:
         data = _data_from_args(args, fractions=TRAIN_FRACTIONS)
         res = fit(data, cfg)
         print(res.guard.summary(), file=sys.stderr)
-        sample = data.corpus
-    meta = res.export(args.output, precision=args.precision, sample=sample)  # reduced precision: checked on the corpus
+    meta = res.export(args.output, precision=args.precision)  # a reduced precision is checked on the corpus too
     print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, signals {'+'.join(meta['signals'])}, "
           f"apply_to={meta['apply_to']}, {meta['precision']}, trained in {res.seconds:.1f}s (best step "
           f"{res.best_step}, stopped: {res.stopped}), {_export_checks(meta)}")
@@ -340,7 +338,7 @@ def cmd_run(args) -> None:
         t = time.perf_counter()
         res = fit(data, dataclasses.replace(base, **weights))
         path = out / f"refiner-{name}.onnx"
-        meta = res.export(path, precision="auto", sample=data.corpus)
+        meta = res.export(path, precision="auto")
         seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
         refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
         print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "

@@ -431,7 +431,7 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
                     "lies above 0%s",
                     interval["objective"], 100 * interval["level"], "; shipping the identity" if alpha == 0 else "")
     out = FitResult(model=model, config=cfg, history=res.history, best_step=step, seconds=time.perf_counter() - t0,
-                    n_train=res.n_train, stopped=res.stopped)
+                    n_train=res.n_train, stopped=res.stopped, corpus=res.corpus)
     out.guard = GuardReport(alpha=alpha, step=step, criterion=guard.criterion, raw=guard.raw, candidates=cands,
                             reason=reason, signals=cfg.signals(), search=search, interval=interval)
     return out

@@ -194,6 +194,8 @@ class TrainResult:
     seconds: float = 0.0
     n_train: int = 0
     stopped: str = ""                        # why training ended: patience, max_steps, time_budget
+    # the corpus it was trained on (a reference, not a copy): export's default `sample` for the neighbour check
+    corpus: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def metadata(self) -> dict:
         """What `export` stamps into the ONNX file besides dimensions."""
@@ -205,10 +207,11 @@ class TrainResult:
         """Export the trained refiner with its metadata (apply_to, signals, guard report); returns it.
 
         precision: "fp32", "fp16", "int8", or "auto" (int8 unless it fails its parity check, or its
-        neighbours on `sample`, e.g. the corpus, differ from fp32's: see export)."""
+        neighbours on `sample` differ from fp32's: see export). sample: default, the training corpus."""
         from .export import export
 
-        return export(self.model, path, self.metadata(), precision=precision, sample=sample)
+        return export(self.model, path, self.metadata(), precision=precision,
+                      sample=self.corpus if sample is None else sample)
 
 
 @contextlib.contextmanager
@@ -337,7 +340,8 @@ class Run:
         self.model.load_state_dict(self.best_state)
         self.model.eval()
         return TrainResult(model=self.model, config=self.cfg, history=self.history, best_step=self.best.step,
-                           seconds=self.seconds, n_train=len(self.train_rows), stopped=self.stopped or "max_steps")
+                           seconds=self.seconds, n_train=len(self.train_rows), stopped=self.stopped or "max_steps",
+                           corpus=self.corpus)
 
     def checkpoints(self) -> list[tuple[int, dict]]:
         """(step, weights) of the best two validations, best first."""

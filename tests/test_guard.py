@@ -332,6 +332,10 @@ def test_fit_result_exports_itself_with_apply_to_signals_and_guard(tmp_path, pla
     g = ref.metadata["guard"]
     assert g["alpha"] == res.guard.alpha and len(g["candidates"]) == len(TrainConfig().alphas)
     assert set(g["raw"]) == {"pairs:ndcg@10", "pairs:recall@10", "pairs:recall@100", "pairs:mrr@10"}
+    assert "sample_recall" not in ref.metadata  # fp32: nothing to compare
+    meta = res.export(tmp_path / "a.onnx", precision="auto")  # checked on the corpus it was fitted on, unasked
+    assert meta["sample_queries"] + meta["sample_corpus"] == len(planted.corpus) and 0 <= meta["sample_recall"] <= 1
+    assert Refiner.load(tmp_path / "a.onnx").metadata["sample_recall"] == meta["sample_recall"]
     with pytest.raises(ValueError, match="queries only"):  # not silently "both"
         export(res.model, tmp_path / "bad.onnx")
     with pytest.raises(ValueError, match="trained for apply_to='queries'"):
