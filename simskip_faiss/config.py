@@ -97,6 +97,11 @@ class TrainConfig:
     # scores all max_val_queries): exact search over the corpus is most of a guarded fit's time on
     # large corpora (WordNet 20k labels: 25 of 50 s), and this cuts it to 16 s there
     coarse_val_queries: int = 1000
+    # corpus rows those validations search, at most: above it, a fixed seeded sample (the coarse label
+    # queries' rows and pair queries' documents, then random rows), refined and searched per checkpoint
+    # instead of the whole corpus, so a validation costs the same from 50k rows to any size; the final
+    # alpha sweep searches the whole corpus
+    coarse_corpus_rows: int = 50_000
 
     def __post_init__(self):
         if self.activation not in ACTIVATION_NAMES:
@@ -108,7 +113,7 @@ class TrainConfig:
         if self.pair_mode not in (None, "symmetric", "query_only"):
             raise ValueError(f"pair_mode must be 'symmetric', 'query_only' or None (chosen for you), got {self.pair_mode!r}")
         for name in ("hidden", "depth", "head_dim", "batch_size", "max_steps", "eval_every", "patience", "search_evals",
-                     "agreement_k", "coarse_val_queries"):
+                     "agreement_k", "coarse_val_queries", "coarse_corpus_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs <= 0:

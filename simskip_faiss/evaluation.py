@@ -277,11 +277,14 @@ def task_queries(data: EmbeddingData, split: str, max_queries: int | None, seed:
     return out
 
 
-def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict | None = None,
+          db_rows: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per-query metrics for each task, searching `index` (anything with FAISS's `search`).
 
     Query vectors come from `data` (a RefinedIndex refines them) unless `vectors` gives them per
     task, already transformed. Label queries are corpus rows: each one's own row is dropped.
+    `db_rows`: the corpus rows `index` holds, when not all (ids are still corpus rows); a label
+    query's relevant rows are counted among them.
     """
     out, vectors = {}, vectors or {}
     k = min(k, index.ntotal - 1)
@@ -289,7 +292,8 @@ def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict
         rows = queries["labels"]
         _, I = index.search(vectors.get("labels", np.asarray(data.corpus[rows])), k + 1)
         I = drop_self(I, rows, k)
-        counts = np.bincount(data.labels[data.labels >= 0], minlength=int(data.labels.max()) + 1)
+        held = data.labels if db_rows is None else data.labels[db_rows]
+        counts = np.bincount(held[held >= 0], minlength=int(data.labels.max()) + 1)
         ql = data.labels[rows]
         out["labels"] = per_query_metrics(I, query_labels=ql, db_labels=data.labels,
                                           n_relevant=np.where(ql >= 0, counts[np.maximum(ql, 0)] - 1, 0), ks=(10, 100))

@@ -81,6 +81,17 @@ class GuardReport:
         return "\n".join(lines)
 
 
+class _Remapped:
+    """A FAISS index over some corpus rows whose search reports the corpus row ids (what `score` expects)."""
+
+    def __init__(self, index: faiss.Index, rows: np.ndarray):
+        self.index, self.rows, self.ntotal = index, rows, index.ntotal
+
+    def search(self, x: np.ndarray, k: int):
+        D, I = self.index.search(x, k)
+        return D, np.where(I >= 0, self.rows[np.maximum(I, 0)], -1)
+
+
 def noise(interval: dict) -> bool:
     """True for a `Guard.interval` whose objective and every metric have intervals reaching 0 (False for {})."""
     return bool(interval) and interval["ci_low"] <= 0 and not interval["gains"]
@@ -155,8 +166,10 @@ class Guard:
         rng = np.random.default_rng(cfg.seed + 1)
         self.coarse = {t: np.sort(rng.choice(len(r), cfg.coarse_val_queries, replace=False))
                        for t, r in self.queries.items() if len(r) > cfg.coarse_val_queries and not self.proxy}
-        self.raw_coarse = (self._metrics(self.corpus, self._subset(self.qx, True), self._subset(self.queries, True))
-                           if self.coarse else self.raw)
+        self.sample = self._corpus_sample(cfg) if not self.proxy and len(self.corpus) > cfg.coarse_corpus_rows else None
+        self.coarse_corpus = self.corpus if self.sample is None else self.corpus[self.sample]
+        self.raw_coarse = (self._metrics(self.coarse_corpus, self._subset(self.qx, True), self._subset(self.queries, True),
+                                         coarse=True) if self.coarse or self.sample is not None else self.raw)
         self.protected = list(cfg.guard_metrics or self.raw)
         unknown = set(self.protected) - set(self.raw)
         if unknown:
@@ -174,16 +187,35 @@ class Guard:
         """`per_task` (query rows or vectors by task) cut to the coarse subset when `coarse`."""
         return {t: v[self.coarse[t]] if coarse and t in self.coarse else v for t, v in per_task.items()}
 
+    def _corpus_sample(self, cfg: TrainConfig) -> np.ndarray:
+        """The corpus rows the in-training validations search on a large corpus: every row a coarse
+        query needs (its own row for a label query, the relevant documents of a pair query), then
+        seeded random rows up to `coarse_corpus_rows`."""
+        rows = self._subset(self.queries, True)
+        need = [rows["labels"]] if "labels" in rows else []
+        if "pairs" in rows:
+            need += [self.data.qrels[i] for i in rows["pairs"]]
+        need = np.unique(np.concatenate(need)).astype(np.int64)
+        rest = np.setdiff1d(np.arange(len(self.corpus)), need, assume_unique=True)
+        extra = np.random.default_rng(cfg.seed + 2).choice(rest, max(0, min(len(rest), cfg.coarse_corpus_rows - len(need))),
+                                                           replace=False)
+        return np.sort(np.concatenate([need, extra]))
+
     def _flat(self, docs: np.ndarray) -> faiss.Index:
         """An exact index of `docs` in the refiner's metric: what every validation search runs on."""
         index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
         index.add(docs)
         return index
 
-    def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray], rows: dict | None = None) -> dict[str, float]:
-        """Mean validation metrics of query vectors `q` (ids `rows`, default all) searched over `docs`."""
+    def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray], rows: dict | None = None,
+                 coarse: bool = False) -> dict[str, float]:
+        """Mean validation metrics of query vectors `q` (ids `rows`, default all) searched over `docs`
+        (`coarse` on a large corpus: `docs` are the corpus sample's rows, in its order)."""
         rows = self.queries if rows is None else rows
         index = self._flat(docs)
+        if coarse and self.sample is not None:  # search the sample, report corpus row ids
+            per = self._per_query(_Remapped(index, self.sample), q, rows, self.sample)
+            return {k: float(v.mean()) for k, v in per.items()}
         if self.proxy:  # share of each validation row's raw k nearest neighbours still in its refined top k
             k = self.agreement_k
             I = drop_self(index.search(q["agreement"], k + 1)[1], rows["agreement"], k)
@@ -192,9 +224,9 @@ class Guard:
             return {f"agreement@{k}": knn_recall(self._raw_nn, I, ks=(k,))[f"{k}-recall@{k}"]}
         return {k: float(v.mean()) for k, v in self._per_query(index, q, rows).items()}
 
-    def _per_query(self, index, q: dict[str, np.ndarray], rows: dict) -> dict[str, np.ndarray]:
+    def _per_query(self, index, q: dict[str, np.ndarray], rows: dict, db_rows=None) -> dict[str, np.ndarray]:
         """Every validation metric per query ("task:metric" -> one value per query of the task)."""
-        per_task = score(index, self.data, rows, vectors=q)
+        per_task = score(index, self.data, rows, vectors=q, db_rows=db_rows)
         return {f"{t}:{m}": pq[m] for t, pq in per_task.items() for m in (LABEL_METRICS if t == "labels" else PAIR_METRICS)}
 
     def _objective(self, m: dict[str, float], raw: dict[str, float]) -> tuple[bool, float]:
@@ -212,13 +244,14 @@ class Guard:
         model.eval()
         qx, rows = self._subset(self.qx, coarse), self._subset(self.queries, coarse)
         raw = self.raw_coarse if coarse else self.raw
+        corpus = self.coarse_corpus if coarse else self.corpus
         fq = {t: _f(model, x) for t, x in qx.items()}
-        fd = None if model.apply_to == "queries" else _f(model, self.corpus)
+        fd = None if model.apply_to == "queries" else _f(model, corpus)
         cands = []
         for a in alphas:
-            docs = self.corpus if fd is None else _combine(self.corpus, fd, a, model.normalize)
+            docs = corpus if fd is None else _combine(corpus, fd, a, model.normalize)
             q = {t: _combine(x, fq[t], a, model.normalize) for t, x in qx.items()}
-            m = self._metrics(docs, q, rows)
+            m = self._metrics(docs, q, rows, coarse)
             feasible, obj = self._objective(m, raw)
             cands.append({"alpha": float(a), "metrics": m, "feasible": feasible, "objective": obj})
         self.seconds += time.perf_counter() - t0

@@ -80,15 +80,23 @@ def test_labels_improve_label_retrieval_on_validation(planted):
     assert all(chosen["metrics"][k] >= g.raw[k] for k in g.raw)  # nothing dropped on validation
 
 
-def _brute_force(data, refine_q, refine_d, rows, qids):
+def _brute_force(data, refine_q, refine_d, rows, qids, db=None):
     """Validation p@10 (labels) and nDCG@10/Recall@10/MRR@10 (one relevant document per query),
-    by numpy brute force over the whole corpus."""
-    docs = refine_d(data.corpus)
+    by numpy brute force over the whole corpus, or over its rows `db` (then also labels mAP@100,
+    relevant rows counted among `db`)."""
+    db = np.arange(len(data.corpus)) if db is None else np.asarray(db)
+    docs = refine_d(data.corpus[db])
     s = refine_q(data.corpus[rows]) @ docs.T
-    s[np.arange(len(rows)), rows] = -np.inf  # a label query does not retrieve itself
-    top = np.argsort(-s, axis=1, kind="stable")[:, :10]
-    out = {"labels:precision@10": float((data.labels[top] == data.labels[rows][:, None]).mean())}
-    top = np.argsort(-(refine_q(data.queries[qids]) @ docs.T), axis=1, kind="stable")[:, :10]
+    s[db[None, :] == np.asarray(rows)[:, None]] = -np.inf  # a label query does not retrieve itself
+    top = db[np.argsort(-s, axis=1, kind="stable")[:, :100]]
+    same = data.labels[top] == data.labels[rows][:, None]
+    out = {"labels:precision@10": float(same[:, :10].mean())}
+    if len(db) < len(data.corpus):
+        n_rel = np.array([(data.labels[db] == data.labels[r]).sum() - 1 for r in rows])
+        prec = np.cumsum(same, axis=1) / np.arange(1, 101)
+        ap = (prec * same).sum(1) / np.minimum(np.maximum(n_rel, 1), 100)
+        out["labels:map@100"] = float(ap[n_rel > 0].mean())
+    top = db[np.argsort(-(refine_q(data.queries[qids]) @ docs.T), axis=1, kind="stable")[:, :10]]
     rel = np.array([data.qrels[i][0] for i in qids])
     hit = top == rel[:, None]
     rank = np.where(hit.any(1), hit.argmax(1), -1)
@@ -254,6 +262,32 @@ def test_in_training_validations_score_a_seeded_subset_and_the_final_sweep_all(p
         assert guard.raw_coarse[k] == pytest.approx(v, abs=1e-6)
     full = _brute_force(planted, lambda x: x, lambda x: x, rows, qids)
     for k, v in full.items():  # the shipped report: every validation query
+        assert res.guard.raw[k] == pytest.approx(v, abs=1e-6)
+
+
+def test_in_training_validations_on_a_large_corpus_search_a_seeded_corpus_sample(planted):
+    """Above coarse_corpus_rows, the coarse validations search a fixed sample of the corpus holding
+    every row their queries need; recomputed here by brute force over the sample (relevant rows
+    counted in it). The shipped report still searches the whole corpus."""
+    cfg = TrainConfig(**BASE, label_weight=1.0, pair_weight=1.0, coarse_val_queries=30, coarse_corpus_rows=400)
+    res = fit(planted, cfg)
+    guard = Guard(planted, res.config)
+    sub = guard._subset(guard.queries, True)
+    rows, qids, sample = sub["labels"], sub["pairs"], guard.sample
+    need = set(rows.tolist()) | {int(d) for i in qids for d in planted.qrels[i]}
+    assert need <= set(sample.tolist()) and len(sample) == 400 == len(set(sample.tolist())) and len(planted.corpus) > 400
+    assert (np.diff(sample) > 0).all() and (Guard(planted, res.config).sample == sample).all()  # sorted, seeded
+    assert len(guard.coarse_corpus) == 400 and Guard(planted, TrainConfig(**BASE)).sample is None  # 1200 <= 50,000
+    ev = guard.evaluator("t")(res.model, 1)
+    at = _at(res.model)
+    raw = _brute_force(planted, lambda x: x, lambda x: x, rows, qids, db=sample)
+    for k, v in raw.items():
+        assert guard.raw_coarse[k] == pytest.approx(v, abs=1e-6), k
+    for c in ev.detail["candidates"]:
+        for k, v in _brute_force(planted, at(c["alpha"]), at(c["alpha"]), rows, qids, db=sample).items():
+            assert c["metrics"][k] == pytest.approx(v, abs=1e-6), (c["alpha"], k)
+    full = _brute_force(planted, lambda x: x, lambda x: x, planted.split_rows("val"), planted.split_queries("val"))
+    for k, v in full.items():  # the shipped report: every validation query over the whole corpus
         assert res.guard.raw[k] == pytest.approx(v, abs=1e-6)
 
 
