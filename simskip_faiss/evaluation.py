@@ -277,6 +277,15 @@ def task_queries(data: EmbeddingData, split: str, max_queries: int | None, seed:
     return out
 
 
+def label_relevant(labels: np.ndarray, rows: np.ndarray, db_rows: np.ndarray | None = None) -> np.ndarray:
+    """Per label query (corpus `rows`): how many other rows carry its label, among `db_rows` (default
+    all; a query's own row must be among them). 0 for an unlabelled row: such a query is not scored."""
+    held = labels if db_rows is None else labels[db_rows]
+    counts = np.bincount(held[held >= 0], minlength=int(labels.max()) + 1)
+    ql = labels[rows]
+    return np.where(ql >= 0, counts[np.maximum(ql, 0)] - 1, 0)
+
+
 def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict | None = None,
           db_rows: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per-query metrics for each task, searching `index` (anything with FAISS's `search`).
@@ -292,11 +301,8 @@ def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict
         rows = queries["labels"]
         _, I = index.search(vectors.get("labels", np.asarray(data.corpus[rows])), k + 1)
         I = drop_self(I, rows, k)
-        held = data.labels if db_rows is None else data.labels[db_rows]
-        counts = np.bincount(held[held >= 0], minlength=int(data.labels.max()) + 1)
-        ql = data.labels[rows]
-        out["labels"] = per_query_metrics(I, query_labels=ql, db_labels=data.labels,
-                                          n_relevant=np.where(ql >= 0, counts[np.maximum(ql, 0)] - 1, 0), ks=(10, 100))
+        out["labels"] = per_query_metrics(I, query_labels=data.labels[rows], db_labels=data.labels,
+                                          n_relevant=label_relevant(data.labels, rows, db_rows), ks=(10, 100))
     if "pairs" in queries:
         qids = queries["pairs"]
         _, I = index.search(vectors.get("pairs", data.queries[qids]), k)

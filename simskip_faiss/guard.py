@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import LR_GRID, TEMPERATURE_GRID, TrainConfig
-from .evaluation import LABEL_METRICS, PAIR_METRICS, score, task_queries
+from .evaluation import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task_queries
 from .metrics import drop_self, knn_recall, paired_bootstrap
 from .training import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
 
@@ -127,9 +127,7 @@ class Guard:
         self.data, self.cfg = data, cfg
         tasks = task_queries(data, "val", cfg.max_val_queries, cfg.seed)
         if "labels" in tasks:  # a row whose label no other row carries has nothing to find: not scored (trec_eval's rule)
-            counts = np.bincount(data.labels[data.labels >= 0], minlength=1)
-            ql = data.labels[tasks["labels"]]
-            tasks["labels"] = tasks["labels"][(ql >= 0) & (counts[np.maximum(ql, 0)] > 1)]
+            tasks["labels"] = tasks["labels"][label_relevant(data.labels, tasks["labels"]) > 0]
         self.queries = {t: q for t, q in tasks.items() if len(q) >= MIN_VAL}
         if cfg.guard_tasks:
             unknown = set(cfg.guard_tasks) - set(self.queries)
