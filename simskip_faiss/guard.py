@@ -81,17 +81,6 @@ class GuardReport:
         return "\n".join(lines)
 
 
-class _Remapped:
-    """A FAISS index over some corpus rows whose search reports the corpus row ids (what `score` expects)."""
-
-    def __init__(self, index: faiss.Index, rows: np.ndarray):
-        self.index, self.rows, self.ntotal = index, rows, index.ntotal
-
-    def search(self, x: np.ndarray, k: int):
-        D, I = self.index.search(x, k)
-        return D, np.where(I >= 0, self.rows[np.maximum(I, 0)], -1)
-
-
 def noise(interval: dict) -> bool:
     """True for a `Guard.interval` whose objective and every metric have intervals reaching 0 (False for {})."""
     return bool(interval) and interval["ci_low"] <= 0 and not interval["gains"]
@@ -199,10 +188,15 @@ class Guard:
                                                            replace=False)
         return np.sort(np.concatenate([need, extra]))
 
-    def _flat(self, docs: np.ndarray) -> faiss.Index:
-        """An exact index of `docs` in the refiner's metric: what every validation search runs on."""
+    def _flat(self, docs: np.ndarray, ids: np.ndarray | None = None) -> faiss.Index:
+        """An exact index of `docs` in the refiner's metric: what every validation search runs on.
+        `ids`: the corpus rows `docs` are, when not all of them in order (searches report these)."""
         index = (faiss.IndexFlatIP if self.cfg.metric == "ip" else faiss.IndexFlatL2)(docs.shape[1])
-        index.add(docs)
+        if ids is None:
+            index.add(docs)
+            return index
+        index = faiss.IndexIDMap(index)
+        index.add_with_ids(docs, ids)
         return index
 
     def _metrics(self, docs: np.ndarray, q: dict[str, np.ndarray], rows: dict | None = None,
@@ -210,10 +204,10 @@ class Guard:
         """Mean validation metrics of query vectors `q` (ids `rows`, default all) searched over `docs`
         (`coarse` on a large corpus: `docs` are the corpus sample's rows, in its order)."""
         rows = self.queries if rows is None else rows
-        index = self._flat(docs)
         if coarse and self.sample is not None:  # search the sample, report corpus row ids
-            per = self._per_query(_Remapped(index, self.sample), q, rows, self.sample)
+            per = self._per_query(self._flat(docs, self.sample), q, rows, self.sample)
             return {k: float(v.mean()) for k, v in per.items()}
+        index = self._flat(docs)
         if self.proxy:  # share of each validation row's raw k nearest neighbours still in its refined top k
             k = self.agreement_k
             I = drop_self(index.search(q["agreement"], k + 1)[1], rows["agreement"], k)
