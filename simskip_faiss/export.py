@@ -319,20 +319,22 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     meta.update(metadata or {})
     meta["precision"] = "fp32"
     proto = to_onnx_proto(model, d, opset)
-    meta["parity_max_abs_err"] = verify(model, with_metadata(proto, meta), d)
+    fp32_bytes = with_metadata(proto, meta)  # checked and serialised once: verified here, compared below
+    meta["parity_max_abs_err"] = verify(model, fp32_bytes, d)
     if precision != "fp32":
         tol = PARITY_TOLERANCE[precision] if tol is None else float(tol)
         reduced = convert(proto, precision)
         rmeta = dict(meta, precision=precision, parity_tolerance=tol, fp32_parity_max_abs_err=meta["parity_max_abs_err"])
         try:
-            rmeta["parity_max_abs_err"] = verify(model, with_metadata(reduced, rmeta), d, tol=tol)
+            reduced_bytes = with_metadata(reduced, rmeta)
+            rmeta["parity_max_abs_err"] = verify(model, reduced_bytes, d, tol=tol)
         except ParityError as e:
             if not auto:
                 raise ValueError(f"{e} at {precision}; export it at another precision, e.g. fp32") from None
             meta["precision_fallback"] = f"{precision} exceeded its parity tolerance ({e}): exported fp32"
             log.warning("%s", meta["precision_fallback"])
         else:
-            why = _sample_check(with_metadata(proto, meta), with_metadata(reduced, rmeta), rmeta, sample)
+            why = _sample_check(fp32_bytes, reduced_bytes, rmeta, sample)
             if why is None or not auto:
                 proto, meta = reduced, rmeta
                 if why:
@@ -367,11 +369,12 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     meta = dict(src.metadata, precision=precision, parity_tolerance=tol, quantized_from=src.sha256)
     if "parity_max_abs_err" in meta:  # the fp32 file's error vs torch; below, this file's vs the fp32 file
         meta["fp32_parity_max_abs_err"] = meta.pop("parity_max_abs_err")
-    worst = max_abs_error(src.transform, with_metadata(proto, meta), src.d_in)
+    converted = with_metadata(proto, meta)
+    worst = max_abs_error(src.transform, converted, src.d_in)
     if not worst <= tol:
         raise RuntimeError(f"{precision} refiner does not match {onnx_in}: max abs error {worst:.3g} > {tol:g}")
     meta["parity_max_abs_err"] = worst
-    why = _sample_check(src.model_bytes, with_metadata(proto, meta), meta, sample)
+    why = _sample_check(src.model_bytes, converted, meta, sample)
     if why:
         log.warning("%s", why)
     atomic_write_bytes(Path(onnx_out), with_metadata(proto, meta))
