@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from .config import DEFAULT_PRECISION
+from .datasets import PROTOCOLS
 
 log = logging.getLogger("simskip_faiss")
 
@@ -113,7 +114,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, so the CLI and the Python API cannot drift apart."""
     import typing
 
-    from .config import LABEL_LOSSES, TrainConfig
+    from .config import DOCUMENT_METHODS, LABEL_LOSSES, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     g = p.add_argument_group("training (TrainConfig; an option left unset is chosen for you, see --help of each)")
@@ -135,6 +136,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
         elif f.name == "label_loss":
             g.add_argument(flag, choices=list(LABEL_LOSSES), default=default,
                            help="decoupled (default): same-label rows scored against other labels only; supcon: SupCon")
+        elif f.name == "documents":
+            g.add_argument(flag, choices=list(DOCUMENT_METHODS), default=default,
+                           help="move the stored vectors of documents that training queries found (contrastive, "
+                                "the default; mean; none), the step chosen on validation; they travel beside the "
+                                "refiner file and `build` applies them by corpus row")
         elif f.name == "pair_mode":
             g.add_argument(flag, choices=["symmetric", "query_only"], default=None,
                            help="default: query_only for pairs alone (the index keeps raw vectors), else symmetric")
@@ -156,20 +162,26 @@ def _train_config(args):
 TRAIN_FRACTIONS = (0.9, 0.1, 0.0)  # `train` uses every labelled row and pair: train + validation, no test
 
 
-def _data_from_args(args, fractions=None):
+def _data_from_args(args, fractions=None, protocol: str | None = None):
     """A named data set (--data) or the user's files (--corpus, --queries, --qrels, --labels)."""
     from . import datasets
 
     split = {"fractions": fractions} if fractions else {}
+    protocol = protocol or getattr(args, "protocol", None)
     if getattr(args, "corpus", None):
         return datasets.load_user(args.corpus, queries=args.queries, labels=args.labels, qrels=args.qrels,
-                                  seed=args.split_seed, **split)
+                                  seed=args.split_seed, protocol=protocol or "shared", **split)
     if args.queries or args.qrels or args.labels:
         raise CLIError("--queries/--qrels/--labels go with --corpus")
     kw = {"seed": args.split_seed, **split}
     if args.data == "wordnet":
         kw.update(n_synsets=args.n_synsets, progress=not args.quiet)
-    return datasets.load(args.data, **kw)
+    data = datasets.load(args.data, **kw)
+    if protocol == "shared":
+        if data.queries is None:
+            raise CLIError(f"--protocol shared splits queries, and {args.data} has none")
+        data = datasets.shared_corpus(data, args.split_seed, **split)
+    return data
 
 
 def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> None:
@@ -182,6 +194,10 @@ def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> N
     g.add_argument("--qrels", help="BEIR-style TSV: query_row<TAB>doc_row[<TAB>grade]")
     g.add_argument("--labels", help="one label per corpus row, .npy")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
+    g.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
+                   help="how queries are split: shared (at random over the corpus, as logged pairs are; the default "
+                        "for --corpus) or disjoint (a query takes its document's split; the default for built-in "
+                        "data, and `run` reports both)")
 
 
 def _export_checks(meta: dict) -> str:
@@ -209,12 +225,34 @@ def cmd_train(args) -> None:
         if args.corpus_npy:
             args.corpus = args.corpus_npy
         data = _data_from_args(args, fractions=TRAIN_FRACTIONS)
+        if data.queries is not None and data.qrels is not None:
+            print(_pair_split(data), file=sys.stderr)
         res = fit(data, cfg)
+        if args.ids and res.documents is not None:  # updates keyed by the user's document ids, not rows
+            from .checks import as_ids
+
+            res.documents = res.documents.renamed(as_ids(_load_npy(args.ids, "ids", mmap=False), len(data.corpus)),
+                                                  f"the ids in {args.ids}")
         print(res.guard.summary(), file=sys.stderr)
+        if res.document_choice is not None:
+            print(res.document_choice.summary(), file=sys.stderr)
     meta = res.export(args.output, precision=args.precision)  # a reduced precision is checked on the corpus too
     print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, signals {'+'.join(meta['signals'])}, "
           f"apply_to={meta['apply_to']}, {meta['precision']}, trained in {res.seconds:.1f}s (best step "
           f"{res.best_step}, stopped: {res.stopped}), {_export_checks(meta)}")
+
+
+def _pair_split(data) -> str:
+    """One line on how the pairs were split: queries per split, and validation queries whose documents
+    have training queries (the ones document updates can help) and those whose documents have none."""
+    from .datasets import answered_rows
+
+    answered = answered_rows(data, "train")
+    val = data.split_queries("val")
+    seen = sum(bool(answered[data.qrels[i]].any()) for i in val)
+    counts = "/".join(str(len(data.split_queries(s))) for s in ("train", "val", "test"))
+    return (f"pairs split ({data.info.get('protocol', 'disjoint')} corpus): queries train/val/test {counts}; "
+            f"{seen} of {len(val)} validation queries have a document with training queries, {len(val) - seen} do not")
 
 
 def cmd_quantize(args) -> None:
@@ -242,12 +280,22 @@ def cmd_build(args) -> None:
         n = min(len(x), args.train_size)
         sample = np.sort(np.random.default_rng(0).choice(len(x), n, replace=False))
         index.train(np.asarray(x[sample]))
-    if args.ids:
-        index.add_with_ids(x, _load_npy(args.ids, "ids", mmap=False))
+    ids = _load_npy(args.ids, "ids", mmap=False) if args.ids else None
+    docs = refiner.documents
+    if docs is not None:  # the whole corpus is added: every updated document must be in it, under its id
+        held = np.arange(len(x)) if ids is None else np.asarray(ids).reshape(-1)
+        missing = len(docs) - np.isin(docs.ids, held).sum()
+        if missing:
+            raise CLIError(f"{args.refiner} carries document updates for {len(docs)} documents, keyed by "
+                           f"{docs.meta.get('keys', 'corpus row')}; {missing} of them are not among the {'ids in ' + args.ids if args.ids else 'rows of ' + args.corpus}"
+                           + ": build from the corpus the refiner was trained on, with the same ids")
+    if ids is not None:
+        index.add_with_ids(x, ids)
     else:
         index.add(x)
     index.save(args.output)
-    print(f"wrote bundle {args.output}: {index}")
+    print(f"wrote bundle {args.output}: {index}"
+          + (f", {len(docs)} document updates applied" if docs is not None else ""))
 
 
 def cmd_search(args) -> None:
@@ -575,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a SimSkip refiner on CORPUS.npy (or a data set) and export it to one ONNX file.")
     s.add_argument("corpus_npy", nargs="?", help="corpus embeddings .npy (n, d); omit to use --data")
     s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
+    s.add_argument("--ids", help="int64 document ids .npy, one per corpus row: document updates are keyed by them "
+                                 "(give the same file to build --ids); default: corpus row numbers")
     _add_data_options(s, default="wordnet")
     _add_train_options(s)
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"],

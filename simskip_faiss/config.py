@@ -11,6 +11,7 @@ DEFAULT_PRECISION = "int8"
 
 
 SIGNALS = ("unsupervised", "labels", "pairs")
+DOCUMENT_METHODS = ("contrastive", "mean", "none")
 LABEL_LOSSES = ("decoupled", "supcon")
 LR_GRID = (1e-3, 3e-3)              # searched on validation when TrainConfig.lr is None
 TEMPERATURE_GRID = (0.05, 0.1)      # likewise for TrainConfig.temperature (supervised terms)
@@ -102,10 +103,15 @@ class TrainConfig:
     # instead of the whole corpus, so a validation costs the same from 50k rows to any size; the final
     # alpha sweep searches the whole corpus
     coarse_corpus_rows: int = 50_000
+    # document-side refinement from the pairs (nudge.py): "contrastive" (default), "mean" or "none". The
+    # answer documents' stored vectors are moved, the step chosen on validation (0: none ship)
+    documents: str = "contrastive"
 
     def __post_init__(self):
         if self.activation not in ACTIVATION_NAMES:
             raise ValueError(f"activation must be one of {sorted(ACTIVATION_NAMES)}, got {self.activation!r}")
+        if self.documents not in DOCUMENT_METHODS:
+            raise ValueError(f"documents must be one of {list(DOCUMENT_METHODS)}, got {self.documents!r}")
         if self.metric not in ("ip", "l2"):
             raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
         if self.label_loss not in LABEL_LOSSES:

@@ -26,7 +26,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,7 +36,7 @@ from .checks import as_matrix, file_sha256, l2_normalize, load_npy
 from .persistence import atomic_write_bytes
 
 __all__ = [
-    "SPLITS", "EmbeddingData", "Synset", "make_splits", "parse_wordnet", "wordnet_dir",
+    "SPLITS", "PROTOCOLS", "EmbeddingData", "shared_corpus", "answered_rows", "Synset", "make_splits", "parse_wordnet", "wordnet_dir",
     "load_wordnet", "load_digits", "make_synthetic", "load_user", "parse_qrels", "load",
 ]
 
@@ -167,6 +167,29 @@ class EmbeddingData:
                 str(int(np.sum(self.query_split == c))) for c in range(3))
             q += " (qrels)" if self.qrels is not None else " (no qrels)"
         return f"{self.name}: n={n} d={d} labels={labels} corpus train/val/test={rows} {q}"
+
+
+PROTOCOLS = ("disjoint", "shared")
+
+
+def shared_corpus(data: EmbeddingData, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> EmbeddingData:
+    """`data` with its queries split at random over the shared corpus (BEIR's and the adapter papers'
+    protocol: a test query's document may have training queries), instead of inheriting their
+    documents' split. Corpus rows keep their split (the label task's). The queries' split is a seeded
+    draw of its own, so the same `seed` gives the same split for every consumer."""
+    if data.queries is None:
+        raise ValueError(f"{data.name}: the shared-corpus protocol splits queries, and this data set has none")
+    qs = make_splits(len(data.queries), fractions, seed + 1)
+    return replace(data, query_split=qs, info={**data.info, "protocol": "shared", "query_split_seed": seed + 1})
+
+
+def answered_rows(data: EmbeddingData, split: str = "train") -> np.ndarray:
+    """Bool per corpus row: does a query of `split` have it among its relevant documents?"""
+    out = np.zeros(len(data.corpus), bool)
+    if data.qrels is not None:
+        for i in data.split_queries(split):
+            out[data.qrels[i]] = True
+    return out
 
 
 def make_splits(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> np.ndarray:
@@ -583,11 +606,15 @@ def parse_qrels(path: str | Path, n_queries: int, n_docs: int) -> list[np.ndarra
 def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray | None = None,
               labels: str | Path | np.ndarray | None = None, qrels: str | Path | None = None,
               seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-              name: str = "user") -> EmbeddingData:
+              name: str = "user", protocol: str = "shared") -> EmbeddingData:
     """The user's own embeddings (.npy paths or arrays) with optional labels (integer or string
     array, one per corpus row) and qrels (TSV, see :func:`parse_qrels`). Corpus rows get seeded
-    splits; a query with qrels inherits the split of its first relevant document (so a document
-    and the queries that point at it land together), other queries get a seeded split."""
+    splits. Queries: `protocol` "shared" (default: logged pairs over the corpus a user serves) splits
+    them at random, seeded, so validation queries are drawn from the queries and include some whose
+    documents have training queries and some whose documents have none; "disjoint" gives a query with
+    qrels the split of its first relevant document (no test document was ever a training answer)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     x, desc = _load_vectors(corpus, "corpus")
     n, d = x.shape
     info: dict[str, Any] = {"source": "user", "seed": seed, "fractions": tuple(fractions)}
@@ -617,10 +644,11 @@ def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray 
         if qrels is not None:
             rels = parse_qrels(qrels, len(q), n)
             empty = [i for i, r in enumerate(rels) if r.size == 0]
-            for i, r in enumerate(rels):
-                if r.size:
-                    q_split[i] = corpus_split[r[0]]
-            info.update(qrels_file=str(qrels), queries_without_qrels=len(empty))
+            if protocol == "disjoint":
+                for i, r in enumerate(rels):
+                    if r.size:
+                        q_split[i] = corpus_split[r[0]]
+            info.update(qrels_file=str(qrels), queries_without_qrels=len(empty), protocol=protocol)
             if empty:
                 log.warning("%d of %d queries have no relevant documents in %s", len(empty), len(q), qrels)
     elif qrels is not None:

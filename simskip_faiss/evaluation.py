@@ -23,7 +23,7 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm.auto import tqdm
 
 from .baselines import lda_candidates, ridge_candidates
-from .datasets import EmbeddingData
+from .datasets import EmbeddingData, answered_rows
 from .faiss_utils import metric_code
 from .index import RefinedIndex
 from .metrics import drop_self, knn_recall, paired_bootstrap, per_query_metrics
@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 
 LABEL_METRICS = ("precision@10", "map@100")
 PAIR_METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
-HEADLINE = {"labels": "map@100", "pairs": "ndcg@10"}
+HEADLINE = {"labels": "map@100", "pairs": "ndcg@10", "seen": "ndcg@10", "unseen": "ndcg@10"}
+# the pair queries split by whether their documents have training queries (the shared-corpus protocol):
+# "seen" documents may carry document updates; "unseen" ones show what a map alone does
+GROUP_METRICS = ("ndcg@10",)
 BASELINES = ("raw", "centred", "whitened", "abtt", "ridge", "lda")
 # supervised baseline -> (task, metric) its hyperparameters maximise on val, ("task:metric", ...) kept >= raw there
 SUPERVISED_BASELINES = {"ridge": ("pairs", "ndcg@10", ()), "lda": ("labels", "map@100", ("pairs:ndcg@10",))}
@@ -277,6 +280,14 @@ def task_queries(data: EmbeddingData, split: str, max_queries: int | None, seed:
     return out
 
 
+def seen_queries(data: EmbeddingData, qids: np.ndarray | None) -> np.ndarray | None:
+    """Per query of `qids`: does one of its relevant documents have a training query? (None without pairs.)"""
+    if qids is None or data.qrels is None:
+        return None
+    answered = answered_rows(data, "train")
+    return np.array([bool(answered[data.qrels[i]].any()) for i in qids], dtype=bool)
+
+
 def label_relevant(labels: np.ndarray, rows: np.ndarray, db_rows: np.ndarray | None = None) -> np.ndarray:
     """Per label query (corpus `rows`): how many other rows carry its label, among `db_rows` (default
     all; a query's own row must be among them). 0 for an unlabelled row: such a query is not scored."""
@@ -345,9 +356,15 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
     per_method = {}
     for name, ref in tqdm(methods.items() if queries else (), desc="evaluate", unit="method", disable=not cfg.progress):
         per_method[name] = score(build(ref, data, cfg.factory, cfg.metric), data, queries)
+    seen = seen_queries(data, queries.get("pairs"))
+    if seen is not None and seen.any() and not seen.all():
+        report.info["queries"].update(seen=int(seen.sum()), unseen=int((~seen).sum()))
+        for tasks in per_method.values():
+            tasks.update({g: {m: tasks["pairs"][m][mask] for m in GROUP_METRICS} for g, mask in
+                          (("seen", seen), ("unseen", ~seen))})
     for name, tasks in per_method.items():
         for task, pq in tasks.items():
-            for m in (LABEL_METRICS if task == "labels" else PAIR_METRICS):
+            for m in (LABEL_METRICS if task == "labels" else PAIR_METRICS if task == "pairs" else GROUP_METRICS):
                 row = {"method": name, "task": task, "metric": m, "value": float(pq[m].mean()),
                        "std": float(pq[m].std()), "n": int(len(pq[m]))}
                 bs = paired_bootstrap(per_method["raw"][task][m], pq[m], n=cfg.bootstrap, seed=cfg.seed)

@@ -21,6 +21,8 @@ The CLI passes the training corpus.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ import numpy as np
 from . import __version__
 from .config import DEFAULT_PRECISION
 from .persistence import atomic_write_bytes
-from .refiner import METADATA_KEY, Refiner
+from .refiner import METADATA_KEY, Refiner, documents_path
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +291,29 @@ def _fp16(proto):
     return proto
 
 
+def write_documents(path: str | os.PathLike, meta: dict, documents) -> None:
+    """Write `documents` (DocumentUpdates or None) beside the refiner file `path`, named by their content,
+    and record them in `meta` ("documents": file, sha256, n, d): the refiner file names and hashes them."""
+    meta.pop("documents", None)
+    if documents is None:
+        return
+    data = documents.to_bytes()
+    target = documents_path(path, hashlib.sha256(data).hexdigest())
+    atomic_write_bytes(target, data)
+    meta["documents"] = {**documents.record(), "file": target.name}
+
+
+def prune_documents(path: str | os.PathLike, meta: dict) -> None:
+    """Delete document-update files beside `path` that its refiner (just written, `meta`) does not name."""
+    p = Path(path)
+    keep = (meta.get("documents") or {}).get("file")
+    for old in p.parent.glob(glob.escape(p.name) + ".documents-*.bin"):
+        if old.name != keep and old.is_file() and not old.is_symlink():
+            old.unlink(missing_ok=True)
+
+
 def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: int = 23,
-           precision: str = "fp32", tol: float | None = None, sample=None) -> dict:
+           precision: str = "fp32", tol: float | None = None, sample=None, documents=None) -> dict:
     """Export a `SimSkip` model to `path` atomically, after checking it with onnx.checker and onnxruntime.
 
     The fp32 graph is always checked against torch to 1e-5 first (so a reduced precision never
@@ -306,6 +329,8 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     `sample`: the user's vectors (e.g. the corpus); a reduced precision's neighbours on it are
     compared with fp32's (`sample_recall`, stamped). Below SAMPLE_RECALL, "auto" falls back to
     fp32; an explicit precision is kept, with a warning (a lossy format was asked for).
+    `documents`: document updates (documents.py) written beside the file (`write_documents`) and named in
+    its metadata, so that `Refiner.load` and `build` apply them.
     """
     auto = precision == "auto"
     precision = _check_precision(DEFAULT_PRECISION if auto else precision)
@@ -345,8 +370,10 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
             else:
                 meta["precision_fallback"] = f"{why}: exported fp32"
                 log.warning("%s", meta["precision_fallback"])
+    write_documents(path, meta, documents)  # first: the refiner file that names them is written last
     data = with_metadata(proto, meta)  # the same graph, stamped with its measured parity
     atomic_write_bytes(Path(path), data)
+    prune_documents(path, meta)
     log.info("exported %s refiner to %s (parity max abs err %.2e)", meta["precision"], path, meta["parity_max_abs_err"])
     return meta
 
@@ -380,6 +407,8 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     why = _sample_check(src.model_bytes, converted, meta, sample)
     if why:
         log.warning("%s", why)
+    write_documents(onnx_out, meta, src.documents)  # they travel with the converted file
     atomic_write_bytes(Path(onnx_out), with_metadata(proto, meta))
+    prune_documents(onnx_out, meta)
     log.info("wrote %s refiner %s (max abs err %.2e vs %s)", precision, onnx_out, worst, onnx_in)
     return meta

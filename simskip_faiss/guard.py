@@ -27,6 +27,7 @@ import torch
 from .config import LR_GRID, TEMPERATURE_GRID, TrainConfig
 from .evaluation import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task_queries
 from .metrics import drop_self, knn_recall, paired_bootstrap
+from .nudge import UpdateChoice, learn
 from .training import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
 
 log = logging.getLogger(__name__)
@@ -316,12 +317,15 @@ class Guard:
 @dataclass
 class FitResult(TrainResult):
     guard: GuardReport | None = None
+    document_choice: UpdateChoice | None = None  # what the document-update step saw and chose (nudge.py)
 
     def metadata(self) -> dict:
         """What `export` stamps into the ONNX file: the training record plus the guard report."""
         meta = super().metadata()
         if self.guard is not None:
             meta["guard"] = asdict(self.guard)
+        if self.document_choice is not None:
+            meta["document_choice"] = asdict(self.document_choice)
         return meta
 
 
@@ -374,8 +378,29 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
         else:
             run, search = _search(data, cfg, sup, train_rows, guard, deadline)
         out = _finish(run, guard, search, t0, deadline)
+        if cfg.documents != "none" and cfg.guard and sup.has_pairs and "pairs" in guard.queries:
+            _learn_documents(out, data, cfg)
+            out.seconds = time.perf_counter() - t0
     log.info("%s", out.guard.summary())
+    if out.document_choice is not None:
+        log.info("%s", out.document_choice.summary())
     return out
+
+
+def _learn_documents(out: FitResult, data, cfg: TrainConfig) -> None:
+    """Document updates against the shipped refiner's queries (nudge.learn), chosen on the val split."""
+    model = out.model
+    alpha = float(model.alpha)
+
+    def queries(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return _combine(x, _f(model, x), alpha, model.normalize)
+
+    def documents(x: np.ndarray) -> np.ndarray:
+        return queries(x) if model.apply_to == "both" else np.ascontiguousarray(x, dtype=np.float32)
+
+    out.documents, out.document_choice = learn(data, queries, documents, method=cfg.documents, tolerance=cfg.tolerance,
+                                               metric=cfg.metric, max_val_queries=cfg.max_val_queries, seed=cfg.seed)
 
 
 def _search(data, cfg: TrainConfig, sup: Supervision, train_rows, guard: Guard, deadline):

@@ -139,11 +139,13 @@ class RefinedIndex:
         """Validated queries, refined; refined rows that are not finite (or not unit-norm when normalising) raise."""
         return self.refiner.apply_checked(as_input(x, self.d, "queries"))
 
-    def refine_documents(self, x) -> np.ndarray:
-        """Documents go through the refiner unless it is query-only (then they are stored raw)."""
+    def refine_documents(self, x, ids=None) -> np.ndarray:
+        """Documents as they are stored: through the refiner unless it is query-only (then raw), plus the
+        refiner's update of each of `ids` that has one (documents.py; without ids, none is applied)."""
         x = as_matrix(x, self.d, "x")
         self._check_norms(x, 0, "x")
-        return self._refine_block(x, 0)
+        y = self._refine_block(x, 0)
+        return y if ids is None else self.refiner.update_documents(x, y, as_ids(ids, x.shape[0]))
 
     def _refine_block(self, x: np.ndarray, offset: int) -> np.ndarray:
         if self.refiner.apply_to != "both":
@@ -161,7 +163,7 @@ class RefinedIndex:
                              f"{norm:.3g}, {NORM_RANGE_REASON}")
 
     def _chunks(self, x, desc: str):
-        """(start, refined rows) in chunks of `chunk_size`; a memmap's pages are unmapped once refined."""
+        """(start, raw rows, refined rows) in chunks of `chunk_size`; a memmap's pages are unmapped once refined."""
         n = x.shape[0]
         bar = tqdm(total=n, desc=desc, unit="vec", disable=not self.progress or n <= self.chunk_size)
         for s in range(0, n, self.chunk_size):
@@ -170,7 +172,7 @@ class RefinedIndex:
             refined = self._refine_block(block, s)
             if not np.may_share_memory(refined, x):
                 release_rows(x, s, e)  # before FAISS copies the chunk: one less chunk resident at the peak
-            yield s, refined
+            yield s, block, refined
             del refined, block  # or they stay alive while the next chunk is refined
             release_rows(x, s, e)
             bar.update(e - s)
@@ -240,7 +242,8 @@ class RefinedIndex:
             ids = as_ids(ids, x.shape[0])
         self._ready()
         big = x.shape[0] > self.chunk_size
-        chunks = self._chunks(x, "add") if big else [(0, self._refine_block(x, 0))]  # small: refined unlocked
+        chunks = self._chunks(x, "add") if big else [(0, x, self._refine_block(x, 0))]  # small: refined unlocked
+        updates = self.refiner.documents is not None or self.refiner.documents_missing
         with self._lock.writing():
             self._ready()
             if ids is not None:
@@ -249,12 +252,15 @@ class RefinedIndex:
             try:
                 if big:
                     reserve(self.index, x.shape[0])
-                for s, chunk in chunks:
+                for s, raw, chunk in chunks:
+                    if updates:  # document updates by id: the ids given, or the positions add() gives
+                        cid = ids[s:s + len(chunk)] if ids is not None else np.arange(n0 + s, n0 + s + len(chunk))
+                        chunk = self.refiner.update_documents(raw, chunk, cid)
                     if ids is None:
                         self.index.add(chunk)
                     else:
                         self._add_ids(chunk, ids[s:s + len(chunk)])
-                    del chunk  # the loop variable would keep it alive while the next chunk is refined
+                    del chunk, raw  # the loop variables would keep them alive while the next chunk is refined
             except BaseException:
                 self._rollback(n0, ids)
                 raise
@@ -351,8 +357,10 @@ class RefinedIndex:
         Saving runs alongside searches and excludes writes, so the bundle is one consistent state.
         """
         with self._lock.reading():
+            docs = self.refiner.documents
             save_bundle(directory, self.index, self.refiner.to_bytes(), self.manifest(),
-                        refiner_suffix=self.refiner.suffix or ".onnx")
+                        refiner_suffix=self.refiner.suffix or ".onnx",
+                        documents_bytes=None if docs is None else docs.to_bytes())
         return Path(directory)
 
     @classmethod
@@ -363,16 +371,19 @@ class RefinedIndex:
         files actually loaded; any fault raises BundleError naming the file and the field.
         """
         directory = Path(directory)
-        m, index, data = load_bundle(directory, mmap=mmap)
+        m, index, data, documents = load_bundle(directory, mmap=mmap)
         rinfo, files = m["refiner"], m["files"]
         rfile = f"the refiner file {files['refiner']['file']}" if "refiner" in files else "the identity refiner"
         ifile = f"the index file {files['index']['file']}"
         # identity: built from the record; others: from the verified bytes, cross-checked just below
         info = ({"d_in": m["d"], "normalize": rinfo["normalize"], "apply_to": rinfo["apply_to"]}
                 if rinfo["kind"] == "identity" else {})
+        if "documents" in rinfo:
+            info["documents"] = rinfo["documents"]
         try:
             refiner = refiner_from_bytes(rinfo["kind"], data, info, threads,
-                                         source=str(directory / files.get("refiner", {}).get("file", "")))
+                                         source=str(directory / files.get("refiner", {}).get("file", "")),
+                                         documents=documents)
         except ValueError as e:
             raise BundleError(str(e)) from None
         show = (lambda v: f"{v[:16]}…" if isinstance(v, str) and len(v) == 64 else repr(v))

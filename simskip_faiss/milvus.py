@@ -137,8 +137,11 @@ class RefinedCollection:
                                        f"refiners are not comparable; use the collection's refiner or a new collection")
 
     # -- writing --------------------------------------------------------------------------------------
-    def refine_documents(self, x: np.ndarray) -> np.ndarray:
-        return self.refiner.apply_unchecked(x) if self.refiner.apply_to == "both" else x
+    def refine_documents(self, x: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Stored vectors of validated rows `x`: refined (output checked) unless query-only, then each id's
+        document update (the refiner's, documents.py) when `ids` are given."""
+        y = self.refiner.apply_checked(x) if self.refiner.apply_to == "both" else x
+        return y if ids is None else self.refiner.update_documents(x, y, ids)
 
     def insert(self, ids, vectors, fields: dict[str, Sequence] | None = None) -> int:
         """Refine and insert; every row is validated before the first write (bad rows named by id)."""
@@ -160,7 +163,7 @@ class RefinedCollection:
                 raise ValueError(f"extra field {k!r} has {len(col)} values for {len(ids)} rows")
         write = getattr(self.client, op)
         for s in range(0, len(ids), self.batch_size):
-            y = self.refine_documents(x[s:s + self.batch_size])
+            y = self.refine_documents(x[s:s + self.batch_size], ids[s:s + self.batch_size])
             rows = [{"id": int(i), "vector": v} for i, v in zip(ids[s:s + self.batch_size].tolist(), y)]
             for k, col in fields.items():
                 for row, val in zip(rows, col[s:s + self.batch_size]):

@@ -40,7 +40,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 TMP = ".tmp-"
-DATA_PREFIXES = ("index-", "refiner-")
+DATA_PREFIXES = ("index-", "refiner-", "documents-")
 TMP_PREFIXES = tuple(TMP + p for p in (*DATA_PREFIXES, MANIFEST + "-"))  # what this module's writes leave behind
 REFINER_KINDS = ("onnx", "identity", "linear")
 MAX_MANIFEST_BYTES = 1 << 24  # a manifest is a few kB; refuse to parse anything this large
@@ -154,8 +154,9 @@ def _prune(directory: Path) -> None:
 
 
 def save_bundle(directory: str | os.PathLike, index, refiner_bytes: bytes | None, manifest: dict,
-                refiner_suffix: str = ".onnx") -> dict:
-    """Write a bundle (FAISS index, optional refiner bytes, manifest fields) atomically; return the manifest."""
+                refiner_suffix: str = ".onnx", documents_bytes: bytes | None = None) -> dict:
+    """Write a bundle (FAISS index, optional refiner bytes and document updates, manifest fields) atomically;
+    return the manifest."""
     import faiss
 
     directory = Path(directory)
@@ -174,6 +175,8 @@ def save_bundle(directory: str | os.PathLike, index, refiner_bytes: bytes | None
                                             lambda put: faiss.write_index(index, faiss.PyCallbackIOWriter(put)))}
             if refiner_bytes is not None:
                 files["refiner"] = _write_member(directory, "refiner", refiner_suffix, lambda put: put(refiner_bytes))
+            if documents_bytes is not None:
+                files["documents"] = _write_member(directory, "documents", ".bin", lambda put: put(documents_bytes))
             full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
             atomic_write_bytes(directory / MANIFEST, json.dumps(full, indent=2, sort_keys=True).encode())
         finally:
@@ -263,8 +266,8 @@ def validate_manifest(m, mpath: Path) -> dict:
             raise BundleError(f"{mpath}: the field '{field}' must be {want}, got {_show(obj[key])}")
     files, refiner = m["files"], m["refiner"]
     for role in files:
-        if role not in ("index", "refiner"):
-            raise BundleError(f"{mpath}: the field 'files.{role}' is not a bundle file (index, refiner)")
+        if role not in ("index", "refiner", "documents"):
+            raise BundleError(f"{mpath}: the field 'files.{role}' is not a bundle file (index, refiner, documents)")
     if "index" not in files:
         raise BundleError(f"{mpath} lacks the field 'files.index': it names no index file")
     for role, entry in files.items():
@@ -283,6 +286,12 @@ def validate_manifest(m, mpath: Path) -> dict:
     elif "refiner" not in files:
         raise BundleError(f"{mpath}: the field 'refiner.kind' says {refiner['kind']!r} but the manifest names "
                           f"no refiner file ('files.refiner')")
+    docs = refiner.get("documents")
+    if ("documents" in files) != isinstance(docs, dict):
+        raise BundleError(f"{mpath}: the fields 'files.documents' and 'refiner.documents' must come together "
+                          "(a refiner's document updates and their file): the manifest was edited or is inconsistent")
+    if docs is not None and docs.get("sha256") != files["documents"]["sha256"]:
+        raise BundleError(f"{mpath}: the field 'refiner.documents.sha256' does not match 'files.documents.sha256'")
     return m
 
 
@@ -373,7 +382,8 @@ def _read_index(directory: Path, f: BinaryIO, entry: dict, mmap: bool):
 
 
 def load_bundle(directory: str | os.PathLike, mmap: bool = False, attempts: int = LOAD_ATTEMPTS):
-    """(manifest, FAISS index, refiner bytes or None) of one saved generation, every file verified.
+    """(manifest, FAISS index, refiner bytes or None, document-update bytes or None) of one saved
+    generation, every file verified.
 
     The files are opened right after the manifest is read and read only through those open files, so
     a concurrent save cannot mix generations; if one vanished first and the manifest has changed
@@ -394,12 +404,13 @@ def load_bundle(directory: str | os.PathLike, mmap: bool = False, attempts: int 
                     raise BundleError(f"bundle {directory}: the {role} file {entry['file']} named in the manifest "
                                       f"is missing") from None
             else:
-                refiner = None
-                if "refiner" in opened:  # small: read once, check what was read, build from those bytes
-                    refiner = opened["refiner"].read()
-                    _check(directory, m["files"]["refiner"], "refiner", len(refiner),
-                           lambda: hashlib.sha256(refiner).hexdigest())
+                small = {}
+                for role in ("refiner", "documents"):  # small: read once, check what was read, build from those bytes
+                    if role in opened:
+                        small[role] = b = opened[role].read()
+                        _check(directory, m["files"][role], role, len(b), lambda b=b: hashlib.sha256(b).hexdigest())
                 f = opened["index"]  # large: hashed, then deserialised, through the same open file
                 _check(directory, m["files"]["index"], "index", os.fstat(f.fileno()).st_size, lambda: _file_digest(f))
-                return m, _read_index(directory, f, m["files"]["index"], mmap), refiner
+                return (m, _read_index(directory, f, m["files"]["index"], mmap), small.get("refiner"),
+                        small.get("documents"))
     raise BundleError(f"bundle {directory} was replaced {attempts} times while being loaded; try again")

@@ -31,6 +31,7 @@ import numpy as np
 
 from .arrow import BadRowsError, as_id_list
 from .checks import as_matrix, l2_normalize
+from .documents import DocumentUpdates
 from .faiss_utils import build_index
 
 METADATA_KEY = "simskip"
@@ -92,6 +93,10 @@ class BaseRefiner(ABC):
 
     kind: ClassVar[str]
     suffix: ClassVar[str] = ""  # file name suffix of `to_bytes()` in a bundle
+    # per-document offsets of stored vectors by id (documents.py), learned from pairs; None: none
+    documents: DocumentUpdates | None = None
+    # the record of document updates the refiner's file declares but that were not given (then storing refuses)
+    documents_missing: str | None = None
     d_in: int
     d_out: int
     apply_to: str
@@ -122,9 +127,38 @@ class BaseRefiner(ABC):
         """The refiner as bytes (no pickles) that `refiner_from_bytes(self.kind, ...)` reads back; None for identity."""
 
     def info(self) -> dict:
-        """What a bundle manifest records about the refiner."""
-        return {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize,
-                "apply_to": self.apply_to, "sha256": self.sha256, "metadata": self.metadata}
+        """What a bundle manifest records about the refiner (and its document updates, when it has them)."""
+        out = {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize,
+               "apply_to": self.apply_to, "sha256": self.sha256, "metadata": self.metadata}
+        if self.documents is not None:
+            out["documents"] = self.documents.record()
+        return out
+
+    def with_documents(self, documents: DocumentUpdates | None) -> "BaseRefiner":
+        """Attach document updates (or drop them with None); returns self. Their dimension must be d_out."""
+        if documents is not None and documents.d != self.d_out:
+            raise ValueError(f"document updates of dimension {documents.d} do not fit a refiner with d_out {self.d_out}")
+        self.documents, self.documents_missing = documents, None
+        return self
+
+    def refuse_documents(self, where: str) -> None:
+        """Raise when this refiner carries document updates that `where` cannot apply (no silent loss)."""
+        if self.documents is not None or self.documents_missing:
+            n = len(self.documents) if self.documents is not None else self.documents_missing
+            raise ValueError(f"this refiner carries document updates ({n} documents, keyed by id) that {where} "
+                             "cannot apply; build the store with RefinedIndex (add / add_with_ids) or Milvus ingest, "
+                             "or drop them (refiner.with_documents(None); on the command line train --documents none)")
+
+    def update_documents(self, raw: np.ndarray, stored: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of documents `ids`: `stored` (the document transform of `raw`) with each id's
+        update added. The one rule every store applies after refining documents (documents.py)."""
+        if self.documents_missing:
+            raise ValueError(f"this refiner carries document updates ({self.documents_missing}) that were not "
+                             "loaded with it: load the refiner from its file (with the updates file beside it) "
+                             "or from its bundle, or storing documents would silently skip them")
+        if self.documents is None:
+            return stored
+        return self.documents.apply(raw, stored, ids)
 
     def check_output(self, y: np.ndarray, x: np.ndarray, offset: int = 0) -> np.ndarray:
         """Return `y`, refined from `x`, if every row is finite (and unit-norm, or zero for a zero input
@@ -218,7 +252,7 @@ class Refiner(BaseRefiner):
     suffix = ".onnx"
 
     def __init__(self, model: bytes, threads: int | None = 1, batch_size: int = DEFAULT_BATCH,
-                 source: str = "<bytes>"):
+                 source: str = "<bytes>", documents: DocumentUpdates | None = None):
         import onnxruntime as ort
 
         if batch_size <= 0:
@@ -264,17 +298,31 @@ class Refiner(BaseRefiner):
         self.apply_to = self.metadata.get("apply_to", "both")
         if self.apply_to not in ("both", "queries"):
             raise ValueError(f"{source}: apply_to must be 'both' or 'queries', got {self.apply_to!r}")
+        declared = self.metadata.get("documents")
+        if documents is not None:
+            if isinstance(declared, dict) and declared.get("sha256") != documents.sha256:
+                raise ValueError(f"{source}: the document updates given are not the ones this refiner declares "
+                                 f"(sha256 {documents.sha256[:16]}…, the file says "
+                                 f"{(declared or {}).get('sha256', 'none')!s:.16})")
+            self.with_documents(documents)
+        elif isinstance(declared, dict):
+            self.documents_missing = f"{declared.get('n', '?')} documents in {declared.get('file', 'a file beside it')}"
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int | None = 1, batch_size: int = DEFAULT_BATCH) -> "Refiner":
-        """Load an ONNX refiner file; missing, empty and non-ONNX files raise with the path named."""
+        """Load an ONNX refiner file, and its document updates from the file beside it that its metadata
+        names (hash-checked); missing, empty and non-ONNX files raise with the path named."""
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"refiner file not found: {p}")
         data = p.read_bytes()
         if not data:
             raise ValueError(f"{p} is empty, not an ONNX model")
-        return cls(data, threads=threads, batch_size=batch_size, source=str(p))
+        out = cls(data, threads=threads, batch_size=batch_size, source=str(p))
+        declared = out.metadata.get("documents")
+        if isinstance(declared, dict):
+            out.with_documents(read_documents(p, declared))
+        return out
 
     def to_bytes(self) -> bytes:
         return self.model_bytes
@@ -354,6 +402,31 @@ class Refiner(BaseRefiner):
         return (f"Refiner({self.source}, d_in={self.d_in}, d_out={self.d_out}, normalize={self.normalize}, "
                 f"apply_to={self.apply_to}" + (f", alpha={a}" if a is not None else "")
                 + (f", precision={self.precision}" if self.precision != "fp32" else "") + ")")
+
+
+def documents_path(refiner_path: str | os.PathLike, sha256: str) -> Path:
+    """Where an exported refiner's document updates live: beside it, named by their content."""
+    p = Path(refiner_path)
+    return p.with_name(f"{p.name}.documents-{sha256[:16]}.bin")
+
+
+def read_documents(refiner_path: Path, declared: dict) -> DocumentUpdates:
+    """The document updates a refiner file declares (metadata "documents": file, sha256), hash-checked."""
+    from .persistence import plain_name
+
+    name, sha = declared.get("file"), declared.get("sha256")
+    if not plain_name(name) or not isinstance(sha, str):
+        raise ValueError(f"{refiner_path}: its document-updates record must name a file beside it and a sha256, "
+                         f"got {name!r}")
+    p = refiner_path.with_name(name)
+    if p.is_symlink() or not p.is_file():
+        raise FileNotFoundError(f"{refiner_path} carries document updates in {p}, which is missing: copy it with "
+                                "the refiner (or retrain)")
+    data = p.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise ValueError(f"{p} has been modified or belongs to another refiner (its sha256 differs from the one "
+                         f"{refiner_path.name} records)")
+    return DocumentUpdates.from_bytes(data, source=str(p))
 
 
 def load_refiner(path: str | os.PathLike | None, d: int | None = None, threads: int | None = 1,
@@ -529,7 +602,7 @@ def distil_linear(refiner, sample, ridge: float = 1e-3, name: str = "distilled")
 
 
 def refiner_from_bytes(kind: str, data: bytes | None, info: dict | None = None, threads: int | None = 1,
-                       source: str = "<bytes>") -> BaseRefiner:
+                       source: str = "<bytes>", documents: bytes | None = None) -> BaseRefiner:
     """Rebuild a refiner from `kind` and `to_bytes()` output, checked against `info` (a manifest's record).
 
     info: `BaseRefiner.info()` as stored (d_in, or a manifest's d, for the identity; sha256, normalize, apply_to are
@@ -539,6 +612,7 @@ def refiner_from_bytes(kind: str, data: bytes | None, info: dict | None = None, 
     info = dict(info or {})
     if kind not in KINDS:
         raise ValueError(f"{source}: unknown refiner kind {kind!r} (expected one of {', '.join(KINDS)})")
+    upd = None if documents is None else DocumentUpdates.from_bytes(documents, source=f"{source} (document updates)")
     if kind == "identity":
         if data is not None:
             raise ValueError(f"{source}: an identity refiner has no bytes, but refiner bytes were given")
@@ -546,14 +620,19 @@ def refiner_from_bytes(kind: str, data: bytes | None, info: dict | None = None, 
         if isinstance(d, bool) or not isinstance(d, int):
             raise ValueError(f"{source}: an identity refiner needs an integer d_in, got {d!r}")
         refiner: BaseRefiner = IdentityRefiner(d, normalize=bool(info.get("normalize", False)),
-                                               apply_to=info.get("apply_to", "both"))
+                                               apply_to=info.get("apply_to", "both")).with_documents(upd)
     elif data is None:
         raise ValueError(f"{source}: a {kind} refiner needs its bytes, none were given")
     elif kind == "onnx":
-        refiner = Refiner(data, threads=threads, source=source)
+        refiner = Refiner(data, threads=threads, source=source, documents=upd)
     else:
-        refiner = LinearRefiner.from_bytes(data, source=source)
+        refiner = LinearRefiner.from_bytes(data, source=source).with_documents(upd)
     for key in ("sha256", "normalize", "apply_to", "d_in", "d_out"):
         if key in info and info[key] != getattr(refiner, key):
             raise ValueError(f"{source}: the refiner's {key} is {getattr(refiner, key)!r} but the record says {info[key]!r}")
+    want = (info.get("documents") or {}).get("sha256")
+    got = None if refiner.documents is None else refiner.documents.sha256
+    if "documents" in info and want != got:
+        raise ValueError(f"{source}: the refiner's document updates are {got and got[:16]!r} but the record says "
+                         f"{want and want[:16]!r}")
     return refiner

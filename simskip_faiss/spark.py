@@ -233,6 +233,8 @@ def refine_dataframe(df, refiner, vector_col: str = "vector", id_col: str | None
         raise ValueError(f"role must be 'documents' or 'queries', got {role!r}")
     _check_columns(df, vector_col, id_col)
     out = output_col or vector_col
+    if role == "documents":
+        refiner.refuse_documents("Spark ingest (not yet)")
     spec = refiner_spec(df.sparkSession, refiner)
     field = T.StructField(out, T.ArrayType(T.FloatType(), containsNull=False), True)
     names = [f.name for f in df.schema.fields]
@@ -420,6 +422,8 @@ def _write_parquet_refined(spark, source, refiner, output: str, vector_col, id_c
     if role not in ("documents", "queries"):
         raise ValueError(f"role must be 'documents' or 'queries', got {role!r}")
     n, _ = check_parquet(spark, plan, refiner.d_in, vector_col, id_col)
+    if role == "documents":
+        refiner.refuse_documents("Spark ingest (not yet)")
     fs, out = filesystem(output)
     stage = f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
     fs.create_dir(stage)
@@ -615,6 +619,7 @@ _SHARD_SCHEMA = "partition int, path string, ntotal long"
 
 
 def _shard_job(spark, refiner, trained: faiss.Index, shard_dir: Path, vector_col: str, id_col: str) -> "_ShardJob":
+    refiner.refuse_documents("Spark build (not yet)")
     template = faiss.serialize_index(trained).tobytes()
     return _ShardJob(refiner_spec(spark, refiner), _ship(spark, template), _template_key(template),
                      str(Path(shard_dir).resolve()), vector_col, id_col)

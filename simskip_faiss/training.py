@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .checks import as_matrix, check_matrix, load_npy
 from .config import ACTIVATION_NAMES, LR_GRID, TEMPERATURE_GRID, TrainConfig
+from .documents import DocumentUpdates
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ class TrainResult:
     stopped: str = ""                        # why training ended: patience, max_steps, time_budget
     # the corpus it was trained on (a reference, not a copy): export's default `sample` for the neighbour check
     corpus: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # document updates learned from the pairs (nudge.py; `fit` only), exported beside the refiner file
+    documents: DocumentUpdates | None = field(default=None, repr=False, compare=False)
 
     def metadata(self) -> dict:
         """What `export` stamps into the ONNX file besides dimensions."""
@@ -211,7 +214,7 @@ class TrainResult:
         from .export import export
 
         return export(self.model, path, self.metadata(), precision=precision,
-                      sample=self.corpus if sample is None else sample)
+                      sample=self.corpus if sample is None else sample, documents=self.documents)
 
 
 @contextlib.contextmanager

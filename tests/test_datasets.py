@@ -311,9 +311,14 @@ def test_load_user_ok(tmp_path):
     assert d.corpus.dtype == np.float32 and d.corpus.shape == (50, 8) and d.corpus.flags.writeable
     assert d.label_names == ["x", "y"] and d.labels[:2].tolist() == [0, 1]
     assert [r.tolist() for r in d.qrels] == [[10], [11, 12], [], [40], [], []]
-    assert d.info["queries_without_qrels"] == 3
+    assert d.info["queries_without_qrels"] == 3 and d.info["protocol"] == "shared"
+    # shared corpus (the default): the queries' split is a seeded draw of its own, not their documents'
+    assert d.query_split.tolist() == make_splits(6, seed=6).tolist()
+    dd = load_user(tmp_path / "c.npy", tmp_path / "q.npy", tmp_path / "l.npy", qrels, seed=5, protocol="disjoint")
     for i in (0, 1, 3):
-        assert d.query_split[i] == d.corpus_split[d.qrels[i][0]]
+        assert dd.query_split[i] == dd.corpus_split[dd.qrels[i][0]]
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        load_user(tmp_path / "c.npy", protocol="random")
     d2 = load_user(np.ones((3, 2), dtype=np.int32), labels=np.array([0, 2, 1]))
     assert d2.queries is None and d2.labels.tolist() == [0, 2, 1]
 

@@ -101,7 +101,11 @@ def _matrix(vectors, d: int, what: str) -> np.ndarray:
 
 
 def refine_documents(refiner, vectors) -> np.ndarray:
-    """Document vectors as stored: refined when the refiner applies to both, raw (checked) when query-only."""
+    """Document vectors as stored: refined when the refiner applies to both, raw (checked) when query-only.
+
+    A refiner with document updates (keyed by document id) is refused: a framework's embedding call
+    does not pass ids, so the updates would be silently skipped."""
+    refiner.refuse_documents("a framework's embedding function (it sees texts, not document ids)")
     x = _matrix(vectors, refiner.d_in, "document embeddings")
     return refiner.transform(x) if refiner.apply_to == "both" else x
 
