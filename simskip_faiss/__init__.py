@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from .refiner import BaseRefiner, IdentityRefiner, LinearRefiner, Refiner, load_refiner, refiner_from_bytes  # noqa: E402
 from .index import RefinedIndex  # noqa: E402
 from .persistence import BundleError  # noqa: E402
+from .documents import DocumentMismatchError, DocumentUpdates  # noqa: E402
 
 _LAZY = {
     "TrainConfig": ("config", "TrainConfig"),
@@ -16,6 +17,7 @@ _LAZY = {
     "fit": ("guard", "fit"),
     "export": ("export", "export"),
     "evaluate": ("evaluation", "evaluate"),
+    "run": ("job", "run"),
     "datasets": ("datasets", None),
 }
 
@@ -32,4 +34,4 @@ def __getattr__(name):
 
 
 __all__ = ["__version__", "BaseRefiner", "Refiner", "IdentityRefiner", "LinearRefiner", "load_refiner",
-           "refiner_from_bytes", "RefinedIndex", "BundleError", *_LAZY]
+           "refiner_from_bytes", "RefinedIndex", "BundleError", "DocumentUpdates", "DocumentMismatchError", *_LAZY]

@@ -25,6 +25,7 @@ import numpy as np
 from . import __version__
 from .config import DEFAULT_PRECISION
 from .datasets import PROTOCOLS
+from .job import export_checks
 
 log = logging.getLogger("simskip_faiss")
 
@@ -200,12 +201,6 @@ def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> N
                         "data, and `run` reports both)")
 
 
-def _export_checks(meta: dict) -> str:
-    """What export verified, for the line that reports the file: parity, neighbours on the corpus, any fallback."""
-    out = f"ONNX parity max abs err {meta['parity_max_abs_err']:.1e}"
-    if "sample_recall" in meta:
-        out += f", 10-recall@10 vs fp32 on the corpus {meta['sample_recall']:.4f}"
-    return out + (f"; {meta['precision_fallback']}" if "precision_fallback" in meta else "")
 
 
 def cmd_train(args) -> None:
@@ -239,7 +234,7 @@ def cmd_train(args) -> None:
     meta = res.export(args.output, precision=args.precision)  # a reduced precision is checked on the corpus too
     print(f"wrote {args.output}: d={meta['d_in']}, alpha={meta['alpha']:g}, signals {'+'.join(meta['signals'])}, "
           f"apply_to={meta['apply_to']}, {meta['precision']}, trained in {res.seconds:.1f}s (best step "
-          f"{res.best_step}, stopped: {res.stopped}), {_export_checks(meta)}")
+          f"{res.best_step}, stopped: {res.stopped}), {export_checks(meta)}")
 
 
 def _pair_split(data) -> str:
@@ -357,65 +352,26 @@ def cmd_eval(args) -> None:
         print(f"\nwrote {args.output}/report.md, report.json and plots")
 
 
-def _run_signals(data) -> dict[str, dict]:
-    """The refiners the main job trains: the paper's unsupervised one, and one on all the supervision the data has."""
-    signals = {"unsupervised": dict(unsupervised_weight=1.0, label_weight=0.0, pair_weight=0.0)}
-    labels, pairs = data.labels is not None, data.queries is not None and data.qrels is not None
-    if labels or pairs:
-        signals["supervised"] = dict(unsupervised_weight=0.0, label_weight=float(labels), pair_weight=float(pairs))
-    return signals
-
-
 def cmd_run(args) -> None:
-    """The main job: data -> the unsupervised and the supervised refiner, each guarded -> export both ->
-    choose one on VALIDATION -> bundle it -> evaluate both on test against every baseline -> report."""
-    from .evaluation import EvalConfig, build, choose_refiner, evaluate
-    from .persistence import atomic_write_bytes
-    from .refiner import Refiner
-    from .guard import fit
+    """The main job (`job.run`) on the data's own protocol; for built-in data with queries, on both protocols:
+    by synset (disjoint) in OUTPUT and over a shared corpus (logged pairs' regime) in OUTPUT/shared."""
+    from .job import run
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-    data = _data_from_args(args)
-    print(data.summary())
     base = _train_config(args)
-    refiners, guards = {}, {}
-    for name, weights in _run_signals(data).items():
-        t = time.perf_counter()
-        res = fit(data, dataclasses.replace(base, **weights))
-        path = out / f"refiner-{name}.onnx"
-        meta = res.export(path, precision="auto")
-        seconds[f"train+export {name}"] = round(time.perf_counter() - t, 1)
-        refiners[name], guards[name] = Refiner.load(path, threads=args.threads), meta.get("guard")
-        print(f"\n[{name}] {', '.join(f'{k}={v:g}' for k, v in weights.items())}: exported {path} "
-              f"(alpha={meta['alpha']:g}, {meta['precision']}, {_export_checks(meta)})")
-        if res.guard:
-            print(res.guard.summary())
-    ecfg = EvalConfig(factory="Flat", metric=args.metric, ann_factory=args.factory if args.factory != "Flat" else None,
-                      threads=args.threads, progress=not args.quiet, seed=args.split_seed)
-    t = time.perf_counter()
-    shipped, val = choose_refiner(data, refiners, ecfg, tolerance=base.tolerance)
-    seconds["choose on val"] = round(time.perf_counter() - t, 1)
-    why = (f"best validation objective {val[shipped]['objective']:+.4f} (mean relative gain over raw; "
-           + ", ".join(f"{n} {val[n]['objective']:+.4f}" for n in refiners) + ")") if val else "the only refiner"
-    print(f"\nshipping {shipped}: {why}")
-    atomic_write_bytes(out / "refiner.onnx", (out / f"refiner-{shipped}.onnx").read_bytes())
-    t = time.perf_counter()
-    index = build(refiners[shipped], data, args.factory, args.metric, progress=not args.quiet)
-    index.save(out / "bundle")
-    seconds["bundle"] = round(time.perf_counter() - t, 1)
-    print(f"saved bundle {out / 'bundle'} ({shipped}): {index}")
-    t = time.perf_counter()
-    report = evaluate(data, refiners, ecfg)
-    seconds["evaluate on test"] = round(time.perf_counter() - t, 1)
-    seconds["total"] = round(time.perf_counter() - t0, 1)
-    report.info.update(command="simskip-faiss " + " ".join(sys.argv[1:]), shipped=f"{shipped}: {why}",
-                       validation=val, guard=guards, seconds=seconds)
-    report.write(out)
-    print(report.table())
-    print(f"\nreport: {out / 'report.md'} ({seconds['total']:.0f}s in all)")
+    protocols = [args.protocol] if args.protocol or getattr(args, "corpus", None) else ["disjoint", "shared"]
+    out = Path(args.output)
+    for i, protocol in enumerate(protocols):
+        data = _data_from_args(args, protocol=protocol)
+        if protocol == "shared" and data.queries is None and len(protocols) > 1:
+            break  # a data set without queries has one protocol
+        where = out if i == 0 else out / protocol
+        if len(protocols) > 1:
+            print(f"\n=== protocol: {protocol} ({'queries take their document' + chr(39) + 's split' if protocol == 'disjoint' else 'queries split at random over the shared corpus'}) -> {where}")
+        res = run(data, where, base, factory=args.factory, metric=args.metric, threads=args.threads,
+                  seed=args.split_seed, command="simskip-faiss " + " ".join(sys.argv[1:]))
+        print("\n".join(res.lines))
+        print(res.report.table())
+        print(f"\nreport: {where / 'report.md'} ({res.seconds['total']:.0f}s)")
 
 
 @contextlib.contextmanager

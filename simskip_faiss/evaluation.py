@@ -38,7 +38,10 @@ HEADLINE = {"labels": "map@100", "pairs": "ndcg@10", "seen": "ndcg@10", "unseen"
 # the pair queries split by whether their documents have training queries (the shared-corpus protocol):
 # "seen" documents may carry document updates; "unseen" ones show what a map alone does
 GROUP_METRICS = ("ndcg@10",)
-BASELINES = ("raw", "centred", "whitened", "abtt", "ridge", "lda")
+BASELINES = ("raw", "centred", "whitened", "abtt", "ridge", "lda", "ridge+mean", "ridge+nudge")
+# the ridge query map plus document updates of the answer documents (nudge.py): "mean" moves each toward
+# its training queries' mean, "nudge" takes contrastive steps; the step chosen on val, as the refiner's is
+DOCUMENT_BASELINES = {"ridge+mean": "mean", "ridge+nudge": "contrastive"}
 # supervised baseline -> (task, metric) its hyperparameters maximise on val, ("task:metric", ...) kept >= raw there
 SUPERVISED_BASELINES = {"ridge": ("pairs", "ndcg@10", ()), "lda": ("labels", "map@100", ("pairs:ndcg@10",))}
 
@@ -195,6 +198,8 @@ def baselines(data: EmbeddingData, names=BASELINES, abtt_components: int | None 
     query-only ridge-to-identity map, lam maximising nDCG@10) and `lda` (labels; centred vectors
     with LDA coordinates appended, shrinkage and weight maximising mAP@100 among those that keep
     pairs nDCG@10 at or above raw). Their metadata records the choice and every candidate's scores.
+    `ridge+mean` / `ridge+nudge`: the ridge map plus document updates of the train queries' answer
+    documents (nudge.learn), only where validation queries have such documents (shared corpus).
     """
     x_train = data.corpus[data.split_rows("train")]
     d = data.corpus.shape[1]
@@ -202,16 +207,38 @@ def baselines(data: EmbeddingData, names=BASELINES, abtt_components: int | None 
             "whitened": lambda: LinearRefiner.whitening(x_train),
             "abtt": lambda: LinearRefiner.all_but_the_top(x_train, abtt_components),
             "ridge": lambda: _ridge_candidates(data), "lda": lambda: _lda_candidates(data)}
-    unknown = set(names) - set(made)
+    unknown = set(names) - set(made) - set(DOCUMENT_BASELINES)
     if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {list(made)}")
-    out = {}
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {list(BASELINES)}")
+    out, ridge = {}, None
     for n in names:
-        if n not in SUPERVISED_BASELINES:
+        if n in DOCUMENT_BASELINES:
+            ridge = ridge or out.get("ridge") or (baselines(data, ("ridge",), max_val_queries=max_val_queries, seed=seed)
+                                                  .get("ridge"))
+            if ridge is not None and (nudged := _nudged(ridge, data, DOCUMENT_BASELINES[n], max_val_queries, seed)):
+                out[n] = nudged
+        elif n not in SUPERVISED_BASELINES:
             out[n] = made[n]()
         elif (candidates := made[n]()):
             task, metric, protect = SUPERVISED_BASELINES[n]
             out[n] = choose_on_val(candidates, data, task, metric, protect, max_val_queries, seed)
+    return out
+
+
+def _nudged(ridge: LinearRefiner, data: EmbeddingData, method: str, max_val_queries, seed: int):
+    """A copy of the ridge map with document updates learned against its queries (none when validation chose
+    none: then it is the ridge map); None where the data has no validation queries with answered documents."""
+    from .nudge import learn
+
+    upd, choice = learn(data, ridge.transform, lambda x: np.ascontiguousarray(x, dtype=np.float32), method=method,
+                        max_val_queries=max_val_queries, seed=seed, labels=False)
+    if choice is None or (upd is None and not choice.candidates):
+        return None
+    out = LinearRefiner.from_bytes(ridge.to_bytes()).with_documents(upd)
+    out.metadata.update(name=f"{ridge.name} + {method} document updates (step {choice.step:g}, "
+                             f"{0 if upd is None else len(upd)} documents)",
+                        chosen_on=f"{ridge.metadata.get('chosen_on')}; document step: val pair metrics, unseen and "
+                                  "label metrics protected")
     return out
 
 
@@ -352,7 +379,8 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
                          "nothing to evaluate")
     report = EvalReport(info={"data": data.summary(), "split": cfg.split, "factory": cfg.factory, "metric": cfg.metric,
                               "queries": {t: int(len(q)) for t, q in queries.items()}, "config": asdict(cfg),
-                              "baselines": {n: methods[n].metadata for n in SUPERVISED_BASELINES if n in methods}})
+                              "baselines": {n: methods[n].metadata for n in (*SUPERVISED_BASELINES, *DOCUMENT_BASELINES)
+                                            if n in methods}})
     per_method = {}
     for name, ref in tqdm(methods.items() if queries else (), desc="evaluate", unit="method", disable=not cfg.progress):
         per_method[name] = score(build(ref, data, cfg.factory, cfg.metric), data, queries)

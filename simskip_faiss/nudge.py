@@ -154,7 +154,7 @@ METHODS = ("contrastive", "mean")
 
 def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[np.ndarray], np.ndarray],
           method: str = "contrastive", tolerance: float = 0.0, metric: str = "ip", max_val_queries: int | None = 2000,
-          seed: int = 0) -> tuple[DocumentUpdates | None, UpdateChoice | None]:
+          seed: int = 0, labels: bool = True) -> tuple[DocumentUpdates | None, UpdateChoice | None]:
     """Document updates for `data`'s corpus from its train-split pairs, the step chosen on its val split.
 
     query_fn / doc_fn: the refiner's query and document transforms (numpy in, numpy out). Validation
@@ -162,7 +162,8 @@ def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[
     applied. Protected, so that no one is made worse to help another: every metric of the val queries
     whose documents had no training query, and the label metrics, may not fall below the lower of raw
     and the refiner without updates (beyond `tolerance`); the objective is the mean relative gain of
-    the pair metrics over all val queries. Returns (None, None) without train
+    the pair metrics over all val queries. `labels=False` leaves the label task out (the ridge baseline's
+    rule: it is chosen on pairs alone). Returns (None, None) without train
     pairs or val queries; (None, choice) when no step gains.
     """
     import faiss
@@ -188,7 +189,7 @@ def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[
         return None, UpdateChoice(method, 0.0, 0.0, f"none of the {len(vq)} validation queries has a document with "
                                   "training queries: nothing to gain on validation, no document updates")
     vectors = {"pairs": np.ascontiguousarray(query_fn(data.queries[vq]), dtype=np.float32)}
-    if "labels" in tasks and len(tasks["labels"]):
+    if labels and "labels" in tasks and len(tasks["labels"]):
         vectors["labels"] = np.ascontiguousarray(query_fn(corpus[tasks["labels"]]), dtype=np.float32)
     tasks = {t: r for t, r in tasks.items() if t in vectors}
     flat = faiss.IndexFlatIP if metric == "ip" else faiss.IndexFlatL2
