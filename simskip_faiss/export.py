@@ -21,7 +21,6 @@ The CLI passes the training corpus.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -34,7 +33,7 @@ import numpy as np
 
 from . import __version__
 from .config import DEFAULT_PRECISION
-from .persistence import atomic_write_bytes
+from .persistence import atomic_write_bytes, plain_name
 from .refiner import METADATA_KEY, Refiner, documents_path
 
 log = logging.getLogger(__name__)
@@ -303,13 +302,24 @@ def write_documents(path: str | os.PathLike, meta: dict, documents) -> None:
     meta["documents"] = {**documents.record(), "file": target.name}
 
 
-def prune_documents(path: str | os.PathLike, meta: dict) -> None:
-    """Delete document-update files beside `path` that its refiner (just written, `meta`) does not name."""
+def _named_documents(path: Path) -> str | None:
+    """The document-updates file a refiner file names, if it is one and names one."""
+    try:
+        meta = Refiner.load_metadata(path)
+    except (OSError, ValueError):
+        return None
+    return (meta.get("documents") or {}).get("file")
+
+
+def replace_refiner(path: str | os.PathLike, data: bytes, meta: dict) -> None:
+    """Write refiner bytes to `path` atomically; then delete the updates file the replaced refiner named, unless
+    this one or another refiner file beside it (*.onnx) still names it."""
     p = Path(path)
-    keep = (meta.get("documents") or {}).get("file")
-    for old in p.parent.glob(glob.escape(p.name) + ".documents-*.bin"):
-        if old.name != keep and old.is_file() and not old.is_symlink():
-            old.unlink(missing_ok=True)
+    old = _named_documents(p) if p.is_file() else None
+    atomic_write_bytes(p, data)
+    if old and old != (meta.get("documents") or {}).get("file") and plain_name(old):
+        if not any(_named_documents(o) == old for o in p.parent.glob("*.onnx") if o.is_file()):
+            (p.parent / old).unlink(missing_ok=True)
 
 
 def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: int = 23,
@@ -372,8 +382,7 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
                 log.warning("%s", meta["precision_fallback"])
     write_documents(path, meta, documents)  # first: the refiner file that names them is written last
     data = with_metadata(proto, meta)  # the same graph, stamped with its measured parity
-    atomic_write_bytes(Path(path), data)
-    prune_documents(path, meta)
+    replace_refiner(path, data, meta)
     log.info("exported %s refiner to %s (parity max abs err %.2e)", meta["precision"], path, meta["parity_max_abs_err"])
     return meta
 
@@ -408,7 +417,6 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     if why:
         log.warning("%s", why)
     write_documents(onnx_out, meta, src.documents)  # they travel with the converted file
-    atomic_write_bytes(Path(onnx_out), with_metadata(proto, meta))
-    prune_documents(onnx_out, meta)
+    replace_refiner(onnx_out, with_metadata(proto, meta), meta)
     log.info("wrote %s refiner %s (max abs err %.2e vs %s)", precision, onnx_out, worst, onnx_in)
     return meta

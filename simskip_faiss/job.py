@@ -42,9 +42,8 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
         metric: str = "ip", threads: int = 2, seed: int = 0, command: str = "") -> JobResult:
     """Train, export, choose on validation, bundle, evaluate and report `data` into `output` (see the module doc)."""
     from .evaluation import EvalConfig, build, choose_refiner, evaluate
-    from .export import prune_documents
+    from .export import replace_refiner
     from .guard import fit
-    from .persistence import atomic_write_bytes
     from .refiner import Refiner
 
     out = Path(output)
@@ -77,15 +76,9 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
     why = (f"best validation objective {val[shipped]['objective']:+.4f} (mean relative gain over raw; "
            + ", ".join(f"{n} {val[n]['objective']:+.4f}" for n in refiners) + ")") if val else "the only refiner"
     lines.append(f"\nshipping {shipped}: {why}")
-    src = out / f"refiner-{shipped}.onnx"
+    src = out / f"refiner-{shipped}.onnx"  # its document updates, if any, are beside it already
+    replace_refiner(out / "refiner.onnx", src.read_bytes(), refiners[shipped].metadata)
     chosen = refiners[shipped]
-    if chosen.documents is not None:  # the copy names its own updates file, written beside it
-        atomic_write_bytes(out / f"refiner.onnx.documents-{chosen.documents.sha256[:16]}.bin",
-                           (src.parent / chosen.metadata["documents"]["file"]).read_bytes())
-        _copy_with_documents(src, out / "refiner.onnx")
-    else:
-        atomic_write_bytes(out / "refiner.onnx", src.read_bytes())
-        prune_documents(out / "refiner.onnx", {})
     t = time.perf_counter()
     index = build(chosen, data, factory, metric, progress=base.progress)
     bundle = out / "bundle"
@@ -100,21 +93,6 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
                        protocol=data.info.get("protocol", "disjoint"))
     report.write(out)
     return JobResult(shipped, report, bundle, seconds, lines)
-
-
-def _copy_with_documents(src: Path, dst: Path) -> None:
-    """Copy the refiner file `src` to `dst` with its metadata naming `dst`'s own updates file."""
-    import onnx
-
-    from .export import prune_documents, with_metadata
-    from .persistence import atomic_write_bytes
-    from .refiner import Refiner
-
-    r = Refiner.load(src)
-    meta = dict(r.metadata, documents={**r.metadata["documents"],
-                                       "file": f"{dst.name}.documents-{r.documents.sha256[:16]}.bin"})
-    atomic_write_bytes(dst, with_metadata(onnx.load_from_string(r.model_bytes), meta))
-    prune_documents(dst, meta)
 
 
 def export_checks(meta: dict) -> str:

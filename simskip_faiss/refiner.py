@@ -324,6 +324,11 @@ class Refiner(BaseRefiner):
             out.with_documents(read_documents(p, declared))
         return out
 
+    @classmethod
+    def load_metadata(cls, path: str | os.PathLike) -> dict:
+        """The "simskip" metadata of an ONNX refiner file, without loading its document updates."""
+        return cls(Path(path).read_bytes(), source=str(path)).metadata
+
     def to_bytes(self) -> bytes:
         return self.model_bytes
 
@@ -404,10 +409,13 @@ class Refiner(BaseRefiner):
                 + (f", precision={self.precision}" if self.precision != "fp32" else "") + ")")
 
 
+DOCUMENTS_PREFIX = "simskip-documents-"
+
+
 def documents_path(refiner_path: str | os.PathLike, sha256: str) -> Path:
-    """Where an exported refiner's document updates live: beside it, named by their content."""
-    p = Path(refiner_path)
-    return p.with_name(f"{p.name}.documents-{sha256[:16]}.bin")
+    """Where an exported refiner's document updates live: beside it, named by their content only, so a
+    refiner file copied or renamed next to them still finds them."""
+    return Path(refiner_path).with_name(f"{DOCUMENTS_PREFIX}{sha256[:16]}.bin")
 
 
 def read_documents(refiner_path: Path, declared: dict) -> DocumentUpdates:

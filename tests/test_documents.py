@@ -230,7 +230,17 @@ def test_cli_train_then_build_delivers_the_updates_and_refuses_what_does_not_mat
     np.save(tmp_path / "other.npy", unit(np.random.default_rng(9).standard_normal((300, 16))))
     assert main(["build", str(tmp_path / "r.onnx"), str(tmp_path / "other.npy"), "-o", str(tmp_path / "b3")]) == 2
     assert "another vector than the one its document update was learned for" in capsys.readouterr().err
-    # the refiner without its updates file: refused, not a silent raw build
+    # a copy under another name beside it finds the same updates; retraining the original without updates
+    # deletes the file it named once no refiner beside it names it
+    (tmp_path / "copy.onnx").write_bytes((tmp_path / "r.onnx").read_bytes())
+    assert Refiner.load(tmp_path / "copy.onnx").documents.sha256 == refiner.documents.sha256
+    (tmp_path / "copy.onnx").unlink()
+    assert main([str(a) for a in args] + ["--documents", "none"]) == 0
+    assert Refiner.load(tmp_path / "r.onnx").documents is None and not sidecar.exists()
+    capsys.readouterr()
+    # a refiner without its updates file: refused, not a silent raw build
+    assert main([str(a) for a in args]) == 0
+    sidecar = tmp_path / Refiner.load(tmp_path / "r.onnx").metadata["documents"]["file"]
     sidecar.unlink()
     assert main(["build", str(tmp_path / "r.onnx"), str(tmp_path / "c.npy"), "-o", str(tmp_path / "b4")]) == 2
     assert "which is missing" in capsys.readouterr().err
