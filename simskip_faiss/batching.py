@@ -61,7 +61,7 @@ class MicroBatcher:
     def search(self, x, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D, I) of `index.search(x, k)` for this caller's queries, searched in a batch with other callers'."""
         x = as_input(x, self.d, "queries")
-        k = check_k(k)
+        k = check_k(k, x.shape[0])
         done: Future = Future()
         with self._cv:
             if self._closed:

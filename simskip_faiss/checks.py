@@ -141,14 +141,26 @@ def as_ids(ids, n: int | None = None, name: str = "ids", to_store: bool = True) 
     return ids
 
 
-def check_k(k) -> int:
-    """Validate a neighbour count: a positive integer. k above ntotal is allowed: FAISS pads the missing
-    hits with id -1 (and the metric's worst distance), and so do RefinedIndex and MicroBatcher."""
+# FAISS takes k as a C int; beyond it the search throws std::bad_alloc inside OpenMP and aborts the process
+MAX_K = 2 ** 31 - 1
+# most entries in a search's (n, k) result arrays: 2**31 - 1 entries are 24 GiB (float32 distance + int64 id)
+MAX_RESULTS = 2 ** 31 - 1
+
+
+def check_k(k, n: int | None = None) -> int:
+    """Validate a neighbour count: a positive integer, at most MAX_K (FAISS's int k); with `n` (query
+    rows), n * k at most MAX_RESULTS. k above ntotal is allowed: FAISS pads the missing hits with id -1
+    (and the metric's worst distance), and so do RefinedIndex and MicroBatcher."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"k must be an integer, got {type(k).__name__}")
     k = int(k)
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
+    if k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} (FAISS takes k as a 32-bit int), got {k}")
+    if n is not None and n * k > MAX_RESULTS:
+        raise ValueError(f"k={k} for {n} queries asks for {n * k} (n, k) results, more than {MAX_RESULTS} "
+                         f"(24 GiB of distances and ids); search fewer queries at a time or a smaller k")
     return k
 
 

@@ -388,3 +388,34 @@ def test_empty_inputs_get_an_answer_or_a_clear_message(refiner, data):
         idx.search(np.zeros((0, 16), np.float32), 1)
     with pytest.raises(ValueError, match="NaN"):
         refiner.transform(np.full((1, 16), np.nan, np.float32))  # the public path validates
+
+
+# -- issue 30: hostile-user probe -----------------------------------------------------------------------
+class _RecordingIndex:
+    """A stand-in index that records the k it is asked for (a real FAISS index would abort on a huge k)."""
+
+    d, ntotal = 4, 3
+
+    def __init__(self):
+        self.ks = []
+
+    def search(self, x, k):
+        self.ks.append(k)
+        return np.zeros((len(x), k), np.float32), np.zeros((len(x), k), np.int64)
+
+
+@pytest.mark.parametrize("k", [2 ** 31, 2 ** 40, np.int64(2 ** 62)])
+def test_a_k_beyond_faiss_int_is_refused_before_faiss(k):
+    """30.1: k >= 2**31 made FAISS throw std::bad_alloc and abort the process (SIGABRT)."""
+    with pytest.raises(ValueError, match=r"k must be at most 2147483647"):
+        checks.check_k(k)
+    assert checks.check_k(checks.MAX_K) == checks.MAX_K
+    with pytest.raises(ValueError, match=r"\(n, k\) results"):  # n rows x k results that no machine holds
+        checks.check_k(2 ** 20, n=2 ** 12)
+    from simskip_faiss.batching import MicroBatcher
+
+    fake = _RecordingIndex()
+    with MicroBatcher(fake) as mb:
+        with pytest.raises(ValueError, match=r"k must be at most"):
+            mb.search(np.ones((1, 4), np.float32), k)
+    assert fake.ks == []
