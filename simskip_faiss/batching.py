@@ -11,10 +11,13 @@ to `max_batch` rows), searches it as one batch and hands every caller its own ro
 
 Inputs are validated in the caller's thread, so a bad query raises for its caller alone; an
 error raised by the batch search is raised in every caller whose query was in that batch.
-`close()` serves what is queued, then stops the worker; later calls raise RuntimeError.
+`close()` serves what is queued, then stops the worker; later calls raise RuntimeError. Should the
+worker thread itself fail, every queued caller gets the error and later calls raise RuntimeError:
+no caller is ever left waiting on a dead worker.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -26,14 +29,17 @@ import numpy as np
 from .checks import check_k
 from .refiner import as_input
 
+MAX_WAIT_US = 6e7  # 60 s: the longest max_wait_us accepted (a wait beyond ~1e17 us overflows Condition.wait)
+
 
 class MicroBatcher:
     """Batches concurrent `search(x, k)` calls on `index` (anything with FAISS's search, `d` and `ntotal`).
 
     max_batch: most query rows in one batch; the worker starts as soon as this many are queued.
     max_wait_us: how long the worker waits, after the first query of a batch arrives, for more
-    (the most latency a lone caller pays for batching). Calls with different k are searched as
-    separate batches, so every caller gets exactly what `index.search(x, k)` would return.
+    (the most latency a lone caller pays for batching; finite, at most MAX_WAIT_US = 60 s). Calls
+    with different k are searched as separate batches, so every caller gets exactly what
+    `index.search(x, k)` would return.
     initializer: run once in the worker thread before it serves, as in concurrent.futures (e.g.
     `lambda: faiss.omp_set_num_threads(1)`: OpenMP thread counts are per thread, and a new thread
     starts from OMP_NUM_THREADS / every core).
@@ -43,8 +49,11 @@ class MicroBatcher:
                  initializer: Callable[[], object] | None = None):
         if int(max_batch) <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
-        if not max_wait_us >= 0:
-            raise ValueError(f"max_wait_us must be >= 0, got {max_wait_us}")
+        if isinstance(max_wait_us, bool) or not isinstance(max_wait_us, (int, float, np.integer, np.floating)):
+            raise TypeError(f"max_wait_us must be a number of microseconds, got {type(max_wait_us).__name__}")
+        if not (math.isfinite(max_wait_us) and 0 <= max_wait_us <= MAX_WAIT_US):
+            raise ValueError(f"max_wait_us must be a finite number of microseconds in [0, {MAX_WAIT_US:g}] "
+                             f"(60 s), got {max_wait_us}")
         self.index = index
         self.d = int(index.d)
         self.max_batch = int(max_batch)
@@ -54,7 +63,9 @@ class MicroBatcher:
         self._queue: deque[tuple[np.ndarray, int, Future]] = deque()
         self._rows = 0  # query rows queued
         self._closed = False
-        self._broken: BaseException | None = None
+        self._broken: BaseException | None = None  # the initializer's error: calls fail with it
+        self._dead: BaseException | None = None  # what killed the worker thread: calls fail with it
+        self._current: list[tuple[np.ndarray, int, Future]] = []  # the batch being served
         self._worker = threading.Thread(target=self._serve, name="simskip-microbatcher", daemon=True)
         self._worker.start()
 
@@ -64,6 +75,8 @@ class MicroBatcher:
         k = check_k(k, x.shape[0])
         done: Future = Future()
         with self._cv:
+            if self._dead is not None:
+                raise RuntimeError(f"this MicroBatcher's worker thread failed ({self._dead!r}); create a new one")
             if self._closed:
                 raise RuntimeError("this MicroBatcher is closed")
             self._queue.append((x, k, done))
@@ -109,17 +122,33 @@ class MicroBatcher:
 
     def _serve(self) -> None:
         try:
+            self._serve_batches()
+        except BaseException as e:  # the worker dies: no caller may be left waiting for it
+            with self._cv:
+                self._dead, self._closed = e, True
+                waiting = self._current + list(self._queue)
+                self._queue.clear()
+                self._rows = 0
+            err = RuntimeError(f"MicroBatcher worker thread failed: {e!r}")
+            for _, _, done in waiting:
+                if not done.done():
+                    done.set_exception(err)
+
+    def _serve_batches(self) -> None:
+        try:
             if self._initializer is not None:
                 self._initializer()
         except BaseException as e:  # nothing can be served: every call fails with the initializer's error
             self._broken = e
         while (batch := self._take()) is not None:
+            self._current = batch
             if self._broken is not None:
                 for _, _, done in batch:
                     done.set_exception(RuntimeError(f"MicroBatcher initializer failed: {self._broken!r}"))
                 continue
             for k in dict.fromkeys(k for _, k, _ in batch):  # distinct k, in order of arrival
                 self._search([r for r in batch if r[1] == k], k)
+            self._current = []
 
     def _search(self, requests: list[tuple[np.ndarray, int, Future]], k: int) -> None:
         """One FAISS-style search for `requests` (same k); each caller gets its rows or the exception."""

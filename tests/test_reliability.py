@@ -419,3 +419,39 @@ def test_a_k_beyond_faiss_int_is_refused_before_faiss(k):
         with pytest.raises(ValueError, match=r"k must be at most"):
             mb.search(np.ones((1, 4), np.float32), k)
     assert fake.ks == []
+
+
+@pytest.mark.parametrize("wait", [float("inf"), 1e17, 6e7 + 1, float("nan"), -1.0, "200", True])
+def test_microbatcher_refuses_a_wait_it_cannot_sleep(wait):
+    """30.2: max_wait_us=inf (or >= ~1e17) was accepted; the worker died of OverflowError, callers blocked forever."""
+    from simskip_faiss.batching import MicroBatcher
+
+    with pytest.raises((ValueError, TypeError), match="max_wait_us"):
+        MicroBatcher(_RecordingIndex(), max_wait_us=wait)
+    MicroBatcher(_RecordingIndex(), max_wait_us=6e7).close()  # the bound itself: 60 s
+
+
+def test_a_dead_microbatcher_worker_fails_its_callers_instead_of_blocking_them():
+    """30.2: whatever kills the worker thread, every queued caller (and every later one) gets an exception."""
+    import threading
+
+    from simskip_faiss.batching import MicroBatcher
+
+    mb = MicroBatcher(_RecordingIndex(), max_batch=16)
+    mb.max_wait_us = float("inf")  # past the constructor's check: the worker's Condition.wait overflows
+    errors = []
+
+    def call():
+        try:
+            mb.search(np.ones((1, 4), np.float32), 1)
+        except Exception as e:  # noqa: BLE001 - the test records what the caller got
+            errors.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "the caller is blocked on a dead worker"
+    assert len(errors) == 1 and "worker" in str(errors[0])
+    with pytest.raises(RuntimeError, match="worker thread failed"):
+        mb.search(np.ones((1, 4), np.float32), 1)
+    mb.close()
