@@ -78,9 +78,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def refuse_special(path: Path) -> None:
+    """Raise ValueError if `path` exists and is not a regular file: os.replace would put a file in place of
+    a symlink, device, FIFO, socket (or fail on a directory), e.g. replace /dev/null when run as root."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        what = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise ValueError(f"{path} exists and is not a regular file ({what}); refusing to replace it: "
+                         f"give the path of a regular file")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and os.replace."""
+    """Write `data` to `path` via a temporary file in the same directory and os.replace.
+
+    An existing `path` must be a regular file (`refuse_special`): symlinks, devices, FIFOs, sockets and
+    directories are refused with ValueError and left as they are."""
     path = Path(path)
+    refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP}{path.name}-")
     try:
@@ -114,6 +135,7 @@ def _write_member(directory: Path, stem: str, suffix: str, write: Callable[[Call
             f.flush()
             os.fsync(f.fileno())
         name = f"{stem}-{h.hexdigest()[:16]}{suffix}"
+        refuse_special(directory / name)
         os.replace(tmp, directory / name)
     except BaseException:
         if os.path.exists(tmp):

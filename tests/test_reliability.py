@@ -455,3 +455,50 @@ def test_a_dead_microbatcher_worker_fails_its_callers_instead_of_blocking_them()
     with pytest.raises(RuntimeError, match="worker thread failed"):
         mb.search(np.ones((1, 4), np.float32), 1)
     mb.close()
+
+
+def _special_files(tmp_path):
+    """A symlink, a FIFO, a directory and (as root) a character device, each where a file is to be written."""
+    import os
+    import stat
+
+    target = tmp_path / "target.txt"
+    target.write_bytes(b"keep")
+    (tmp_path / "link").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    made = {"link": stat.S_ISLNK, "fifo": stat.S_ISFIFO, "dir": stat.S_ISDIR}
+    try:
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of our own
+        made["null"] = stat.S_ISCHR
+    except (PermissionError, AttributeError):
+        pass
+    return made
+
+
+def test_writes_never_replace_a_device_fifo_symlink_or_directory(tmp_path):
+    """30.3: as root, `search ... -o /dev/null` replaced /dev/null by a regular file."""
+    import os
+
+    from simskip_faiss.persistence import atomic_write_bytes
+
+    for name, is_kind in _special_files(tmp_path).items():
+        with pytest.raises(ValueError, match=f"{name} exists and is not a regular file"):
+            atomic_write_bytes(tmp_path / name, b"data")
+        assert is_kind(os.lstat(tmp_path / name).st_mode), name
+    assert (tmp_path / "target.txt").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")) == []
+    atomic_write_bytes(tmp_path / "target.txt", b"new")  # a regular file is replaced as before
+    assert (tmp_path / "target.txt").read_bytes() == b"new"
+
+
+def test_cli_search_output_onto_a_fifo_is_refused(tmp_path, data, capsys):
+    import os
+    import stat
+
+    x, _ = data
+    np.save(tmp_path / "c.npy", x)
+    assert main(["build", "identity", str(tmp_path / "c.npy"), "-o", str(tmp_path / "b"), "--metric", "l2", "-q"]) == 0
+    os.mkfifo(tmp_path / "out")
+    assert main(["search", str(tmp_path / "b"), str(tmp_path / "c.npy"), "-k", "3", "-o", str(tmp_path / "out")]) == 2
+    assert "not a regular file" in capsys.readouterr().err and stat.S_ISFIFO(os.lstat(tmp_path / "out").st_mode)
