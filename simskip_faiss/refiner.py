@@ -141,6 +141,13 @@ class BaseRefiner(ABC):
         self.documents, self.documents_missing = documents, None
         return self
 
+    def check_documents_loaded(self) -> None:
+        """Raise when the refiner's file declares document updates that were not loaded with it."""
+        if self.documents_missing:
+            raise ValueError(f"this refiner carries document updates ({self.documents_missing}) that were not "
+                             "loaded with it: load the refiner from its file (with the updates file beside it) "
+                             "or from its bundle, or storing documents would silently skip them")
+
     def refuse_documents(self, where: str) -> None:
         """Raise when this refiner carries document updates that `where` cannot apply (no silent loss)."""
         if self.documents is not None or self.documents_missing:
@@ -152,10 +159,7 @@ class BaseRefiner(ABC):
     def update_documents(self, raw: np.ndarray, stored: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of documents `ids`: `stored` (the document transform of `raw`) with each id's
         update added. The one rule every store applies after refining documents (documents.py)."""
-        if self.documents_missing:
-            raise ValueError(f"this refiner carries document updates ({self.documents_missing}) that were not "
-                             "loaded with it: load the refiner from its file (with the updates file beside it) "
-                             "or from its bundle, or storing documents would silently skip them")
+        self.check_documents_loaded()
         if self.documents is None:
             return stored
         return self.documents.apply(raw, stored, ids)

@@ -55,6 +55,7 @@ class RefinerSpec:
     kind: str
     info: dict
     payload: Any = None  # Broadcast[bytes] or _Held[bytes]; None for the identity
+    documents: Any = None  # Broadcast[bytes] or _Held[bytes] of its document updates; None without
 
     d_in = property(lambda self: self.info["d_in"])
     d_out = property(lambda self: self.info["d_out"])
@@ -80,9 +81,13 @@ def refiner_spec(spark, refiner) -> RefinerSpec:
     """Describe any refiner kind (ONNX, linear, identity) so that workers can rebuild it from its bytes."""
     if not isinstance(refiner, BaseRefiner):
         raise TypeError(f"Spark refinement needs a simskip_faiss refiner, got {type(refiner).__name__}")
-    info, data = refiner.info(), refiner.to_bytes()
+    refiner.check_documents_loaded()
+    info, data, docs = refiner.info(), refiner.to_bytes(), refiner.documents
     key = refiner.sha256 or f"{refiner.kind}:{refiner.d_in}:{refiner.normalize}:{refiner.apply_to}"
-    return RefinerSpec(key, refiner.kind, info, None if data is None else _ship(spark, data))
+    if docs is not None:
+        key += f"+{docs.sha256}"
+    return RefinerSpec(key, refiner.kind, info, None if data is None else _ship(spark, data),
+                       None if docs is None else _ship(spark, docs.to_bytes()))
 
 
 def worker_refiner(spec: RefinerSpec) -> BaseRefiner:
@@ -94,7 +99,8 @@ def worker_refiner(spec: RefinerSpec) -> BaseRefiner:
     r = _WORKER_CACHE.get(spec.key)
     if r is None:
         data = None if spec.payload is None else spec.payload.value
-        r = refiner_from_bytes(spec.kind, data, spec.info, threads=1, source=f"refiner {spec.key[:16]}")
+        r = refiner_from_bytes(spec.kind, data, spec.info, threads=1, source=f"refiner {spec.key[:16]}",
+                               documents=None if spec.documents is None else spec.documents.value)
         _WORKER_CACHE[spec.key] = r
     return r
 
@@ -104,12 +110,31 @@ def _refine(spec: RefinerSpec, x: np.ndarray, role: str, ids=None) -> np.ndarray
 
     Rows a normalising refiner cannot normalise in float32 are refused first, by id (`ids`: an
     Arrow array or sequence; positions in `x` if None), as Milvus and `RefinedIndex` refuse them.
+    Documents then take the refiner's document update of their id (documents.py), which needs integer ids.
     """
-    if role == "documents" and spec.apply_to == "queries":
+    if role == "documents" and spec.apply_to == "queries" and spec.documents is None:
         return x
     refiner = worker_refiner(spec)
-    refiner.refuse_norm_range(x, ids)
-    return refiner.apply_checked(x)  # never a silent non-unit or zero row
+    if role == "documents" and spec.apply_to == "queries":
+        y = x
+    else:
+        refiner.refuse_norm_range(x, ids)
+        y = refiner.apply_checked(x)  # never a silent non-unit or zero row
+    if role == "documents" and spec.documents is not None:
+        y = refiner.update_documents(x, y, _int_ids(ids, len(x)))
+    return y
+
+
+def _int_ids(ids, n: int) -> np.ndarray:
+    """`ids` (an Arrow array or sequence) as int64, for document updates keyed by id; refused otherwise."""
+    if ids is None:
+        raise ValueError("this refiner carries document updates keyed by document id: give the id column (id_col) "
+                         "so that each row takes its own")
+    arr = np.asarray(ids.to_numpy(zero_copy_only=False) if hasattr(ids, "to_numpy") else ids)
+    if arr.shape != (n,) or arr.dtype.kind not in "iu":
+        raise ValueError(f"this refiner carries document updates keyed by integer document id, but the id column "
+                         f"holds {arr.dtype} values: give the int64 ids the refiner was trained with")
+    return arr.astype(np.int64)
 
 
 # -- Spark helpers ------------------------------------------------------------------------------------
@@ -233,8 +258,6 @@ def refine_dataframe(df, refiner, vector_col: str = "vector", id_col: str | None
         raise ValueError(f"role must be 'documents' or 'queries', got {role!r}")
     _check_columns(df, vector_col, id_col)
     out = output_col or vector_col
-    if role == "documents":
-        refiner.refuse_documents("Spark ingest (not yet)")
     spec = refiner_spec(df.sparkSession, refiner)
     field = T.StructField(out, T.ArrayType(T.FloatType(), containsNull=False), True)
     names = [f.name for f in df.schema.fields]
@@ -422,8 +445,6 @@ def _write_parquet_refined(spark, source, refiner, output: str, vector_col, id_c
     if role not in ("documents", "queries"):
         raise ValueError(f"role must be 'documents' or 'queries', got {role!r}")
     n, _ = check_parquet(spark, plan, refiner.d_in, vector_col, id_col)
-    if role == "documents":
-        refiner.refuse_documents("Spark ingest (not yet)")
     fs, out = filesystem(output)
     stage = f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
     fs.create_dir(stage)
@@ -619,7 +640,6 @@ _SHARD_SCHEMA = "partition int, path string, ntotal long"
 
 
 def _shard_job(spark, refiner, trained: faiss.Index, shard_dir: Path, vector_col: str, id_col: str) -> "_ShardJob":
-    refiner.refuse_documents("Spark build (not yet)")
     template = faiss.serialize_index(trained).tobytes()
     return _ShardJob(refiner_spec(spark, refiner), _ship(spark, template), _template_key(template),
                      str(Path(shard_dir).resolve()), vector_col, id_col)

@@ -314,3 +314,33 @@ def test_write_refined_from_parquet_readable_everywhere(spark, setup, tmp_path):
     assert len(pdf) == N and pdf["label"].tolist() == [f"doc{i}" for i in pdf["id"]]
     with pytest.raises(FileExistsError):
         S.write_refined(str(setup["parquet"]), r, tmp_path / "out")
+
+
+def test_document_updates_apply_by_id_at_ingest_and_build(spark, setup, tmp_path):
+    """A refiner with document updates keyed by id: Spark refine and the distributed build store exactly what
+    RefinedIndex.add_with_ids stores; a refiner whose updates file is missing is refused on the driver."""
+    from simskip_faiss.nudge import make_updates
+
+    x, ids = setup["x"], setup["ids"]
+    qr = make_refiner(tmp_path / "q.onnx", apply_to="queries", seed=2)
+    rows = np.array([3, 50, 599])
+    rng = np.random.default_rng(5)
+    moved = x[rows] + 0.5 * rng.standard_normal((3, D_IN)).astype(np.float32)
+    upd = make_updates(x, x, rows, moved, {}).renamed(ids, "test ids")
+    qr.with_documents(upd)
+    docs = by_id(S.refine_dataframe(frame(spark, setup, 2), qr, output_col="refined").toArrow(), "refined", ids)
+    single = RefinedIndex(qr, "IDMap,Flat")
+    single.add_with_ids(x, ids)
+    expect = upd.apply(x, x, ids)
+    np.testing.assert_allclose(docs, expect, atol=1e-6)
+    assert np.abs(docs[rows] - x[rows]).max() > 0.05 and np.array_equal(np.delete(docs, rows, 0), np.delete(x, rows, 0))
+    res = S.build_index(str(setup["parquet"]), qr, tmp_path / "bundle", factory="IVF4,Flat", metric="ip", train_size=400,
+                        partitions=2)
+    dist = RefinedIndex.load(tmp_path / "bundle")
+    assert res.n == N and dist.refiner.documents.sha256 == upd.sha256
+    dist.index.nprobe = 4  # every list: exact
+    np.testing.assert_array_equal(dist.search(moved, 5)[1][:, 0], ids[rows])
+    missing = Refiner(qr.to_bytes())  # the bytes alone: its updates were exported beside it, not inside
+    missing.documents_missing = "3 documents in simskip-documents-x.bin"
+    with pytest.raises(ValueError, match="document updates .* not loaded"):
+        S.refine_dataframe(frame(spark, setup, 2), missing)
