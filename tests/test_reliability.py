@@ -502,3 +502,31 @@ def test_cli_search_output_onto_a_fifo_is_refused(tmp_path, data, capsys):
     os.mkfifo(tmp_path / "out")
     assert main(["search", str(tmp_path / "b"), str(tmp_path / "c.npy"), "-k", "3", "-o", str(tmp_path / "out")]) == 2
     assert "not a regular file" in capsys.readouterr().err and stat.S_ISFIFO(os.lstat(tmp_path / "out").st_mode)
+
+
+def _linear(seed=0, d=4):
+    rng = np.random.default_rng(seed)
+    return LinearRefiner(np.eye(d) + 0.1 * rng.standard_normal((d, d)), np.zeros(d))
+
+
+def test_saving_a_store_removes_only_its_own_refiner_copies(tmp_path):
+    """30.4: a store named v[12].json deleted v1.json's and v2.json's refiner copies (an unescaped glob);
+    a folder store deleted any user file named simskip_refiner-*."""
+    from simskip_faiss.integrations.base import checked_refiner, write_sidecar
+
+    for i, name in enumerate(["v1.json", "v2.json", "v[12].json", "v*.json"]):
+        (tmp_path / name).write_text("{}")
+        write_sidecar(tmp_path / name, _linear(i), folder=False)
+    copies = sorted(p.name for p in tmp_path.glob("*_refiner-*"))
+    assert len(copies) == 4, copies
+    for i, name in enumerate(["v1.json", "v2.json", "v[12].json", "v*.json"]):
+        assert checked_refiner(tmp_path / name).sha256 == _linear(i).sha256
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "simskip_refiner-notes.txt").write_text("mine")
+    (store / "simskip_refiner-old").mkdir()
+    write_sidecar(store, _linear(0))
+    write_sidecar(store, _linear(1))  # replaces the package's copy of refiner 0, nothing else
+    assert sorted(p.name for p in store.iterdir()) == sorted(
+        ["simskip_refiner.json", "simskip_refiner-notes.txt", "simskip_refiner-old",
+         f"simskip_refiner-{_linear(1).sha256[:16]}.npy"])

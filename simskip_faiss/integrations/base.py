@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 from ..checks import as_matrix
 from ..milvus import RefinerMismatchError
 from ..persistence import atomic_write_bytes
-from ..refiner import BaseRefiner, Refiner, refiner_from_bytes
+from ..refiner import BaseRefiner, LinearRefiner, Refiner, refiner_from_bytes
 
 SIDECAR = "simskip_refiner.json"
 FORMAT = "simskip-faiss-refiner-record"
@@ -135,6 +136,13 @@ def _copy_prefix(path: Path) -> str:
     return "simskip_refiner-" if path.name == SIDECAR else path.name[:-len(".json")] + "_refiner-"
 
 
+def _copy_name(path: Path) -> re.Pattern:
+    """Exactly the names of the refiner copies `saving` writes beside the record `path`: its prefix (taken
+    literally, whatever characters the store's name holds), 16 hex digits of the sha256, a refiner suffix."""
+    suffixes = "|".join(re.escape(c.suffix) for c in (Refiner, LinearRefiner))
+    return re.compile(re.escape(_copy_prefix(path)) + rf"[0-9a-f]{{16}}(?:{suffixes})")
+
+
 @contextmanager
 def saving(location: str | os.PathLike, refiner, folder: bool):
     """Wrap a framework's save: the old record is removed first, the new one written after it succeeded.
@@ -155,8 +163,10 @@ def saving(location: str | os.PathLike, refiner, folder: bool):
         if not copy.is_file() or hashlib.sha256(copy.read_bytes()).hexdigest() != refiner.sha256:
             atomic_write_bytes(copy, model)
     atomic_write_bytes(path, json.dumps(record, indent=2, sort_keys=True, default=str).encode())
-    for stale in path.parent.glob(f"{_copy_prefix(path)}*"):
-        if stale.name != record.get("file"):
+    ours = _copy_name(path)
+    for stale in path.parent.iterdir():  # only the copies this record's saves wrote, never a user's file
+        if stale.name != record.get("file") and ours.fullmatch(stale.name) and stale.is_file() \
+                and not stale.is_symlink():
             stale.unlink()
 
 
