@@ -530,3 +530,36 @@ def test_saving_a_store_removes_only_its_own_refiner_copies(tmp_path):
     assert sorted(p.name for p in store.iterdir()) == sorted(
         ["simskip_refiner.json", "simskip_refiner-notes.txt", "simskip_refiner-old",
          f"simskip_refiner-{_linear(1).sha256[:16]}.npy"])
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink", "fifo"])
+def test_a_store_record_cannot_open_a_refiner_outside_the_store(tmp_path, how):
+    """30.5: the record's "file" was joined to the store folder unchecked: ../x, an absolute path or a
+    symlinked copy opened a refiner outside the store."""
+    import json
+    import os
+
+    from simskip_faiss.integrations.base import SIDECAR, RefinerMismatchError, checked_refiner, write_sidecar
+
+    store = tmp_path / "store"
+    store.mkdir()
+    r = _linear(0)
+    write_sidecar(store, r)
+    outside = tmp_path / "x.npy"
+    outside.write_bytes(r.to_bytes())  # the very refiner, but outside the store
+    record = json.loads((store / SIDECAR).read_text())
+    if how == "parent":
+        record["file"] = "../x.npy"
+    elif how == "absolute":
+        record["file"] = str(outside)
+    elif how == "symlink":
+        (store / record["file"]).unlink()
+        (store / record["file"]).symlink_to(outside)
+    else:
+        (store / record["file"]).unlink()
+        os.mkfifo(store / record["file"])
+    (store / SIDECAR).write_text(json.dumps(record))
+    want = {"parent": "not a plain file name", "absolute": "not a plain file name",
+            "symlink": "symbolic link", "fifo": "not a regular file"}[how]
+    with pytest.raises(RefinerMismatchError, match=want):
+        checked_refiner(store)

@@ -9,10 +9,12 @@ checks the record: a missing record, a missing refiner or a different one raises
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from ..checks import as_matrix
 from ..milvus import RefinerMismatchError
-from ..persistence import atomic_write_bytes
+from ..persistence import atomic_write_bytes, plain_name
 from ..refiner import BaseRefiner, LinearRefiner, Refiner, refiner_from_bytes
 
 SIDECAR = "simskip_refiner.json"
@@ -194,7 +196,33 @@ def read_sidecar(location: str | os.PathLike) -> dict:
     if version is None or record.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
         raise RefinerMismatchError(f"{path} is not a refiner record this package reads ({FORMAT} "
                                    f"up to version {FORMAT_VERSION}; found version {version!r})")
+    name = record.get("file")
+    if name is not None and not (plain_name(name) or (isinstance(name, str) and _copy_name(path).fullmatch(name))):
+        raise RefinerMismatchError(f"{path}: the refiner copy it names, {str(name)[:80]!r}, is not a plain "
+                                   f"file name in the store's folder; refusing to open a refiner outside the store")
     return record
+
+
+def _read_copy(copy: Path, where: str) -> bytes:
+    """The bytes of a stored refiner copy: a regular file in the store's folder, not through a symbolic link."""
+    link = RefinerMismatchError(f"{where}: its refiner copy {copy.name} is a symbolic link; a store's refiner "
+                                f"must be a regular file inside it")
+    if copy.is_symlink():
+        raise link
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(copy, flags)
+    except FileNotFoundError:
+        raise MissingRefinerError(f"{where}: its refiner {copy.name} is missing and none was given; "
+                                  f"pass the refiner that built the store (refiner=...)") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # made a symbolic link since the check
+            raise link from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise RefinerMismatchError(f"{where}: its refiner copy {copy.name} is not a regular file")
+        return f.read()
 
 
 def checked_refiner(location: str | os.PathLike, refiner=None, threads: int | None = 1):
@@ -211,10 +239,7 @@ def checked_refiner(location: str | os.PathLike, refiner=None, threads: int | No
         refiner = identity_from_record(record)
     elif record.get("file"):
         copy = sidecar_path(location).parent / record["file"]
-        if not copy.is_file():
-            raise MissingRefinerError(f"{where}: its refiner {record['file']} is missing and none was given; "
-                                      f"pass the refiner that built the store (refiner=...)")
-        refiner = refiner_from_bytes(record["kind"], copy.read_bytes(), threads=threads, source=str(copy))
+        refiner = refiner_from_bytes(record["kind"], _read_copy(copy, where), threads=threads, source=str(copy))
     else:
         raise MissingRefinerError(f"{where} was built with {describe(record)}, which is not stored with it; "
                                   f"pass that refiner (refiner=...)")
