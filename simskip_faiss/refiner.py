@@ -165,13 +165,18 @@ class BaseRefiner(ABC):
         return self.documents.apply(raw, stored, ids)
 
     def check_output(self, y: np.ndarray, x: np.ndarray, offset: int = 0) -> np.ndarray:
-        """Return `y`, refined from `x`, if every row is finite (and unit-norm, or zero for a zero input
-        row, when normalising); else raise.
+        """Return `y`, refined from `x`, if it has shape (rows of `x`, d_out) and every row is finite (and
+        unit-norm, or zero for a zero input row, when normalising); else raise.
 
         A zero refined row of a non-zero input is refused: a float32 normalisation whose squared norm
         overflows returns zero, not the unit vector it owes. `offset` is added to the row numbers in
         the message (rows of a chunk of a larger input).
         """
+        shape = getattr(y, "shape", None)
+        if shape != (x.shape[0], self.d_out):
+            got = f"an array of shape {shape}" if shape is not None else f"a {type(y).__name__}"
+            raise ValueError(f"the refiner returned {got} for {x.shape[0]} input rows; expected "
+                             f"({x.shape[0]}, {self.d_out}): one refined row of d_out values per input row")
         if self.normalize:
             if y.shape[0] == 1:  # the single query: a dot product and a Python comparison
                 v = y.ravel()

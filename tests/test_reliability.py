@@ -563,3 +563,44 @@ def test_a_store_record_cannot_open_a_refiner_outside_the_store(tmp_path, how):
             "symlink": "symbolic link", "fifo": "not a regular file"}[how]
     with pytest.raises(RefinerMismatchError, match=want):
         checked_refiner(store)
+
+
+def _doubling_onnx(d=4):
+    """An ONNX 'refiner' that returns 2n rows for n (the input concatenated with itself along axis 0)."""
+    import json
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Concat", ["x", "x"], ["y"], axis=0)], "double",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", d])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"simskip": json.dumps({"d_in": d, "d_out": d, "normalize": False})})
+    return Refiner(model.SerializeToString())
+
+
+def test_refined_output_of_the_wrong_shape_is_refused_and_nothing_stored():
+    """30.6: an ONNX graph returning 2n rows stored 6 vectors for 3 added."""
+    from simskip_faiss.refiner import BaseRefiner
+
+    bad = _doubling_onnx()
+    x = np.eye(4, dtype=np.float32)[:3]
+    with pytest.raises(ValueError, match=r"shape \(6, 4\) for 3 input rows; expected \(3, 4\)"):
+        bad.transform(x)
+    idx = RefinedIndex(bad, "Flat", "l2")
+    with pytest.raises(ValueError, match=r"expected \(3, 4\)"):
+        idx.add(x)
+    assert idx.ntotal == 0
+
+    class Narrow(BaseRefiner):  # one column short
+        kind, d_in, d_out, apply_to, normalize, metadata, sha256 = "linear", 4, 4, "both", False, {}, None
+
+        def apply_unchecked(self, x):
+            return x[:, :3]
+
+        def to_bytes(self):
+            return None
+
+    with pytest.raises(ValueError, match=r"shape \(1, 3\) for 1 input rows; expected \(1, 4\)"):
+        Narrow().transform(x[:1])
