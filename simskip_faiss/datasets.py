@@ -83,7 +83,7 @@ class EmbeddingData:
     name: str
     corpus: np.ndarray                     # (n, d) float32, C-contiguous: the indexed documents
     corpus_split: np.ndarray               # (n,) int8 in {0,1,2}: train/val/test
-    labels: np.ndarray | None = None       # (n,) int64 label per corpus row, or None
+    labels: np.ndarray | None = None       # (n,) int64 label per corpus row (an index into label_names), or None
     label_names: list[str] | None = None
     queries: np.ndarray | None = None      # (m, d) float32
     query_split: np.ndarray | None = None  # (m,) int8
@@ -108,6 +108,11 @@ class EmbeddingData:
             if n and lab.min() < 0:
                 raise ValueError("labels: must be non-negative")
             self.labels = lab.astype(np.int64)
+            if self.label_names is None and n and self.labels.max() >= n:
+                # sparse ids (product ids ~1e12, say): counted per label (np.bincount) they would need
+                # memory for every id up to the largest; re-indexed to 0..L-1, their values kept as names
+                uniq, inv = np.unique(self.labels, return_inverse=True)
+                self.labels, self.label_names = inv.reshape(-1).astype(np.int64), [str(int(u)) for u in uniq]
             if self.label_names is not None and n and self.labels.max() >= len(self.label_names):
                 raise ValueError(f"label_names: {len(self.label_names)} names but labels go up to "
                                  f"{int(self.labels.max())}")
@@ -608,11 +613,12 @@ def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray 
               seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS,
               name: str = "user", protocol: str = "shared") -> EmbeddingData:
     """The user's own embeddings (.npy paths or arrays) with optional labels (integer or string
-    array, one per corpus row) and qrels (TSV, see :func:`parse_qrels`). Corpus rows get seeded
-    splits. Queries: `protocol` "shared" (default: logged pairs over the corpus a user serves) splits
-    them at random, seeded, so validation queries are drawn from the queries and include some whose
-    documents have training queries and some whose documents have none; "disjoint" gives a query with
-    qrels the split of its first relevant document (no test document was ever a training answer)."""
+    array, one per corpus row; re-indexed to 0..L-1, their values kept as `label_names`) and qrels
+    (TSV, see :func:`parse_qrels`). Corpus rows get seeded splits. Queries: `protocol` "shared"
+    (default: logged pairs over the corpus a user serves) splits them at random, seeded, so validation
+    queries are drawn from the queries and include some whose documents have training queries and
+    some whose documents have none; "disjoint" gives a query with qrels the split of its first
+    relevant document (no test document was ever a training answer)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     x, desc = _load_vectors(corpus, "corpus")
@@ -629,9 +635,15 @@ def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray 
             uniq, lab = np.unique(np.asarray(arr), return_inverse=True)
             names = [str(u) for u in uniq]
         elif arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(np.mod(arr, 1) == 0)):
-            lab = np.asarray(arr).astype(np.int64)
-            if lab.min() < 0:
+            arr = np.asarray(arr)
+            if (arr.dtype.kind == "f" and not (np.abs(arr) < 2.0 ** 63).all()) or \
+                    (arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max):
+                raise ValueError(f"{ldesc}: labels hold values beyond int64 (largest {arr.max():.6g})")
+            if arr.min() < 0:
                 raise ValueError(f"{ldesc}: labels must be non-negative integers")
+            # any integer ids (sparse ones too, e.g. product ids ~1e12): labels 0..L-1, the ids as their names
+            uniq, lab = np.unique(arr.astype(np.int64), return_inverse=True)
+            lab, names = lab.reshape(-1), [str(int(u)) for u in uniq]
         else:
             raise ValueError(f"{ldesc}: expected integer or string labels, got dtype {arr.dtype}")
     corpus_split = make_splits(n, fractions, seed)

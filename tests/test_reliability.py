@@ -604,3 +604,21 @@ def test_refined_output_of_the_wrong_shape_is_refused_and_nothing_stored():
 
     with pytest.raises(ValueError, match=r"shape \(1, 3\) for 1 input rows; expected \(1, 4\)"):
         Narrow().transform(x[:1])
+
+
+def test_sparse_integer_labels_are_reindexed_keeping_their_names():
+    """30.7: product ids (~1e12) as labels made np.bincount raise MemoryError (an 'internal error')."""
+    from simskip_faiss.datasets import EmbeddingData, load_user
+    from simskip_faiss.evaluation import label_relevant
+
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    ids = np.array([10 ** 12, 5, 10 ** 12, 7, 5, 2 ** 62], np.int64)
+    for given in (ids, ids.astype(np.float64)[:5].tolist() + [2.0 ** 62]):
+        d = load_user(x, labels=np.asarray(given))
+        assert d.labels.tolist() == [2, 0, 2, 1, 0, 3]
+        assert d.label_names == ["5", "7", "1000000000000", "4611686018427387904"]
+        assert label_relevant(d.labels, np.arange(6)).tolist() == [1, 1, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="labels .* beyond int64"):
+        load_user(x, labels=np.array([1e19, 0, 0, 0, 0, 0]))
+    direct = EmbeddingData("u", x, np.zeros(6, np.int8), labels=ids)  # built by hand: the same rule
+    assert direct.labels.max() < 6 and direct.label_names[int(direct.labels[0])] == "1000000000000"
