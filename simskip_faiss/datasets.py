@@ -561,12 +561,29 @@ def _load_vectors(x: str | Path | np.ndarray, what: str) -> tuple[np.ndarray, st
     return x, desc
 
 
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_qrels(path: str | Path, n_queries: int, n_docs: int) -> list[np.ndarray]:
     """Read BEIR-style qrels ``query_id<TAB>doc_id[<TAB>grade]`` where ids are integer row indices
-    into queries / corpus. An optional non-numeric first line (header) is skipped. Grade > 0 is
-    relevant (binary); grade <= 0 is dropped. Returns one sorted int64 array per query (empty for
-    queries without relevant docs). Errors name the file and line."""
+    into queries / corpus, from UTF-8 text. An optional header is skipped: a first line whose first
+    field is not a number at all (a first line such as ``0.5<TAB>3`` is a malformed id, not a header).
+    Grade > 0 is relevant (binary); grade <= 0 is dropped. Returns one sorted int64 array per query
+    (empty for queries without relevant docs). Errors name the file and line."""
     path = Path(path)
+    try:
+        return _parse_qrels(path, n_queries, n_docs)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); "
+                         f"qrels must be UTF-8 (or ASCII) text") from None
+
+
+def _parse_qrels(path: Path, n_queries: int, n_docs: int) -> list[np.ndarray]:
     rel: list[set[int]] = [set() for _ in range(n_queries)]
     n_pairs = 0
     seen_data = False
@@ -576,7 +593,7 @@ def parse_qrels(path: str | Path, n_queries: int, n_docs: int) -> list[np.ndarra
             if not fields:
                 continue
             where = f"{path}:{lineno}"
-            if not seen_data and not re.fullmatch(r"[+-]?\d+", fields[0]):
+            if not seen_data and not _is_number(fields[0]):
                 seen_data = True  # header: only the first non-empty line may be one
                 continue
             seen_data = True

@@ -622,3 +622,29 @@ def test_sparse_integer_labels_are_reindexed_keeping_their_names():
         load_user(x, labels=np.array([1e19, 0, 0, 0, 0, 0]))
     direct = EmbeddingData("u", x, np.zeros(6, np.int8), labels=ids)  # built by hand: the same rule
     assert direct.labels.max() < 6 and direct.label_names[int(direct.labels[0])] == "1000000000000"
+
+
+def test_qrels_not_utf8_or_with_a_numeric_first_line_are_refused(tmp_path, capsys):
+    """30.8: a non-UTF-8 qrels file was an 'internal error (a bug)'; a malformed first line `0.5<TAB>3`
+    was silently dropped as if it were a header."""
+    from simskip_faiss.datasets import parse_qrels
+
+    latin = tmp_path / "latin1.tsv"
+    latin.write_bytes("requête\tdoc\n0\t1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.tsv is not UTF-8 text"):
+        parse_qrels(latin, 3, 5)
+    for first in ("0.5\t3", "1e3\t2", "nan\t1", "-0.0\t1"):
+        p = tmp_path / "q.tsv"
+        p.write_text(f"{first}\n0\t1\n")
+        with pytest.raises(ValueError, match="not an integer row index") as e:
+            parse_qrels(p, 3, 5)
+        assert f"{p}:1:" in str(e.value)
+    p.write_text("query-id\tcorpus-id\n0\t1\n")  # a header: its first field is no number at all
+    assert [r.tolist() for r in parse_qrels(p, 2, 5)] == [[1], []]
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    np.save(tmp_path / "c.npy", x)
+    np.save(tmp_path / "q.npy", x[:3])
+    rc = main(["eval", "--corpus", str(tmp_path / "c.npy"), "--queries", str(tmp_path / "q.npy"),
+               "--qrels", str(latin), "-o", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not UTF-8" in err and "internal error" not in err
