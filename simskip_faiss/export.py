@@ -387,15 +387,27 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     return meta
 
 
+def _checked_sample(sample, d: int, k: int = 10):
+    """`sample` (None, or the user's (n, d) vectors) as an array fit for the k-NN check, or ValueError."""
+    if sample is None:
+        return None
+    arr = sample if hasattr(sample, "shape") and hasattr(sample, "ndim") else np.asarray(sample)
+    if arr.ndim != 2 or arr.shape[1] != d or arr.shape[0] < 2 * k:
+        raise ValueError(f"the sample must be a 2-D (n, {d}) array with at least {2 * k} rows (half are queries "
+                         f"whose {k} nearest neighbours are compared), got shape {tuple(arr.shape)}")
+    return arr
+
+
 def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision: str = "int8",
              tol: float | None = None, sample=None) -> dict:
     """Convert an exported fp32 refiner file to `precision`, verified against the fp32 file itself.
 
-    No torch needed. Raises ValueError if the input is not an fp32 refiner and RuntimeError if the
-    converted model differs from it by more than `tol` (default PARITY_TOLERANCE[precision]).
-    Returns the metadata written (with `quantized_from`: the sha256 of the fp32 file). `sample` (the
-    user's vectors): its 10-NN are compared with the fp32 file's and `sample_recall` is stamped; below
-    SAMPLE_RECALL, a warning (the conversion was asked for).
+    No torch needed. Raises ValueError if the input is not an fp32 refiner, if `sample` is not a 2-D
+    (n, d_in) array of at least 20 rows, or if the converted model differs from the fp32 file by more
+    than `tol` (default PARITY_TOLERANCE[precision]): that refiner cannot be quantised at that precision.
+    Nothing is written then. Returns the metadata written (with `quantized_from`: the sha256 of the
+    fp32 file). `sample` (the user's vectors): its 10-NN are compared with the fp32 file's and
+    `sample_recall` is stamped; below SAMPLE_RECALL, a warning (the conversion was asked for).
     """
     import onnx
 
@@ -404,6 +416,7 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     if src.metadata.get("precision", "fp32") != "fp32":
         raise ValueError(f"{onnx_in} is already {src.metadata['precision']}; quantize an fp32 refiner")
     tol = PARITY_TOLERANCE[precision] if tol is None else float(tol)
+    sample = _checked_sample(sample, src.d_in)
     proto = convert(onnx.load_from_string(src.model_bytes), precision)
     meta = dict(src.metadata, precision=precision, parity_tolerance=tol, quantized_from=src.sha256)
     if "parity_max_abs_err" in meta:  # the fp32 file's error vs torch; below, this file's vs the fp32 file
@@ -411,7 +424,9 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     converted = with_metadata(proto, meta)
     worst = max_abs_error(src.transform, converted, src.d_in)
     if not worst <= tol:
-        raise RuntimeError(f"{precision} refiner does not match {onnx_in}: max abs error {worst:.3g} > {tol:g}")
+        raise ValueError(f"{precision} refiner does not match {onnx_in}: max abs error {worst:.3g} > tolerance "
+                         f"{tol:g}; this refiner cannot be quantised to {precision} within it: keep the fp32 file "
+                         f"or try another precision")
     meta["parity_max_abs_err"] = worst
     why = _sample_check(src.model_bytes, converted, meta, sample)
     if why:

@@ -648,3 +648,39 @@ def test_qrels_not_utf8_or_with_a_numeric_first_line_are_refused(tmp_path, capsy
                "--qrels", str(latin), "-o", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and "not UTF-8" in err and "internal error" not in err
+
+
+def _matmul_onnx(path, d=8):
+    """A tiny fp32 refiner file without torch: y = x @ W (W has weights int8 can quantise)."""
+    import json
+
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((d, d)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"simskip": json.dumps({"d_in": d, "d_out": d, "normalize": False,
+                                                          "apply_to": "both", "precision": "fp32"})})
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_quantize_reports_bad_input_as_value_errors(tmp_path):
+    """30.9: an int8 file failing its parity check raised RuntimeError (an 'internal error' in the CLI);
+    a 1-D sample or one of fewer than 20 rows was silently not checked."""
+    from simskip_faiss.export import quantize
+
+    src = _matmul_onnx(tmp_path / "r.onnx")
+    out = tmp_path / "q.onnx"
+    with pytest.raises(ValueError, match=r"int8 .* max abs error [0-9.e-]+ > tolerance 1e-09"):
+        quantize(src, out, tol=1e-9)
+    x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+    for sample in (x[0], x[:19], x[:, :5], x[None]):
+        with pytest.raises(ValueError, match=r"sample must be a 2-D \(n, 8\) array with at least 20 rows"):
+            quantize(src, out, sample=sample)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.onnx"]
+    assert "sample_recall" in quantize(src, out, tol=1.0, sample=x[:20])  # 20 rows: checked
