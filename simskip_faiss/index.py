@@ -24,6 +24,9 @@ from .persistence import BundleError, load_bundle, save_bundle
 from .refiner import NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
 
 
+SMALL_K = 1 << 16  # k up to this passes without check_k (n * k results stay far below checks.MAX_RESULTS per row)
+
+
 class RWLock:
     """Many readers or one writer. A waiting writer holds back new readers, so writes are not starved.
 
@@ -299,8 +302,8 @@ class RefinedIndex:
         params: a faiss.SearchParameters, or a dict such as {"efSearch": 64} / {"nprobe": 8}
         (validated: positive integers within faiss_utils.PARAM_BOUNDS; see `search_parameters`).
         """
-        if type(k) is not int or k <= 0:  # the common case skips check_k's calls
-            k = check_k(k)
+        if type(k) is not int or not 0 < k <= SMALL_K:  # the common case skips check_k's calls
+            k = check_k(k, getattr(x, "shape", (None,))[0] if getattr(x, "ndim", 0) == 2 else None)
         q = self.refine_queries(x)
         params = self._search_params(params) if params is not None else None
         lock = self._lock

@@ -684,3 +684,15 @@ def test_quantize_reports_bad_input_as_value_errors(tmp_path):
             quantize(src, out, sample=sample)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["r.onnx"]
     assert "sample_recall" in quantize(src, out, tol=1.0, sample=x[:20])  # 20 rows: checked
+
+
+def test_refined_index_search_refuses_a_k_faiss_cannot_take():
+    """search(q, 2**31) aborted the process (std::bad_alloc in FAISS); now a ValueError before FAISS is called."""
+    index = RefinedIndex(IdentityRefiner(4), "Flat")
+    index.add(np.eye(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="k must be at most 2147483647"):
+        index.search(np.eye(4, dtype=np.float32)[:1], 2**31)
+    with pytest.raises(ValueError, match="results"):
+        index.search(np.ones((4096, 4), np.float32), 2**20)
+    I = index.search(np.eye(4, dtype=np.float32)[:1], 6)[1]
+    assert I[0, 0] == 0 and I[0, 4:].tolist() == [-1, -1]
