@@ -539,12 +539,12 @@ def _check_supervision(cfg: TrainConfig, sup: Supervision, n: int, d: int) -> Su
         if labels.dtype.kind not in "iu" or labels.shape != (n,):
             raise ValueError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
         sup.labels = labels.astype(np.int64)
-        classes = np.unique(sup.labels[sup.labels >= 0])
+        classes, counts = np.unique(sup.labels[sup.labels >= 0], return_counts=True)  # any ids: no bincount
         if len(classes) < 2:
             raise ValueError(f"labels have {len(classes)} class{'es' if len(classes) != 1 else ''} among the "
                              "training rows; label training needs at least 2 (pass label_weight=0, on the command "
                              "line --label-weight 0, to train without them)")
-        if np.bincount(sup.labels[sup.labels >= 0]).max() < 2:
+        if counts.max() < 2:
             raise ValueError(f"no label is shared by two training rows ({len(classes)} labels, one row each): label "
                              "training learns from rows of the same label (pass label_weight=0, on the command line "
                              "--label-weight 0, to train without them)")

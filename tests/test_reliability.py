@@ -696,3 +696,17 @@ def test_refined_index_search_refuses_a_k_faiss_cannot_take():
         index.search(np.ones((4096, 4), np.float32), 2**20)
     I = index.search(np.eye(4, dtype=np.float32)[:1], 6)[1]
     assert I[0, 0] == 0 and I[0, 4:].tolist() == [-1, -1]
+
+
+def test_train_takes_sparse_integer_labels_without_counting_every_value():
+    """Labels ~1e12 passed straight to train(): np.bincount would allocate terabytes (MemoryError)."""
+    pytest.importorskip("torch")
+    from simskip_faiss.training import Supervision, TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    labels = np.where(np.arange(64) % 2 == 0, 10**12, 7 * 10**11).astype(np.int64)
+    cfg = TrainConfig(hidden=8, max_steps=2, eval_every=1, batch_size=32, label_weight=1.0, unsupervised_weight=0.0,
+                      pair_weight=0.0, progress=False, threads=1)
+    res = train(x, cfg, Supervision(labels=labels))
+    assert res.n_train > 0
