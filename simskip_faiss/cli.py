@@ -192,7 +192,7 @@ def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> N
     g.add_argument("--n-synsets", type=int, default=20000, help="WordNet subset size (default: 20000)")
     g.add_argument("--corpus", help="your corpus embeddings, .npy (n, d)")
     g.add_argument("--queries", help="your query embeddings, .npy (m, d)")
-    g.add_argument("--qrels", help="BEIR-style TSV: query_row<TAB>doc_row[<TAB>grade]")
+    g.add_argument("--qrels", help="BEIR-style TSV: query_row<TAB>doc_row[<TAB>grade]; grade > 0 is relevant (binary: grades are not gains)")
     g.add_argument("--labels", help="one label per corpus row, .npy")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split")
     g.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
