@@ -14,11 +14,12 @@ import os
 from typing import Any, Iterator
 
 import numpy as np
+from .errors import InputError, InputTypeError
 
 MAX_LISTED = 10  # bad rows named in one error message
 
 
-class BadRowsError(ValueError):
+class BadRowsError(InputError):
     """Rows that cannot be refined; `rows` holds (id, problem) pairs, the message names the first ones."""
 
     def __init__(self, rows: list[tuple[Any, str]], total: int | None = None, what: str = "input"):
@@ -60,9 +61,9 @@ def arrow_vectors(col, d: int, ids=None, what: str = "input") -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-        raise TypeError(f"{what}: the vector column must be a list of floats, got Arrow type {col.type}")
+        raise InputTypeError(f"{what}: the vector column must be a list of floats, got Arrow type {col.type}")
     if not pa.types.is_floating(col.type.value_type):
-        raise TypeError(f"{what}: vectors must hold floats, got {col.type.value_type}")
+        raise InputTypeError(f"{what}: vectors must hold floats, got {col.type.value_type}")
     n = len(col)
     lengths_ok = col.null_count == 0 and (pa.types.is_fixed_size_list(col.type) and col.type.list_size == d
                                           or n == 0 or _all_equal(col, d))

@@ -20,6 +20,7 @@ import numpy as np
 
 from .checks import as_matrix
 from .refiner import LinearRefiner
+from .errors import InputError
 
 RIDGE_SCALES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # lam / (tr(Q^T Q) / d)
 LDA_SHRINKAGES = (0.3, 0.03)
@@ -35,13 +36,13 @@ def ridge_solutions(Q: np.ndarray, D: np.ndarray, lams) -> list[np.ndarray]:
     Q = np.asarray(Q, dtype=np.float64)
     D = np.asarray(D, dtype=np.float64)
     if Q.shape != D.shape or Q.ndim != 2:
-        raise ValueError(f"queries and documents must be paired (n, d) arrays, got {Q.shape} and {D.shape}")
+        raise InputError(f"queries and documents must be paired (n, d) arrays, got {Q.shape} and {D.shape}")
     evals, V = np.linalg.eigh(Q.T @ Q)
     QtD = Q.T @ D
     out = []
     for lam in lams:
         if lam < 0:
-            raise ValueError(f"ridge lambda must be >= 0, got {lam}")
+            raise InputError(f"ridge lambda must be >= 0, got {lam}")
         denom = evals + lam
         inv = np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > 1e-10 * max(evals.max(), 1e-30))
         out.append(V @ (inv[:, None] * (V.T @ (QtD + lam * np.eye(len(evals))))))
@@ -81,12 +82,12 @@ def lda_map(x: np.ndarray, labels: np.ndarray, shrinkage: float, weight: float) 
     x = as_matrix(x)
     y = np.asarray(labels).reshape(-1)
     if y.shape != (x.shape[0],):
-        raise ValueError(f"labels must have one entry per row ({x.shape[0]}), got shape {y.shape}")
+        raise InputError(f"labels must have one entry per row ({x.shape[0]}), got shape {y.shape}")
     if not 0 < shrinkage <= 1 or weight < 0:
-        raise ValueError(f"need shrinkage in (0, 1] and weight >= 0, got {shrinkage} and {weight}")
+        raise InputError(f"need shrinkage in (0, 1] and weight >= 0, got {shrinkage} and {weight}")
     classes, inv = np.unique(y, return_inverse=True)
     if len(classes) < 2:
-        raise ValueError(f"an LDA baseline needs at least 2 classes, got {len(classes)}")
+        raise InputError(f"an LDA baseline needs at least 2 classes, got {len(classes)}")
     x64 = x.astype(np.float64)
     mean, counts = x64.mean(0), np.bincount(inv)
     centres = np.zeros((len(classes), x.shape[1]))

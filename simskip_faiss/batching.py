@@ -28,6 +28,7 @@ import numpy as np
 
 from .checks import check_k
 from .refiner import as_input
+from .errors import InputError, InputTypeError
 
 MAX_WAIT_US = 6e7  # 60 s: the longest max_wait_us accepted (a wait beyond ~1e17 us overflows Condition.wait)
 
@@ -48,11 +49,11 @@ class MicroBatcher:
     def __init__(self, index, max_batch: int = 16, max_wait_us: float = 200.0,
                  initializer: Callable[[], object] | None = None):
         if int(max_batch) <= 0:
-            raise ValueError(f"max_batch must be positive, got {max_batch}")
+            raise InputError(f"max_batch must be positive, got {max_batch}")
         if isinstance(max_wait_us, bool) or not isinstance(max_wait_us, (int, float, np.integer, np.floating)):
-            raise TypeError(f"max_wait_us must be a number of microseconds, got {type(max_wait_us).__name__}")
+            raise InputTypeError(f"max_wait_us must be a number of microseconds, got {type(max_wait_us).__name__}")
         if not (math.isfinite(max_wait_us) and 0 <= max_wait_us <= MAX_WAIT_US):
-            raise ValueError(f"max_wait_us must be a finite number of microseconds in [0, {MAX_WAIT_US:g}] "
+            raise InputError(f"max_wait_us must be a finite number of microseconds in [0, {MAX_WAIT_US:g}] "
                              f"(60 s), got {max_wait_us}")
         self.index = index
         self.d = int(index.d)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from .errors import InputError, InputTypeError
 
 CHUNK = 65536  # rows scanned at a time: memmaps stay lazy
 
@@ -32,23 +33,23 @@ def _as_array(x, name: str) -> np.ndarray:
         try:
             return np.asarray(x)
         except ValueError as e:  # ragged nested lists
-            raise ValueError(f"{name} is not a rectangular (n, d) array: {e}") from None
-    raise TypeError(f"{name} must be a numpy array of shape (n, d), got {type(x).__name__}")
+            raise InputError(f"{name} is not a rectangular (n, d) array: {e}") from None
+    raise InputTypeError(f"{name} must be a numpy array of shape (n, d), got {type(x).__name__}")
 
 
 def check_shape(x: np.ndarray, d: int | None = None, name: str = "x", allow_empty: bool = False) -> None:
     """Dtype and shape of the vector contract, without touching the values (cheap on a memmap)."""
     if x.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers convertible to float32 (a float or integer dtype), "
+        raise InputTypeError(f"{name} must hold real numbers convertible to float32 (a float or integer dtype), "
                         f"got dtype {x.dtype}")
     if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, d), got {x.ndim}-D array of shape {x.shape}")
+        raise InputError(f"{name} must be 2-D (n, d), got {x.ndim}-D array of shape {x.shape}")
     if x.shape[0] == 0 and not allow_empty:
-        raise ValueError(f"{name} is an empty batch (0 vectors)")
+        raise InputError(f"{name} is an empty batch (0 vectors)")
     if x.shape[1] == 0:
-        raise ValueError(f"{name} has dimension 0")
+        raise InputError(f"{name} has dimension 0")
     if d is not None and x.shape[1] != d:
-        raise ValueError(f"{name} has dimension {x.shape[1]}, expected {d}")
+        raise InputError(f"{name} has dimension {x.shape[1]}, expected {d}")
 
 
 def to_float32(x: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ def check_finite(x: np.ndarray, name: str = "x", chunk: int = CHUNK,
         row = int(bad[0])
         beyond = np.isfinite(np.asarray(x[row])).all()
         why = ": values beyond float32's range (|x| > 3.4e38)" if beyond else ""
-        raise ValueError(f"{name} contains NaN or Inf after conversion to float32 (first at row {row}{why}; "
+        raise InputError(f"{name} contains NaN or Inf after conversion to float32 (first at row {row}{why}; "
                          f"{bad.size} bad row(s))")
 
 
@@ -120,23 +121,23 @@ def as_ids(ids, n: int | None = None, name: str = "ids", to_store: bool = True) 
     if ids.size == 0 and ids.dtype.kind not in "iu":
         ids = ids.astype(np.int64)  # [] arrives as float64: an empty batch, not a dtype error
     if ids.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
+        raise InputTypeError(f"{name} must be an integer array, got dtype {ids.dtype}")
     if ids.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {ids.shape}")
+        raise InputError(f"{name} must be 1-D, got shape {ids.shape}")
     if n is not None and ids.shape[0] != n:
-        raise ValueError(f"{name} has length {ids.shape[0]}, expected {n} (one per vector)")
+        raise InputError(f"{name} has length {ids.shape[0]}, expected {n} (one per vector)")
     if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
-        raise ValueError(f"{name} has values that do not fit in int64")
+        raise InputError(f"{name} has values that do not fit in int64")
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if to_store and ids.size:
         minus = np.flatnonzero(ids == -1)
         if minus.size:
-            raise ValueError(f"{name} contains -1 (at position {int(minus[0])}): FAISS returns -1 for "
+            raise InputError(f"{name} contains -1 (at position {int(minus[0])}): FAISS returns -1 for "
                              f"'no result', so it cannot be a stored id")
         uniq, counts = np.unique(ids, return_counts=True)
         if uniq.size != ids.size:
             dup = uniq[counts > 1]
-            raise ValueError(f"{name} contains {dup.size} duplicated id(s), e.g. {dup[:5].tolist()}: "
+            raise InputError(f"{name} contains {dup.size} duplicated id(s), e.g. {dup[:5].tolist()}: "
                              f"each vector needs its own id")
     return ids
 
@@ -152,14 +153,14 @@ def check_k(k, n: int | None = None) -> int:
     rows), n * k at most MAX_RESULTS. k above ntotal is allowed: FAISS pads the missing hits with id -1
     (and the metric's worst distance), and so do RefinedIndex and MicroBatcher."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k must be an integer, got {type(k).__name__}")
+        raise InputTypeError(f"k must be an integer, got {type(k).__name__}")
     k = int(k)
     if k <= 0:
-        raise ValueError(f"k must be positive, got {k}")
+        raise InputError(f"k must be positive, got {k}")
     if k > MAX_K:
-        raise ValueError(f"k must be at most {MAX_K} (FAISS takes k as a 32-bit int), got {k}")
+        raise InputError(f"k must be at most {MAX_K} (FAISS takes k as a 32-bit int), got {k}")
     if n is not None and n * k > MAX_RESULTS:
-        raise ValueError(f"k={k} for {n} queries asks for {n * k} (n, k) results, more than {MAX_RESULTS} "
+        raise InputError(f"k={k} for {n} queries asks for {n * k} (n, k) results, more than {MAX_RESULTS} "
                          f"(24 GiB of distances and ids); search fewer queries at a time or a smaller k")
     return k
 
@@ -167,12 +168,12 @@ def check_k(k, n: int | None = None) -> int:
 def check_radius(radius, metric_is_l2: bool) -> float:
     """A finite range-search radius; an L2 radius (a squared distance) must also be non-negative."""
     if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)):
-        raise TypeError(f"radius must be a number, got {type(radius).__name__}")
+        raise InputTypeError(f"radius must be a number, got {type(radius).__name__}")
     r = float(radius)
     if not math.isfinite(r):
-        raise ValueError(f"radius must be a finite number, got {r}")
+        raise InputError(f"radius must be a finite number, got {r}")
     if metric_is_l2 and r < 0:
-        raise ValueError(f"an L2 radius is a squared distance and cannot be negative, got {r}")
+        raise InputError(f"an L2 radius is a squared distance and cannot be negative, got {r}")
     return r
 
 
@@ -188,13 +189,13 @@ def load_npy(path: str | os.PathLike, what: str = "array", mmap: bool = True) ->
     with open(p, "rb") as f:
         magic = f.read(6)
     if magic[:2] == b"PK":
-        raise ValueError(f"{what} file {p} is an .npz archive, not a single .npy array")
+        raise InputError(f"{what} file {p} is an .npz archive, not a single .npy array")
     if magic != b"\x93NUMPY":
-        raise ValueError(f"{what} file {p} is not a .npy file")
+        raise InputError(f"{what} file {p} is not a .npy file")
     try:
         arr = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{what} file {p} is not a readable .npy array without pickle ({e})") from None
+        raise InputError(f"{what} file {p} is not a readable .npy array without pickle ({e})") from None
     return arr
 
 

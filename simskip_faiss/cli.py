@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import linecache
 import logging
 import os
 import re
@@ -25,12 +24,13 @@ import numpy as np
 from . import __version__
 from .config import DEFAULT_PRECISION
 from .datasets import PROTOCOLS
+from .errors import SimSkipError
 from .job import export_checks
 
 log = logging.getLogger("simskip_faiss")
 
 
-class CLIError(Exception):
+class CLIError(SimSkipError):
     """A user error reported as one line."""
 
 
@@ -82,24 +82,23 @@ def plain_message(e: BaseException) -> str:
     return re.sub(r"\b\w+::\w+:\s*", "", msg)  # "ParameterSpace::set_index_parameter:could not set ..."
 
 
-def _raised_by_us(e: BaseException) -> bool:
-    """True if a `raise` statement of this package raised `e` (our validation), not a failing operation."""
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = tb.tb_frame.f_code.co_filename
-    if not Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
-        return False
-    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number above 0 (argparse reports anything else as a one-line usage error)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Errors about the user's input or files: reported as one line, exit status 2. Anything else is a bug."""
-    if isinstance(e, (CLIError, OSError)):  # OSError: a file that is missing, unreadable or unwritable
-        return True
-    return isinstance(e, (ValueError, TypeError)) and _raised_by_us(e)  # ValueError includes BundleError
+    """Errors about the user's input or files: reported as one line, exit status 2. Anything else is a bug.
+
+    Decided by type: the package raises its error family (errors.py) for everything it refuses;
+    OSError is a file that is missing, unreadable or unwritable."""
+    return isinstance(e, (SimSkipError, OSError))
 
 
 def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
@@ -610,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--factory", default="HNSW32", help="FAISS index factory string (default: HNSW32)")
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
     s.add_argument("--ids", help="int64 ids .npy, one per vector (use an IDMap factory for HNSW)")
-    s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ indexes")
+    s.add_argument("--train-size", type=_positive_int, default=100_000, help="vectors sampled to train IVF/PQ indexes")
     s.set_defaults(func=cmd_build, output_kind="dir")
 
     s = sub.add_parser("search", parents=[common], help="search a bundle",
@@ -685,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--factory", default="IVF1024,Flat",
                    help="a mergeable FAISS factory: IVF..., or IDMap,Flat (default: IVF1024,Flat)")
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
-    s.add_argument("--train-size", type=int, default=100_000, help="vectors sampled to train IVF/PQ (default: 100000)")
+    s.add_argument("--train-size", type=_positive_int, default=100_000,
+                   help="vectors sampled to train IVF/PQ (default: 100000)")
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     s.add_argument("--quantizer", default="mini-batch", choices=["mini-batch", "flat", "two-level"],
                    help="k-means of the IVF coarse quantizer: mini-batch (default: ~4x fewer CPU-seconds than FAISS's "

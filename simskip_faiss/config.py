@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .errors import InputError
+
 ACTIVATION_NAMES = ("gelu", "relu", "silu", "tanh")
 # what the CLI exports unless told otherwise (train --precision, run): int8, because in bench/speed.py
 # section 9 its 10-recall@10 vs fp32 and every test and validation metric held (within 0.002) on
@@ -109,50 +111,50 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.activation not in ACTIVATION_NAMES:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATION_NAMES)}, got {self.activation!r}")
+            raise InputError(f"activation must be one of {sorted(ACTIVATION_NAMES)}, got {self.activation!r}")
         if self.documents not in DOCUMENT_METHODS:
-            raise ValueError(f"documents must be one of {list(DOCUMENT_METHODS)}, got {self.documents!r}")
+            raise InputError(f"documents must be one of {list(DOCUMENT_METHODS)}, got {self.documents!r}")
         if self.metric not in ("ip", "l2"):
-            raise ValueError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
+            raise InputError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
         if self.label_loss not in LABEL_LOSSES:
-            raise ValueError(f"label_loss must be one of {list(LABEL_LOSSES)}, got {self.label_loss!r}")
+            raise InputError(f"label_loss must be one of {list(LABEL_LOSSES)}, got {self.label_loss!r}")
         if self.pair_mode not in (None, "symmetric", "query_only"):
-            raise ValueError(f"pair_mode must be 'symmetric', 'query_only' or None (chosen for you), got {self.pair_mode!r}")
+            raise InputError(f"pair_mode must be 'symmetric', 'query_only' or None (chosen for you), got {self.pair_mode!r}")
         for name in ("hidden", "depth", "head_dim", "batch_size", "max_steps", "eval_every", "patience", "search_evals",
                      "agreement_k", "coarse_val_queries", "coarse_corpus_rows"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs must be positive or None, got {self.epochs}")
+            raise InputError(f"epochs must be positive or None, got {self.epochs}")
         if self.time_budget is not None and not self.time_budget > 0:
-            raise ValueError(f"time_budget must be a positive number of seconds or None, got {self.time_budget}")
+            raise InputError(f"time_budget must be a positive number of seconds or None, got {self.time_budget}")
         if self.batch_size < 2:
-            raise ValueError("batch_size must be at least 2 (contrastive losses need negatives)")
+            raise InputError("batch_size must be at least 2 (contrastive losses need negatives)")
         if self.pair_negatives < 0:
-            raise ValueError(f"pair_negatives must be >= 0, got {self.pair_negatives}")
+            raise InputError(f"pair_negatives must be >= 0, got {self.pair_negatives}")
         if not 0 <= self.mask_prob < 1:
-            raise ValueError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
+            raise InputError(f"mask_prob must be in [0, 1), got {self.mask_prob}")
         if (self.temperature is not None and self.temperature <= 0) or self.unsupervised_temperature <= 0:
-            raise ValueError(f"temperatures must be positive, got {self.temperature}, {self.unsupervised_temperature}")
+            raise InputError(f"temperatures must be positive, got {self.temperature}, {self.unsupervised_temperature}")
         if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive or None, got {self.lr}")
+            raise InputError(f"lr must be positive or None, got {self.lr}")
         if self.preserve_weight is not None and self.preserve_weight < 0:
-            raise ValueError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
+            raise InputError(f"preserve_weight must be >= 0, got {self.preserve_weight}")
         weights = [w for w in self.weights().values() if w is not None]
         if any(w < 0 for w in weights) or (len(weights) == 3 and sum(weights) == 0):
-            raise ValueError("signal weights must be >= 0 and at least one must be > 0")
+            raise InputError("signal weights must be >= 0 and at least one must be > 0")
         if any(t not in ("labels", "pairs") for t in self.guard_tasks):
-            raise ValueError(f"guard_tasks must name 'labels' and/or 'pairs', got {self.guard_tasks}")
+            raise InputError(f"guard_tasks must name 'labels' and/or 'pairs', got {self.guard_tasks}")
         if any(m.partition(":")[0] not in ("labels", "pairs") or not m.partition(":")[2] for m in self.guard_metrics):
-            raise ValueError(f"guard_metrics must be 'task:metric' names such as 'pairs:ndcg@10', got {self.guard_metrics}")
+            raise InputError(f"guard_metrics must be 'task:metric' names such as 'pairs:ndcg@10', got {self.guard_metrics}")
         if not 0 <= self.confidence < 1:
-            raise ValueError(f"confidence must be in [0, 1) (0: flag a gain within noise, do not refuse it), got {self.confidence}")
+            raise InputError(f"confidence must be in [0, 1) (0: flag a gain within noise, do not refuse it), got {self.confidence}")
         if not 0 <= self.min_agreement <= 1:
-            raise ValueError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
+            raise InputError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
         if not self.alphas or any(not 0 <= a <= 1 for a in self.alphas):
-            raise ValueError(f"alphas must be values in [0, 1], got {self.alphas}")
+            raise InputError(f"alphas must be values in [0, 1], got {self.alphas}")
         if self.metric == "ip" and not self.normalize:
-            raise ValueError("an inner-product refiner must L2-normalise its output (normalize=True): "
+            raise InputError("an inner-product refiner must L2-normalise its output (normalize=True): "
                              "after a non-isometric transform raw inner products are not comparable")
         if self.is_resolved():
             self._check_signals()
@@ -194,11 +196,11 @@ class TrainConfig:
         cfg = replace(self, unsupervised_weight=w["unsupervised"], label_weight=w["labels"], pair_weight=w["pairs"],
                       pair_mode=mode, preserve_weight=float(preserve))
         if cfg.label_weight > 0 and not has_labels:
-            raise ValueError("label_weight > 0 but no labels were given")
+            raise InputError("label_weight > 0 but no labels were given")
         if cfg.pair_weight > 0 and not has_pairs:
-            raise ValueError("pair_weight > 0 but no queries with query->document pairs were given")
+            raise InputError("pair_weight > 0 but no queries with query->document pairs were given")
         return cfg
 
     def _check_signals(self) -> None:
         if self.pair_mode == "query_only" and (self.unsupervised_weight > 0 or self.label_weight > 0):
-            raise ValueError("pair_mode='query_only' refines queries only; combine it with no other signal")
+            raise InputError("pair_mode='query_only' refines queries only; combine it with no other signal")

@@ -34,6 +34,7 @@ import numpy as np
 
 from .checks import as_matrix, file_sha256, l2_normalize, load_npy
 from .persistence import atomic_write_bytes
+from .errors import InputError
 
 __all__ = [
     "SPLITS", "PROTOCOLS", "EmbeddingData", "shared_corpus", "answered_rows", "Synset", "make_splits", "parse_wordnet", "wordnet_dir",
@@ -55,7 +56,7 @@ Encoder = Callable[[list[str]], np.ndarray]
 
 def _split_code(split: str) -> int:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     return SPLITS.index(split)
 
 
@@ -64,15 +65,15 @@ def _as_vectors(x: Any, field_name: str) -> np.ndarray:
     try:
         return as_matrix(x, name=field_name)
     except TypeError as e:  # this module reports every bad field as a ValueError
-        raise ValueError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 def _as_split(s: Any, n: int, field_name: str) -> np.ndarray:
     s = np.asarray(s)
     if s.shape != (n,):
-        raise ValueError(f"{field_name}: expected shape ({n},), got {s.shape}")
+        raise InputError(f"{field_name}: expected shape ({n},), got {s.shape}")
     if s.dtype.kind not in "iu" or (n and (s.min() < 0 or s.max() > 2)):
-        raise ValueError(f"{field_name}: values must be integer split codes 0/1/2 (train/val/test)")
+        raise InputError(f"{field_name}: values must be integer split codes 0/1/2 (train/val/test)")
     return s.astype(np.int8)
 
 
@@ -95,18 +96,18 @@ class EmbeddingData:
     def __post_init__(self) -> None:
         """Validate and normalise dtypes, so every consumer can rely on the documented shapes."""
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError("name: must be a non-empty string")
+            raise InputError("name: must be a non-empty string")
         self.corpus = _as_vectors(self.corpus, "corpus")
         n, d = self.corpus.shape
         self.corpus_split = _as_split(self.corpus_split, n, "corpus_split")
         if self.labels is not None:
             lab = np.asarray(self.labels)
             if lab.shape != (n,):
-                raise ValueError(f"labels: expected shape ({n},) (one per corpus row), got {lab.shape}")
+                raise InputError(f"labels: expected shape ({n},) (one per corpus row), got {lab.shape}")
             if lab.dtype.kind not in "iu":
-                raise ValueError(f"labels: expected integers, got dtype {lab.dtype}")
+                raise InputError(f"labels: expected integers, got dtype {lab.dtype}")
             if n and lab.min() < 0:
-                raise ValueError("labels: must be non-negative")
+                raise InputError("labels: must be non-negative")
             self.labels = lab.astype(np.int64)
             if self.label_names is None and n and self.labels.max() >= n:
                 # sparse ids (product ids ~1e12, say): counted per label (np.bincount) they would need
@@ -114,39 +115,39 @@ class EmbeddingData:
                 uniq, inv = np.unique(self.labels, return_inverse=True)
                 self.labels, self.label_names = inv.reshape(-1).astype(np.int64), [str(int(u)) for u in uniq]
             if self.label_names is not None and n and self.labels.max() >= len(self.label_names):
-                raise ValueError(f"label_names: {len(self.label_names)} names but labels go up to "
+                raise InputError(f"label_names: {len(self.label_names)} names but labels go up to "
                                  f"{int(self.labels.max())}")
         elif self.label_names is not None:
-            raise ValueError("label_names: given without labels")
+            raise InputError("label_names: given without labels")
         if self.queries is None:
             for f in ("query_split", "qrels", "query_text"):
                 if getattr(self, f) is not None:
-                    raise ValueError(f"{f}: given without queries")
+                    raise InputError(f"{f}: given without queries")
         else:
             self.queries = _as_vectors(self.queries, "queries")
             m, dq = self.queries.shape
             if dq != d:
-                raise ValueError(f"queries: dimension {dq} differs from corpus dimension {d}")
+                raise InputError(f"queries: dimension {dq} differs from corpus dimension {d}")
             if self.query_split is None:
-                raise ValueError("query_split: required when queries are given")
+                raise InputError("query_split: required when queries are given")
             self.query_split = _as_split(self.query_split, m, "query_split")
             if self.qrels is not None:
                 if len(self.qrels) != m:
-                    raise ValueError(f"qrels: expected {m} entries (one per query), got {len(self.qrels)}")
+                    raise InputError(f"qrels: expected {m} entries (one per query), got {len(self.qrels)}")
                 clean = []
                 for i, r in enumerate(self.qrels):
                     r = np.asarray(r)
                     if r.ndim != 1 or (r.size and r.dtype.kind not in "iu"):
-                        raise ValueError(f"qrels[{i}]: expected a 1-D integer array, got {r.dtype} {r.shape}")
+                        raise InputError(f"qrels[{i}]: expected a 1-D integer array, got {r.dtype} {r.shape}")
                     r = np.unique(r.astype(np.int64))
                     if r.size and (r[0] < 0 or r[-1] >= n):
-                        raise ValueError(f"qrels[{i}]: corpus row ids must be in [0, {n}), got {r.tolist()}")
+                        raise InputError(f"qrels[{i}]: corpus row ids must be in [0, {n}), got {r.tolist()}")
                     clean.append(r)
                 self.qrels = clean
             if self.query_text is not None and len(self.query_text) != m:
-                raise ValueError(f"query_text: expected {m} texts, got {len(self.query_text)}")
+                raise InputError(f"query_text: expected {m} texts, got {len(self.query_text)}")
         if self.corpus_text is not None and len(self.corpus_text) != n:
-            raise ValueError(f"corpus_text: expected {n} texts, got {len(self.corpus_text)}")
+            raise InputError(f"corpus_text: expected {n} texts, got {len(self.corpus_text)}")
 
     def split_rows(self, split: str) -> np.ndarray:
         """Corpus row ids (int64) of ``split`` ("train", "val" or "test")."""
@@ -183,7 +184,7 @@ def shared_corpus(data: EmbeddingData, seed: int = 0, fractions: Sequence[float]
     documents' split. Corpus rows keep their split (the label task's). The queries' split is a seeded
     draw of its own, so the same `seed` gives the same split for every consumer."""
     if data.queries is None:
-        raise ValueError(f"{data.name}: the shared-corpus protocol splits queries, and this data set has none")
+        raise InputError(f"{data.name}: the shared-corpus protocol splits queries, and this data set has none")
     qs = make_splits(len(data.queries), fractions, seed + 1)
     return replace(data, query_split=qs, info={**data.info, "protocol": "shared", "query_split_seed": seed + 1})
 
@@ -201,9 +202,9 @@ def make_splits(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: in
     """Seeded random train/val/test codes (int8 0/1/2) for ``n`` items; sizes round cumulatively."""
     f = np.asarray(fractions, dtype=np.float64)
     if f.shape != (3,) or (f < 0).any() or not math.isclose(f.sum(), 1.0, abs_tol=1e-6):
-        raise ValueError(f"fractions: need three non-negative numbers summing to 1, got {fractions}")
+        raise InputError(f"fractions: need three non-negative numbers summing to 1, got {fractions}")
     if n < 0:
-        raise ValueError(f"n: must be >= 0, got {n}")
+        raise InputError(f"n: must be >= 0, got {n}")
     bounds = np.round(np.cumsum(f) * n).astype(np.int64)
     bounds[-1] = n
     codes = np.zeros(n, dtype=np.int8)
@@ -295,7 +296,7 @@ def _split_gloss(gloss: str) -> tuple[str, list[str]]:
 def _parse_data_line(line: str, lexnames: dict[int, str], where: str) -> Synset:
     head, sep, gloss = line.partition(" | ")
     if not sep:
-        raise ValueError(f"{where}: no ' | ' gloss separator")
+        raise InputError(f"{where}: no ' | ' gloss separator")
     tok = head.split()
     offset, lexfile, pos = int(tok[0]), int(tok[1]), tok[2]
     n_words = int(tok[3], 16)
@@ -305,7 +306,7 @@ def _parse_data_line(line: str, lexnames: dict[int, str], where: str) -> Synset:
     if pos == "v":
         i += 1 + 3 * int(tok[i])  # verb frames: count (2-digit decimal), then "+ f_num w_num"
     if i != len(tok) or len(lemmas) != n_words:
-        raise ValueError(f"{where}: fields do not match the WordNet data-file layout")
+        raise InputError(f"{where}: fields do not match the WordNet data-file layout")
     definition, examples = _split_gloss(gloss.strip())
     return Synset(offset, pos, lexnames[lexfile], lemmas, definition, examples)
 
@@ -429,7 +430,7 @@ def encode_cached(texts: Sequence[str], identity: str, get_encoder: Callable[[],
     arr = np.asarray(encode(texts))
     seconds = time.perf_counter() - t0
     if arr.ndim != 2 or arr.shape[0] != len(texts):
-        raise ValueError(f"encoder returned shape {arr.shape} for {len(texts)} texts")
+        raise InputError(f"encoder returned shape {arr.shape} for {len(texts)} texts")
     arr = _as_vectors(arr, "encoder output")
     _save_atomic(path, arr)
     return arr, {"cache_key": key, "cache_hit": False, "cache_file": str(path), "seconds": seconds}
@@ -453,7 +454,7 @@ def load_wordnet(n_synsets: int | None = 20000, seed: int = 0, cache_dir: str | 
         chosen = np.arange(n_all)
     else:
         if n_synsets <= 0:
-            raise ValueError(f"n_synsets: must be positive or None, got {n_synsets}")
+            raise InputError(f"n_synsets: must be positive or None, got {n_synsets}")
         # seed stream separate from make_splits(seed) so subset and split are independent draws
         chosen = np.sort(np.random.default_rng([seed, 1]).choice(n_all, n_synsets, replace=False))
     subset = [synsets[i] for i in chosen]
@@ -512,7 +513,7 @@ def load_digits(seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -
     bunch = sk_load_digits()
     x = np.asarray(bunch.data, dtype=np.float32)
     if (np.linalg.norm(x, axis=1) == 0).any():
-        raise ValueError("digits: unexpected all-zero image")
+        raise InputError("digits: unexpected all-zero image")
     return EmbeddingData(
         name="digits", corpus=l2_normalize(x), corpus_split=make_splits(len(x), fractions, seed),
         labels=np.asarray(bunch.target, dtype=np.int64), label_names=[str(i) for i in range(10)],
@@ -527,7 +528,7 @@ def make_synthetic(n: int = 2000, d: int = 32, n_classes: int = 10, n_queries: i
     ``spread`` is the expected norm of an item's offset from its class centre, ``noise`` the
     expected norm of a query's offset from its document (before renormalisation)."""
     if not (0 < n_queries <= n) or n_classes <= 0 or d <= 0:
-        raise ValueError("make_synthetic: need 0 < n_queries <= n, n_classes > 0, d > 0")
+        raise InputError("make_synthetic: need 0 < n_queries <= n, n_classes > 0, d > 0")
     rng = np.random.default_rng(seed)
     centres = l2_normalize(rng.standard_normal((n_classes, d)))
     labels = rng.integers(0, n_classes, size=n)
@@ -579,7 +580,7 @@ def parse_qrels(path: str | Path, n_queries: int, n_docs: int) -> list[np.ndarra
     try:
         return _parse_qrels(path, n_queries, n_docs)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); "
+        raise InputError(f"{path} is not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); "
                          f"qrels must be UTF-8 (or ASCII) text") from None
 
 
@@ -598,30 +599,30 @@ def _parse_qrels(path: Path, n_queries: int, n_docs: int) -> list[np.ndarray]:
                 continue
             seen_data = True
             if len(fields) not in (2, 3):
-                raise ValueError(f"{where}: expected 2 or 3 tab-separated fields "
+                raise InputError(f"{where}: expected 2 or 3 tab-separated fields "
                                  f"(query_id, doc_id[, grade]), got {len(fields)}")
             ids = []
             for name, tok, hi in (("query id", fields[0], n_queries), ("doc id", fields[1], n_docs)):
                 try:
                     v = int(tok)
                 except ValueError:
-                    raise ValueError(f"{where}: {name} {tok!r} is not an integer row index") from None
+                    raise InputError(f"{where}: {name} {tok!r} is not an integer row index") from None
                 if not 0 <= v < hi:
-                    raise ValueError(f"{where}: {name} {v} out of range [0, {hi})")
+                    raise InputError(f"{where}: {name} {v} out of range [0, {hi})")
                 ids.append(v)
             grade = 1.0
             if len(fields) == 3:
                 try:
                     grade = float(fields[2])
                 except ValueError:
-                    raise ValueError(f"{where}: grade {fields[2]!r} is not a number") from None
+                    raise InputError(f"{where}: grade {fields[2]!r} is not a number") from None
                 if not math.isfinite(grade):
-                    raise ValueError(f"{where}: grade {fields[2]!r} is not finite")
+                    raise InputError(f"{where}: grade {fields[2]!r} is not finite")
             if grade > 0:
                 rel[ids[0]].add(ids[1])
                 n_pairs += 1
     if n_pairs == 0:
-        raise ValueError(f"{path}: no relevant (query, doc) pairs (empty file or all grades <= 0)")
+        raise InputError(f"{path}: no relevant (query, doc) pairs (empty file or all grades <= 0)")
     return [np.array(sorted(r), dtype=np.int64) for r in rel]
 
 
@@ -637,7 +638,7 @@ def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray 
     some whose documents have none; "disjoint" gives a query with qrels the split of its first
     relevant document (no test document was ever a training answer)."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        raise InputError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     x, desc = _load_vectors(corpus, "corpus")
     n, d = x.shape
     info: dict[str, Any] = {"source": "user", "seed": seed, "fractions": tuple(fractions)}
@@ -647,7 +648,7 @@ def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray 
     if labels is not None:
         arr, ldesc = _load_array(labels, "labels")
         if arr.ndim != 1 or len(arr) != n:
-            raise ValueError(f"{ldesc}: expected shape ({n},) (one label per corpus row), got {arr.shape}")
+            raise InputError(f"{ldesc}: expected shape ({n},) (one label per corpus row), got {arr.shape}")
         if arr.dtype.kind in "US":
             uniq, lab = np.unique(np.asarray(arr), return_inverse=True)
             names = [str(u) for u in uniq]
@@ -655,20 +656,20 @@ def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray 
             arr = np.asarray(arr)
             if (arr.dtype.kind == "f" and not (np.abs(arr) < 2.0 ** 63).all()) or \
                     (arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max):
-                raise ValueError(f"{ldesc}: labels hold values beyond int64 (largest {arr.max():.6g})")
+                raise InputError(f"{ldesc}: labels hold values beyond int64 (largest {arr.max():.6g})")
             if arr.min() < 0:
-                raise ValueError(f"{ldesc}: labels must be non-negative integers")
+                raise InputError(f"{ldesc}: labels must be non-negative integers")
             # any integer ids (sparse ones too, e.g. product ids ~1e12): labels 0..L-1, the ids as their names
             uniq, lab = np.unique(arr.astype(np.int64), return_inverse=True)
             lab, names = lab.reshape(-1), [str(int(u)) for u in uniq]
         else:
-            raise ValueError(f"{ldesc}: expected integer or string labels, got dtype {arr.dtype}")
+            raise InputError(f"{ldesc}: expected integer or string labels, got dtype {arr.dtype}")
     corpus_split = make_splits(n, fractions, seed)
     q = q_split = rels = None
     if queries is not None:
         q, qdesc = _load_vectors(queries, "queries")
         if q.shape[1] != d:
-            raise ValueError(f"{qdesc}: dimension {q.shape[1]} differs from corpus dimension {d}")
+            raise InputError(f"{qdesc}: dimension {q.shape[1]} differs from corpus dimension {d}")
         q_split = make_splits(len(q), fractions, seed + 1)
         if qrels is not None:
             rels = parse_qrels(qrels, len(q), n)
@@ -681,7 +682,7 @@ def load_user(corpus: str | Path | np.ndarray, queries: str | Path | np.ndarray 
             if empty:
                 log.warning("%d of %d queries have no relevant documents in %s", len(empty), len(q), qrels)
     elif qrels is not None:
-        raise ValueError("qrels: given without queries")
+        raise InputError("qrels: given without queries")
     data = EmbeddingData(name=name, corpus=x, corpus_split=corpus_split, labels=lab, label_names=names,
                          queries=q, query_split=q_split, qrels=rels, info=info)
     log.info("%s", data.summary())
@@ -692,6 +693,6 @@ def load(name: str, **kw: Any) -> EmbeddingData:
     """Load a named data set: "wordnet", "digits" or "synthetic" (keyword arguments pass through)."""
     loaders = {"wordnet": load_wordnet, "digits": load_digits, "synthetic": make_synthetic}
     if name not in loaders:
-        raise ValueError(f"unknown data set {name!r}; choose from {sorted(loaders)} "
+        raise InputError(f"unknown data set {name!r}; choose from {sorted(loaders)} "
                          f"(or use load_user for your own embeddings)")
     return loaders[name](**kw)

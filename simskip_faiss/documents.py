@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+from .errors import InputError
 
 FORMAT = "simskip-document-updates"
 SKETCH_DIRS = 8            # random directions in the sketch (plus the norm)
@@ -46,7 +47,7 @@ def sketch(x: np.ndarray) -> np.ndarray:
     return np.hstack([norms, x @ _directions(x.shape[1])])
 
 
-class DocumentMismatchError(ValueError):
+class DocumentMismatchError(InputError):
     """A vector stored under an id with an update is not the vector the update was learned for."""
 
 
@@ -65,12 +66,12 @@ class DocumentUpdates:
         self.sketches = np.ascontiguousarray(self.sketches, dtype=np.float32)
         m = len(self.ids)
         if self.delta.ndim != 2 or self.delta.shape[0] != m or self.sketches.shape != (m, SKETCH_DIRS + 1):
-            raise ValueError(f"document updates: {m} ids need ({m}, d) offsets and ({m}, {SKETCH_DIRS + 1}) sketches, "
+            raise InputError(f"document updates: {m} ids need ({m}, d) offsets and ({m}, {SKETCH_DIRS + 1}) sketches, "
                              f"got {self.delta.shape} and {self.sketches.shape}")
         if m and (np.any(np.diff(self.ids) <= 0) or self.ids[0] < 0):
-            raise ValueError("document updates: ids must be sorted, unique and non-negative")
+            raise InputError("document updates: ids must be sorted, unique and non-negative")
         if not (np.isfinite(self.delta).all() and np.isfinite(self.sketches).all()):
-            raise ValueError("document updates hold NaN or Inf")
+            raise InputError("document updates hold NaN or Inf")
 
     @property
     def d(self) -> int:
@@ -137,16 +138,16 @@ class DocumentUpdates:
             raw, ids, delta, sk = (np.lib.format.read_array(f, allow_pickle=False) for _ in range(4))
             header = json.loads(raw.tobytes())
         except Exception as e:  # numpy: ValueError/EOFError; json: JSONDecodeError
-            raise ValueError(f"{source} is not a document-updates file ({type(e).__name__}: {e})") from None
+            raise InputError(f"{source} is not a document-updates file ({type(e).__name__}: {e})") from None
         if f.read(1) or not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ValueError(f"{source} is not a document-updates file (unexpected header or trailing bytes)")
+            raise InputError(f"{source} is not a document-updates file (unexpected header or trailing bytes)")
         if ids.dtype != np.int64 or delta.dtype != np.float32 or sk.dtype != np.float32:
-            raise ValueError(f"{source}: document updates have dtypes {ids.dtype}/{delta.dtype}/{sk.dtype}, "
+            raise InputError(f"{source}: document updates have dtypes {ids.dtype}/{delta.dtype}/{sk.dtype}, "
                              "expected int64/float32/float32")
         try:
             return cls(ids, delta, sk, dict(header.get("meta") or {}))
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise InputError(f"{source}: {e}") from None
 
     @property
     def sha256(self) -> str:

@@ -29,6 +29,7 @@ from .index import RefinedIndex
 from .metrics import drop_self, knn_recall, paired_bootstrap, per_query_metrics
 from .persistence import atomic_write_bytes
 from .refiner import IdentityRefiner, LinearRefiner
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def baselines(data: EmbeddingData, names=BASELINES, abtt_components: int | None 
             "ridge": lambda: _ridge_candidates(data), "lda": lambda: _lda_candidates(data)}
     unknown = set(names) - set(made) - set(DOCUMENT_BASELINES)
     if unknown:
-        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {list(BASELINES)}")
+        raise InputError(f"unknown baselines {sorted(unknown)}; choose from {list(BASELINES)}")
     out, ridge = {}, None
     for n in names:
         if n in DOCUMENT_BASELINES:
@@ -369,13 +370,13 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
     methods = baselines(data, cfg.baselines, cfg.abtt_components, cfg.max_val_queries, cfg.seed)
     clash = set(methods) & set(refiners or {})
     if clash:
-        raise ValueError(f"refiner names {sorted(clash)} clash with baseline names")
+        raise InputError(f"refiner names {sorted(clash)} clash with baseline names")
     methods.update(refiners or {})
     if "raw" not in methods:
         methods = {"raw": IdentityRefiner(data.corpus.shape[1]), **methods}
     queries = task_queries(data, cfg.split, cfg.max_queries, cfg.seed)
     if not queries and not cfg.ann_factory:
-        raise ValueError(f"{data.name} has neither labels nor queries with qrels, and the ANN axis is off: "
+        raise InputError(f"{data.name} has neither labels nor queries with qrels, and the ANN axis is off: "
                          "nothing to evaluate")
     report = EvalReport(info={"data": data.summary(), "split": cfg.split, "factory": cfg.factory, "metric": cfg.metric,
                               "queries": {t: int(len(q)) for t, q in queries.items()}, "config": asdict(cfg),

@@ -35,6 +35,7 @@ from . import __version__
 from .config import DEFAULT_PRECISION
 from .persistence import atomic_write_bytes, plain_name
 from .refiner import METADATA_KEY, Refiner, documents_path
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def split_sample(sample, k: int = 10, seed: int = 0) -> tuple[np.ndarray, np.nda
     n = len(sample)
     m = min(SAMPLE_QUERIES, n // 2)
     if m < k:
-        raise ValueError(f"the sample has {n} rows; checking {k} nearest neighbours needs at least {2 * k}")
+        raise InputError(f"the sample has {n} rows; checking {k} nearest neighbours needs at least {2 * k}")
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, SAMPLE_QUERIES + SAMPLE_CORPUS, replace=False)) if n > SAMPLE_QUERIES + SAMPLE_CORPUS \
         else np.arange(n)
@@ -224,7 +225,7 @@ def _sample_check(fp32: bytes, reduced: bytes, rmeta: dict, sample, k: int = 10)
 
 def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS} (or 'auto' when exporting), got {precision!r}")
+        raise InputError(f"precision must be one of {PRECISIONS} (or 'auto' when exporting), got {precision!r}")
     return precision
 
 
@@ -348,10 +349,10 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     trained_for = getattr(model, "apply_to", "both")
     apply_to = (metadata or {}).get("apply_to")
     if apply_to is None and trained_for != "both":
-        raise ValueError(f"this model was trained to refine {trained_for} only: export it with "
+        raise InputError(f"this model was trained to refine {trained_for} only: export it with "
                          f"metadata={{'apply_to': {trained_for!r}}} or use result.export(path)")
     if apply_to == "both" and trained_for == "queries":
-        raise ValueError(f"apply_to={apply_to!r} but the model was trained for apply_to={trained_for!r}")
+        raise InputError(f"apply_to={apply_to!r} but the model was trained for apply_to={trained_for!r}")
     meta = {"format": "simskip-refiner/1", "version": __version__, "d_in": d, "d_out": d,
             "normalize": bool(model.normalize), "alpha": float(model.alpha), "apply_to": trained_for}
     meta.update(metadata or {})
@@ -368,7 +369,7 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
             rmeta["parity_max_abs_err"] = verify(model, reduced_bytes, d, tol=tol)
         except ParityError as e:
             if not auto:
-                raise ValueError(f"{e} at {precision}; export it at another precision, e.g. fp32") from None
+                raise InputError(f"{e} at {precision}; export it at another precision, e.g. fp32") from None
             meta["precision_fallback"] = f"{precision} exceeded its parity tolerance ({e}): exported fp32"
             log.warning("%s", meta["precision_fallback"])
         else:
@@ -393,7 +394,7 @@ def _checked_sample(sample, d: int, k: int = 10):
         return None
     arr = sample if hasattr(sample, "shape") and hasattr(sample, "ndim") else np.asarray(sample)
     if arr.ndim != 2 or arr.shape[1] != d or arr.shape[0] < 2 * k:
-        raise ValueError(f"the sample must be a 2-D (n, {d}) array with at least {2 * k} rows (half are queries "
+        raise InputError(f"the sample must be a 2-D (n, {d}) array with at least {2 * k} rows (half are queries "
                          f"whose {k} nearest neighbours are compared), got shape {tuple(arr.shape)}")
     return arr
 
@@ -414,7 +415,7 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     _check_precision(precision)
     src = Refiner.load(onnx_in)
     if src.metadata.get("precision", "fp32") != "fp32":
-        raise ValueError(f"{onnx_in} is already {src.metadata['precision']}; quantize an fp32 refiner")
+        raise InputError(f"{onnx_in} is already {src.metadata['precision']}; quantize an fp32 refiner")
     tol = PARITY_TOLERANCE[precision] if tol is None else float(tol)
     sample = _checked_sample(sample, src.d_in)
     proto = convert(onnx.load_from_string(src.model_bytes), precision)
@@ -424,7 +425,7 @@ def quantize(onnx_in: str | os.PathLike, onnx_out: str | os.PathLike, precision:
     converted = with_metadata(proto, meta)
     worst = max_abs_error(src.transform, converted, src.d_in)
     if not worst <= tol:
-        raise ValueError(f"{precision} refiner does not match {onnx_in}: max abs error {worst:.3g} > tolerance "
+        raise InputError(f"{precision} refiner does not match {onnx_in}: max abs error {worst:.3g} > tolerance "
                          f"{tol:g}; this refiner cannot be quantised to {precision} within it: keep the fp32 file "
                          f"or try another precision")
     meta["parity_max_abs_err"] = worst

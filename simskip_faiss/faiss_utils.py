@@ -10,6 +10,7 @@ import mmap
 
 import faiss
 import numpy as np
+from .errors import InputError, InputTypeError
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 METRIC_NAMES = {v: k for k, v in METRICS.items()}
@@ -19,10 +20,10 @@ def metric_code(metric) -> int:
     """'ip' / 'l2' / a faiss.METRIC_* constant -> the FAISS constant."""
     if isinstance(metric, str):
         if metric.lower() not in METRICS:
-            raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+            raise InputError(f"metric must be 'ip' or 'l2', got {metric!r}")
         return METRICS[metric.lower()]
     if metric not in METRIC_NAMES:
-        raise ValueError(f"unsupported FAISS metric {metric!r}; use inner product or L2")
+        raise InputError(f"unsupported FAISS metric {metric!r}; use inner product or L2")
     return int(metric)
 
 
@@ -80,18 +81,18 @@ def build_index(index, d: int, metric, refiner) -> faiss.Index:
         try:
             index = faiss.index_factory(d, index, metric)
         except RuntimeError as e:
-            raise ValueError(f"FAISS could not build {index!r}: {str(e).strip().splitlines()[-1]}") from None
+            raise InputError(f"FAISS could not build {index!r}: {str(e).strip().splitlines()[-1]}") from None
     else:
         if not isinstance(index, faiss.Index):
-            raise TypeError(f"index must be a faiss.Index or a factory string, got {type(index).__name__}")
+            raise InputTypeError(f"index must be a faiss.Index or a factory string, got {type(index).__name__}")
         if index.metric_type != metric:
-            raise ValueError(f"the index uses metric {METRIC_NAMES.get(index.metric_type, index.metric_type)!r} "
+            raise InputError(f"the index uses metric {METRIC_NAMES.get(index.metric_type, index.metric_type)!r} "
                              f"but metric={METRIC_NAMES[metric]!r} was given")
     if index.d != d:
-        raise ValueError(f"refiner outputs {d}-d vectors but the index has dimension {index.d}")
+        raise InputError(f"refiner outputs {d}-d vectors but the index has dimension {index.d}")
     if (metric == faiss.METRIC_INNER_PRODUCT and refiner.apply_to == "both"
             and not refiner.is_identity and not refiner.normalize):
-        raise ValueError("an inner-product index needs a refiner that L2-normalises its output; "
+        raise InputError("an inner-product index needs a refiner that L2-normalises its output; "
                          "this refiner does not (use metric='l2' or export with normalize=True)")
     return index
 
@@ -104,18 +105,18 @@ PARAM_BOUNDS = {"efSearch": (1, 1 << 20), "nprobe": (1, 1 << 20), "max_codes": (
 def check_param(name: str, value) -> int:
     """A search parameter's value as an int, refused unless it is an integer within PARAM_BOUNDS[name]."""
     if name not in PARAM_BOUNDS:
-        raise ValueError(f"unknown search parameter {name!r}; supported: {', '.join(PARAM_BOUNDS)}")
+        raise InputError(f"unknown search parameter {name!r}; supported: {', '.join(PARAM_BOUNDS)}")
     lo, hi = PARAM_BOUNDS[name]
     v = value
     if isinstance(v, str):
         try:
             v = float(v) if any(c in v.lower() for c in ".ean") else int(v)
         except ValueError:
-            raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
+            raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
     if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     return int(v)
 
 
@@ -125,7 +126,7 @@ def parse_params(items) -> dict[str, int]:
     for item in items or ():
         name, eq, value = str(item).partition("=")
         if not eq or not name.strip():
-            raise ValueError(f"a search parameter is name=value, got {item!r}")
+            raise InputError(f"a search parameter is name=value, got {item!r}")
         out[name.strip()] = check_param(name.strip(), value.strip())
     return out
 
@@ -144,7 +145,7 @@ def search_parameters(index: faiss.Index, **values) -> faiss.SearchParameters | 
     params, used = _params_for(index, values)
     unused = sorted(set(values) - used)
     if unused:
-        raise ValueError(f"{type(faiss.downcast_index(index)).__name__} has no search parameter "
+        raise InputError(f"{type(faiss.downcast_index(index)).__name__} has no search parameter "
                          f"{', '.join(unused)} (it takes: {', '.join(sorted(used)) or 'none of ' + ', '.join(PARAM_BOUNDS)})")
     return params
 
@@ -179,7 +180,7 @@ def _params_for(index: faiss.Index, values: dict) -> tuple[faiss.SearchParameter
 def check_search_params(params) -> None:
     """Refuse a caller's faiss.SearchParameters whose efSearch/nprobe/... is out of PARAM_BOUNDS."""
     if not isinstance(params, faiss.SearchParameters):
-        raise TypeError(f"params must be a faiss.SearchParameters or a dict of name -> value, got {type(params).__name__}")
+        raise InputTypeError(f"params must be a faiss.SearchParameters or a dict of name -> value, got {type(params).__name__}")
     for name in PARAM_BOUNDS:
         if name != "max_codes" and hasattr(params, name):  # max_codes 0 is FAISS's "no limit"
             check_param(name, getattr(params, name))
@@ -204,9 +205,9 @@ def reconstruct_n(index: faiss.Index, i0: int, n: int) -> np.ndarray:
         idx = faiss.downcast_index(idx.index)
     for what, v in (("i0", i0), ("n", n)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"reconstruct_n: {what} must be a non-negative integer, got {v!r}")
+            raise InputError(f"reconstruct_n: {what} must be a non-negative integer, got {v!r}")
     if i0 + n > idx.ntotal:
-        raise ValueError(f"reconstruct_n: rows {i0}..{i0 + n - 1} are beyond the {idx.ntotal} stored vectors")
+        raise InputError(f"reconstruct_n: rows {i0}..{i0 + n - 1} are beyond the {idx.ntotal} stored vectors")
     if n == 0:
         return np.empty((0, idx.d), dtype=np.float32)
     try:
@@ -214,5 +215,5 @@ def reconstruct_n(index: faiss.Index, i0: int, n: int) -> np.ndarray:
             idx.reconstruct(int(i0))
         return idx.reconstruct_n(int(i0), int(n))
     except RuntimeError as e:
-        raise ValueError(f"{type(idx).__name__} cannot reconstruct stored vectors: "
+        raise InputError(f"{type(idx).__name__} cannot reconstruct stored vectors: "
                          f"{str(e).strip().splitlines()[-1].split(': ', 1)[-1]}") from None

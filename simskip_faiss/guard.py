@@ -29,6 +29,7 @@ from .evaluation import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task
 from .metrics import drop_self, knn_recall, paired_bootstrap
 from .nudge import UpdateChoice, learn
 from .training import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +123,20 @@ class Guard:
         if cfg.guard_tasks:
             unknown = set(cfg.guard_tasks) - set(self.queries)
             if unknown:
-                raise ValueError(f"guard_tasks {sorted(unknown)} have no validation data (available: {sorted(self.queries)})")
+                raise InputError(f"guard_tasks {sorted(unknown)} have no validation data (available: {sorted(self.queries)})")
             self.queries = {t: v for t, v in self.queries.items() if t in cfg.guard_tasks}
         if cfg.label_weight and "labels" not in self.queries and not cfg.guard_tasks:
-            raise ValueError(f"label training needs at least {MIN_VAL} validation rows that share their label with "
+            raise InputError(f"label training needs at least {MIN_VAL} validation rows that share their label with "
                              f"another row, to guard against (the validation split has {len(data.split_rows('val'))} "
                              f"rows, {len(tasks.get('labels', ()))} of them such)")
         if cfg.pair_weight and "pairs" not in self.queries and not cfg.guard_tasks:
-            raise ValueError(f"pair training needs at least {MIN_VAL} validation queries with qrels to guard against "
+            raise InputError(f"pair training needs at least {MIN_VAL} validation queries with qrels to guard against "
                              f"(the validation split has {len(data.split_queries('val'))} queries)")
         self.proxy = not self.queries
         if self.proxy:  # unsupervised and nothing to validate on: raw-neighbour agreement proxy
             rows = data.split_rows("val")[: cfg.max_val_queries]
             if len(rows) < MIN_VAL or data.corpus.shape[0] < 12:
-                raise ValueError(f"the corpus ({data.corpus.shape[0]} rows, {len(rows)} in validation) is too small "
+                raise InputError(f"the corpus ({data.corpus.shape[0]} rows, {len(rows)} in validation) is too small "
                                  f"for the guard's validation split: give at least {MIN_VAL} validation rows and "
                                  "12 rows in all, or pass guard=False (on the command line --no-guard)")
             self.queries = {"agreement": rows}
@@ -161,7 +162,7 @@ class Guard:
         self.protected = list(cfg.guard_metrics or self.raw)
         unknown = set(self.protected) - set(self.raw)
         if unknown:
-            raise ValueError(f"guard_metrics {sorted(unknown)} are not measured on validation (measured: {sorted(self.raw)})")
+            raise InputError(f"guard_metrics {sorted(unknown)} are not measured on validation (measured: {sorted(self.raw)})")
         which = "validation metric" if self.protected == list(self.raw) else "of " + ", ".join(self.protected)
         self.criterion = (f"{self.agreement_k}-NN agreement with raw on validation rows >= {cfg.min_agreement:g}; "
                           "the largest alpha that holds it" if self.proxy
@@ -366,7 +367,7 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
     cfg = cfg.resolved(sup.has_labels, sup.has_pairs)
     sup = _check_supervision(cfg, sup, *data.corpus.shape)
     if len(train_rows) < 2:
-        raise ValueError(f"the train split has {len(train_rows)} rows; training needs at least 2")
+        raise InputError(f"the train split has {len(train_rows)} rows; training needs at least 2")
     log.info("signals: %s", ", ".join(cfg.signals()))
     with torch_threads(cfg.threads):
         guard = Guard(data, cfg)

@@ -22,6 +22,15 @@ from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric
                           reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, load_bundle, save_bundle
 from .refiner import NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
+from .errors import InputError
+
+
+def _faiss_reason(e: BaseException) -> str:
+    """The last line of a FAISS error, without its C++ location."""
+    import re
+
+    line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return re.sub(r"^Error in .+? at \S+:\d+: ", "", line)
 
 
 SMALL_K = 1 << 16  # k up to this passes without check_k (n * k results stay far below checks.MAX_RESULTS per row)
@@ -113,7 +122,7 @@ class RefinedIndex:
         self.metric = metric_code(metric)
         self.chunk_size = int(chunk_size)
         if self.chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+            raise InputError(f"chunk_size must be positive, got {chunk_size}")
         self.progress = progress
         self.factory: str | None = index if isinstance(index, str) else None
         self.index = build_index(index, refiner.d_out, metric, refiner)
@@ -162,7 +171,7 @@ class RefinedIndex:
         bad = self.refiner.norm_range_rows(x)
         if bad.size:
             norm = float(np.linalg.norm(x[bad[0]].astype(np.float64)))
-            raise ValueError(f"{name}: {bad.size} row(s), first at row {int(bad[0]) + offset}, have L2 norm "
+            raise InputError(f"{name}: {bad.size} row(s), first at row {int(bad[0]) + offset}, have L2 norm "
                              f"{norm:.3g}, {NORM_RANGE_REASON}")
 
     def _chunks(self, x, desc: str):
@@ -194,7 +203,7 @@ class RefinedIndex:
                 block = to_float32(np.asarray(x[s:e]))
                 bad = nonfinite_rows(block)
                 if bad.size:
-                    raise ValueError(f"{name} contains NaN or Inf after conversion to float32 "
+                    raise InputError(f"{name} contains NaN or Inf after conversion to float32 "
                                      f"(first at row {s + int(bad[0])})")
                 self._check_norms(block, s, name)
                 release_rows(x, s, e)
@@ -215,7 +224,11 @@ class RefinedIndex:
         x = self.refine_documents(x)
         with self._lock.writing():
             if not self.index.is_trained:
-                self.index.train(x)
+                try:
+                    self.index.train(x)
+                except RuntimeError as e:  # FAISS refuses the training set (too few points for its clusters, ...)
+                    raise InputError(f"FAISS cannot train {self.factory or type(self.index).__name__} on these "
+                                     f"{x.shape[0]} vectors: {_faiss_reason(e)}") from None
 
     def _ready(self):
         if not self.index.is_trained:
@@ -260,7 +273,7 @@ class RefinedIndex:
                         cid = ids[s:s + len(chunk)] if ids is not None else np.arange(n0 + s, n0 + s + len(chunk))
                         chunk = self.refiner.update_documents(raw, chunk, cid)
                     if ids is None:
-                        self.index.add(chunk)
+                        self._add_plain(chunk)
                     else:
                         self._add_ids(chunk, ids[s:s + len(chunk)])
                     del chunk, raw  # the loop variables would keep them alive while the next chunk is refined
@@ -268,11 +281,19 @@ class RefinedIndex:
                 self._rollback(n0, ids)
                 raise
 
+    def _add_plain(self, chunk: np.ndarray) -> None:
+        try:
+            self.index.add(chunk)
+        except RuntimeError as e:  # e.g. an IDMap index, which takes vectors only with ids
+            raise InputError(f"{self.factory or type(self.index).__name__} cannot add these vectors: "
+                             f"{_faiss_reason(e)}" + (" (on the command line, --ids)" if "IDMap" in type(self.index).__name__ else "")
+                             ) from None
+
     def _add_ids(self, chunk: np.ndarray, ids: np.ndarray) -> None:
         try:
             self.index.add_with_ids(chunk, ids)
         except RuntimeError as e:
-            raise ValueError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
+            raise InputError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
                              f"build it as 'IDMap,<factory>': {str(e).strip().splitlines()[-1]}") from None
 
     def _refuse_stored(self, ids: np.ndarray) -> None:
@@ -280,7 +301,7 @@ class RefinedIndex:
         if isinstance(idx, faiss.IndexIDMap) and idx.ntotal:
             clash = ids[np.isin(ids, faiss.vector_to_array(idx.id_map))]
             if clash.size:
-                raise ValueError(f"{clash.size} id(s) are already stored, e.g. {clash[:5].tolist()}: "
+                raise InputError(f"{clash.size} id(s) are already stored, e.g. {clash[:5].tolist()}: "
                                  f"remove_ids them first to replace their vectors")
 
     def _rollback(self, n0: int, ids) -> None:
@@ -330,7 +351,7 @@ class RefinedIndex:
             try:
                 return self.index.remove_ids(ids)
             except RuntimeError as e:
-                raise ValueError(f"{type(self.index).__name__} cannot remove ids: "
+                raise InputError(f"{type(self.index).__name__} cannot remove ids: "
                                  f"{str(e).strip().splitlines()[-1]}") from None
 
     def reset(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from .errors import InputError
 
 __all__ = [
     "retrieval_metrics_qrels",
@@ -40,7 +41,7 @@ LABEL_FAMILIES = ("precision", "map")
 def _as_ids(I: np.ndarray) -> np.ndarray:
     I = np.asarray(I)
     if I.ndim != 2:
-        raise ValueError(f"I must be 2-d (queries, k), got shape {I.shape}")
+        raise InputError(f"I must be 2-d (queries, k), got shape {I.shape}")
     return I.astype(np.int64, copy=False)
 
 
@@ -120,7 +121,7 @@ def _ranked_metrics(
             elif f == "map":
                 v = (Rk * hits_cum[:, :k] / ranks[:k]).sum(axis=1) / n_ideal
             else:
-                raise ValueError(f"unknown metric family {f!r}")
+                raise InputError(f"unknown metric family {f!r}")
             out[f"{f}@{k}"] = v.astype(np.float64)
     return out
 
@@ -152,14 +153,14 @@ def per_query_metrics(
     I = _as_ids(I)
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive cutoffs, got {ks}")
+        raise InputError(f"ks must be positive cutoffs, got {ks}")
     m = I.shape[0]
     I = _pad(I, max(ks))[:, : max(ks)]
     if (qrels is None) == (query_labels is None):
-        raise ValueError("pass either qrels or query_labels/db_labels")
+        raise InputError("pass either qrels or query_labels/db_labels")
     if qrels is not None:
         if len(qrels) != m:
-            raise ValueError(f"{len(qrels)} qrels for {m} queries")
+            raise InputError(f"{len(qrels)} qrels for {m} queries")
         qr = [np.asarray(q, dtype=np.int64).ravel() for q in qrels]
         rows = np.repeat(np.arange(m, dtype=np.int64), [len(q) for q in qr])
         ids = np.concatenate(qr) if qr else np.zeros(0, np.int64)
@@ -174,10 +175,10 @@ def per_query_metrics(
         families = QRELS_FAMILIES
     else:
         if db_labels is None:
-            raise ValueError("query_labels needs db_labels")
+            raise InputError("query_labels needs db_labels")
         ql, dl = np.asarray(query_labels), np.asarray(db_labels)
         if ql.shape != (m,):
-            raise ValueError(f"query_labels shape {ql.shape}, expected ({m},)")
+            raise InputError(f"query_labels shape {ql.shape}, expected ({m},)")
         R = _first_occurrence(I) & (dl[np.clip(I, 0, None)] == ql[:, None])
         if n_relevant is None:
             uniq, counts = np.unique(dl, return_counts=True)
@@ -186,11 +187,11 @@ def per_query_metrics(
         else:
             n_rel = np.asarray(n_relevant, dtype=np.int64)
             if n_rel.shape != (m,):
-                raise ValueError(f"n_relevant shape {n_rel.shape}, expected ({m},)")
+                raise InputError(f"n_relevant shape {n_rel.shape}, expected ({m},)")
         families = LABEL_FAMILIES
     n_rel = np.asarray(n_rel, dtype=np.int64)
     if np.any(R.sum(axis=1) > n_rel):
-        raise ValueError(
+        raise InputError(
             "more relevant results than n_relevant for some query "
             "(query itself in the results? use drop_self, or fix n_relevant)"
         )
@@ -268,11 +269,11 @@ def knn_recall(
     """
     I_true, I_pred = _as_ids(I_true), _as_ids(I_pred)
     if I_true.shape[0] != I_pred.shape[0]:
-        raise ValueError("I_true and I_pred have different numbers of queries")
+        raise InputError("I_true and I_pred have different numbers of queries")
     ks = tuple(int(k) for k in ks)
     K = max(ks)
     if I_true.shape[1] < K:
-        raise ValueError(f"I_true has {I_true.shape[1]} columns, need {K} for R-recall@{K}")
+        raise InputError(f"I_true has {I_true.shape[1]} columns, need {K} for R-recall@{K}")
     m = I_true.shape[0]
     P = _pad(I_pred, K)[:, :K]
     nn = I_true[:, :1]
@@ -302,7 +303,7 @@ def paired_bootstrap(
     """
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"need two non-empty arrays of equal length, got {a.shape}, {b.shape}")
+        raise InputError(f"need two non-empty arrays of equal length, got {a.shape}, {b.shape}")
     d = b - a
     m = d.size
     rng = np.random.default_rng(seed)
@@ -337,7 +338,7 @@ def drop_self(I: np.ndarray, self_ids: np.ndarray, k: int | None = None) -> np.n
     I = _as_ids(I)
     s = np.asarray(self_ids, dtype=np.int64).ravel()
     if s.shape != (I.shape[0],):
-        raise ValueError(f"self_ids shape {s.shape}, expected ({I.shape[0]},)")
+        raise InputError(f"self_ids shape {s.shape}, expected ({I.shape[0]},)")
     is_self = I == s[:, None]
     order = np.argsort(is_self, axis=1, kind="stable")  # non-self first, order kept
     out = np.take_along_axis(I, order, axis=1)

@@ -20,6 +20,7 @@ import numpy as np
 from .checks import as_ids, check_shape, load_npy, nonfinite_rows, to_float32
 from .faiss_utils import METRIC_NAMES, metric_code
 from .arrow import BadRowsError, arrow_vectors
+from .errors import InputError, InputTypeError
 
 PREFIX = "simskip."
 FORMAT = "1"
@@ -27,7 +28,7 @@ MILVUS_METRIC = {"ip": "IP", "l2": "L2"}
 PAD = {"ip": -np.finfo(np.float32).max, "l2": np.finfo(np.float32).max}  # FAISS's padding for missing hits
 
 
-class RefinerMismatchError(ValueError):
+class RefinerMismatchError(InputError):
     """The collection's vectors were made by another refiner (or with another metric)."""
 
 
@@ -76,7 +77,7 @@ class RefinedCollection:
         self.metric = METRIC_NAMES[metric_code(metric)]
         self.batch_size = int(batch_size)
         if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InputError(f"batch_size must be positive, got {batch_size}")
         self._check_refiner()
         self.properties = refiner_properties(refiner, self.metric)
         if self.client.has_collection(name):
@@ -85,7 +86,7 @@ class RefinedCollection:
         elif create:
             self._create(index_type, index_params or {}, consistency_level)
         else:
-            raise ValueError(f"Milvus collection {name!r} does not exist (create=False)")
+            raise InputError(f"Milvus collection {name!r} does not exist (create=False)")
 
     # -- set-up ---------------------------------------------------------------------------------------
     @property
@@ -96,9 +97,9 @@ class RefinedCollection:
     def _check_refiner(self) -> None:
         r = self.refiner
         if r.apply_to == "queries" and r.d_in != r.d_out:
-            raise ValueError(f"a query-only refiner must keep the dimension, this one maps {r.d_in}→{r.d_out}")
+            raise InputError(f"a query-only refiner must keep the dimension, this one maps {r.d_in}→{r.d_out}")
         if self.metric == "ip" and r.apply_to == "both" and not r.is_identity and not r.normalize:
-            raise ValueError("an inner-product collection needs a refiner that L2-normalises its output; "
+            raise InputError("an inner-product collection needs a refiner that L2-normalises its output; "
                              "this refiner does not (use metric='l2' or export with normalize=True)")
 
     def _create(self, index_type: str, index_params: dict, consistency_level: str) -> None:
@@ -158,9 +159,9 @@ class RefinedCollection:
         fields = fields or {}
         for k, col in fields.items():
             if k in ("id", "vector"):
-                raise ValueError(f"extra field {k!r} clashes with the collection's own fields")
+                raise InputError(f"extra field {k!r} clashes with the collection's own fields")
             if len(col) != len(ids):
-                raise ValueError(f"extra field {k!r} has {len(col)} values for {len(ids)} rows")
+                raise InputError(f"extra field {k!r} has {len(col)} values for {len(ids)} rows")
         write = getattr(self.client, op)
         for s in range(0, len(ids), self.batch_size):
             y = self.refine_documents(x[s:s + self.batch_size], ids[s:s + self.batch_size])
@@ -189,7 +190,7 @@ class RefinedCollection:
         """Refine queries and search; the pymilvus hit lists (with any `output_fields`)."""
         q = self.refiner.transform(queries)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise InputError(f"k must be a positive integer, got {k!r}")
         params = {"metric_type": MILVUS_METRIC[self.metric], "params": search_params or {}}
         return self.client.search(self.name, data=[row for row in q], limit=int(k), filter=filter,
                                   output_fields=output_fields or [], search_params=params, anns_field="vector")
@@ -255,7 +256,7 @@ def ingest_parquet(coll: RefinedCollection, path: str | os.PathLike, vector_col:
     names = data.schema.names
     for c in (vector_col, id_col):
         if c not in names:
-            raise ValueError(f"{path}: no column {c!r}; columns are {names}")
+            raise InputError(f"{path}: no column {c!r}; columns are {names}")
     extra = [c for c in (names if keep is None else keep) if c not in (vector_col, id_col)]
     bad, total = [], 0
     for b in data.to_batches(columns=[id_col, vector_col], batch_size=batch_rows):  # pass 1: validate all
@@ -279,7 +280,7 @@ def _batch_arrays(batch, vector_col: str, id_col: str, d: int) -> tuple[np.ndarr
 
     idcol = batch.column(id_col)
     if not pa.types.is_integer(idcol.type):
-        raise TypeError(f"Milvus ids here are int64; id column {id_col!r} is {idcol.type}")
+        raise InputTypeError(f"Milvus ids here are int64; id column {id_col!r} is {idcol.type}")
     null_ids = np.flatnonzero(idcol.is_null().to_numpy(zero_copy_only=False))
     if len(null_ids):
         raise BadRowsError([(None, f"null id (row {int(i)} of its batch)") for i in null_ids])

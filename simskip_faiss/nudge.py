@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .documents import DocumentUpdates, sketch
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[
     from .evaluation import LABEL_METRICS, PAIR_METRICS, score, task_queries
 
     if method not in METHODS:
-        raise ValueError(f"document update method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"document update method must be one of {METHODS}, got {method!r}")
     if data.queries is None or data.qrels is None:
         return None, None
     pair_q, pair_doc = answer_pairs(data.qrels, data.split_queries("train"))

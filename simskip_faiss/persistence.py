@@ -34,6 +34,7 @@ import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
+from .errors import InputError
 
 FORMAT = "simskip-faiss-bundle"
 FORMAT_VERSION = 1
@@ -49,7 +50,7 @@ LOAD_ATTEMPTS = 20  # loads that found the bundle replaced under them before giv
 _CHUNK = 1 << 22
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bundle that is missing, corrupt, truncated, edited or inconsistent."""
 
 
@@ -91,7 +92,7 @@ def refuse_special(path: Path) -> None:
         return
     if not stat.S_ISREG(mode):
         what = next((name for test, name in _KINDS if test(mode)), "a special file")
-        raise ValueError(f"{path} exists and is not a regular file ({what}); refusing to replace it: "
+        raise InputError(f"{path} exists and is not a regular file ({what}); refusing to replace it: "
                          f"give the path of a regular file")
 
 

@@ -26,6 +26,7 @@ import math
 
 import faiss
 import numpy as np
+from .errors import InputError
 
 METHODS = ("flat", "two-level", "mini-batch")
 
@@ -39,9 +40,9 @@ def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
 def check_method(index: faiss.Index, method: str) -> None:
     """Fail early on an unknown method, or a cheap k-means (two-level, mini-batch) for an index it cannot train."""
     if method not in METHODS:
-        raise ValueError(f"quantizer training must be one of {METHODS}, got {method!r}")
+        raise InputError(f"quantizer training must be one of {METHODS}, got {method!r}")
     if method != "flat" and not index.is_trained and ivf_of(index) is None:
-        raise ValueError(f"{method} quantizer training needs an IVF index without pre-transforms, "
+        raise InputError(f"{method} quantizer training needs an IVF index without pre-transforms, "
                          f"got {type(faiss.downcast_index(index)).__name__}")
 
 
@@ -65,7 +66,7 @@ def train_ivf(index: faiss.Index, x: np.ndarray, method: str = "flat", niter: in
     ivf = ivf_of(index)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[0] < ivf.nlist:
-        raise ValueError(f"{x.shape[0]} training vectors for {ivf.nlist} lists: need at least one per list")
+        raise InputError(f"{x.shape[0]} training vectors for {ivf.nlist} lists: need at least one per list")
     # spherical for inner product, as FAISS's own IVF training does (IndexIVF sets cp.spherical)
     spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
     if method == "mini-batch":
@@ -99,9 +100,9 @@ def minibatch_kmeans(x: np.ndarray, k: int, passes: float = 2.0, per_centroid: i
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if not 0 < k <= n:
-        raise ValueError(f"k-means needs 1 <= k <= n, got k={k} for n={n} vectors")
+        raise InputError(f"k-means needs 1 <= k <= n, got k={k} for n={n} vectors")
     if not (0 < decay <= 1 and passes > 0 and per_centroid > 0 and min_steps > 0 and max_passes > 0):
-        raise ValueError(f"need 0 < decay <= 1 and positive passes, per_centroid, min_steps and max_passes, got "
+        raise InputError(f"need 0 < decay <= 1 and positive passes, per_centroid, min_steps and max_passes, got "
                          f"{decay}, {passes}, {per_centroid}, {min_steps}, {max_passes}")
     rng = np.random.default_rng(seed)
     size = min(n, per_centroid * k)

@@ -33,6 +33,7 @@ from .arrow import BadRowsError, as_id_list
 from .checks import as_matrix, l2_normalize
 from .documents import DocumentUpdates
 from .faiss_utils import build_index
+from .errors import InputError
 
 METADATA_KEY = "simskip"
 KINDS = ("onnx", "identity", "linear")
@@ -70,7 +71,7 @@ def as_input(x, d: int, name: str = "x") -> np.ndarray:
 
 def _check_apply_to(apply_to: str) -> str:
     if apply_to not in APPLY_TO:
-        raise ValueError(f"apply_to must be 'both' or 'queries', got {apply_to!r}")
+        raise InputError(f"apply_to must be 'both' or 'queries', got {apply_to!r}")
     return apply_to
 
 
@@ -137,14 +138,14 @@ class BaseRefiner(ABC):
     def with_documents(self, documents: DocumentUpdates | None) -> "BaseRefiner":
         """Attach document updates (or drop them with None); returns self. Their dimension must be d_out."""
         if documents is not None and documents.d != self.d_out:
-            raise ValueError(f"document updates of dimension {documents.d} do not fit a refiner with d_out {self.d_out}")
+            raise InputError(f"document updates of dimension {documents.d} do not fit a refiner with d_out {self.d_out}")
         self.documents, self.documents_missing = documents, None
         return self
 
     def check_documents_loaded(self) -> None:
         """Raise when the refiner's file declares document updates that were not loaded with it."""
         if self.documents_missing:
-            raise ValueError(f"this refiner carries document updates ({self.documents_missing}) that were not "
+            raise InputError(f"this refiner carries document updates ({self.documents_missing}) that were not "
                              "loaded with it: load the refiner from its file (with the updates file beside it) "
                              "or from its bundle, or storing documents would silently skip them")
 
@@ -152,7 +153,7 @@ class BaseRefiner(ABC):
         """Raise when this refiner carries document updates that `where` cannot apply (no silent loss)."""
         if self.documents is not None or self.documents_missing:
             n = len(self.documents) if self.documents is not None else self.documents_missing
-            raise ValueError(f"this refiner carries document updates ({n} documents, keyed by id) that {where} "
+            raise InputError(f"this refiner carries document updates ({n} documents, keyed by id) that {where} "
                              "cannot apply; build the store with RefinedIndex (add / add_with_ids) or Milvus ingest, "
                              "or drop them (refiner.with_documents(None); on the command line train --documents none)")
 
@@ -175,7 +176,7 @@ class BaseRefiner(ABC):
         shape = getattr(y, "shape", None)
         if shape != (x.shape[0], self.d_out):
             got = f"an array of shape {shape}" if shape is not None else f"a {type(y).__name__}"
-            raise ValueError(f"the refiner returned {got} for {x.shape[0]} input rows; expected "
+            raise InputError(f"the refiner returned {got} for {x.shape[0]} input rows; expected "
                              f"({x.shape[0]}, {self.d_out}): one refined row of d_out values per input row")
         if self.normalize:
             if y.shape[0] == 1:  # the single query: a dot product and a Python comparison
@@ -192,7 +193,7 @@ class BaseRefiner(ABC):
             bad = np.flatnonzero(~((dev <= UNIT_TOLERANCE) | zero_ok))
             if bad.size:
                 norm = np.sqrt(sq[bad[0]])
-                raise ValueError(
+                raise InputError(
                     f"refined {_rows(bad, offset)} are not unit vectors (norm {norm:.3g} at the first): "
                     f"a normalising refiner works in float32 and takes rows whose L2 norm lies in "
                     f"[{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}]")
@@ -200,7 +201,7 @@ class BaseRefiner(ABC):
         if self.kind == "identity" or np.isfinite(y).all():
             return y
         bad = np.flatnonzero(~np.isfinite(y).all(axis=1))
-        raise ValueError(f"refined {_rows(bad, offset)} hold NaN or Inf: the input is beyond the range this "
+        raise InputError(f"refined {_rows(bad, offset)} hold NaN or Inf: the input is beyond the range this "
                          f"refiner computes in float32")
 
     def norm_range_rows(self, x: np.ndarray) -> np.ndarray:
@@ -228,7 +229,7 @@ class IdentityRefiner(BaseRefiner):
 
     def __init__(self, d: int, normalize: bool = False, apply_to: str = "both"):
         if int(d) <= 0:
-            raise ValueError(f"dimension must be positive, got {d}")
+            raise InputError(f"dimension must be positive, got {d}")
         self.d_in = self.d_out = int(d)
         self.normalize = bool(normalize)
         self.apply_to = _check_apply_to(apply_to)
@@ -265,13 +266,13 @@ class Refiner(BaseRefiner):
         import onnxruntime as ort
 
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InputError(f"batch_size must be positive, got {batch_size}")
         self.model_bytes = bytes(model)
         self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
         self.batch_size = int(batch_size)
         self.threads = int(threads) if threads is not None else (os.cpu_count() or 1)
         if self.threads <= 0:
-            raise ValueError(f"threads must be positive (or None for every core), got {threads}")
+            raise InputError(f"threads must be positive (or None for every core), got {threads}")
         self.source = source
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -283,34 +284,34 @@ class Refiner(BaseRefiner):
         try:
             self._session = ort.InferenceSession(self.model_bytes, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ValueError(f"{source} is not a valid ONNX model: {str(e).splitlines()[0][:200]}") from None
+            raise InputError(f"{source} is not a valid ONNX model: {str(e).splitlines()[0][:200]}") from None
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) < 1:
-            raise ValueError(f"{source}: a refiner has one input (n, d) and one output, "
+            raise InputError(f"{source}: a refiner has one input (n, d) and one output, "
                              f"got {len(inputs)} inputs and {len(outputs)} outputs")
         self._in, self._out = inputs[0].name, outputs[0].name
         if inputs[0].type != "tensor(float)":
-            raise ValueError(f"{source}: refiner input must be float32, model declares {inputs[0].type}")
+            raise InputError(f"{source}: refiner input must be float32, model declares {inputs[0].type}")
         raw_meta = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         try:
             self.metadata: dict = json.loads(raw_meta) if raw_meta else {}
         except json.JSONDecodeError:
-            raise ValueError(f"{source}: the '{METADATA_KEY}' metadata is not valid JSON") from None
+            raise InputError(f"{source}: the '{METADATA_KEY}' metadata is not valid JSON") from None
         d_in, d_out = inputs[0].shape[-1], outputs[0].shape[-1]
         self.d_in = int(self.metadata.get("d_in", d_in if isinstance(d_in, int) else 0))
         self.d_out = int(self.metadata.get("d_out", d_out if isinstance(d_out, int) else 0))
         if self.d_in <= 0 or self.d_out <= 0 or len(inputs[0].shape) != 2:
-            raise ValueError(f"{source}: cannot tell the refiner's dimensions: input shape "
+            raise InputError(f"{source}: cannot tell the refiner's dimensions: input shape "
                              f"{inputs[0].shape}, output shape {outputs[0].shape}")
         self.normalize = bool(self.metadata.get("normalize", False))
         self.precision = str(self.metadata.get("precision", "fp32"))
         self.apply_to = self.metadata.get("apply_to", "both")
         if self.apply_to not in ("both", "queries"):
-            raise ValueError(f"{source}: apply_to must be 'both' or 'queries', got {self.apply_to!r}")
+            raise InputError(f"{source}: apply_to must be 'both' or 'queries', got {self.apply_to!r}")
         declared = self.metadata.get("documents")
         if documents is not None:
             if isinstance(declared, dict) and declared.get("sha256") != documents.sha256:
-                raise ValueError(f"{source}: the document updates given are not the ones this refiner declares "
+                raise InputError(f"{source}: the document updates given are not the ones this refiner declares "
                                  f"(sha256 {documents.sha256[:16]}…, the file says "
                                  f"{(declared or {}).get('sha256', 'none')!s:.16})")
             self.with_documents(documents)
@@ -326,7 +327,7 @@ class Refiner(BaseRefiner):
             raise FileNotFoundError(f"refiner file not found: {p}")
         data = p.read_bytes()
         if not data:
-            raise ValueError(f"{p} is empty, not an ONNX model")
+            raise InputError(f"{p} is empty, not an ONNX model")
         out = cls(data, threads=threads, batch_size=batch_size, source=str(p))
         declared = out.metadata.get("documents")
         if isinstance(declared, dict):
@@ -433,7 +434,7 @@ def read_documents(refiner_path: Path, declared: dict) -> DocumentUpdates:
 
     name, sha = declared.get("file"), declared.get("sha256")
     if not plain_name(name) or not isinstance(sha, str):
-        raise ValueError(f"{refiner_path}: its document-updates record must name a file beside it and a sha256, "
+        raise InputError(f"{refiner_path}: its document-updates record must name a file beside it and a sha256, "
                          f"got {name!r}")
     p = refiner_path.with_name(name)
     if p.is_symlink() or not p.is_file():
@@ -441,7 +442,7 @@ def read_documents(refiner_path: Path, declared: dict) -> DocumentUpdates:
                                 "the refiner (or retrain)")
     data = p.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha:
-        raise ValueError(f"{p} has been modified or belongs to another refiner (its sha256 differs from the one "
+        raise InputError(f"{p} has been modified or belongs to another refiner (its sha256 differs from the one "
                          f"{refiner_path.name} records)")
     return DocumentUpdates.from_bytes(data, source=str(p))
 
@@ -451,7 +452,7 @@ def load_refiner(path: str | os.PathLike | None, d: int | None = None, threads: 
     """A `Refiner` from an ONNX path, or an `IdentityRefiner(d)` when path is None or 'identity'."""
     if path is None or str(path) == "identity":
         if d is None:
-            raise ValueError("an identity refiner needs the dimension d")
+            raise InputError("an identity refiner needs the dimension d")
         return IdentityRefiner(d, normalize=normalize)
     return Refiner.load(path, threads=threads)
 
@@ -478,14 +479,14 @@ class LinearRefiner(BaseRefiner):
         self.A = np.ascontiguousarray(A, dtype=np.float32)
         self.mean = np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
         if self.A.ndim != 2 or self.A.shape[1] != self.mean.shape[0] or self.A.size == 0:
-            raise ValueError(f"A must be (d_out, d_in) with d_in = len(mean); got {self.A.shape} and {self.mean.shape}")
+            raise InputError(f"A must be (d_out, d_in) with d_in = len(mean); got {self.A.shape} and {self.mean.shape}")
         self.d_out, self.d_in = self.A.shape
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
         if self.bias is not None and self.bias.shape != (self.d_out,):
-            raise ValueError(f"bias must have d_out = {self.d_out} entries, got shape {self.bias.shape}")
+            raise InputError(f"bias must have d_out = {self.d_out} entries, got shape {self.bias.shape}")
         for what, arr in (("A", self.A), ("mean", self.mean), ("bias", self.bias)):
             if arr is not None and not np.isfinite(arr).all():
-                raise ValueError(f"LinearRefiner {what} holds NaN or Inf")
+                raise InputError(f"LinearRefiner {what} holds NaN or Inf")
         self.normalize = bool(normalize)
         self.apply_to = _check_apply_to(apply_to)
         self.name = name
@@ -519,9 +520,9 @@ class LinearRefiner(BaseRefiner):
             raw, A, mean, bias = (np.lib.format.read_array(f, allow_pickle=False) for _ in range(4))
             header = json.loads(raw.tobytes())
         except Exception as e:  # numpy raises ValueError/EOFError/..., json a JSONDecodeError
-            raise ValueError(f"{source} is not a linear refiner file ({type(e).__name__}: {e})") from None
+            raise InputError(f"{source} is not a linear refiner file ({type(e).__name__}: {e})") from None
         if f.read(1) or not isinstance(header, dict) or header.get("format") != cls.FORMAT:
-            raise ValueError(f"{source} is not a linear refiner file (unexpected header or trailing bytes)")
+            raise InputError(f"{source} is not a linear refiner file (unexpected header or trailing bytes)")
         meta = {k: v for k, v in dict(header.get("metadata") or {}).items()
                 if k not in ("kind", "name", "d_in", "d_out", "normalize", "apply_to")}
         return cls(A, mean, normalize=bool(header.get("normalize")), name=str(header.get("name", "linear")),
@@ -555,10 +556,10 @@ class LinearRefiner(BaseRefiner):
         import faiss
 
         if self.apply_to != "both":
-            raise ValueError("to_faiss applies the map to stored vectors too; this LinearRefiner is query-only")
+            raise InputError("to_faiss applies the map to stored vectors too; this LinearRefiner is query-only")
         inner = build_index(index, self.d_out, metric, self)
         if inner.ntotal:
-            raise ValueError(f"to_faiss needs an empty index, this one holds {inner.ntotal} vectors")
+            raise InputError(f"to_faiss needs an empty index, this one holds {inner.ntotal} vectors")
         *first, last = self.faiss_transforms()
         pre = faiss.IndexPreTransform(last, inner)
         for t in reversed(first):
@@ -604,7 +605,7 @@ def distil_linear(refiner, sample, ridge: float = 1e-3, name: str = "distilled")
     """
     x = as_matrix(sample, refiner.d_in, "sample")
     if x.shape[0] < 2:
-        raise ValueError("distil_linear needs at least 2 sample vectors")
+        raise InputError("distil_linear needs at least 2 sample vectors")
     y = np.asarray(refiner.transform(x), dtype=np.float64)
     x = x.astype(np.float64)
     mu, ybar = x.mean(0), y.mean(0)
@@ -628,28 +629,28 @@ def refiner_from_bytes(kind: str, data: bytes | None, info: dict | None = None, 
     """
     info = dict(info or {})
     if kind not in KINDS:
-        raise ValueError(f"{source}: unknown refiner kind {kind!r} (expected one of {', '.join(KINDS)})")
+        raise InputError(f"{source}: unknown refiner kind {kind!r} (expected one of {', '.join(KINDS)})")
     upd = None if documents is None else DocumentUpdates.from_bytes(documents, source=f"{source} (document updates)")
     if kind == "identity":
         if data is not None:
-            raise ValueError(f"{source}: an identity refiner has no bytes, but refiner bytes were given")
+            raise InputError(f"{source}: an identity refiner has no bytes, but refiner bytes were given")
         d = info.get("d_in", info.get("d", (info.get("metadata") or {}).get("d_in")))  # a manifest's "d" too
         if isinstance(d, bool) or not isinstance(d, int):
-            raise ValueError(f"{source}: an identity refiner needs an integer d_in, got {d!r}")
+            raise InputError(f"{source}: an identity refiner needs an integer d_in, got {d!r}")
         refiner: BaseRefiner = IdentityRefiner(d, normalize=bool(info.get("normalize", False)),
                                                apply_to=info.get("apply_to", "both")).with_documents(upd)
     elif data is None:
-        raise ValueError(f"{source}: a {kind} refiner needs its bytes, none were given")
+        raise InputError(f"{source}: a {kind} refiner needs its bytes, none were given")
     elif kind == "onnx":
         refiner = Refiner(data, threads=threads, source=source, documents=upd)
     else:
         refiner = LinearRefiner.from_bytes(data, source=source).with_documents(upd)
     for key in ("sha256", "normalize", "apply_to", "d_in", "d_out"):
         if key in info and info[key] != getattr(refiner, key):
-            raise ValueError(f"{source}: the refiner's {key} is {getattr(refiner, key)!r} but the record says {info[key]!r}")
+            raise InputError(f"{source}: the refiner's {key} is {getattr(refiner, key)!r} but the record says {info[key]!r}")
     want = (info.get("documents") or {}).get("sha256")
     got = None if refiner.documents is None else refiner.documents.sha256
     if "documents" in info and want != got:
-        raise ValueError(f"{source}: the refiner's document updates are {got and got[:16]!r} but the record says "
+        raise InputError(f"{source}: the refiner's document updates are {got and got[:16]!r} but the record says "
                          f"{want and want[:16]!r}")
     return refiner

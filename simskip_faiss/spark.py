@@ -42,6 +42,7 @@ from .arrow import (MAX_LISTED, BadRowsError, ParquetPlan, arrow_vectors, filesy
                     plan_parquet, to_arrow_list)
 from .index import RefinedIndex
 from .refiner import BaseRefiner, refiner_from_bytes
+from .errors import InputError, InputTypeError
 
 _WORKER_CACHE: dict[str, Any] = {}  # per Python worker process: refiners and trained templates by sha256
 
@@ -80,7 +81,7 @@ def _ship(spark, data: bytes):
 def refiner_spec(spark, refiner) -> RefinerSpec:
     """Describe any refiner kind (ONNX, linear, identity) so that workers can rebuild it from its bytes."""
     if not isinstance(refiner, BaseRefiner):
-        raise TypeError(f"Spark refinement needs a simskip_faiss refiner, got {type(refiner).__name__}")
+        raise InputTypeError(f"Spark refinement needs a simskip_faiss refiner, got {type(refiner).__name__}")
     refiner.check_documents_loaded()
     info, data, docs = refiner.info(), refiner.to_bytes(), refiner.documents
     key = refiner.sha256 or f"{refiner.kind}:{refiner.d_in}:{refiner.normalize}:{refiner.apply_to}"
@@ -128,11 +129,11 @@ def _refine(spec: RefinerSpec, x: np.ndarray, role: str, ids=None) -> np.ndarray
 def _int_ids(ids, n: int) -> np.ndarray:
     """`ids` (an Arrow array or sequence) as int64, for document updates keyed by id; refused otherwise."""
     if ids is None:
-        raise ValueError("this refiner carries document updates keyed by document id: give the id column (id_col) "
+        raise InputError("this refiner carries document updates keyed by document id: give the id column (id_col) "
                          "so that each row takes its own")
     arr = np.asarray(ids.to_numpy(zero_copy_only=False) if hasattr(ids, "to_numpy") else ids)
     if arr.shape != (n,) or arr.dtype.kind not in "iu":
-        raise ValueError(f"this refiner carries document updates keyed by integer document id, but the id column "
+        raise InputError(f"this refiner carries document updates keyed by integer document id, but the id column "
                          f"holds {arr.dtype} values: give the int64 ids the refiner was trained with")
     return arr.astype(np.int64)
 
@@ -168,14 +169,14 @@ def _schema_errors(names: list[str], vector_col: str, id_col: str | None, vector
                    id_type: str, id_integer: bool, integer_ids: bool) -> None:
     """The column checks of a DataFrame and of a parquet schema alike (names and types given as strings)."""
     if vector_col not in names:
-        raise ValueError(f"no vector column {vector_col!r}; columns are {names}")
+        raise InputError(f"no vector column {vector_col!r}; columns are {names}")
     if not vector_ok:
-        raise TypeError(f"vector column {vector_col!r} must be array<float> or array<double>, got {vector_type}")
+        raise InputTypeError(f"vector column {vector_col!r} must be array<float> or array<double>, got {vector_type}")
     if id_col is not None:
         if id_col not in names:
-            raise ValueError(f"no id column {id_col!r}; columns are {names}")
+            raise InputError(f"no id column {id_col!r}; columns are {names}")
         if integer_ids and not id_integer:
-            raise TypeError(f"FAISS ids must be integers; id column {id_col!r} is {id_type}")
+            raise InputTypeError(f"FAISS ids must be integers; id column {id_col!r} is {id_type}")
 
 
 def _check_columns(df, vector_col: str, id_col: str | None, integer_ids: bool = False) -> None:
@@ -255,7 +256,7 @@ def refine_dataframe(df, refiner, vector_col: str = "vector", id_col: str | None
     from pyspark.sql import types as T
 
     if role not in ("documents", "queries"):
-        raise ValueError(f"role must be 'documents' or 'queries', got {role!r}")
+        raise InputError(f"role must be 'documents' or 'queries', got {role!r}")
     _check_columns(df, vector_col, id_col)
     out = output_col or vector_col
     spec = refiner_spec(df.sparkSession, refiner)
@@ -286,7 +287,7 @@ def _session(spark):
 
     active = SparkSession.getActiveSession()
     if active is None:
-        raise ValueError("a parquet path needs a SparkSession: pass spark=..., or start one with "
+        raise InputError("a parquet path needs a SparkSession: pass spark=..., or start one with "
                          "simskip_faiss.spark.session()")
     return active
 
@@ -443,7 +444,7 @@ def _write_parquet_refined(spark, source, refiner, output: str, vector_col, id_c
     plan = parquet_plan(spark, source, partitions)
     _check_plan_columns(plan, vector_col, id_col)
     if role not in ("documents", "queries"):
-        raise ValueError(f"role must be 'documents' or 'queries', got {role!r}")
+        raise InputError(f"role must be 'documents' or 'queries', got {role!r}")
     n, _ = check_parquet(spark, plan, refiner.d_in, vector_col, id_col)
     fs, out = filesystem(output)
     stage = f"{out.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
@@ -546,7 +547,7 @@ def _check_mergeable(index: faiss.Index, sample: np.ndarray) -> None:
         b.add_with_ids(sample[:1], np.array([1], dtype=np.int64))
         a.merge_from(b, 0)
     except RuntimeError as e:
-        raise ValueError(f"{type(index).__name__} cannot be built from shards (it needs add_with_ids and "
+        raise InputError(f"{type(index).__name__} cannot be built from shards (it needs add_with_ids and "
                          f"merge_from: use an IVF factory, or 'IDMap,Flat'): {str(e).strip().splitlines()[-1]}") from None
 
 
@@ -584,7 +585,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
     t0 = time.perf_counter()
     if trained_index is not None:
         if trained_index.ntotal:
-            raise ValueError(f"trained_index must be empty, it holds {trained_index.ntotal} vectors")
+            raise InputError(f"trained_index must be empty, it holds {trained_index.ntotal} vectors")
         ri = RefinedIndex(refiner, trained_index, metric)
         ri.factory = factory
     else:
@@ -607,7 +608,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
             n = validate(source, refiner.d_in, vector_col, id_col, faiss_ids=True)
             sample = _sample(source, n, min(size, n), seed, vector_col, refiner.d_in) if n and size else None
         if n == 0:
-            raise ValueError("the input has no rows")
+            raise InputError("the input has no rows")
         seconds = {"validate": time.perf_counter() - t0}
         t = time.perf_counter()
         how = "given" if ri.is_trained else train_ivf(ri.index, ri.refine_documents(sample), quantizer, seed=seed)

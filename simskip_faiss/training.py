@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .checks import as_matrix, check_matrix, load_npy
 from .config import ACTIVATION_NAMES, LR_GRID, TEMPERATURE_GRID, TrainConfig
 from .documents import DocumentUpdates
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ class Run:
                  initial: Evaluation | None = None, deadline: float | None = None,
                  train_pairs: np.ndarray | None = None, val_pairs: np.ndarray | None = None):
         if not cfg.is_resolved():
-            raise ValueError("Run needs a resolved TrainConfig (TrainConfig.resolved)")
+            raise InputError("Run needs a resolved TrainConfig (TrainConfig.resolved)")
         self.cfg = cfg = replace(cfg, lr=cfg.lr or LR_GRID[0], temperature=cfg.temperature or TEMPERATURE_GRID[0])
         self.corpus, self.sup, self.evaluate, self.deadline = corpus, sup, evaluate, deadline
         n, d = corpus.shape
@@ -380,7 +381,7 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
     train_rows = np.asarray(train_rows, dtype=np.int64)
     val_rows = np.asarray(val_rows if val_rows is not None else [], dtype=np.int64)
     if len(train_rows) < 2:
-        raise ValueError(f"only {len(train_rows)} training vectors; need at least 2")
+        raise InputError(f"only {len(train_rows)} training vectors; need at least 2")
     with torch_threads(cfg.threads):
         return Run(corpus, cfg, sup, train_rows, evaluate, val_rows, train_pairs=train_pairs,
                    val_pairs=val_pairs).advance().result()
@@ -427,7 +428,7 @@ def _corpus(corpus) -> np.ndarray:
         corpus = load_npy(corpus, "corpus")
     corpus = check_matrix(corpus, name="corpus")
     if corpus.shape[0] < 4:
-        raise ValueError(f"corpus has {corpus.shape[0]} vectors; training needs at least 4")
+        raise InputError(f"corpus has {corpus.shape[0]} vectors; training needs at least 4")
     return corpus
 
 
@@ -537,15 +538,15 @@ def _check_supervision(cfg: TrainConfig, sup: Supervision, n: int, d: int) -> Su
     if cfg.label_weight > 0:
         labels = np.asarray(sup.labels)
         if labels.dtype.kind not in "iu" or labels.shape != (n,):
-            raise ValueError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
+            raise InputError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
         sup.labels = labels.astype(np.int64)
         classes, counts = np.unique(sup.labels[sup.labels >= 0], return_counts=True)  # any ids: no bincount
         if len(classes) < 2:
-            raise ValueError(f"labels have {len(classes)} class{'es' if len(classes) != 1 else ''} among the "
+            raise InputError(f"labels have {len(classes)} class{'es' if len(classes) != 1 else ''} among the "
                              "training rows; label training needs at least 2 (pass label_weight=0, on the command "
                              "line --label-weight 0, to train without them)")
         if counts.max() < 2:
-            raise ValueError(f"no label is shared by two training rows ({len(classes)} labels, one row each): label "
+            raise InputError(f"no label is shared by two training rows ({len(classes)} labels, one row each): label "
                              "training learns from rows of the same label (pass label_weight=0, on the command line "
                              "--label-weight 0, to train without them)")
     if cfg.pair_weight > 0:
@@ -553,11 +554,11 @@ def _check_supervision(cfg: TrainConfig, sup: Supervision, n: int, d: int) -> Su
         sup.pair_query = np.asarray(sup.pair_query, dtype=np.int64)
         sup.pair_doc = np.asarray(sup.pair_doc, dtype=np.int64)
         if len(sup.pair_query) != len(sup.pair_doc):
-            raise ValueError("pair_query and pair_doc differ in length")
+            raise InputError("pair_query and pair_doc differ in length")
         if len(sup.pair_query) < 2:
-            raise ValueError(f"need at least 2 query->document pairs for training, got {len(sup.pair_query)}")
+            raise InputError(f"need at least 2 query->document pairs for training, got {len(sup.pair_query)}")
         if sup.pair_doc.min() < 0 or sup.pair_doc.max() >= n:
-            raise ValueError(f"pair documents must be corpus rows in [0, {n})")
+            raise InputError(f"pair documents must be corpus rows in [0, {n})")
         if sup.pair_query.min() < 0 or sup.pair_query.max() >= len(sup.queries):
-            raise ValueError(f"pair queries must be rows in [0, {len(sup.queries)})")
+            raise InputError(f"pair queries must be rows in [0, {len(sup.queries)})")
     return sup

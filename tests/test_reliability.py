@@ -710,3 +710,32 @@ def test_train_takes_sparse_integer_labels_without_counting_every_value():
                       pair_weight=0.0, progress=False, threads=1)
     res = train(x, cfg, Supervision(labels=labels))
     assert res.n_train > 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--factory", "IVF64,Flat"], "Number of training points (40) should be at least as large as number of clusters (64)"),
+    (["--factory", "NSG32"], "cannot build a graph smaller than 100"),
+    (["--factory", "IDMap,Flat"], "--ids"),
+    (["--factory", "IVF4,Flat", "--train-size", "-5"], "must be at least 1"),
+])
+def test_ordinary_bad_build_input_is_bad_input_not_a_bug(tmp_path, capsys, argv, says):
+    """IVF/PQ with too few training points, NSG under 100 rows, IDMap without --ids, a negative --train-size:
+    exit 2 with one line naming the problem (they were 'internal error (a bug)', exit 1)."""
+    np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32))
+    try:
+        code = main(["build", "identity", str(tmp_path / "c.npy"), "-o", str(tmp_path / "b"), "-q", *argv])
+    except SystemExit as e:  # argparse's own refusals exit from the parser, with status 2
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and "internal error" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_error_family_marks_refused_input_by_type():
+    from simskip_faiss.errors import InputError, SimSkipError
+    from simskip_faiss.persistence import BundleError
+
+    with pytest.raises(InputError) as e:
+        checks.check_k(0)
+    assert isinstance(e.value, ValueError) and issubclass(BundleError, SimSkipError)

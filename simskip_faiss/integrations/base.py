@@ -24,6 +24,7 @@ from ..checks import as_matrix
 from ..milvus import RefinerMismatchError
 from ..persistence import atomic_write_bytes, plain_name
 from ..refiner import BaseRefiner, LinearRefiner, Refiner, refiner_from_bytes
+from ..errors import InputError, InputTypeError
 
 SIDECAR = "simskip_refiner.json"
 FORMAT = "simskip-faiss-refiner-record"
@@ -49,10 +50,10 @@ def resolve_refiner(refiner, threads: int | None = 1):
             return bundle_refiner(p, threads)
         return Refiner.load(p, threads=threads)
     if not isinstance(refiner, BaseRefiner):
-        raise TypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
+        raise InputTypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
                         f"an ONNX path or a bundle directory; got {type(refiner).__name__}")
     if refiner.apply_to == "queries" and refiner.d_in != refiner.d_out:
-        raise ValueError(f"a query-only refiner must keep the dimension (queries are searched against raw "
+        raise InputError(f"a query-only refiner must keep the dimension (queries are searched against raw "
                          f"documents); this one maps {refiner.d_in}→{refiner.d_out}")
     return refiner
 
@@ -97,9 +98,9 @@ def check_record(stored: dict, refiner, where: str) -> None:
 def _matrix(vectors, d: int, what: str) -> np.ndarray:
     x = np.asarray(vectors, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"the embedding model returned {what} of shape {x.shape}, expected (n, {d})")
+        raise InputError(f"the embedding model returned {what} of shape {x.shape}, expected (n, {d})")
     if x.shape[1] != d:
-        raise ValueError(f"the embedding model returns {x.shape[1]}-d {what}, but the refiner takes {d}-d vectors")
+        raise InputError(f"the embedding model returns {x.shape[1]}-d {what}, but the refiner takes {d}-d vectors")
     return as_matrix(x, d, what)
 
 

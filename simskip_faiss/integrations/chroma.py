@@ -24,6 +24,7 @@ from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import known_embedding_functions, register_embedding_function
 
 from ..refiner import Refiner
+from ..errors import InputError, InputTypeError
 from .base import (MissingRefinerError, RECORD_KEYS, RefinerMismatchError, check_record, describe,
                    identity_from_record, refine_documents, refine_queries, refiner_record, resolve_refiner)
 
@@ -43,7 +44,7 @@ def refiner_file(refiner) -> str | None:
     source = Path(str(getattr(refiner, "source", "")))
     if isinstance(refiner, Refiner) and source.is_file():
         return str(source.resolve())
-    raise TypeError(f"a Chroma collection records its refiner by file: pass the ONNX path (or a bundle "
+    raise InputTypeError(f"a Chroma collection records its refiner by file: pass the ONNX path (or a bundle "
                     f"directory), not a {type(refiner).__name__} held only in memory")
 
 
@@ -57,7 +58,7 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
 
     def __init__(self, embedding_function: EmbeddingFunction, refiner, threads: int | None = 1):
         if isinstance(embedding_function, RefinedEmbeddingFunction):
-            raise TypeError("the embedding function is already refined; wrap the base function")
+            raise InputTypeError("the embedding function is already refined; wrap the base function")
         self.embedding_function = embedding_function
         self.refiner_path = refiner_file(refiner)
         self.refiner = resolve_refiner(refiner, threads)
@@ -89,7 +90,7 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
         from its path, re-hashed and checked against the record."""
         inner = config.get("embedding_function") or {}
         if inner.get("name") not in known_embedding_functions:
-            raise ValueError(f"the base embedding function {inner.get('name')!r} is not registered with Chroma "
+            raise InputError(f"the base embedding function {inner.get('name')!r} is not registered with Chroma "
                              f"(import the module that registers it before opening the collection)")
         base = known_embedding_functions[inner["name"]].build_from_config(inner.get("config") or {})
         path = config.get("refiner_path")

@@ -19,6 +19,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
 
 from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, saving
+from ..errors import InputTypeError
 
 __all__ = ["RefinedEmbeddings", "save_local", "load_local"]
 
@@ -31,7 +32,7 @@ class RefinedEmbeddings(Embeddings):
 
     def __init__(self, embeddings: Embeddings, refiner, threads: int | None = 1):
         if isinstance(embeddings, RefinedEmbeddings):
-            raise TypeError("embeddings are already refined; wrap the base model, not a RefinedEmbeddings")
+            raise InputTypeError("embeddings are already refined; wrap the base model, not a RefinedEmbeddings")
         self.embeddings = embeddings
         self.refiner = resolve_refiner(refiner, threads)
 
@@ -56,7 +57,7 @@ class RefinedEmbeddings(Embeddings):
 def _refined_embeddings(store) -> RefinedEmbeddings:
     emb = getattr(store, "embeddings", None)
     if not isinstance(emb, RefinedEmbeddings):
-        raise TypeError(f"this {type(store).__name__} does not embed with RefinedEmbeddings "
+        raise InputTypeError(f"this {type(store).__name__} does not embed with RefinedEmbeddings "
                         f"(it uses {type(emb).__name__}); nothing to record")
     return emb
 
@@ -70,7 +71,7 @@ def save_local(store, path: str | os.PathLike) -> None:
     emb = _refined_embeddings(store)
     folder = hasattr(store, "save_local")
     if not folder and not hasattr(store, "dump"):
-        raise TypeError(f"{type(store).__name__} has neither save_local nor dump; persist it yourself inside "
+        raise InputTypeError(f"{type(store).__name__} has neither save_local nor dump; persist it yourself inside "
                         f"simskip_faiss.integrations.base.saving(path, refiner, folder=...)")
     with saving(path, emb.refiner, folder):
         if folder:
@@ -96,4 +97,4 @@ def load_local(store_cls, path: str | os.PathLike, embeddings: Embeddings, refin
         return store_cls.load_local(str(path), wrapped, **kwargs)
     if hasattr(store_cls, "load"):
         return store_cls.load(str(path), wrapped, **kwargs)
-    raise TypeError(f"{getattr(store_cls, '__name__', store_cls)} has neither load_local nor load")
+    raise InputTypeError(f"{getattr(store_cls, '__name__', store_cls)} has neither load_local nor load")

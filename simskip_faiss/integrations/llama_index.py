@@ -20,6 +20,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import Field, PrivateAttr
 
 from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, saving, stored_dim
+from ..errors import InputError, InputTypeError
 
 __all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim"]
 
@@ -35,7 +36,7 @@ class RefinedEmbedding(BaseEmbedding):
 
     def __init__(self, base: BaseEmbedding, refiner, threads: int | None = 1, **kwargs: Any):
         if isinstance(base, RefinedEmbedding):
-            raise TypeError("the embed model is already refined; wrap the base model, not a RefinedEmbedding")
+            raise InputTypeError("the embed model is already refined; wrap the base model, not a RefinedEmbedding")
         kwargs.setdefault("model_name", f"simskip({base.model_name})")
         kwargs.setdefault("embed_batch_size", base.embed_batch_size)
         super().__init__(base=base, **kwargs)
@@ -74,7 +75,7 @@ def persist(index, persist_dir: str | os.PathLike) -> None:
     """`index.storage_context.persist(persist_dir)` plus the refiner's record (and a copy of an ONNX refiner)."""
     embed = getattr(index, "_embed_model", None)
     if not isinstance(embed, RefinedEmbedding):
-        raise TypeError(f"this index does not embed with RefinedEmbedding (it uses {type(embed).__name__}); "
+        raise InputTypeError(f"this index does not embed with RefinedEmbedding (it uses {type(embed).__name__}); "
                         f"nothing to record")
     with saving(persist_dir, embed.refiner, folder=True):
         index.storage_context.persist(persist_dir=str(persist_dir))
@@ -100,7 +101,7 @@ def load_index(persist_dir: str | os.PathLike, embed_model: BaseEmbedding, refin
 
         vector_store = FaissVectorStore.from_persist_dir(str(persist_dir))
         if vector_store.client.d != stored_dim(embed.refiner):
-            raise ValueError(f"{persist_dir}: the FAISS index has dimension {vector_store.client.d}, the refiner "
+            raise InputError(f"{persist_dir}: the FAISS index has dimension {vector_store.client.d}, the refiner "
                              f"stores {stored_dim(embed.refiner)}-d vectors")
     storage = StorageContext.from_defaults(vector_store=vector_store, persist_dir=str(persist_dir))
     return load_index_from_storage(storage, embed_model=embed, **kwargs)

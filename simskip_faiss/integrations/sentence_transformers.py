@@ -26,6 +26,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from ..persistence import atomic_write_bytes
+from ..errors import InputTypeError
 from .base import MissingRefinerError, check_record, refiner_record, resolve_refiner
 
 try:  # sentence-transformers >= 6
@@ -53,7 +54,7 @@ class SimSkipModule(Module):
         super().__init__()
         self.refiner = resolve_refiner(refiner, threads)
         if self.refiner.kind != "onnx":
-            raise TypeError(f"SimSkipModule runs ONNX refiners; {type(self.refiner).__name__} is not one "
+            raise InputTypeError(f"SimSkipModule runs ONNX refiners; {type(self.refiner).__name__} is not one "
                             f"(a linear refiner becomes a built-in Dense: use refiner_modules)")
 
     def forward(self, features: dict, **kwargs) -> dict:

@@ -1,0 +1,20 @@
+"""The package's error family: the CLI (and any caller) tells refused input from a bug by type.
+
+`SimSkipError` is the root. `InputError` (a ValueError) and `InputTypeError` (a TypeError) are raised for
+input the package refuses: vectors, ids, files, records, settings; their message names the problem.
+The specific kinds below subclass them, so `except ValueError` keeps working for callers that used it.
+Anything else that escapes the package (a RuntimeError, an IndexError) is a bug to report.
+"""
+from __future__ import annotations
+
+
+class SimSkipError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class InputError(SimSkipError, ValueError):
+    """Refused input: the message says what is wrong and nothing stored was changed."""
+
+
+class InputTypeError(SimSkipError, TypeError):
+    """Refused input of the wrong type (a string where an array was expected, say)."""
