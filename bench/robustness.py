@@ -290,8 +290,9 @@ def compare(base: dict, other: dict) -> str:
     lines = [f"BASE: `{base['meta']['command']}` (variant {base['meta']['variant']}).",
              f"OTHER: `{other['meta']['command']}` (variant {other['meta']['variant']}).",
              "Mean over seeds on the test split: OTHER − BASE; train s is BASE → OTHER.", "",
-             "| data | signal | train s | topic p@10 | topic mAP@100 | ex→def nDCG@10 | ex→def R@100 | ex→def MRR@10 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| data | signal | train s | topic p@10 | topic mAP@100 | ex→def nDCG@10 | ex→def R@100 | ex→def MRR@10 "
+             "| nDCG@10, seen docs | nDCG@10, unseen docs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key in (k for k in sb if k in so):
         b, o = sb[key], so[key]
         cells = [f"{o['metrics'][m]['delta'] - b['metrics'][m]['delta']:+.4f}" if m in b["metrics"] else "—"

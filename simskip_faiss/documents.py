@@ -43,7 +43,7 @@ def _directions(d: int) -> np.ndarray:
 def sketch(x: np.ndarray) -> np.ndarray:
     """(n, SKETCH_DIRS + 1) float32: each row's L2 norm and its projections on the fixed directions."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True).astype(np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # float32: the tolerance is relative, 1e-3
     return np.hstack([norms, x @ _directions(x.shape[1])])
 
 
@@ -106,12 +106,17 @@ class DocumentUpdates:
                     "numbers (or the ids given at training), or retrain on this corpus")
         return hit, rows
 
-    def apply(self, raw: np.ndarray, stored: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """`stored` (the refiner's output for `raw`) with each updated id's offset added, its norm kept."""
+    def apply(self, raw: np.ndarray, stored: np.ndarray, ids: np.ndarray, inplace: bool = False) -> np.ndarray:
+        """`stored` (the refiner's output for `raw`) with each updated id's offset added, its norm kept.
+
+        `inplace`: change `stored` itself when it is a writable float32 array apart from `raw` (a store's
+        fresh refiner output; raw input, which a query-only refiner stores, is always copied)."""
         hit, rows = self.check(raw, ids)
         if not hit.size:
             return stored
-        out = np.array(stored, dtype=np.float32, copy=True)
+        own = (inplace and stored.dtype == np.float32 and stored.flags.writeable
+               and not np.shares_memory(stored, raw))
+        out = stored if own else np.array(stored, dtype=np.float32, copy=True)
         out[hit] = _move(out[hit], self.delta[rows])
         return out
 
@@ -159,7 +164,7 @@ class DocumentUpdates:
 
 
 def _move(y: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """(y + delta) rescaled to |y| per row (float64 norms)."""
-    z = y.astype(np.float64) + delta
-    scale = np.linalg.norm(y.astype(np.float64), axis=1) / np.maximum(np.linalg.norm(z, axis=1), 1e-30)
-    return (z * scale[:, None]).astype(np.float32)
+    """(y + delta) rescaled to |y| per row."""
+    z = y + delta
+    scale = np.sqrt(np.einsum("ij,ij->i", y, y) / np.maximum(np.einsum("ij,ij->i", z, z), 1e-30))
+    return z * scale[:, None]

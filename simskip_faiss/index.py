@@ -271,7 +271,7 @@ class RefinedIndex:
                 for s, raw, chunk in chunks:
                     if updates:  # document updates by id: the ids given, or the positions add() gives
                         cid = ids[s:s + len(chunk)] if ids is not None else np.arange(n0 + s, n0 + s + len(chunk))
-                        chunk = self.refiner.update_documents(raw, chunk, cid)
+                        chunk = self.refiner.update_documents(raw, chunk, cid, inplace=True)
                     if ids is None:
                         self._add_plain(chunk)
                     else:

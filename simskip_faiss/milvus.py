@@ -142,7 +142,7 @@ class RefinedCollection:
         """Stored vectors of validated rows `x`: refined (output checked) unless query-only, then each id's
         document update (the refiner's, documents.py) when `ids` are given."""
         y = self.refiner.apply_checked(x) if self.refiner.apply_to == "both" else x
-        return y if ids is None else self.refiner.update_documents(x, y, ids)
+        return y if ids is None else self.refiner.update_documents(x, y, ids, inplace=True)
 
     def insert(self, ids, vectors, fields: dict[str, Sequence] | None = None) -> int:
         """Refine and insert; every row is validated before the first write (bad rows named by id)."""

@@ -157,13 +157,14 @@ class BaseRefiner(ABC):
                              "cannot apply; build the store with RefinedIndex (add / add_with_ids) or Milvus ingest, "
                              "or drop them (refiner.with_documents(None); on the command line train --documents none)")
 
-    def update_documents(self, raw: np.ndarray, stored: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def update_documents(self, raw: np.ndarray, stored: np.ndarray, ids: np.ndarray, inplace: bool = False) -> np.ndarray:
         """The stored vectors of documents `ids`: `stored` (the document transform of `raw`) with each id's
-        update added. The one rule every store applies after refining documents (documents.py)."""
+        update added. The one rule every store applies after refining documents (documents.py); a store
+        passes `inplace=True` for the refiner output it owns."""
         self.check_documents_loaded()
         if self.documents is None:
             return stored
-        return self.documents.apply(raw, stored, ids)
+        return self.documents.apply(raw, stored, ids, inplace)
 
     def check_output(self, y: np.ndarray, x: np.ndarray, offset: int = 0) -> np.ndarray:
         """Return `y`, refined from `x`, if it has shape (rows of `x`, d_out) and every row is finite (and

@@ -122,7 +122,7 @@ def _refine(spec: RefinerSpec, x: np.ndarray, role: str, ids=None) -> np.ndarray
         refiner.refuse_norm_range(x, ids)
         y = refiner.apply_checked(x)  # never a silent non-unit or zero row
     if role == "documents" and spec.documents is not None:
-        y = refiner.update_documents(x, y, _int_ids(ids, len(x)))
+        y = refiner.update_documents(x, y, _int_ids(ids, len(x)), inplace=True)
     return y
 
 
