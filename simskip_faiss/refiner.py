@@ -335,6 +335,20 @@ class Refiner(BaseRefiner):
             out.with_documents(read_documents(p, declared))
         return out
 
+    def __getstate__(self) -> dict:
+        """Pickle as bytes and settings (the onnxruntime session, pool and locks are rebuilt on load), so a
+        refiner crosses process boundaries: multiprocessing, Ray, Spark closures, multi-worker ingestion."""
+        return {"model": self.model_bytes, "threads": self.threads, "batch_size": self.batch_size,
+                "source": self.source, "documents": None if self.documents is None else self.documents.to_bytes(),
+                "documents_missing": self.documents_missing}
+
+    def __setstate__(self, state: dict) -> None:
+        docs = state["documents"]
+        self.__init__(state["model"], threads=state["threads"], batch_size=state["batch_size"], source=state["source"],
+                      documents=None if docs is None else DocumentUpdates.from_bytes(docs))
+        if docs is None:
+            self.documents_missing = state["documents_missing"]
+
     @classmethod
     def load_metadata(cls, path: str | os.PathLike) -> dict:
         """The "simskip" metadata of an ONNX refiner file, without loading its document updates."""

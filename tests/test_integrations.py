@@ -183,3 +183,40 @@ def test_sidecar_round_trip_and_refusals(refiner_files, tmp_path):
         sidecar.write_text(bad)
         with pytest.raises(RefinerMismatchError, match=message):
             base.checked_refiner(tmp_path / "lin", lin)
+
+
+def test_refiners_and_wrappers_pickle_and_deep_copy_with_equal_results():
+    """Refiner held an onnxruntime session and a lock (pickling raised); the LlamaIndex wrapper pickled without
+    its refiner (AttributeError '_refiner' in multi-worker ingestion). Now every kind and wrapper round-trips."""
+    import copy
+    import pickle
+
+    from simskip_faiss.nudge import make_updates
+
+    x = np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)
+    onnx_ref = sf.Refiner(mlp_refiner_bytes(D))
+    moved = make_updates(x, onnx_ref.transform(x), np.array([1]), onnx_ref.transform(x[[2]]), {})
+    kinds = [onnx_ref, sf.Refiner(mlp_refiner_bytes(D)).with_documents(moved),
+             sf.LinearRefiner.centring(x), sf.IdentityRefiner(D, normalize=True)]
+    for r in kinds:
+        for back in (pickle.loads(pickle.dumps(r)), copy.deepcopy(r)):
+            assert back.sha256 == r.sha256 and np.array_equal(back.transform(x), r.transform(x)), r
+            assert (back.documents is None) == (r.documents is None)
+            if r.documents is not None:
+                np.testing.assert_array_equal(back.update_documents(x, r.transform(x), np.arange(5)),
+                                              r.update_documents(x, r.transform(x), np.arange(5)))
+    pytest.importorskip("langchain_core")
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    from simskip_faiss.integrations.langchain import RefinedEmbeddings
+
+    lc = RefinedEmbeddings(DeterministicFakeEmbedding(size=D), onnx_ref)
+    assert pickle.loads(pickle.dumps(lc)).embed_query("a query") == lc.embed_query("a query")
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.embeddings import MockEmbedding
+
+    from simskip_faiss.integrations.llama_index import RefinedEmbedding
+
+    li = RefinedEmbedding(MockEmbedding(embed_dim=D), onnx_ref)
+    back = pickle.loads(pickle.dumps(li))
+    assert back.refiner.sha256 == onnx_ref.sha256 and back.get_query_embedding("q") == li.get_query_embedding("q")

@@ -50,6 +50,18 @@ class RefinedEmbedding(BaseEmbedding):
     def refiner(self):
         return self._refiner
 
+    def __getstate__(self) -> dict:
+        """LlamaIndex's components drop private attributes when pickled; the refiner travels explicitly
+        (as bytes: `Refiner.__getstate__`), so multi-worker ingestion refines in every worker."""
+        state = super().__getstate__()
+        state["simskip_refiner"] = self._refiner
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        refiner = state.pop("simskip_refiner", None)
+        super().__setstate__(state)
+        self._refiner = refiner
+
     def _get_query_embedding(self, query: str) -> list[float]:
         return refine_queries(self._refiner, [self.base.get_query_embedding(query)])[0].tolist()
 
