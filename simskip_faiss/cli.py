@@ -330,11 +330,37 @@ def cmd_info(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _with_test_qrels(data, path: str):
+    """`data` whose test split is exactly the queries of the qrels file `path` (scored whole); the other
+    queries keep their split (train/val pairs for the supervised baselines)."""
+    from dataclasses import replace
+
+    from .datasets import parse_qrels
+
+    if data.queries is None:
+        raise CLIError("--test-qrels needs --corpus and --queries (the held-out queries' vectors)")
+    test = parse_qrels(path, len(data.queries), len(data.corpus))
+    held = np.array([i for i, r in enumerate(test) if r.size], dtype=np.int64)
+    known = data.qrels or [np.zeros(0, np.int64)] * len(data.queries)
+    both = [int(i) for i in held if known[i].size]
+    if both:
+        raise CLIError(f"queries {both[:5]} ({len(both)} in all) have relevant documents in both --qrels and "
+                       f"--test-qrels {path}: a held-out query cannot also be a training pair")
+    split = np.where(np.isin(np.arange(len(data.queries)), held), 2,
+                     np.where(data.query_split == 2, 0, data.query_split)).astype(np.int8)
+    qrels = [test[i] if test[i].size else known[i] for i in range(len(data.queries))]
+    return replace(data, query_split=split, qrels=qrels, info={**data.info, "test_qrels_file": path})
+
+
 def cmd_eval(args) -> None:
     from .evaluation import EvalConfig, evaluate
     from .refiner import Refiner
 
+    if args.test_qrels and not args.queries:
+        raise CLIError("--test-qrels needs --corpus and --queries (the held-out queries' vectors)")
     data = _data_from_args(args)
+    if args.test_qrels:
+        data = _with_test_qrels(data, args.test_qrels)
     refiners = {}
     for spec in args.refiner or []:
         name, sep, path = spec.partition("=")
@@ -635,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ann-factory", default="HNSW32", help="index for the ANN recall sweep ('' to skip)")
     s.add_argument("--metric", default="ip", choices=["ip", "l2"])
     s.add_argument("--max-queries", type=int, default=5000)
+    s.add_argument("--test-qrels", help="held-out qrels (TSV as --qrels): exactly these queries are the test split, "
+                                        "scored whole; --qrels, if given, are train/validation pairs for the baselines")
     s.add_argument("-o", "--output", help="directory for report.md, report.json and PNG plots")
     s.set_defaults(func=cmd_eval, output_kind="dir")
 

@@ -107,6 +107,10 @@ class EvalReport:
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
         lines.append("(Δ vs raw in brackets on headline metrics; * = 95% paired-bootstrap interval excludes 0)")
+        for name, tasks in self.info.get("not_held_out", {}).items():
+            lines.append(f"WARNING: {name} trained or validated on " + ", ".join(
+                f"{v['trained_or_validated_on']} of the {v['scored']} {t} queries scored" for t, v in tasks.items())
+                + ": those figures are not held out")
         if self.ann:
             lines += ["", _ann_table(self.ann)]
         return "\n".join(lines)
@@ -167,6 +171,10 @@ def _md_header(info: dict) -> str:
     for name, meta in info.get("baselines", {}).items():
         lines.append(f"- **{name}** baseline: {meta.get('name')}, fitted on the train split, chosen on {meta.get('chosen_on')}"
                      + (", queries only (documents raw)" if meta.get("apply_to") == "queries" else ""))
+    for name, tasks in info.get("not_held_out", {}).items():
+        lines.append(f"- **WARNING**: {name} trained or validated on " + ", ".join(
+            f"{v['trained_or_validated_on']} of the {v['scored']} {t} queries scored" for t, v in tasks.items())
+            + ": those figures are not held out")
     return "\n".join(lines) + "\n\n"
 
 
@@ -391,6 +399,7 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
         for tasks in per_method.values():
             tasks.update({g: {m: tasks["pairs"][m][mask] for m in GROUP_METRICS} for g, mask in
                           (("seen", seen), ("unseen", ~seen))})
+    report.info["not_held_out"] = _not_held_out(data, queries, refiners or {})
     for name, tasks in per_method.items():
         for task, pq in tasks.items():
             for m in (LABEL_METRICS if task == "labels" else PAIR_METRICS if task == "pairs" else GROUP_METRICS):
@@ -410,6 +419,29 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
             report.ann += ann_sweep(methods[name], data.corpus, qx, cfg.ann_factory, cfg.metric, cfg.ann_sweep,
                                     cfg.threads, name)
     return report
+
+
+def _not_held_out(data: EmbeddingData, queries: dict, refiners: dict) -> dict:
+    """Per refiner whose file records what it trained on: how many of the scored queries it trained or
+    validated on (pair query vectors, label rows), by task; logged as a warning. {} when none."""
+    from .fingerprint import seen
+
+    out = {}
+    for name, ref in refiners.items():
+        rec = (getattr(ref, "metadata", None) or {}).get("trained_on")
+        if not rec:
+            continue
+        counts = {}
+        if "pairs" in queries:
+            counts["pairs"] = int(seen(rec, data.queries[queries["pairs"]]).sum())
+        if "labels" in queries:
+            counts["labels"] = int(seen(rec, np.asarray(data.corpus[queries["labels"]])).sum())
+        if any(counts.values()):
+            out[name] = {t: {"scored": int(len(queries[t])), "trained_or_validated_on": c} for t, c in counts.items()}
+            log.warning("%s trained or validated on %s of the queries scored here: its figures are not held out "
+                        "(give held-out queries, e.g. eval --test-qrels)", name,
+                        ", ".join(f"{c} of {len(queries[t])} {t}" for t, c in counts.items() if c))
+    return out
 
 
 def choose_refiner(data: EmbeddingData, refiners: dict, config: EvalConfig | None = None,

@@ -319,6 +319,7 @@ class Guard:
 class FitResult(TrainResult):
     guard: GuardReport | None = None
     document_choice: UpdateChoice | None = None  # what the document-update step saw and chose (nudge.py)
+    trained_on: dict | None = None  # fingerprints of the training and validation queries and rows (fingerprint.py)
 
     def metadata(self) -> dict:
         """What `export` stamps into the ONNX file: the training record plus the guard report."""
@@ -327,6 +328,8 @@ class FitResult(TrainResult):
             meta["guard"] = asdict(self.guard)
         if self.document_choice is not None:
             meta["document_choice"] = asdict(self.document_choice)
+        if self.trained_on is not None:
+            meta["trained_on"] = self.trained_on
         return meta
 
 
@@ -379,6 +382,7 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
         else:
             run, search = _search(data, cfg, sup, train_rows, guard, deadline)
         out = _finish(run, guard, search, t0, deadline)
+        out.trained_on = _trained_on(data, cfg)
         if cfg.documents != "none" and cfg.guard and sup.has_pairs and "pairs" in guard.queries:
             _learn_documents(out, data, cfg)
             out.seconds = time.perf_counter() - t0
@@ -386,6 +390,18 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
     if out.document_choice is not None:
         log.info("%s", out.document_choice.summary())
     return out
+
+
+def _trained_on(data, cfg: TrainConfig) -> dict:
+    """The record of what this fit trained and validated on: query vectors of pairs it used, label rows it used."""
+    from .fingerprint import record
+
+    parts = []
+    if cfg.pair_weight and data.queries is not None:
+        parts.append(data.queries[np.concatenate([data.split_queries("train"), data.split_queries("val")])])
+    if cfg.label_weight and data.labels is not None:
+        parts.append(np.asarray(data.corpus[np.concatenate([data.split_rows("train"), data.split_rows("val")])]))
+    return record(np.concatenate(parts) if parts else np.zeros((0, data.corpus.shape[1]), np.float32), cfg.seed)
 
 
 def _learn_documents(out: FitResult, data, cfg: TrainConfig) -> None:

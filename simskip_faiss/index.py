@@ -21,7 +21,7 @@ from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfi
 from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric_code,
                           reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, load_bundle, save_bundle
-from .refiner import NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
+from .refiner import MAX_NORM, NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
 from .errors import InputError
 
 
@@ -165,8 +165,15 @@ class RefinedIndex:
         return self.refiner.apply_checked(x, offset)
 
     def _check_norms(self, x: np.ndarray, offset: int, name: str) -> None:
-        """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE)."""
+        """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE); and rows
+        stored raw (a query-only refiner) whose float32 squared norm, a FAISS distance, overflows."""
         if self.refiner.apply_to != "both":
+            with np.errstate(over="ignore"):
+                over = np.flatnonzero(~np.isfinite(np.einsum("ij,ij->i", x, x)))
+            if over.size:
+                raise InputError(f"{name}: {over.size} row(s), first at row {int(over[0]) + offset}, have an L2 norm "
+                                 f"above {MAX_NORM:.2g}: FAISS computes distances in float32, where their squared "
+                                 "norm overflows (searches would return -1 or inf)")
             return
         bad = self.refiner.norm_range_rows(x)
         if bad.size:

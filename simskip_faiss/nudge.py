@@ -113,6 +113,8 @@ class UpdateChoice:
 
     def summary(self) -> str:
         keys = list(self.base)
+        if not self.candidates:
+            return f"document updates ({self.method}): {self.reason}"
         lines = [f"document updates ({self.method}): step {self.step:g}: {self.reason}",
                  "  step   " + "  ".join(f"{k:>22}" for k in keys) + "  objective",
                  "  none   " + "  ".join(f"{self.base[k]:22.4f}" for k in keys)]

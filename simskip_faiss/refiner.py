@@ -42,12 +42,78 @@ NORM_RANGE = (1e-18, 1e18)  # input row norms a normalising refiner computes cor
 # why a row outside NORM_RANGE is refused before it is written (RefinedIndex, Milvus)
 NORM_RANGE_REASON = (f"outside [{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}], the range a normalising refiner "
                      "computes in float32")
+MAX_NORM = float(np.sqrt(np.finfo(np.float32).max))  # ~1.8e19: a float32 squared norm (a FAISS distance) overflows past it
 UNIT_TOLERANCE = 1e-2  # |‖y‖² − 1| allowed in a normalising refiner's output (fp16/int8 graphs included)
 
 
 DEFAULT_BATCH = 1024  # rows per onnxruntime run: the fastest sub-batch for large inputs in bench/speed.py
 FAST_ROWS = 64  # inputs up to this many rows skip the general validation when already in shape
 MIN_PARALLEL_ROWS = 256  # rows per worker below which splitting a call across threads does not pay
+
+
+# -- ONNX files that would read other files --------------------------------------------------------------
+# Field numbers of onnx.proto that can hold a TensorProto, walked without the onnx package (serving has none).
+_MESSAGES = {
+    "model": {7: "graph", 25: "function"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+
+
+def _fields(buf: bytes):
+    """(field number, wire type, value) of one protobuf message; value is bytes for length-delimited fields."""
+    i, n = 0, len(buf)
+
+    def varint() -> int:
+        nonlocal i
+        shift = out = 0
+        while True:
+            if i >= n or shift > 63:
+                raise ValueError("truncated or malformed protobuf")
+            b = buf[i]
+            i += 1
+            out |= (b & 0x7F) << shift
+            if b < 0x80:
+                return out
+            shift += 7
+
+    while i < n:
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, wire, varint()
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            size = varint()
+            if i + size > n:
+                raise ValueError("truncated or malformed protobuf")
+            yield field, wire, buf[i:i + size]
+            i += size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def external_tensors(model: bytes) -> bool:
+    """True if an ONNX model keeps any tensor in external data (data_location EXTERNAL or external_data
+    entries): onnxruntime would read those files from the loading process's working directory."""
+    stack = [("model", memoryview(model).tobytes())]
+    while stack:
+        kind, buf = stack.pop()
+        for field, wire, value in _fields(buf):
+            if kind == "tensor":
+                if (field == 14 and wire == 0 and value == 1) or field == 13:
+                    return True
+                continue
+            sub = _MESSAGES[kind].get(field)
+            if sub and wire == 2:
+                stack.append((sub, value))
+    return False
 
 
 def as_input(x, d: int, name: str = "x") -> np.ndarray:
@@ -199,11 +265,17 @@ class BaseRefiner(ABC):
                     f"a normalising refiner works in float32 and takes rows whose L2 norm lies in "
                     f"[{NORM_RANGE[0]:g}, {NORM_RANGE[1]:g}]")
             return y
-        if self.kind == "identity" or np.isfinite(y).all():
+        with np.errstate(over="ignore", invalid="ignore"):
+            sq = np.einsum("ij,ij->i", y, y)  # float32, as FAISS computes distances: inf past norm ~1.8e19
+        if np.isfinite(sq).all():
             return y
         bad = np.flatnonzero(~np.isfinite(y).all(axis=1))
-        raise InputError(f"refined {_rows(bad, offset)} hold NaN or Inf: the input is beyond the range this "
-                         f"refiner computes in float32")
+        if bad.size:
+            raise InputError(f"refined {_rows(bad, offset)} hold NaN or Inf: the input is beyond the range this "
+                             f"refiner computes in float32")
+        bad = np.flatnonzero(~np.isfinite(sq))
+        raise InputError(f"refined {_rows(bad, offset)} have an L2 norm above {MAX_NORM:.2g}: FAISS computes "
+                         "distances in float32, where their squared norm overflows (searches would return -1 or inf)")
 
     def norm_range_rows(self, x: np.ndarray) -> np.ndarray:
         """Rows of (validated) `x` a normalising refiner cannot normalise in float32 (empty when not normalising)."""
@@ -278,6 +350,14 @@ class Refiner(BaseRefiner):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._local = threading.local()  # per-thread buffers of the single-vector path (see _run)
+        try:
+            external = external_tensors(self.model_bytes)
+        except ValueError as e:
+            raise InputError(f"{source} is not a valid ONNX model: {e}") from None
+        if external:
+            raise InputError(f"{source} keeps weights in external data files: onnxruntime would read them from "
+                             "the working directory, outside any hash check; a refiner must be one self-contained "
+                             "file (export with external_data=False)")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # parallelism is across sub-batches (see the class docstring)
         opts.inter_op_num_threads = 1

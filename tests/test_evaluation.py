@@ -211,3 +211,30 @@ def test_choose_refiner_looks_only_at_validation(synth, monkeypatch):
     assert table["whitened"]["objective"] < 0 and not table["whitened"]["feasible"]
     val_rows, val_q = set(synth.split_rows("val")), set(synth.split_queries("val"))
     assert seen and all(set(q["labels"]) <= val_rows and set(q["pairs"]) <= val_q for q in seen)
+
+
+def test_eval_flags_queries_the_refiner_trained_on_and_scores_held_out_qrels_whole(user_files, tmp_path, capsys):
+    """train then eval on the same qrels: eval re-split them and scored training queries unflagged. Now the
+    refiner's record of what it trained and validated on flags them; --test-qrels scores a held-out file whole."""
+    pytest.importorskip("torch")
+    from simskip_faiss.cli import main
+
+    args, x, y, q, targets = user_files
+    d = tmp_path
+    (d / "train.tsv").write_text("".join(f"{i}\t{t}\n" for i, t in enumerate(targets[:200])))
+    (d / "held.tsv").write_text("".join(f"{i}\t{t}\n" for i, t in enumerate(targets) if i >= 200))
+    data_args = args[:-2] + ["--qrels", str(d / "train.tsv")]
+    assert main(["train", *data_args[:2], *data_args[4:], "-o", str(d / "r.onnx"), "-q", "--hidden", "16",
+                 "--max-steps", "60", "--eval-every", "20", "--precision", "fp32", "--label-weight", "0"]) == 0
+    capsys.readouterr()
+    common = ["eval", "--refiner", f"r={d / 'r.onnx'}", "--ann-factory", "", "-q"]
+    assert main([*common, *data_args, "-o", str(d / "leaky")]) == 0
+    out = capsys.readouterr().out
+    rep = json.loads((d / "leaky" / "report.json").read_text())
+    leak = rep["info"]["not_held_out"]["r"]["pairs"]
+    assert leak["trained_or_validated_on"] > 0 and "WARNING: r trained or validated on" in out
+    assert main([*common, *data_args, "--test-qrels", str(d / "held.tsv"), "-o", str(d / "held")]) == 0
+    rep = json.loads((d / "held" / "report.json").read_text())
+    assert rep["info"]["queries"]["pairs"] == 50 and "r" not in rep["info"]["not_held_out"]
+    assert main([*common, *args[:-2], "--qrels", str(d / "held.tsv"), "--test-qrels", str(d / "held.tsv")]) == 2
+    assert "in both --qrels and --test-qrels" in capsys.readouterr().err

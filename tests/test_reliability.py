@@ -739,3 +739,50 @@ def test_the_error_family_marks_refused_input_by_type():
     with pytest.raises(InputError) as e:
         checks.check_k(0)
     assert isinstance(e.value, ValueError) and issubclass(BundleError, SimSkipError)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("apply_to", ["both", "queries"])
+def test_rows_whose_squared_norm_overflows_float32_are_refused(metric, apply_to):
+    """Norm ~2e19 through a non-normalising refiner: L2 search over 4 stored vectors returned 1 hit and three
+    -1 pads, inner product D = inf. Now refused, naming the row, and nothing is stored."""
+    x = np.eye(4, dtype=np.float32)
+    big = x.copy()
+    big[2] *= 2e19
+    index = RefinedIndex(IdentityRefiner(4, apply_to=apply_to), "Flat", metric=metric)
+    with pytest.raises(ValueError, match="row.* 2.*above 1.8e\\+19"):
+        index.add(big)
+    assert index.ntotal == 0
+    index.add(x * 1e18)  # large but representable: stored
+    with pytest.raises(ValueError, match="above 1.8e\\+19"):
+        index.search(big[2:3], 4)
+    lin = RefinedIndex(LinearRefiner(np.eye(4) * 1e10, np.zeros(4), normalize=False), "Flat", metric="l2")
+    with pytest.raises(ValueError, match="L2 norm above"):
+        lin.add(x * 1e10)  # finite input, refined past float32's squared range
+
+
+def test_an_onnx_refiner_with_external_data_is_refused(tmp_path, monkeypatch):
+    """An initializer stored as external data at a relative path made onnxruntime read that file from the
+    working directory: the refined vectors exposed its bytes. Refused at load, on every path (Refiner())."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert np.allclose(Refiner(model.SerializeToString()).transform(np.eye(4, dtype=np.float32)), np.eye(4))
+    (tmp_path / "secret.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    entry = w.external_data.add()
+    entry.key, entry.value = "location", "secret.bin"
+    model.graph.initializer[0].CopyFrom(w)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="external data"):
+        Refiner(model.SerializeToString())
+    (tmp_path / "r.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(ValueError, match="external data"):
+        Refiner.load(tmp_path / "r.onnx")
