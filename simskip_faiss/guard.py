@@ -397,8 +397,9 @@ def _trained_on(data, cfg: TrainConfig) -> dict:
     from .fingerprint import record
 
     parts = []
-    if cfg.pair_weight and data.queries is not None:
-        parts.append(data.queries[np.concatenate([data.split_queries("train"), data.split_queries("val")])])
+    if cfg.pair_weight and data.queries is not None and data.qrels is not None:
+        used = [i for i in np.concatenate([data.split_queries("train"), data.split_queries("val")]) if data.qrels[i].size]
+        parts.append(data.queries[np.asarray(used, dtype=np.int64)])
     if cfg.label_weight and data.labels is not None:
         parts.append(np.asarray(data.corpus[np.concatenate([data.split_rows("train"), data.split_rows("val")])]))
     return record(np.concatenate(parts) if parts else np.zeros((0, data.corpus.shape[1]), np.float32), cfg.seed)
