@@ -393,8 +393,7 @@ def cmd_run(args) -> None:
         if len(protocols) > 1:
             print(f"\n=== protocol: {protocol} ({'queries take their document' + chr(39) + 's split' if protocol == 'disjoint' else 'queries split at random over the shared corpus'}) -> {where}")
         res = run(data, where, base, factory=args.factory, metric=args.metric, threads=args.threads,
-                  seed=args.split_seed, command="simskip-faiss " + " ".join(sys.argv[1:]))
-        print("\n".join(res.lines))
+                  seed=args.split_seed, command="simskip-faiss " + " ".join(sys.argv[1:]), say=print)
         print(res.report.table())
         print(f"\nreport: {where / 'report.md'} ({res.seconds['total']:.0f}s)")
 

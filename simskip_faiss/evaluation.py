@@ -246,8 +246,8 @@ def _nudged(ridge: LinearRefiner, data: EmbeddingData, method: str, max_val_quer
     out = LinearRefiner.from_bytes(ridge.to_bytes()).with_documents(upd)
     out.metadata.update(name=f"{ridge.name} + {method} document updates (step {choice.step:g}, "
                              f"{0 if upd is None else len(upd)} documents)",
-                        chosen_on=f"{ridge.metadata.get('chosen_on')}; document step: val pair metrics, unseen and "
-                                  "label metrics protected")
+                        chosen_on=f"{ridge.metadata.get('chosen_on')}; document step: val pair metrics, with the val "
+                                  "queries whose documents have no training query kept at or above raw")
     return out
 
 

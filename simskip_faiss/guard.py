@@ -383,7 +383,7 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
             run, search = _search(data, cfg, sup, train_rows, guard, deadline)
         out = _finish(run, guard, search, t0, deadline)
         out.trained_on = _trained_on(data, cfg)
-        if cfg.documents != "none" and cfg.guard and sup.has_pairs and "pairs" in guard.queries:
+        if cfg.documents != "none" and cfg.guard and cfg.pair_weight and sup.has_pairs and "pairs" in guard.queries:
             _learn_documents(out, data, cfg)
             out.seconds = time.perf_counter() - t0
     log.info("%s", out.guard.summary())

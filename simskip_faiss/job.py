@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .config import TrainConfig
 from .datasets import EmbeddingData
@@ -39,8 +40,11 @@ def signals(data: EmbeddingData) -> dict[str, dict]:
 
 
 def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = None, factory: str = "HNSW32",
-        metric: str = "ip", threads: int = 2, seed: int = 0, command: str = "") -> JobResult:
-    """Train, export, choose on validation, bundle, evaluate and report `data` into `output` (see the module doc)."""
+        metric: str = "ip", threads: int = 2, seed: int = 0, command: str = "",
+        say: Callable[[str], None] | None = None) -> JobResult:
+    """Train, export, choose on validation, bundle, evaluate and report `data` into `output` (see the module doc).
+
+    `say`: called with each line of what the job does as it goes (the CLI prints them); default: logged."""
     from .evaluation import EvalConfig, build, choose_refiner, evaluate
     from .export import replace_refiner
     from .guard import fit
@@ -51,7 +55,8 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
     base = config or TrainConfig()
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
-    lines = [data.summary()]
+    lines = _Lines(say or log.info)
+    lines.append(data.summary())
     refiners, guards = {}, {}
     for name, weights in signals(data).items():
         t = time.perf_counter()
@@ -92,7 +97,19 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
     report.info.update(command=command, shipped=f"{shipped}: {why}", validation=val, guard=guards, seconds=seconds,
                        protocol=data.info.get("protocol", "disjoint"))
     report.write(out)
-    return JobResult(shipped, report, bundle, seconds, lines)
+    return JobResult(shipped, report, bundle, seconds, list(lines))
+
+
+class _Lines(list):
+    """The job's lines, each also said as it is added."""
+
+    def __init__(self, say: Callable[[str], None]):
+        super().__init__()
+        self.say = say
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        self.say(line)
 
 
 def export_checks(meta: dict) -> str:

@@ -110,6 +110,7 @@ class UpdateChoice:
     reason: str
     candidates: list[dict] = field(default_factory=list)
     base: dict = field(default_factory=dict)   # validation metrics without updates
+    seconds: float = 0.0                       # learning and choosing, in all
 
     def summary(self) -> str:
         keys = list(self.base)
@@ -169,9 +170,13 @@ def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[
     rule: it is chosen on pairs alone). Returns (None, None) without train
     pairs or val queries; (None, choice) when no step gains.
     """
+    import time
+
     import faiss
 
     from .evaluation import LABEL_METRICS, PAIR_METRICS, score, task_queries
+
+    t0 = time.perf_counter()
 
     if method not in METHODS:
         raise InputError(f"document update method must be one of {METHODS}, got {method!r}")
@@ -218,8 +223,9 @@ def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[
     objective = [k for k in base if k.startswith("pairs:")]
     path = contrastive_path(stored, Q, pair_doc) if method == "contrastive" else mean_path(stored, Q, pair_doc)
     step, docs, moved, choice = choose_updates(path, evaluate, base, floor, objective, tolerance, method)
+    choice.seconds = round(time.perf_counter() - t0, 1)
     choice.reason += (f" ({len(np.unique(pair_doc))} answer documents of {len(pair_q)} train pairs; "
-                      f"{int((~unseen).sum())} of {len(vq)} val queries have one)")
+                      f"{int((~unseen).sum())} of {len(vq)} val queries have one; {choice.seconds:g} s)")
     if docs is None:
         return None, choice
     meta = {"method": method, "step": step, "n_corpus": len(corpus), "n_pairs": int(len(pair_q)),
