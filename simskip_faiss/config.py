@@ -75,7 +75,9 @@ class TrainConfig:
     eval_every: int = 50            # optimizer steps between validations
     patience: int = 4               # validations without improvement before stopping
     search_evals: int = 1           # validations each lr/temperature candidate gets before the best continues
-    time_budget: float | None = None  # seconds for the whole fit, an upper bound (checked between steps)
+    # seconds of training (the lr/temperature race and the optimizer steps, checked between steps); the
+    # guard's final sweep and export come after it, the document step only while budget remains
+    time_budget: float | None = None
     val_fraction: float = 0.1       # held-out slice of the corpus for early stopping (train() without a guard)
     max_val: int = 4096             # cap on held-out vectors scored each evaluation (train() without a guard)
     seed: int = 0

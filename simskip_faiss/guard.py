@@ -384,7 +384,11 @@ def fit(data, config: TrainConfig | None = None) -> FitResult:
         out = _finish(run, guard, search, t0, deadline)
         out.trained_on = _trained_on(data, cfg)
         if cfg.documents != "none" and cfg.guard and cfg.pair_weight and sup.has_pairs and "pairs" in guard.queries:
-            _learn_documents(out, data, cfg)
+            if deadline is not None and time.perf_counter() > deadline:
+                out.document_choice = UpdateChoice(cfg.documents, 0.0, 0.0, f"the time budget ({cfg.time_budget:g} s) "
+                                                   "was spent in training: no document updates learned")
+            else:
+                _learn_documents(out, data, cfg)
             out.seconds = time.perf_counter() - t0
     log.info("%s", out.guard.summary())
     if out.document_choice is not None:

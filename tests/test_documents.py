@@ -244,3 +244,13 @@ def test_cli_train_then_build_delivers_the_updates_and_refuses_what_does_not_mat
     sidecar.unlink()
     assert main(["build", str(tmp_path / "r.onnx"), str(tmp_path / "c.npy"), "-o", str(tmp_path / "b4")]) == 2
     assert "which is missing" in capsys.readouterr().err
+
+
+def test_a_spent_time_budget_skips_the_document_step_and_says_so():
+    pytest.importorskip("torch")
+    from simskip_faiss.config import TrainConfig
+    from simskip_faiss.guard import fit
+
+    res = fit(shared_data(n=200, answered=40), TrainConfig(hidden=8, time_budget=1e-9, progress=False, threads=1))
+    assert res.documents is None and "time budget" in res.document_choice.reason
+    assert res.metadata()["document_choice"]["step"] == 0.0
