@@ -20,7 +20,7 @@ from . import __version__
 from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfinite_rows, to_float32
 from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric_code,
                           reconstruct_n, release_rows, reserve, search_parameters)
-from .persistence import BundleError, load_bundle, save_bundle
+from .persistence import BundleError, check_binding, load_bundle, save_bundle
 from .refiner import MAX_NORM, NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
 from .errors import InputError
 
@@ -430,6 +430,7 @@ class RefinedIndex:
             if want != got:
                 raise BundleError(f"bundle {directory}: {source} has {field.rpartition('.')[2]} {show(got)} "
                                   f"but the manifest field '{field}' says {show(want)}")
+        check_binding(m, directory)
         try:
             self = cls(refiner, index, metric=m["metric"])
         except ValueError as e:

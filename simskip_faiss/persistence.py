@@ -37,7 +37,7 @@ from typing import BinaryIO, Callable, Iterator
 from .errors import InputError
 
 FORMAT = "simskip-faiss-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries `binding` (see `binding`); 1 (no binding) is still read
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 TMP = ".tmp-"
@@ -201,6 +201,7 @@ def save_bundle(directory: str | os.PathLike, index, refiner_bytes: bytes | None
             if documents_bytes is not None:
                 files["documents"] = _write_member(directory, "documents", ".bin", lambda put: put(documents_bytes))
             full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+            full["binding"] = binding(full)
             atomic_write_bytes(directory / MANIFEST, json.dumps(full, indent=2, sort_keys=True).encode())
         finally:
             _prune(directory)  # the superseded generation, or this save's files if it failed
@@ -273,6 +274,17 @@ def _check_depth(m, mpath: Path) -> None:
             stack += [(x, path or "[]", depth + 1) for x in v]
 
 
+def binding(m: dict) -> str:
+    """sha256 over what the stored vectors depend on: the index file's hash, the refiner's record (kind,
+    sha256, dimensions, normalisation, apply_to, metric) and its document updates. Written at save and
+    checked at load, so a manifest edited to another refiner (or to the identity, the refiner dropped)
+    no longer matches the index it describes."""
+    r = m["refiner"]
+    parts = [m["files"]["index"]["sha256"], r.get("kind"), r.get("sha256"), m.get("d"), m.get("d_out"),
+             r.get("normalize"), r.get("apply_to"), m.get("metric"), (r.get("documents") or {}).get("sha256")]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
 def validate_manifest(m, mpath: Path) -> dict:
     """Check a parsed manifest's schema and the agreement of its fields; BundleError names the field at fault."""
     if not isinstance(m, dict) or m.get("format") != FORMAT:
@@ -316,6 +328,14 @@ def validate_manifest(m, mpath: Path) -> dict:
     if docs is not None and docs.get("sha256") != files["documents"]["sha256"]:
         raise BundleError(f"{mpath}: the field 'refiner.documents.sha256' does not match 'files.documents.sha256'")
     return m
+
+
+def check_binding(m: dict, directory: Path) -> None:
+    """Refuse a version-2 manifest whose `binding` does not match its record (after the field-by-field checks
+    against the loaded files, which name the field when they can)."""
+    if m["format_version"] >= 2 and m.get("binding") != binding(m):
+        raise BundleError(f"{directory / MANIFEST}: the refiner record does not match the index it was saved with "
+                          "(field 'binding'): the manifest was edited; rebuild the bundle, or restore its manifest")
 
 
 def parse_manifest(raw: bytes, mpath: Path) -> dict:

@@ -252,7 +252,7 @@ def test_save_load_round_trip(refiner, data, tmp_path):
     for a, b in zip(idx.search(x[:30], 5), back.search(x[:30], 5)):
         np.testing.assert_array_equal(a, b)
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert m["d"] == 16 and m["ntotal"] == len(x) and m["metric"] == "ip" and m["format_version"] == 1
+    assert m["d"] == 16 and m["ntotal"] == len(x) and m["metric"] == "ip" and m["format_version"] == 2
 
 
 def test_identity_bundle_round_trip(data, tmp_path):

@@ -786,3 +786,30 @@ def test_an_onnx_refiner_with_external_data_is_refused(tmp_path, monkeypatch):
     (tmp_path / "r.onnx").write_bytes(model.SerializeToString())
     with pytest.raises(ValueError, match="external data"):
         Refiner.load(tmp_path / "r.onnx")
+
+
+def test_a_manifest_edited_to_drop_its_refiner_is_refused(tmp_path):
+    """A manifest edited to kind 'identity' (refiner file and sha dropped) loaded and searched refined vectors
+    with raw queries. The manifest now binds the refiner record to the index file."""
+    import json
+
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    index = RefinedIndex(LinearRefiner(np.eye(4) * 2 + 0.1, np.zeros(4)), "Flat")
+    index.add(x)
+    index.save(tmp_path / "b")
+    mpath = tmp_path / "b" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    assert m["format_version"] == 2 and len(m["binding"]) == 64
+    edited = dict(m, refiner={**m["refiner"], "kind": "identity", "sha256": None},
+                  files={"index": m["files"]["index"]})
+    mpath.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="does not match the index it was saved with"):
+        RefinedIndex.load(tmp_path / "b")
+    mpath.write_text(json.dumps(dict(m, metric="l2")))  # any field the stored vectors depend on
+    with pytest.raises(ValueError, match="binding|metric"):
+        RefinedIndex.load(tmp_path / "b")
+    mpath.write_text(json.dumps(m))
+    assert RefinedIndex.load(tmp_path / "b").ntotal == 20
+    old = {k: v for k, v in m.items() if k != "binding"}  # a bundle of the previous format: still read
+    mpath.write_text(json.dumps(dict(old, format_version=1)))
+    assert RefinedIndex.load(tmp_path / "b").ntotal == 20
