@@ -220,3 +220,28 @@ def test_refiners_and_wrappers_pickle_and_deep_copy_with_equal_results():
     li = RefinedEmbedding(MockEmbedding(embed_dim=D), onnx_ref)
     back = pickle.loads(pickle.dumps(li))
     assert back.refiner.sha256 == onnx_ref.sha256 and back.get_query_embedding("q") == li.get_query_embedding("q")
+
+
+def test_a_record_swapped_in_from_another_store_or_edited_is_refused(refiner_files, tmp_path):
+    """A sidecar copied from another store of the same dimension, or edited to the identity, reopened silently.
+    The record now carries a digest of the store's own files and a binding of its refiner fields."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for store, text in ((a, b"store a"), (b, b"store b")):
+        store.mkdir()
+        (store / "index.faiss").write_bytes(text)
+        base.write_sidecar(store, sf.Refiner.load(refiner_files["both"] if store == a else refiner_files["other"]))
+    assert base.checked_refiner(a).sha256 == sf.Refiner.load(refiner_files["both"]).sha256
+    for f in b.iterdir():  # b's record and refiner copy, put into a
+        if f.name != "index.faiss":
+            (a / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(RefinerMismatchError, match="does not describe the store beside it"):
+        base.checked_refiner(a)
+    base.write_sidecar(a, sf.Refiner.load(refiner_files["both"]))
+    record = json.loads((a / base.SIDECAR).read_text())
+    (a / base.SIDECAR).write_text(json.dumps(dict(record, kind="identity", sha256=None)))
+    with pytest.raises(RefinerMismatchError, match="was edited"):
+        base.checked_refiner(a)
+    (a / base.SIDECAR).write_text(json.dumps(record))
+    (a / "index.faiss").write_bytes(b"changed without its record")
+    with pytest.raises(RefinerMismatchError, match="store's files changed"):
+        base.checked_refiner(a)

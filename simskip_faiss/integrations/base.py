@@ -146,6 +146,31 @@ def _copy_name(path: Path) -> re.Pattern:
     return re.compile(re.escape(_copy_prefix(path)) + rf"[0-9a-f]{{16}}(?:{suffixes})")
 
 
+def store_digest(location: str | os.PathLike, record_path: Path) -> str:
+    """sha256 over the store's own files (name and content): every regular file of a store folder but this
+    package's record and refiner copies, or the store file itself. Written in the record at save and checked
+    at reopen, so a record copied in from another store, or a store changed without its record, is refused."""
+    p = Path(location)
+    ours = _copy_name(record_path)
+    files = ([f for f in sorted(p.iterdir()) if f.is_file() and not f.is_symlink() and f != record_path
+              and not ours.fullmatch(f.name) and not f.name.endswith(".simskip.json")]
+             if p.is_dir() else [p])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _binding(record: dict) -> str:
+    """sha256 binding a record's refiner fields to the store digest it was written with."""
+    fields = [record.get(k) for k in ("store_sha256", *RECORD_KEYS)]
+    return hashlib.sha256(json.dumps(fields, default=str).encode()).hexdigest()
+
+
 @contextmanager
 def saving(location: str | os.PathLike, refiner, folder: bool):
     """Wrap a framework's save: the old record is removed first, the new one written after it succeeded.
@@ -158,7 +183,8 @@ def saving(location: str | os.PathLike, refiner, folder: bool):
     path.unlink(missing_ok=True)
     yield
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, **refiner_record(refiner),
-              "metadata": getattr(refiner, "metadata", {})}
+              "metadata": getattr(refiner, "metadata", {}), "store_sha256": store_digest(location, path)}
+    record["binding"] = _binding(record)
     model = refiner.to_bytes()
     if model is not None:
         record["file"] = f"{_copy_prefix(path)}{refiner.sha256[:16]}{refiner.suffix}"
@@ -197,6 +223,13 @@ def read_sidecar(location: str | os.PathLike) -> dict:
     if version is None or record.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
         raise RefinerMismatchError(f"{path} is not a refiner record this package reads ({FORMAT} "
                                    f"up to version {FORMAT_VERSION}; found version {version!r})")
+    if "store_sha256" in record and record.get("binding") != _binding(record):
+        raise RefinerMismatchError(f"{path}: its refiner record was edited (it no longer matches its 'binding'); "
+                                   "save the store through simskip_faiss.integrations again")
+    if "store_sha256" in record and record["store_sha256"] != store_digest(location, path):
+        raise RefinerMismatchError(f"{path} does not describe the store beside it: the store's files changed since "
+                                   "the record was written, or the record was copied from another store; save the "
+                                   "store through simskip_faiss.integrations again (or rebuild it)")
     name = record.get("file")
     if name is not None and not (plain_name(name) or (isinstance(name, str) and _copy_name(path).fullmatch(name))):
         raise RefinerMismatchError(f"{path}: the refiner copy it names, {str(name)[:80]!r}, is not a plain "
