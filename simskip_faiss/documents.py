@@ -21,12 +21,11 @@ Learning them is `nudge.py`'s job; this module is the serving side (numpy only).
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 from .errors import InputError
+from .npyfile import pack, unpack
 
 FORMAT = "simskip-document-updates"
 SKETCH_DIRS = 8            # random directions in the sketch (plus the norm)
@@ -128,24 +127,12 @@ class DocumentUpdates:
 
     # -- bytes ------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
-        """A JSON header then ids, offsets and sketches as .npy arrays (read back with allow_pickle=False)."""
-        header = {"format": FORMAT, "version": 1, "meta": self.meta}
-        buf = io.BytesIO()
-        for arr in (np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8),
-                    self.ids, self.delta, self.sketches):
-            np.lib.format.write_array(buf, arr, allow_pickle=False)
-        return buf.getvalue()
+        """A JSON header then ids, offsets and sketches as .npy arrays (npyfile.py; no pickles)."""
+        return pack({"format": FORMAT, "version": 1, "meta": self.meta}, (self.ids, self.delta, self.sketches))
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "DocumentUpdates":
-        f = io.BytesIO(bytes(data))
-        try:
-            raw, ids, delta, sk = (np.lib.format.read_array(f, allow_pickle=False) for _ in range(4))
-            header = json.loads(raw.tobytes())
-        except Exception as e:  # numpy: ValueError/EOFError; json: JSONDecodeError
-            raise InputError(f"{source} is not a document-updates file ({type(e).__name__}: {e})") from None
-        if f.read(1) or not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise InputError(f"{source} is not a document-updates file (unexpected header or trailing bytes)")
+        header, (ids, delta, sk) = unpack(data, 3, FORMAT, "document-updates", source)
         if ids.dtype != np.int64 or delta.dtype != np.float32 or sk.dtype != np.float32:
             raise InputError(f"{source}: document updates have dtypes {ids.dtype}/{delta.dtype}/{sk.dtype}, "
                              "expected int64/float32/float32")

@@ -17,7 +17,6 @@ float64 and normalise any finite row; the rule is the same for every kind.)
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import numpy as np
 from .arrow import BadRowsError, as_id_list
 from .checks import as_matrix, l2_normalize
 from .documents import DocumentUpdates
+from .npyfile import pack, unpack
 from .faiss_utils import build_index
 from .errors import InputError
 
@@ -601,23 +601,12 @@ class LinearRefiner(BaseRefiner):
     def to_bytes(self) -> bytes:
         header = {"format": self.FORMAT, "version": 1, "name": self.name, "normalize": self.normalize,
                   "apply_to": self.apply_to, "metadata": self.metadata}
-        buf = io.BytesIO()
-        for arr in (np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8), self.A, self.mean,
-                    np.empty(0, np.float32) if self.bias is None else self.bias):
-            np.lib.format.write_array(buf, arr, allow_pickle=False)
-        return buf.getvalue()
+        return pack(header, (self.A, self.mean, np.empty(0, np.float32) if self.bias is None else self.bias))
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "LinearRefiner":
-        """Read `to_bytes()` output; anything else raises ValueError naming `source`."""
-        f = io.BytesIO(bytes(data))
-        try:
-            raw, A, mean, bias = (np.lib.format.read_array(f, allow_pickle=False) for _ in range(4))
-            header = json.loads(raw.tobytes())
-        except Exception as e:  # numpy raises ValueError/EOFError/..., json a JSONDecodeError
-            raise InputError(f"{source} is not a linear refiner file ({type(e).__name__}: {e})") from None
-        if f.read(1) or not isinstance(header, dict) or header.get("format") != cls.FORMAT:
-            raise InputError(f"{source} is not a linear refiner file (unexpected header or trailing bytes)")
+        """Read `to_bytes()` output; anything else raises InputError naming `source`."""
+        header, (A, mean, bias) = unpack(data, 3, cls.FORMAT, "linear refiner", source)
         meta = {k: v for k, v in dict(header.get("metadata") or {}).items()
                 if k not in ("kind", "name", "d_in", "d_out", "normalize", "apply_to")}
         return cls(A, mean, normalize=bool(header.get("normalize")), name=str(header.get("name", "linear")),
