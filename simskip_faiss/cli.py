@@ -296,6 +296,10 @@ def cmd_search(args) -> None:
     from .faiss_utils import parse_params, search_parameters
     from .index import RefinedIndex
 
+    check_output(args.output, "file")  # main checked it too; here it also guards a direct call
+    parent = Path(args.output).absolute().parent
+    if not parent.is_dir():  # one results file: a typo in its directory is refused, not created
+        raise CLIError(f"cannot write {args.output}: directory {parent} does not exist (create it first)")
     index = RefinedIndex.load(args.bundle, threads=args.threads)
     try:
         params = search_parameters(index.index, **parse_params(args.param))

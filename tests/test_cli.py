@@ -34,6 +34,18 @@ def test_build_search_info(files, onnx_path, capsys):
     assert '"ntotal": 600' in capsys.readouterr().out
 
 
+def test_search_refuses_an_output_in_a_missing_directory(files, onnx_path, capsys):
+    """search writes one file: a missing parent directory is named, not created."""
+    d = files
+    assert run("build", onnx_path[0], d / "corpus.npy", "-o", d / "bundle-s", "--factory", "Flat", "-q") == 0
+    capsys.readouterr()
+    missing = d / "nonexistent" / "dir"
+    assert run("search", d / "bundle-s", d / "queries.npy", "-o", missing / "x.npz") == 2
+    err = one_line_error(capsys)
+    assert err.startswith("simskip-faiss: error:") and str(missing) in err and "does not exist" in err
+    assert not (d / "nonexistent").exists()
+
+
 def test_train_from_npy(files, capsys):
     d = files
     assert run("train", d / "corpus.npy", "-o", d / "r.onnx", "--epochs", "1", "--hidden", "16", "--no-guard", "-q") == 0
