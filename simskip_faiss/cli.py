@@ -319,8 +319,44 @@ def cmd_search(args) -> None:
 
 
 def cmd_info(args) -> None:
+    """A few lines on a bundle or refiner (what matters when choosing or checking one); --json: the whole record."""
     from .persistence import read_manifest
     from .refiner import Refiner
+
+    def first_sentence(text: str) -> str:
+        m = re.match(r"(.+?[.!?])(\s|$)", " ".join(str(text).split()))
+        return m.group(1) if m else " ".join(str(text).split())
+
+    def summary(info: dict) -> list[str]:
+        """A few lines saying what a bundle manifest or a refiner record (as `info --json` prints them) holds."""
+        bundle = info.get("format") == "simskip-faiss-bundle"
+        r = info.get("refiner", {}) if bundle else info
+        meta = r.get("metadata") or {}
+        kind = r.get("kind", "onnx")
+        lines = [f"{'bundle' if bundle else 'refiner'} {info.get('file', '')}".rstrip()
+                 + f": kind {kind}" + (f", format {info.get('format_version')}" if bundle else "")]
+        d_in = r.get("d_in", info.get("d"))
+        lines.append(f"d_in {d_in}, d_out {r.get('d_out', info.get('d_out', d_in))}, normalize {r.get('normalize')}, "
+                     f"apply_to {r.get('apply_to')}")
+        train = [f"alpha {meta['alpha']:g}" if isinstance(meta.get("alpha"), (int, float)) else None,
+                 f"precision {meta['precision']}" if meta.get("precision") else None,
+                 f"signals {'+'.join(meta['signals'])}" if meta.get("signals") else None,
+                 f"trained for metric {meta['metric']}" if meta.get("metric") else None]
+        if any(train):
+            lines.append(", ".join(t for t in train if t))
+        guard = meta.get("guard")
+        if isinstance(guard, dict):
+            a = guard.get("alpha")
+            lines.append(f"guard: alpha {a:g}" if isinstance(a, (int, float)) else "guard:")
+            if guard.get("reason"):
+                lines[-1] += f", {first_sentence(guard['reason'])}"
+        docs = r.get("documents") or meta.get("documents")
+        if isinstance(docs, dict) and docs.get("n") is not None:
+            lines.append(f"{docs['n']} document updates" + (f" ({docs['file']})" if docs.get("file") else ""))
+        if bundle:
+            lines.append(f"ntotal {info.get('ntotal')}, factory {info.get('factory')}, metric {info.get('metric')}"
+                         + (f", {info['index_type']}" if info.get("index_type") else ""))
+        return lines
 
     p = Path(args.path)
     if p.is_dir():
@@ -331,7 +367,11 @@ def cmd_info(args) -> None:
                 "apply_to": r.apply_to, "metadata": r.metadata}
     else:
         raise CLIError(f"no bundle or refiner at {p}")
-    print(json.dumps(info, indent=2))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print("\n".join(summary(dict(info, file=info.get("file", str(p))))))
+        print("(the whole record: --json)")
 
 
 def _with_test_qrels(data, path: str):
@@ -651,8 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_search, output_kind="file")
 
     s = sub.add_parser("info", parents=[common], help="describe a bundle or refiner",
-                       description="Print a bundle's manifest or a refiner's metadata as JSON.")
+                       description="Summarise a bundle or a refiner in a few lines; --json prints the whole "
+                                   "manifest or metadata.")
     s.add_argument("path")
+    s.add_argument("--json", action="store_true", help="print the whole manifest or metadata as JSON")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("eval", parents=[common], help="evaluate refiners against raw and baselines",

@@ -30,8 +30,50 @@ def test_build_search_info(files, onnx_path, capsys):
     assert run("search", d / "bundle", d / "queries.npy", "-k", "4", "-o", d / "res.npz", "--param", "efSearch=64") == 0
     res = np.load(d / "res.npz")
     assert res["I"].shape == (25, 4) and (res["I"][:, 0] == np.arange(25)).all()
-    assert run("info", d / "bundle") == 0
+    capsys.readouterr()
+    assert run("info", d / "bundle", "--json") == 0
     assert '"ntotal": 600' in capsys.readouterr().out
+
+
+def test_info_prints_a_short_summary_and_json_only_when_asked(files, onnx_path, capsys):
+    """`info` says what matters in a few lines; the whole manifest or metadata only with --json."""
+    import json
+
+    d = files
+    assert run("build", onnx_path[0], d / "corpus.npy", "-o", d / "bundle-info", "--factory", "Flat", "-q") == 0
+    capsys.readouterr()
+    assert run("info", d / "bundle-info") == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) <= 15, out
+    assert not out.lstrip().startswith("{")
+    for want in ("bundle", "d_in 16", "d_out 16", "normalize", "apply_to both", "alpha", "precision fp32",
+                 "ntotal 600", "factory Flat", "metric ip"):
+        assert want in out, (want, out)
+    assert run("info", onnx_path[0]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) <= 15 and "refiner" in out and "d_in 16" in out, out
+    assert run("info", onnx_path[0], "--json") == 0
+    assert json.loads(capsys.readouterr().out)["d_in"] == 16
+
+
+def test_info_summary_names_the_guard_and_document_updates(tmp_path, capsys, monkeypatch):
+    """The guard's alpha and the first sentence of its reason, the signals and the document updates are shown."""
+    import simskip_faiss.refiner as refiner_module
+
+    class Fake:
+        sha256, d_in, d_out, normalize, apply_to = "ab" * 32, 8, 8, True, "query_only"
+        metadata = {"alpha": 0.5, "precision": "int8", "signals": ["labels", "pairs"], "metric": "ip",
+                    "guard": {"alpha": 0.5, "reason": "Kept alpha 0.5: it beat raw by 0.03. Details follow here."},
+                    "documents": {"sha256": "cd" * 32, "n": 42, "d": 8, "file": "x.bin"}}
+
+    monkeypatch.setattr(refiner_module.Refiner, "load", classmethod(lambda cls, p, **kw: Fake()))
+    (tmp_path / "r.onnx").write_bytes(b"x")
+    assert main(["info", str(tmp_path / "r.onnx")]) == 0
+    out = capsys.readouterr().out
+    for want in ("apply_to query_only", "alpha 0.5", "precision int8", "signals labels+pairs",
+                 "Kept alpha 0.5: it beat raw by 0.03.", "42 document updates"):
+        assert want in out, (want, out)
+    assert "Details follow" not in out
 
 
 def test_search_refuses_an_output_in_a_missing_directory(files, onnx_path, capsys):
