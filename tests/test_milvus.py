@@ -193,3 +193,31 @@ def test_cli_ingest_then_search_in_new_processes(env, tmp_path):
     bad = _cli("milvus-search", str(env["dir"] / "r.onnx"), "q.npy", "--filter", "id ==== 3", "-o", "r2.npz",
                *common, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_document_updates_by_primary_key_and_the_output_check(env):
+    """Milvus ingest applies each id's document update (as RefinedIndex.add_with_ids does), and its write path
+    checks the refined output like every other path (it wrote apply_unchecked output: a graph's bad rows went in)."""
+    from simskip_faiss import LinearRefiner, RefinedIndex
+    from simskip_faiss.nudge import make_updates
+
+    x, ids, r = env["x"], env["ids"], env["refiner"]
+    rows = np.array([4, 40, 200])
+    y = r.transform(x)
+    moved = y[rows] + 0.5 * np.random.default_rng(3).standard_normal((3, D_IN)).astype(np.float32)
+    upd = make_updates(x, y, rows, moved, {}).renamed(ids, "test ids")
+    ref = Refiner(r.to_bytes()).with_documents(upd)
+    coll = RefinedCollection(env["client"], "docs_updates", ref, "ip", index_type="FLAT")
+    coll.insert(ids, x)
+    single = RefinedIndex(ref, "IDMap,Flat")
+    single.add_with_ids(x, ids)
+    got = env["client"].query("docs_updates", ids=ids[rows].tolist(), output_fields=["vector"])
+    stored = np.array([g["vector"] for g in sorted(got, key=lambda g: list(ids[rows]).index(g["id"]))], np.float32)
+    np.testing.assert_allclose(stored, upd.apply(x[rows], y[rows], ids[rows]), atol=1e-6)  # the moved vectors
+    assert np.abs(stored - y[rows]).max() > 0.05
+    np.testing.assert_array_equal(coll.search(x[:30], 8)[1], single.search(x[:30], 8)[1])
+    scale = LinearRefiner(np.eye(D_IN) * 1e15, np.zeros(D_IN), normalize=False)
+    bad = RefinedCollection(env["client"], "docs_overflow", scale, "l2", index_type="FLAT")
+    with pytest.raises(ValueError, match="L2 norm above"):
+        bad.insert(ids[:3], x[:3] * 1e10)  # finite input, refined past float32's squared range
+    assert bad.count() == 0
