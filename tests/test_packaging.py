@@ -65,3 +65,51 @@ def test_bench_scripts_import_names_the_package_has():
                 missing += [f"{script.name}: {node.module}.{a.name}" for a in node.names
                             if not hasattr(module, a.name) and not _is_submodule(module, a.name)]
     assert not missing, f"bench scripts import names that do not exist: {missing}"
+
+
+def _sdist_names(tmp_path) -> list[str]:
+    """The file list of an sdist built from the repository's files (tracked or new, not ignored; runs/ left out)."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    import pytest
+
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the sdist is built from the tracked files")
+    src = tmp_path / "src"
+    for name in tracked:
+        if (ROOT / name).is_file() and not name.startswith("runs/"):
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    out = tmp_path / "dist"
+    out.mkdir()
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(out)!r})"],
+                   cwd=src, check=True, capture_output=True)
+    (sdist,) = out.glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        return [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
+
+
+def test_sdist_ships_what_its_tests_need(tmp_path):
+    """The sdist's tests run: conftest.py, the helper modules they import, and the files they read are in it."""
+    import ast
+
+    names = set(_sdist_names(tmp_path))
+    assert "tests/conftest.py" in names
+    local = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    for test in (ROOT / "tests").glob("*.py"):
+        assert f"tests/{test.name}" in names, test.name
+        for node in ast.walk(ast.parse(test.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for m in mods:
+                if m.split(".")[0] in local:
+                    assert f"tests/{m.split('.')[0]}.py" in names, f"{test.name} imports {m}, not in the sdist"
+    # files the tests read: the README, docs cited, bench scripts checked, the constraints
+    assert {"README.md", "LICENSE", "constraints.txt", "docs/metrics.md", "bench/speed.py"} <= names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
