@@ -104,3 +104,34 @@ def test_persist_needs_refined_embedding(tmp_path):
     index = VectorStoreIndex([TextNode(text="a")], embed_model=FakeEmbedding())
     with pytest.raises(TypeError, match="does not embed with RefinedEmbedding"):
         persist(index, tmp_path / "x")
+
+
+def test_load_index_names_a_persisted_default_vector_store(refiner_files, tmp_path):
+    """A persist dir whose vector store is LlamaIndex's default (JSON), not FAISS: one line saying so, not a C++ error."""
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.schema import TextNode
+
+    from simskip_faiss.errors import InputError
+    from simskip_faiss.integrations.llama_index import RefinedEmbedding, load_index, persist
+
+    embed = RefinedEmbedding(FakeEmbedding(), refiner_files["queries"])
+    index = VectorStoreIndex([TextNode(text=t, id_=f"n{i}") for i, t in enumerate(DOCS)], embed_model=embed)
+    persist(index, tmp_path / "simple")
+    with pytest.raises(InputError) as e:
+        load_index(tmp_path / "simple", FakeEmbedding())
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "Error in" not in msg and ".cpp" not in msg, msg
+    assert "default__vector_store.json" in msg and "SimpleVectorStore" in msg and "FaissVectorStore" in msg, msg
+    assert "vector_store=" in msg  # says how to load it anyway
+    # and it can be loaded that way
+    from llama_index.core.vector_stores import SimpleVectorStore
+
+    again = load_index(tmp_path / "simple", FakeEmbedding(),
+                       vector_store=SimpleVectorStore.from_persist_dir(str(tmp_path / "simple")))
+    assert len(again.as_retriever(similarity_top_k=K).retrieve(QUERIES[0])) == K
+
+
+def test_load_index_documents_that_delete_ref_doc_is_not_supported():
+    from simskip_faiss.integrations.llama_index import load_index
+
+    assert "delete_ref_doc" in load_index.__doc__ and "NotImplementedError" in load_index.__doc__

@@ -9,7 +9,9 @@
     index = sl.load_index("storage/", your_embed_model)
 
 Query embeddings are always refined; text (document) embeddings only when the refiner's apply_to
-is "both". `load_index` refuses a persist dir without a refiner record or with another refiner.
+is "both". `load_index` refuses a persist dir without a refiner record or with another refiner, and
+names a vector store that is not FAISS (LlamaIndex's default JSON store) instead of failing in FAISS.
+The FAISS vector store cannot delete documents (`delete_ref_doc` raises NotImplementedError).
 """
 from __future__ import annotations
 
@@ -93,14 +95,46 @@ def persist(index, persist_dir: str | os.PathLike) -> None:
         index.storage_context.persist(persist_dir=str(persist_dir))
 
 
+def _faiss_store(FaissVectorStore, persist_dir):
+    """`FaissVectorStore.from_persist_dir`, with the store file that is not a FAISS index named in one line."""
+    from llama_index.core.vector_stores.types import DEFAULT_PERSIST_FNAME
+    from llama_index.core.vector_stores.simple import DEFAULT_VECTOR_STORE, NAMESPACE_SEP
+
+    path = os.path.join(str(persist_dir), f"{DEFAULT_VECTOR_STORE}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}")
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{persist_dir}: no vector store file {name}; load_index expects a FaissVectorStore "
+                         f"persisted there (or pass vector_store=...)")
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b"{"):
+        raise InputError(f"{persist_dir}: {name} is LlamaIndex's default JSON vector store (SimpleVectorStore), "
+                         f"not a FAISS index; load_index reads a FaissVectorStore by default: pass "
+                         f"vector_store=SimpleVectorStore.from_persist_dir(...) to load this one, or rebuild the "
+                         f"index with a FaissVectorStore")
+    try:
+        return FaissVectorStore.from_persist_dir(str(persist_dir))
+    except RuntimeError as e:  # FAISS's C++ reader: keep its sentence, not its signature
+        import re
+
+        why = re.sub(r"Error in .+? at \S+:\d+: ", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+        raise InputError(f"{persist_dir}: {name} is not a FAISS index ({why}); load_index expects a "
+                         f"FaissVectorStore persisted there (or pass vector_store=...)") from None
+
+
 def load_index(persist_dir: str | os.PathLike, embed_model: BaseEmbedding, refiner=None, vector_store=None,
                threads: int | None = 1, **kwargs):
     """Reopen an index saved by `persist`, embedding queries with `embed_model` + the stored refiner.
 
     refiner: None uses the copy persisted with the index; one given is checked against the record
     (`RefinerMismatchError` when it differs or when the dir has no record). vector_store: None
-    reads a `FaissVectorStore` from the dir; pass another store to use LlamaIndex's defaults for it.
+    reads a `FaissVectorStore` from the dir (an `InputError` names what the dir holds instead, e.g.
+    LlamaIndex's default JSON `SimpleVectorStore`); pass another store to use LlamaIndex's defaults for it.
     `kwargs` go to `load_index_from_storage`.
+
+    Deleting documents: `index.delete_ref_doc(...)` is not supported by the FAISS vector store
+    (LlamaIndex's `FaissVectorStore.delete` raises NotImplementedError, and this package adds no
+    delete path); rebuild the index without those documents and `persist` it again.
     """
     from llama_index.core import StorageContext, load_index_from_storage
 
@@ -111,7 +145,7 @@ def load_index(persist_dir: str | os.PathLike, embed_model: BaseEmbedding, refin
     if vector_store is None:
         from llama_index.vector_stores.faiss import FaissVectorStore
 
-        vector_store = FaissVectorStore.from_persist_dir(str(persist_dir))
+        vector_store = _faiss_store(FaissVectorStore, persist_dir)
         if vector_store.client.d != stored_dim(embed.refiner):
             raise InputError(f"{persist_dir}: the FAISS index has dimension {vector_store.client.d}, the refiner "
                              f"stores {stored_dim(embed.refiner)}-d vectors")
