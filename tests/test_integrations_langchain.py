@@ -157,3 +157,43 @@ def test_resave_replaces_the_record_and_a_failed_save_leaves_none(refiner_files,
                 save_local(build(kind, refiner_files["both"]), path)
         with pytest.raises(MissingRefinerError, match="has no refiner record"):
             load_local(cls, path, FakeEmbeddings(), refiner=refiner_files["queries"], **kw)
+
+
+class ScaledEmbeddings(FakeEmbeddings):
+    """Unnormalised base vectors: document i has norm 1 + i (queries keep norm 1)."""
+
+    def embed_documents(self, texts):
+        return (fake_embed(texts) * (1 + np.arange(len(texts)))[:, None]).tolist()
+
+
+def test_store_ranking_unlike_the_refiners_metric_is_flagged(refiner_files, tmp_path):
+    """FAISS.from_texts ranks by L2 by default; a query-only refiner over unnormalised documents was guarded
+    for inner product, where the ranking differs: save_local and load_local say so and name the fix."""
+    import warnings
+
+    from langchain_community.vectorstores import FAISS
+    from langchain_community.vectorstores.utils import DistanceStrategy
+
+    from simskip_faiss.integrations.langchain import (RankingMismatchWarning, RefinedEmbeddings, load_local,
+                                                      save_local)
+
+    def store(refiner, base=None, **kw):
+        return FAISS.from_texts(DOCS, RefinedEmbeddings(base or ScaledEmbeddings(), refiner),
+                                metadatas=[{"i": i} for i in range(len(DOCS))], **kw)
+
+    l2 = store(refiner_files["queries"])
+    ip = store(refiner_files["queries"], distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
+    assert search(l2) != search(ip)  # the ranking really differs
+    with pytest.warns(RankingMismatchWarning, match="distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT") as w:
+        save_local(l2, tmp_path / "l2")
+    assert "'ip'" in str(w[0].message) and "queries only" in str(w[0].message)
+    with pytest.warns(RankingMismatchWarning):
+        load_local(FAISS, tmp_path / "l2", ScaledEmbeddings(), allow_dangerous_deserialization=True)
+    with pytest.warns(RankingMismatchWarning, match="normalize_L2"):  # cosine rescales the raw documents
+        save_local(store(refiner_files["queries"], normalize_L2=True), tmp_path / "cos")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RankingMismatchWarning)
+        save_local(ip, tmp_path / "ip")  # the refiner's metric
+        load_local(FAISS, tmp_path / "ip", ScaledEmbeddings(), allow_dangerous_deserialization=True)
+        save_local(store(refiner_files["both"]), tmp_path / "both")  # normalised on both sides: L2 ranks as IP
+        save_local(store(refiner_files["queries"], base=FakeEmbeddings()), tmp_path / "unit")  # unit documents
