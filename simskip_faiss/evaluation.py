@@ -399,7 +399,8 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
         for tasks in per_method.values():
             tasks.update({g: {m: tasks["pairs"][m][mask] for m in GROUP_METRICS} for g, mask in
                           (("seen", seen), ("unseen", ~seen))})
-    report.info["not_held_out"] = _not_held_out(data, queries, refiners or {})
+    # held-out figures only: a validation-split evaluation (choose_refiner) scores validation queries by design
+    report.info["not_held_out"] = _not_held_out(data, queries, refiners or {}) if cfg.split == "test" else {}
     for name, tasks in per_method.items():
         for task, pq in tasks.items():
             for m in (LABEL_METRICS if task == "labels" else PAIR_METRICS if task == "pairs" else GROUP_METRICS):

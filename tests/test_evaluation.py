@@ -238,3 +238,23 @@ def test_eval_flags_queries_the_refiner_trained_on_and_scores_held_out_qrels_who
     assert rep["info"]["queries"]["pairs"] == 50 and "r" not in rep["info"]["not_held_out"]
     assert main([*common, *args[:-2], "--qrels", str(d / "held.tsv"), "--test-qrels", str(d / "held.tsv")]) == 2
     assert "in both --qrels and --test-qrels" in capsys.readouterr().err
+
+
+def test_choosing_on_validation_does_not_flag_the_validation_queries(user_files, tmp_path, caplog):
+    """choose_refiner evaluates on the val split, which a fit validated on by design: no not-held-out warning."""
+    pytest.importorskip("torch")
+    from simskip_faiss.config import TrainConfig
+    from simskip_faiss.datasets import load_user
+    from simskip_faiss.evaluation import EvalConfig, choose_refiner
+    from simskip_faiss.guard import fit
+    from simskip_faiss.refiner import Refiner
+
+    args, x, y, q, targets = user_files
+    data = load_user(x, queries=q, qrels=args[-1])
+    res = fit(data, TrainConfig(hidden=16, max_steps=40, eval_every=20, progress=False, threads=1))
+    res.export(tmp_path / "r.onnx", precision="fp32")
+    refiners = {"a": Refiner.load(tmp_path / "r.onnx"), "b": Refiner.load(tmp_path / "r.onnx")}
+    assert refiners["a"].metadata["trained_on"]["n"] > 0
+    with caplog.at_level("WARNING"):
+        choose_refiner(data, refiners, EvalConfig(ann_factory=None, progress=False, baselines=("raw",)))
+    assert "not held out" not in caplog.text
