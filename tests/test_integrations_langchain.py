@@ -197,3 +197,26 @@ def test_store_ranking_unlike_the_refiners_metric_is_flagged(refiner_files, tmp_
         load_local(FAISS, tmp_path / "ip", ScaledEmbeddings(), allow_dangerous_deserialization=True)
         save_local(store(refiner_files["both"]), tmp_path / "both")  # normalised on both sides: L2 ranks as IP
         save_local(store(refiner_files["queries"], base=FakeEmbeddings()), tmp_path / "unit")  # unit documents
+
+
+def test_the_frameworks_own_loader_cannot_open_a_saved_store_into_a_raw_search(refiner_files, tmp_path):
+    """FAISS.load_local(dir, base_embeddings), a LangChain user's habit, opened a store saved by the package and
+    searched it with unrefined queries. Saved under another index name, it now fails to open; the package's
+    load_local opens it, and folders saved before under "index" too."""
+    from langchain_community.vectorstores import FAISS
+
+    from simskip_faiss.integrations import langchain as sl
+
+    store = build("faiss", refiner_files["queries"])
+    sl.save_local(store, tmp_path / "s")
+    assert (tmp_path / "s" / f"{sl.INDEX_NAME}.faiss").is_file() and not (tmp_path / "s" / "index.faiss").exists()
+    with pytest.raises(RuntimeError, match="could not open|No such file"):
+        FAISS.load_local(str(tmp_path / "s"), FakeEmbeddings(), allow_dangerous_deserialization=True)
+    back = sl.load_local(FAISS, tmp_path / "s", FakeEmbeddings(), allow_dangerous_deserialization=True)
+    assert search(back) == search(store)
+    old = tmp_path / "old"  # a folder saved by the previous version: index.faiss / index.pkl
+    store.save_local(str(old))
+    from simskip_faiss.integrations.base import write_sidecar
+
+    write_sidecar(old, store.embeddings.refiner)
+    assert search(sl.load_local(FAISS, old, FakeEmbeddings(), allow_dangerous_deserialization=True)) == search(store)

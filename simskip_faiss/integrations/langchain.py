@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 from langchain_core.embeddings import Embeddings
@@ -123,6 +124,22 @@ def _check_ranking(store, refiner) -> None:
         warnings.warn(why, RankingMismatchWarning, stacklevel=3)
 
 
+# A folder store is saved under this index name, not the framework's default "index": `FAISS.load_local(dir,
+# embeddings)`, a LangChain user's habit, then finds no index.faiss and fails instead of opening the store
+# with unrefined queries. `load_local` below opens it (and folders saved before, under "index").
+INDEX_NAME = "simskip_index"
+
+
+def _index_name(method, name: str) -> dict:
+    """{"index_name": name} when the store's save/load takes it (FAISS does), else {}."""
+    import inspect
+
+    try:
+        return {"index_name": name} if "index_name" in inspect.signature(method).parameters else {}
+    except (TypeError, ValueError):
+        return {}
+
+
 def save_local(store, path: str | os.PathLike) -> None:
     """Save a LangChain vector store and, beside it, its refiner's record and (ONNX) a copy of the refiner.
 
@@ -138,7 +155,7 @@ def save_local(store, path: str | os.PathLike) -> None:
                         f"simskip_faiss.integrations.base.saving(path, refiner, folder=...)")
     with saving(path, emb.refiner, folder):
         if folder:
-            store.save_local(str(path))
+            store.save_local(str(path), **_index_name(store.save_local, INDEX_NAME))
         else:
             store.dump(str(path))
 
@@ -158,6 +175,8 @@ def load_local(store_cls, path: str | os.PathLike, embeddings: Embeddings, refin
         embeddings = embeddings.embeddings
     wrapped = RefinedEmbeddings(embeddings, checked_refiner(path, refiner, threads))
     if hasattr(store_cls, "load_local"):
+        if "index_name" not in kwargs and Path(path, f"{INDEX_NAME}.faiss").is_file():  # saved by this module
+            kwargs.update(_index_name(store_cls.load_local, INDEX_NAME))
         store = store_cls.load_local(str(path), wrapped, **kwargs)
     elif hasattr(store_cls, "load"):
         store = store_cls.load(str(path), wrapped, **kwargs)
