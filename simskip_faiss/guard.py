@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from .config import LR_GRID, TEMPERATURE_GRID, TrainConfig
-from .evaluation import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task_queries
 from .metrics import drop_self, knn_recall, paired_bootstrap
 from .nudge import UpdateChoice, learn
-from .training import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
+from .scoring import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task_queries
 from .errors import InputError
+from .training import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
 
 log = logging.getLogger(__name__)
 

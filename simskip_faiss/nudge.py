@@ -11,13 +11,16 @@ documents had no training query, the label task) no worse than without updates. 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import faiss
 import numpy as np
 
 from .documents import DocumentUpdates, sketch
 from .errors import InputError
+from .scoring import LABEL_METRICS, PAIR_METRICS, score, seen_queries, task_queries
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +173,6 @@ def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[
     rule: it is chosen on pairs alone). Returns (None, None) without train
     pairs or val queries; (None, choice) when no step gains.
     """
-    import time
-
-    import faiss
-
-    from .evaluation import LABEL_METRICS, PAIR_METRICS, score, task_queries
-
     t0 = time.perf_counter()
 
     if method not in METHODS:
@@ -189,10 +186,8 @@ def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[
     corpus = np.asarray(data.corpus, dtype=np.float32)
     stored = np.ascontiguousarray(doc_fn(corpus), dtype=np.float32)
     Q = np.ascontiguousarray(query_fn(data.queries[pair_q]), dtype=np.float32)
-    answered = np.zeros(len(corpus), bool)
-    answered[pair_doc] = True
     vq = tasks["pairs"]
-    unseen = np.array([not answered[data.qrels[i]].any() for i in vq])
+    unseen = ~seen_queries(data, vq)
     if unseen.all():  # e.g. documents split disjointly: no validation query could gain, every one could lose
         return None, UpdateChoice(method, 0.0, 0.0, f"none of the {len(vq)} validation queries has a document with "
                                   "training queries: nothing to gain on validation, no document updates")
