@@ -118,9 +118,18 @@ def test_errors_are_one_line(files, onnx_path, capsys, argv, msg):
 
 
 def test_every_command_has_help():
-    for cmd in ("train", "build", "search", "info", "eval", "run"):
+    """Every subcommand the parser defines (not a chosen six of eleven), and every option of each has help."""
+    import argparse
+
+    from simskip_faiss.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "build", "search", "info", "eval", "run", "quantize", "spark-refine", "spark-build",
+            "milvus-ingest", "milvus-search"} <= set(sub.choices)
+    for cmd, parser in sub.choices.items():
         out = subprocess.run([sys.executable, "-m", "simskip_faiss.cli", cmd, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "usage:" in out.stdout, cmd
+        assert sub._choices_actions and any(a.dest == cmd and a.help for a in sub._choices_actions), cmd
 
 
 BLOCK_TORCH = textwrap.dedent("""
