@@ -219,14 +219,16 @@ def cmd_train(args) -> None:
         if args.corpus_npy:
             args.corpus = args.corpus_npy
         data = _data_from_args(args, fractions=TRAIN_FRACTIONS)
+        ids = None
+        if args.ids:  # checked before training: one unique int64 id per corpus row
+            from .checks import as_ids
+
+            ids = as_ids(_load_npy(args.ids, "ids", mmap=False), len(data.corpus), name=f"ids {args.ids}")
         if data.queries is not None and data.qrels is not None:
             print(_pair_split(data), file=sys.stderr)
         res = fit(data, cfg)
-        if args.ids and res.documents is not None:  # updates keyed by the user's document ids, not rows
-            from .checks import as_ids
-
-            res.documents = res.documents.renamed(as_ids(_load_npy(args.ids, "ids", mmap=False), len(data.corpus)),
-                                                  f"the ids in {args.ids}")
+        if ids is not None and res.documents is not None:  # updates keyed by the user's document ids, not rows
+            res.documents = res.documents.renamed(ids, f"the ids in {args.ids}")
         print(res.guard.summary(), file=sys.stderr)
         if res.document_choice is not None:
             print(res.document_choice.summary(), file=sys.stderr)

@@ -254,3 +254,34 @@ def test_a_spent_time_budget_skips_the_document_step_and_says_so():
     res = fit(shared_data(n=200, answered=40), TrainConfig(hidden=8, time_budget=1e-9, progress=False, threads=1))
     assert res.documents is None and "time budget" in res.document_choice.reason
     assert res.metadata()["document_choice"]["step"] == 0.0
+
+
+def test_cli_train_with_ids_keys_the_updates_by_them(tmp_path, capsys):
+    """train --ids: the updates are keyed by the user's document ids; build with the same --ids applies them,
+    exactly as RefinedIndex.add_with_ids over the refiner does; duplicated ids are refused at train."""
+    pytest.importorskip("torch")
+    from simskip_faiss import Refiner
+    from simskip_faiss.cli import main
+
+    data = shared_data(n=300, answered=60, per_doc=6, seed=1)
+    ids = np.arange(300, dtype=np.int64) * 7 + 1000
+    np.save(tmp_path / "c.npy", data.corpus)
+    np.save(tmp_path / "q.npy", data.queries)
+    np.save(tmp_path / "ids.npy", ids)
+    (tmp_path / "t.tsv").write_text("".join(f"{i}\t{r[0]}\n" for i, r in enumerate(data.qrels)))
+    args = ["train", str(tmp_path / "c.npy"), "--queries", str(tmp_path / "q.npy"), "--qrels", str(tmp_path / "t.tsv"),
+            "-o", str(tmp_path / "r.onnx"), "--hidden", "32", "--max-steps", "100", "--eval-every", "25",
+            "--precision", "fp32", "--threads", "1", "-q"]
+    assert main(args + ["--ids", str(tmp_path / "ids.npy")]) == 0
+    refiner = Refiner.load(tmp_path / "r.onnx")
+    assert refiner.documents is not None and set(refiner.documents.ids) <= set(ids.tolist())
+    assert main(["build", str(tmp_path / "r.onnx"), str(tmp_path / "c.npy"), "--ids", str(tmp_path / "ids.npy"),
+                 "--factory", "IDMap,Flat", "-o", str(tmp_path / "b"), "-q"]) == 0
+    python = RefinedIndex(refiner, "IDMap,Flat")
+    python.add_with_ids(data.corpus, ids)
+    q = data.queries[data.split_queries("test")]
+    np.testing.assert_array_equal(RefinedIndex.load(tmp_path / "b").search(q, 10)[1], python.search(q, 10)[1])
+    np.save(tmp_path / "dup.npy", np.zeros(300, dtype=np.int64))
+    capsys.readouterr()
+    assert main(args + ["--ids", str(tmp_path / "dup.npy")]) == 2
+    assert "duplicated" in capsys.readouterr().err
