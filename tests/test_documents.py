@@ -192,6 +192,7 @@ def test_frameworks_refuse_a_refiner_with_updates():
     assert refine_documents(IdentityRefiner(8), raw).shape == (4, 8)
 
 
+@pytest.mark.slow
 def test_cli_train_then_build_delivers_the_updates_and_refuses_what_does_not_match(tmp_path, capsys):
     """train --queries --qrels writes the updates beside the refiner; build applies them by row with no flag,
     exactly as RefinedIndex over Refiner.load does; a missing file, other ids or another corpus are refused."""
@@ -256,6 +257,7 @@ def test_a_spent_time_budget_skips_the_document_step_and_says_so():
     assert res.metadata()["document_choice"]["step"] == 0.0
 
 
+@pytest.mark.slow
 def test_cli_train_with_ids_keys_the_updates_by_them(tmp_path, capsys):
     """train --ids: the updates are keyed by the user's document ids; build with the same --ids applies them,
     exactly as RefinedIndex.add_with_ids over the refiner does; duplicated ids are refused at train."""

@@ -158,6 +158,7 @@ def test_cli_eval_end_to_end(user_files, onnx_path, tmp_path):
     assert "| simskip |" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_run_end_to_end(user_files, tmp_path, capsys):
     """The main job on small user data: both refiners trained and reported, the one shipped chosen on validation."""
     pytest.importorskip("torch")  # the main job trains: the train extra
@@ -213,6 +214,7 @@ def test_choose_refiner_looks_only_at_validation(synth, monkeypatch):
     assert seen and all(set(q["labels"]) <= val_rows and set(q["pairs"]) <= val_q for q in seen)
 
 
+@pytest.mark.slow
 def test_eval_flags_queries_the_refiner_trained_on_and_scores_held_out_qrels_whole(user_files, tmp_path, capsys):
     """train then eval on the same qrels: eval re-split them and scored training queries unflagged. Now the
     refiner's record of what it trained and validated on flags them; --test-qrels scores a held-out file whole."""

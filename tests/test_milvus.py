@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 pa = pytest.importorskip("pyarrow")

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow
 pytest.importorskip("pyspark")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
