@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .config import DEFAULT_PRECISION
 from .datasets import PROTOCOLS
-from .errors import SimSkipError
+from .errors import FAISS_WHERE, SimSkipError
 from .job import export_checks
 
 log = logging.getLogger("simskip_faiss")
@@ -69,7 +69,6 @@ def check_output(path: str | os.PathLike, kind: str) -> None:
         raise CLIError(f"cannot write {p}: cannot create files in {probe} ({e.strerror or e})") from None
 
 
-_FAISS_WHERE = re.compile(r"Error in .+? at \S+:\d+: ")  # FAISS's C++ signature and source line
 _FAISS_CHECK = re.compile(r"Error: '(.+?)' failed(: )?")  # a failed FAISS_THROW_IF_NOT[_MSG]
 
 
@@ -77,7 +76,7 @@ def plain_message(e: BaseException) -> str:
     """The first line of an error's text, without FAISS's C++ signatures (`Error in void faiss::... at x.cpp:12:`)."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else type(e).__name__
-    msg = _FAISS_WHERE.sub("", msg)
+    msg = FAISS_WHERE.sub("", msg)
     msg = _FAISS_CHECK.sub(lambda m: "" if m.group(2) else f"FAISS check failed: {m.group(1)}", msg)  # keep the sentence
     return re.sub(r"\b\w+::\w+:\s*", "", msg)  # "ParameterSpace::set_index_parameter:could not set ..."
 
@@ -241,11 +240,10 @@ def cmd_train(args) -> None:
 def _pair_split(data) -> str:
     """One line on how the pairs were split: queries per split, and validation queries whose documents
     have training queries (the ones document updates can help) and those whose documents have none."""
-    from .datasets import answered_rows
+    from .scoring import seen_queries
 
-    answered = answered_rows(data, "train")
     val = data.split_queries("val")
-    seen = sum(bool(answered[data.qrels[i]].any()) for i in val)
+    seen = int(seen_queries(data, val).sum())
     counts = "/".join(str(len(data.split_queries(s))) for s in ("train", "val", "test"))
     return (f"pairs split ({data.info.get('protocol', 'disjoint')} corpus): queries train/val/test {counts}; "
             f"{seen} of {len(val)} validation queries have a document with training queries, {len(val) - seen} do not")

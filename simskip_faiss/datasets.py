@@ -37,7 +37,7 @@ from .persistence import atomic_write_bytes
 from .errors import InputError
 
 __all__ = [
-    "SPLITS", "PROTOCOLS", "EmbeddingData", "shared_corpus", "answered_rows", "Synset", "make_splits", "parse_wordnet", "wordnet_dir",
+    "SPLITS", "PROTOCOLS", "EmbeddingData", "shared_corpus", "answer_pairs", "answered_rows", "Synset", "make_splits", "parse_wordnet", "wordnet_dir",
     "load_wordnet", "load_digits", "make_synthetic", "load_user", "parse_qrels", "load",
 ]
 
@@ -189,12 +189,20 @@ def shared_corpus(data: EmbeddingData, seed: int = 0, fractions: Sequence[float]
     return replace(data, query_split=qs, info={**data.info, "protocol": "shared", "query_split_seed": seed + 1})
 
 
+def answer_pairs(qrels: list[np.ndarray], qids) -> tuple[np.ndarray, np.ndarray]:
+    """(query id, document row) int64 arrays: one pair for every relevant document of the queries `qids`."""
+    q = [np.full(len(qrels[i]), i, np.int64) for i in qids]
+    d = [np.asarray(qrels[i], np.int64) for i in qids]
+    if not q:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(q), np.concatenate(d)
+
+
 def answered_rows(data: EmbeddingData, split: str = "train") -> np.ndarray:
     """Bool per corpus row: does a query of `split` have it among its relevant documents?"""
     out = np.zeros(len(data.corpus), bool)
     if data.qrels is not None:
-        for i in data.split_queries(split):
-            out[data.qrels[i]] = True
+        out[answer_pairs(data.qrels, data.split_queries(split))[1]] = True
     return out
 
 

@@ -7,6 +7,11 @@ Anything else that escapes the package (a RuntimeError, an IndexError) is a bug 
 """
 from __future__ import annotations
 
+import re
+
+# FAISS's C++ exceptions start "Error in <signature> at <file>:<line>: "; what follows is the reason
+FAISS_WHERE = re.compile(r"Error in .+? at \S+:\d+: ")
+
 
 class SimSkipError(Exception):
     """Root of every error this package raises on purpose."""
@@ -18,3 +23,9 @@ class InputError(SimSkipError, ValueError):
 
 class InputTypeError(SimSkipError, TypeError):
     """Refused input of the wrong type (a string where an array was expected, say)."""
+
+
+def faiss_reason(e: BaseException, last: bool = True) -> str:
+    """The reason line of a FAISS error (its last line, or its first), without FAISS's C++ location."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return FAISS_WHERE.sub("", lines[-1 if last else 0].strip()) if lines else type(e).__name__

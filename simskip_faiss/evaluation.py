@@ -23,7 +23,7 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm.auto import tqdm
 
 from .baselines import lda_candidates, ridge_candidates
-from .datasets import EmbeddingData
+from .datasets import EmbeddingData, answer_pairs
 from .faiss_utils import metric_code
 from .index import RefinedIndex
 from .metrics import knn_recall, paired_bootstrap
@@ -255,10 +255,9 @@ def _ridge_candidates(data: EmbeddingData) -> list:
     """Query-only ridge maps fitted on the train split's (query, relevant document) pairs; [] without pairs."""
     if data.queries is None or data.qrels is None:
         return []
-    qids = [q for q in data.split_queries("train") for _ in data.qrels[q]]
-    if not qids:
+    qids, docs = answer_pairs(data.qrels, data.split_queries("train"))
+    if not len(qids):
         return []
-    docs = np.concatenate([data.qrels[q] for q in data.split_queries("train")])
     return ridge_candidates(data.queries[qids], np.asarray(data.corpus[docs]))  # the identity first
 
 

@@ -10,7 +10,7 @@ import mmap
 
 import faiss
 import numpy as np
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, faiss_reason
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 METRIC_NAMES = {v: k for k, v in METRICS.items()}
@@ -81,7 +81,7 @@ def build_index(index, d: int, metric, refiner) -> faiss.Index:
         try:
             index = faiss.index_factory(d, index, metric)
         except RuntimeError as e:
-            raise InputError(f"FAISS could not build {index!r}: {str(e).strip().splitlines()[-1]}") from None
+            raise InputError(f"FAISS could not build {index!r}: {faiss_reason(e)}") from None
     else:
         if not isinstance(index, faiss.Index):
             raise InputTypeError(f"index must be a faiss.Index or a factory string, got {type(index).__name__}")

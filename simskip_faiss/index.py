@@ -22,15 +22,7 @@ from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric
                           reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, check_binding, load_bundle, save_bundle
 from .refiner import MAX_NORM, NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
-from .errors import InputError
-
-
-def _faiss_reason(e: BaseException) -> str:
-    """The last line of a FAISS error, without its C++ location."""
-    import re
-
-    line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    return re.sub(r"^Error in .+? at \S+:\d+: ", "", line)
+from .errors import InputError, faiss_reason
 
 
 SMALL_K = 1 << 16  # k up to this passes without check_k (n * k results stay far below checks.MAX_RESULTS per row)
@@ -235,7 +227,7 @@ class RefinedIndex:
                     self.index.train(x)
                 except RuntimeError as e:  # FAISS refuses the training set (too few points for its clusters, ...)
                     raise InputError(f"FAISS cannot train {self.factory or type(self.index).__name__} on these "
-                                     f"{x.shape[0]} vectors: {_faiss_reason(e)}") from None
+                                     f"{x.shape[0]} vectors: {faiss_reason(e)}") from None
 
     def _ready(self):
         if not self.index.is_trained:
@@ -293,7 +285,7 @@ class RefinedIndex:
             self.index.add(chunk)
         except RuntimeError as e:  # e.g. an IDMap index, which takes vectors only with ids
             raise InputError(f"{self.factory or type(self.index).__name__} cannot add these vectors: "
-                             f"{_faiss_reason(e)}" + (" (on the command line, --ids)" if "IDMap" in type(self.index).__name__ else "")
+                             f"{faiss_reason(e)}" + (" (on the command line, --ids)" if "IDMap" in type(self.index).__name__ else "")
                              ) from None
 
     def _add_ids(self, chunk: np.ndarray, ids: np.ndarray) -> None:
@@ -301,7 +293,7 @@ class RefinedIndex:
             self.index.add_with_ids(chunk, ids)
         except RuntimeError as e:
             raise InputError(f"this FAISS index does not take ids ({type(self.index).__name__}); "
-                             f"build it as 'IDMap,<factory>': {str(e).strip().splitlines()[-1]}") from None
+                             f"build it as 'IDMap,<factory>': {faiss_reason(e)}") from None
 
     def _refuse_stored(self, ids: np.ndarray) -> None:
         idx = faiss.downcast_index(self.index)
@@ -359,7 +351,7 @@ class RefinedIndex:
                 return self.index.remove_ids(ids)
             except RuntimeError as e:
                 raise InputError(f"{type(self.index).__name__} cannot remove ids: "
-                                 f"{str(e).strip().splitlines()[-1]}") from None
+                                 f"{faiss_reason(e)}") from None
 
     def reset(self) -> None:
         with self._lock.writing():

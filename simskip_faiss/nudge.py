@@ -18,21 +18,13 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 
+from .datasets import answer_pairs  # noqa: F401  (also this module's name for it)
 from .documents import DocumentUpdates, sketch
 from .errors import InputError
 from .scoring import LABEL_METRICS, PAIR_METRICS, score, seen_queries, task_queries
 
 log = logging.getLogger(__name__)
 
-
-
-def answer_pairs(qrels: list[np.ndarray], qids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(query id, document row) for every relevant document of the queries `qids`."""
-    q = [np.full(len(qrels[i]), i, np.int64) for i in qids]
-    d = [np.asarray(qrels[i], np.int64) for i in qids]
-    if not q:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(q), np.concatenate(d)
 
 
 def _logsumexp_rows(S: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
-from .errors import InputError
+from .errors import InputError, faiss_reason
 
 FORMAT = "simskip-faiss-bundle"
 FORMAT_VERSION = 2  # 2: the manifest carries `binding` (see `binding`); 1 (no binding) is still read
@@ -421,7 +421,7 @@ def _read_index(directory: Path, f: BinaryIO, entry: dict, mmap: bool):
                                 faiss.IO_FLAG_MMAP)
     except RuntimeError as e:
         raise BundleError(f"bundle {directory}: FAISS cannot read {entry['file']}: "
-                          f"{str(e).strip().splitlines()[-1]}") from None
+                          f"{faiss_reason(e)}") from None
 
 
 def load_bundle(directory: str | os.PathLike, mmap: bool = False, attempts: int = LOAD_ATTEMPTS):

@@ -63,7 +63,7 @@ _MESSAGES = {
 }
 
 
-def _fields(buf: bytes):
+def _fields(buf: memoryview):
     """(field number, wire type, value) of one protobuf message; value is bytes for length-delimited fields."""
     i, n = 0, len(buf)
 
@@ -102,7 +102,7 @@ def _fields(buf: bytes):
 def external_tensors(model: bytes) -> bool:
     """True if an ONNX model keeps any tensor in external data (data_location EXTERNAL or external_data
     entries): onnxruntime would read those files from the loading process's working directory."""
-    stack = [("model", memoryview(model).tobytes())]
+    stack = [("model", memoryview(model))]  # slices of a memoryview: the walk copies no tensor bytes
     while stack:
         kind, buf = stack.pop()
         for field, wire, value in _fields(buf):

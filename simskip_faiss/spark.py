@@ -42,7 +42,7 @@ from .arrow import (MAX_LISTED, BadRowsError, ParquetPlan, arrow_vectors, filesy
                     plan_parquet, to_arrow_list)
 from .index import RefinedIndex
 from .refiner import BaseRefiner, refiner_from_bytes
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, faiss_reason
 
 _WORKER_CACHE: dict[str, Any] = {}  # per Python worker process: refiners and trained templates by sha256
 
@@ -548,7 +548,7 @@ def _check_mergeable(index: faiss.Index, sample: np.ndarray) -> None:
         a.merge_from(b, 0)
     except RuntimeError as e:
         raise InputError(f"{type(index).__name__} cannot be built from shards (it needs add_with_ids and "
-                         f"merge_from: use an IVF factory, or 'IDMap,Flat'): {str(e).strip().splitlines()[-1]}") from None
+                         f"merge_from: use an IVF factory, or 'IDMap,Flat'): {faiss_reason(e)}") from None
 
 
 def _sample(df, n: int, size: int, seed: int, vector_col: str, d: int) -> np.ndarray:

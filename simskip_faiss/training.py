@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .checks import as_matrix, check_matrix, load_npy
 from .config import ACTIVATION_NAMES, LR_GRID, TEMPERATURE_GRID, TrainConfig
+from .datasets import answer_pairs
 from .documents import DocumentUpdates
 from .errors import InputError
 
@@ -161,8 +162,7 @@ class Supervision:
         if queries is None or qrels is None:
             return cls(labels=labels)
         ids = np.arange(len(qrels)) if query_ids is None else np.asarray(query_ids, dtype=np.int64)
-        q = np.concatenate([np.full(len(qrels[i]), i, dtype=np.int64) for i in ids] or [np.zeros(0, np.int64)])
-        d = np.concatenate([np.asarray(qrels[i], dtype=np.int64) for i in ids] or [np.zeros(0, np.int64)])
+        q, d = answer_pairs(qrels, ids)
         return cls(labels=labels, queries=queries, pair_query=q, pair_doc=d)
 
     @property

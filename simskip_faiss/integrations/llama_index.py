@@ -22,7 +22,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import Field, PrivateAttr
 
 from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, saving, stored_dim
-from ..errors import InputError, InputTypeError
+from ..errors import InputError, InputTypeError, faiss_reason
 
 __all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim"]
 
@@ -115,9 +115,7 @@ def _faiss_store(FaissVectorStore, persist_dir):
     try:
         return FaissVectorStore.from_persist_dir(str(persist_dir))
     except RuntimeError as e:  # FAISS's C++ reader: keep its sentence, not its signature
-        import re
-
-        why = re.sub(r"Error in .+? at \S+:\d+: ", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
+        why = faiss_reason(e, last=False)
         raise InputError(f"{persist_dir}: {name} is not a FAISS index ({why}); load_index expects a "
                          f"FaissVectorStore persisted there (or pass vector_store=...)") from None
 
