@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 
 
+def _at_norms(Y: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Each row of `Y` rescaled to the norm given for it (a moved document keeps its stored norm)."""
+    return (Y * (norms / np.maximum(np.linalg.norm(Y.astype(np.float64), axis=1), 1e-30))[:, None]).astype(np.float32)
+
+
 def _logsumexp_rows(S: np.ndarray) -> np.ndarray:
     m = S.max(axis=1)
     return m + np.log(np.exp(S - m[:, None]).sum(axis=1))
@@ -70,7 +75,7 @@ def contrastive_path(stored: np.ndarray, Q: np.ndarray, pair_doc: np.ndarray, st
         grad /= counts[:, None]
         gnorm = np.linalg.norm(grad, axis=1, keepdims=True)
         Y = Y - np.float32(step_size) * norms[:, None].astype(np.float32) * grad / np.maximum(gnorm, 1e-12)
-        Y = (Y * (norms / np.maximum(np.linalg.norm(Y.astype(np.float64), axis=1), 1e-30))[:, None]).astype(np.float32)
+        Y = _at_norms(Y, norms)
         yield t, docs, Y
 
 
@@ -86,7 +91,7 @@ def mean_path(stored: np.ndarray, Q: np.ndarray, pair_doc: np.ndarray,
     mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
     for g in steps:
         Y = Y0 + np.float32(g) * norms[:, None].astype(np.float32) * mean
-        yield g, docs, (Y * (norms / np.maximum(np.linalg.norm(Y.astype(np.float64), axis=1), 1e-30))[:, None]).astype(np.float32)
+        yield g, docs, _at_norms(Y, norms)
 
 
 def make_updates(raw: np.ndarray, stored: np.ndarray, docs: np.ndarray, moved: np.ndarray, meta: dict) -> DocumentUpdates:
