@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT.parent))
 import faiss  # noqa: E402
 
 from simskip_faiss import IdentityRefiner, RefinedIndex  # noqa: E402
-from simskip_faiss.documents import DocumentUpdates, sketch  # noqa: E402
+from simskip_faiss.refiners.documents import DocumentUpdates, sketch  # noqa: E402
 
 
 def unit(x: np.ndarray) -> np.ndarray:

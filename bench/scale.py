@@ -4,7 +4,7 @@ Measures, on synthetic unit vectors of MiniLM's width (d=384) and a refiner twic
 width (one residual block, hidden 1024; docs/design.md):
   - single-process, 1 thread: onnxruntime refine rate, FAISS add rate per core for several IVF
     quantizers, k-means training rate, bytes per vector of each index type;
-  - Spark (`simskip_faiss.spark`): refine-only (noop sink) and the distributed build
+  - Spark (`simskip_faiss.scale.spark`): refine-only (noop sink) and the distributed build
     (refine + add shards + merge + save) at each --masters entry, after a warm-up job.
 Writes bench/results/scale.json and bench/results/scale.md (measurements + projection).
 
@@ -38,7 +38,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from simskip_faiss import RefinedIndex, Refiner  # noqa: E402
-from simskip_faiss import spark as S  # noqa: E402
+from simskip_faiss.scale import spark as S  # noqa: E402
 
 ID_BYTES = 8  # int64 id per vector in an IVF inverted list
 
@@ -47,7 +47,7 @@ def make_refiner(path: Path, d: int, hidden: int) -> Refiner:
     """A SimSkip refiner of the measured size with random (non-zero) residual weights."""
     import torch
 
-    from simskip_faiss.export import export
+    from simskip_faiss.training.export import export
     from simskip_faiss.training import SimSkip
 
     torch.manual_seed(0)
@@ -221,7 +221,7 @@ def _neighbourhood_kmeans(x: np.ndarray, k: int, niter: int, neighbours: int = 3
 
 def quantizer_candidates(nlist: int, niter: int) -> dict:
     """name -> (description, train(index, x)) of every coarse-quantizer training measured side by side."""
-    from simskip_faiss.quantizer import minibatch_kmeans, train_ivf
+    from simskip_faiss.scale.quantizer import minibatch_kmeans, train_ivf
 
     def package(method):
         return lambda index, x: train_ivf(index, x, method, niter=niter)
@@ -506,7 +506,7 @@ def quantizer_conclusion(q: dict, extra: dict) -> list[str]:
                "SuperKMeans flat` measures them to the end).")
     out += ["", "Why the others lose:", "", *why, ""]
     if "mini-batch" in won:
-        out.append("Adopted: mini-batch k-means is the default of `build_index` / `spark-build` (`simskip_faiss.quantizer`); "
+        out.append("Adopted: mini-batch k-means is the default of `build_index` / `spark-build` (`simskip_faiss.scale.quantizer`); "
                    "flat (`--quantizer flat`) and two-level stay available.")
     if not won:
         out.append("So nothing is adopted: flat k-means stays the default of `build_index` / `spark-build`, and "
@@ -670,7 +670,7 @@ def write_report(m: dict, path: Path) -> None:
               "bundle per searcher (`merge_shards`) and fan queries out (`faiss.IndexShards` semantics: query "
               "all, merge top-k); or `faiss.contrib.ondisk.merge_ondisk` for memory-mapped inverted lists (not "
               "a self-contained bundle, so `build_index` does not write it); or Milvus, whose query nodes shard "
-              "the collection (`simskip_faiss.milvus.RefinedCollection` with a cluster URI; the refiner runs in "
+              "the collection (`simskip_faiss.scale.milvus.RefinedCollection` with a cluster URI; the refiner runs in "
               "the ingesting and querying clients).",
               "- **Milvus ingest** is bound by client-side refining (the in-process refine rate per client core) "
               "and server-side indexing: run one `milvus-ingest --upsert` per input file; upsert makes re-runs "

@@ -53,11 +53,12 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from simskip_faiss import IdentityRefiner, RefinedIndex, Refiner, datasets  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.batching import MicroBatcher  # noqa: E402
-from simskip_faiss.export import PARITY_TOLERANCE, SAMPLE_RECALL, export  # noqa: E402
+from simskip_faiss.training.export import PARITY_TOLERANCE, SAMPLE_RECALL, export  # noqa: E402
 from simskip_faiss.metrics import knn_recall  # noqa: E402
-from simskip_faiss.refiner import LinearRefiner, as_input, distil_linear  # noqa: E402
-from simskip_faiss.evaluation import LABEL_METRICS, PAIR_METRICS, build, score, task_queries  # noqa: E402
-from simskip_faiss.guard import fit  # noqa: E402
+from simskip_faiss.refiners.core import LinearRefiner, as_input, distil_linear  # noqa: E402
+from simskip_faiss.evaluation import build
+from simskip_faiss.metrics.scoring import LABEL_METRICS, PAIR_METRICS, score, task_queries  # noqa: E402
+from simskip_faiss.training.guard import fit  # noqa: E402
 from simskip_faiss.training import SimSkip, train  # noqa: E402
 
 D, HIDDEN = 384, TrainConfig().hidden  # the default model is TrainConfig's; OTHER_WIDTHS are measured beside it

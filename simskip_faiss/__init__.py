@@ -5,18 +5,18 @@ export import torch lazily, so `import simskip_faiss` never loads it.
 """
 __version__ = "0.1.0"
 
-from .refiner import BaseRefiner, IdentityRefiner, LinearRefiner, Refiner, load_refiner, refiner_from_bytes  # noqa: E402
+from .refiners import BaseRefiner, IdentityRefiner, LinearRefiner, Refiner, load_refiner, refiner_from_bytes  # noqa: E402
 from .index import RefinedIndex  # noqa: E402
 from .persistence import BundleError  # noqa: E402
-from .documents import DocumentMismatchError, DocumentUpdates  # noqa: E402
+from .refiners import DocumentMismatchError, DocumentUpdates  # noqa: E402
 
 _LAZY = {
     "TrainConfig": ("config", "TrainConfig"),
-    "Supervision": ("training", "Supervision"),
-    "train": ("training", "train"),
-    "fit": ("guard", "fit"),
-    "export": ("export", "export"),
-    "evaluate": ("evaluation", "evaluate"),
+    "Supervision": ("training.loop", "Supervision"),
+    "train": ("training.loop", "train"),
+    "fit": ("training.guard", "fit"),
+    "export": ("training.export", "export"),
+    "evaluate": ("evaluation.report", "evaluate"),
     "run": ("job", "run"),
     "datasets": ("datasets", None),
 }

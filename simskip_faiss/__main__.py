@@ -1,6 +1,6 @@
 """`python -m simskip_faiss` runs the command line (the same as the `simskip-faiss` script)."""
 import sys
 
-from .cli import main
+from .cli.commands import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import TrainConfig
-from .datasets import EmbeddingData
+from .datasets.core import EmbeddingData
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,10 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
     """Train, export, choose on validation, bundle, evaluate and report `data` into `output` (see the module doc).
 
     `say`: called with each line of what the job does as it goes (the CLI prints them); default: logged."""
-    from .evaluation import EvalConfig, build, choose_refiner, evaluate
-    from .export import replace_refiner
-    from .guard import fit
-    from .refiner import Refiner
+    from .evaluation.report import EvalConfig, build, choose_refiner, evaluate
+    from .training.export import replace_refiner
+    from .training.guard import fit
+    from .refiners.core import Refiner
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

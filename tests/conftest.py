@@ -49,7 +49,7 @@ def trained(data):
 
 @pytest.fixture(scope="session")
 def onnx_path(trained, tmp_path_factory):
-    from simskip_faiss.export import export
+    from simskip_faiss.training.export import export
 
     path = tmp_path_factory.mktemp("refiner") / "refiner.onnx"
     meta = export(trained.model, path, {"metric": "ip"})

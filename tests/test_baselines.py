@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simskip_faiss.baselines import lda_candidates, lda_map, ridge_candidates, ridge_query_map, ridge_solutions
+from simskip_faiss.evaluation.baselines import lda_candidates, lda_map, ridge_candidates, ridge_query_map, ridge_solutions
 from simskip_faiss.datasets import EmbeddingData, make_splits, make_synthetic
 from simskip_faiss.evaluation import EvalConfig, evaluate
 from simskip_faiss.index import RefinedIndex

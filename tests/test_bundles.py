@@ -174,7 +174,7 @@ def test_identity_bundle_edited_to_onnx(data, tmp_path):
 
 def test_refiner_sha256_is_compared_with_the_file_loaded(bundle, trained, tmp_path):
     """Swap in another valid refiner with a matching files.refiner entry: refiner.sha256 still tells."""
-    from simskip_faiss.export import export
+    from simskip_faiss.training.export import export
 
     other = tmp_path / "other.onnx"
     export(trained.model, other, {"metric": "ip", "note": "another refiner"})

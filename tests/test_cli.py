@@ -58,7 +58,7 @@ def test_info_prints_a_short_summary_and_json_only_when_asked(files, onnx_path, 
 
 def test_info_summary_names_the_guard_and_document_updates(tmp_path, capsys, monkeypatch):
     """The guard's alpha and the first sentence of its reason, the signals and the document updates are shown."""
-    import simskip_faiss.refiner as refiner_module
+    import simskip_faiss.refiners.core as refiner_module
 
     class Fake:
         sha256, d_in, d_out, normalize, apply_to = "ab" * 32, 8, 8, True, "query_only"
@@ -173,7 +173,7 @@ def test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it(file
     """The CLI hands the corpus to export: int8 ships stamped with its neighbours' recall on it, and
     a recall below the bar ships fp32 with the reason printed."""
     from simskip_faiss import Refiner
-    from simskip_faiss import export as export_module
+    from simskip_faiss.training import export as export_module
 
     d = files
     n = len(np.load(d / "corpus.npy"))
@@ -191,7 +191,7 @@ def test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it(file
 
 def test_train_default_precision_falls_back_to_fp32_and_says_so(files, capsys, monkeypatch):
     from simskip_faiss import Refiner
-    from simskip_faiss.export import PARITY_TOLERANCE
+    from simskip_faiss.training.export import PARITY_TOLERANCE
 
     d = files
     monkeypatch.setitem(PARITY_TOLERANCE, "int8", 0.0)  # int8 cannot pass: the default must not fail after training
@@ -270,7 +270,7 @@ def test_usage_errors_are_one_line(capsys, argv, msg):
 ])
 def test_outputs_are_checked_before_the_work(small, capsys, monkeypatch, argv, msg):
     """An unwritable -o fails at once: the command (training, adding) never starts."""
-    import simskip_faiss.cli as cli
+    import simskip_faiss.cli.commands as cli
 
     def never(args):
         raise AssertionError("the command ran although its output cannot be written")
@@ -299,7 +299,7 @@ def test_faiss_messages_have_no_cpp_signatures(small, capsys):
 def test_plain_message_strips_faiss_locations():
     import faiss
 
-    from simskip_faiss.cli import plain_message
+    from simskip_faiss.cli.commands import plain_message
 
     with pytest.raises(RuntimeError) as e:
         faiss.ParameterSpace().set_index_parameter(faiss.IndexFlatL2(4), "efSearch", 3)
@@ -343,7 +343,7 @@ def test_bad_input_is_exit_2_and_a_bug_is_not_disguised(small, capsys, monkeypat
 def test_user_error_classification():
     """Exit 2 only for errors our validation raised (or CLIError / file errors); the rest are bugs."""
     from simskip_faiss import IdentityRefiner, RefinedIndex
-    from simskip_faiss.cli import CLIError, _is_user_error, plain_message
+    from simskip_faiss.cli.commands import CLIError, _is_user_error, plain_message
 
     def caught(f):
         try:
@@ -366,7 +366,7 @@ def test_user_error_classification():
 
 
 def test_missing_extra_names_the_extra(capsys, monkeypatch):
-    import simskip_faiss.cli as cli
+    import simskip_faiss.cli.commands as cli
 
     def needs_wn(args):
         raise ModuleNotFoundError("No module named 'sentence_transformers'", name="sentence_transformers")

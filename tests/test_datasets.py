@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simskip_faiss import datasets as ds
+from simskip_faiss.datasets import core as ds
 from simskip_faiss.datasets import (
     SPLITS, EmbeddingData, load, load_digits, load_user, load_wordnet, make_splits,
     make_synthetic, parse_qrels, parse_wordnet,

@@ -14,10 +14,10 @@ import pytest
 
 from simskip_faiss import RefinedIndex
 from simskip_faiss.datasets import EmbeddingData, answered_rows, make_splits, shared_corpus
-from simskip_faiss.documents import DocumentMismatchError, DocumentUpdates, sketch
-from simskip_faiss.nudge import answer_pairs, contrastive_path, learn, make_updates
+from simskip_faiss.refiners.documents import DocumentMismatchError, DocumentUpdates, sketch
+from simskip_faiss.training.nudge import answer_pairs, contrastive_path, learn, make_updates
 from simskip_faiss.persistence import BundleError
-from simskip_faiss.refiner import IdentityRefiner, LinearRefiner
+from simskip_faiss.refiners.core import IdentityRefiner, LinearRefiner
 
 
 def unit(x):
@@ -250,7 +250,7 @@ def test_cli_train_then_build_delivers_the_updates_and_refuses_what_does_not_mat
 def test_a_spent_time_budget_skips_the_document_step_and_says_so():
     pytest.importorskip("torch")
     from simskip_faiss.config import TrainConfig
-    from simskip_faiss.guard import fit
+    from simskip_faiss.training.guard import fit
 
     res = fit(shared_data(n=200, answered=40), TrainConfig(hidden=8, time_budget=1e-9, progress=False, threads=1))
     assert res.documents is None and "time budget" in res.document_choice.reason

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 from simskip_faiss import Refiner  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.datasets import make_synthetic  # noqa: E402
-from simskip_faiss.export import export  # noqa: E402
-from simskip_faiss.guard import Guard, _combine, _f, fit, only_supervision as _only  # noqa: E402
+from simskip_faiss.training.export import export  # noqa: E402
+from simskip_faiss.training.guard import Guard, _combine, _f, fit, only_supervision as _only  # noqa: E402
 
 # lr and temperature fixed (no search) keeps each fit to a few seconds
 BASE = dict(hidden=64, threads=1, progress=False, seed=0, max_val_queries=400, lr=3e-3, temperature=0.1,

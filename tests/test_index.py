@@ -65,7 +65,7 @@ def test_ivf_train_add_with_ids_remove_range(refiner, data):
 
 def test_query_only_refiner_stores_raw_vectors(tmp_path, data):
     pytest.importorskip("torch")
-    from simskip_faiss.export import export
+    from simskip_faiss.training.export import export
     from simskip_faiss.training import SimSkip
 
     import torch

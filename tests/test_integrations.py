@@ -128,7 +128,7 @@ def test_apply_to_rule(refiner_files):
 
 
 def test_query_only_refiner_must_keep_dimension():
-    lin = sf.refiner.LinearRefiner(np.ones((4, D), np.float32), np.zeros(D, np.float32), apply_to="queries")
+    lin = sf.LinearRefiner(np.ones((4, D), np.float32), np.zeros(D, np.float32), apply_to="queries")
     with pytest.raises(ValueError, match="query-only refiner must keep the dimension"):
         base.resolve_refiner(lin)
 
@@ -164,7 +164,7 @@ def test_sidecar_round_trip_and_refusals(refiner_files, tmp_path):
     with pytest.raises(MissingRefinerError, match="is missing and none was given"):
         base.checked_refiner(store)
     # a linear refiner travels as its own bytes (.npy arrays) and comes back equal
-    lin = sf.refiner.LinearRefiner.centring(fake_embed(DOCS))
+    lin = sf.LinearRefiner.centring(fake_embed(DOCS))
     (tmp_path / "lin").mkdir()
     base.write_sidecar(tmp_path / "lin", lin)
     back = base.checked_refiner(tmp_path / "lin")
@@ -191,7 +191,7 @@ def test_refiners_and_wrappers_pickle_and_deep_copy_with_equal_results():
     import copy
     import pickle
 
-    from simskip_faiss.nudge import make_updates
+    from simskip_faiss.training.nudge import make_updates
 
     x = np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)
     onnx_ref = sf.Refiner(mlp_refiner_bytes(D))

@@ -128,7 +128,7 @@ def test_bundle_with_a_linear_refiner_is_recorded_by_directory(tmp_path):
     import simskip_faiss as sf
     import simskip_faiss.integrations.chroma as sc
 
-    lin = sf.refiner.LinearRefiner.centring(fake_embed(DOCS))
+    lin = sf.LinearRefiner.centring(fake_embed(DOCS))
     index = sf.RefinedIndex(lin, "Flat")
     index.add(fake_embed(DOCS))
     index.save(tmp_path / "bundle")

@@ -62,8 +62,8 @@ def reload_all(cases: list[dict]) -> list:
 
 
 def linear_refiner(raw: np.ndarray, apply_to: str):
-    w = sf.refiner.LinearRefiner.whitening(raw)
-    return sf.refiner.LinearRefiner(w.A, w.mean, w.normalize, w.name, w.bias, apply_to=apply_to)
+    w = sf.LinearRefiner.whitening(raw)
+    return sf.LinearRefiner(w.A, w.mean, w.normalize, w.name, w.bias, apply_to=apply_to)
 
 
 def test_flow_matches_refined_index_and_reloads_in_new_process(refiner_files, tmp_path):
@@ -74,7 +74,7 @@ def test_flow_matches_refined_index_and_reloads_in_new_process(refiner_files, tm
              "linear-both": linear_refiner(raw_docs, "both"), "linear-queries": linear_refiner(raw_docs, "queries")}
     wants = {}
     for name, refiner in cases.items():
-        r = refiner if isinstance(refiner, sf.refiner.BaseRefiner) else sf.Refiner.load(refiner)
+        r = refiner if isinstance(refiner, sf.BaseRefiner) else sf.Refiner.load(refiner)
         want = reference_ids(r, raw_docs, raw_queries)
         model = append_refiner(base_model(), refiner)
         docs, queries = model.encode_document(DOCS), model.encode_query(QUERIES)

@@ -20,7 +20,7 @@ import faiss  # noqa: E402
 
 from simskip_faiss import IdentityRefiner, Refiner  # noqa: E402
 from simskip_faiss.cli import main  # noqa: E402
-from simskip_faiss.milvus import BadRowsError, RefinedCollection, RefinerMismatchError, connect  # noqa: E402
+from simskip_faiss.scale.milvus import BadRowsError, RefinedCollection, RefinerMismatchError, connect  # noqa: E402
 
 D_IN, N = 16, 300
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_refiner(path, seed: int = 0) -> Refiner:
     """A tiny untrained SimSkip with a non-zero last layer (L2-normalised output)."""
-    from simskip_faiss.export import export
+    from simskip_faiss.training.export import export
     from simskip_faiss.training import SimSkip
 
     torch.manual_seed(seed)
@@ -132,7 +132,7 @@ def test_bad_rows_named_and_nothing_written(env, tmp_path):
         coll.insert(ids, huge)
     table = pa.table({"id": ids, "vector": pa.array(rows, pa.list_(pa.float32()))})
     pq.write_table(table, tmp_path / "bad.parquet", row_group_size=8)
-    from simskip_faiss.milvus import ingest_parquet
+    from simskip_faiss.scale.milvus import ingest_parquet
 
     with pytest.raises(BadRowsError) as e:  # the bad rows sit in several batches, the last at the very end
         ingest_parquet(coll, tmp_path / "bad.parquet", batch_rows=8)
@@ -200,7 +200,7 @@ def test_document_updates_by_primary_key_and_the_output_check(env):
     """Milvus ingest applies each id's document update (as RefinedIndex.add_with_ids does), and its write path
     checks the refined output like every other path (it wrote apply_unchecked output: a graph's bad rows went in)."""
     from simskip_faiss import LinearRefiner, RefinedIndex
-    from simskip_faiss.nudge import make_updates
+    from simskip_faiss.training.nudge import make_updates
 
     x, ids, r = env["x"], env["ids"], env["refiner"]
     rows = np.array([4, 40, 200])

@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from simskip_faiss.quantizer import check_method, minibatch_kmeans, train_ivf
+from simskip_faiss.scale.quantizer import check_method, minibatch_kmeans, train_ivf
 
 
 def ivf(nlist: int, d: int = 16, codes: str = "Flat") -> faiss.Index:

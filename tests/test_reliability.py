@@ -30,13 +30,13 @@ def _vector_paths():
              "Refiner.transform": lambda x: IdentityRefiner(x.shape[1]).transform(x),
              "load_user": lambda x: load_user(x).corpus}
     try:
-        from simskip_faiss.training import _corpus
+        from simskip_faiss.training.loop import _corpus
 
         paths["training"] = lambda x: np.asarray(_corpus(x), dtype=np.float32)
     except ImportError:  # torch absent
         pass
     try:
-        from simskip_faiss.milvus import checked_rows
+        from simskip_faiss.scale.milvus import checked_rows
 
         paths["milvus (array)"] = lambda x: checked_rows(np.arange(len(x)), x, x.shape[1])[1]
         import pyarrow  # noqa: F401 - lists of rows are read through Arrow (the scale extra)
@@ -304,7 +304,7 @@ def test_add_with_ids_refuses_minus_one_duplicates_and_stored_ids(data, ids, msg
 
 def test_milvus_shares_the_id_rule():
     pytest.importorskip("pyarrow")
-    from simskip_faiss import milvus  # the package's own module: an import error is a failure, not a skip
+    from simskip_faiss.scale import milvus  # the package's own module: an import error is a failure, not a skip
     with pytest.raises(ValueError, match="contains -1"):
         milvus.checked_rows([1, -1], np.ones((2, 4), np.float32), 4)
     with pytest.raises(ValueError, match="duplicated"):
@@ -582,7 +582,7 @@ def _doubling_onnx(d=4):
 
 def test_refined_output_of_the_wrong_shape_is_refused_and_nothing_stored():
     """30.6: an ONNX graph returning 2n rows stored 6 vectors for 3 added."""
-    from simskip_faiss.refiner import BaseRefiner
+    from simskip_faiss.refiners.core import BaseRefiner
 
     bad = _doubling_onnx()
     x = np.eye(4, dtype=np.float32)[:3]
@@ -609,7 +609,7 @@ def test_refined_output_of_the_wrong_shape_is_refused_and_nothing_stored():
 def test_sparse_integer_labels_are_reindexed_keeping_their_names():
     """30.7: product ids (~1e12) as labels made np.bincount raise MemoryError (an 'internal error')."""
     from simskip_faiss.datasets import EmbeddingData, load_user
-    from simskip_faiss.evaluation import label_relevant
+    from simskip_faiss.metrics.scoring import label_relevant
 
     x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     ids = np.array([10 ** 12, 5, 10 ** 12, 7, 5, 2 ** 62], np.int64)
@@ -672,7 +672,7 @@ def _matmul_onnx(path, d=8):
 def test_quantize_reports_bad_input_as_value_errors(tmp_path):
     """30.9: an int8 file failing its parity check raised RuntimeError (an 'internal error' in the CLI);
     a 1-D sample or one of fewer than 20 rows was silently not checked."""
-    from simskip_faiss.export import quantize
+    from simskip_faiss.training.export import quantize
 
     src = _matmul_onnx(tmp_path / "r.onnx")
     out = tmp_path / "q.onnx"

@@ -19,7 +19,7 @@ def test_plots_do_not_change_the_matplotlib_backend(tmp_path):
         import matplotlib
         matplotlib.use("svg")
         from types import SimpleNamespace
-        from simskip_faiss.plots import plot_ann, plot_quality
+        from simskip_faiss.evaluation.plots import plot_ann, plot_quality
         q = [dict(task=t, method=m, metric="p@10", value=v, delta=v - 0.5, ci_low=v - 0.51, ci_high=v - 0.49)
              for t in ("labels", "pairs") for m, v in (("raw", 0.5), ("simskip", 0.55))]
         a = [dict(method="raw", factory="HNSW32", value=e, qps=1000.0 / e, **{{"10-recall@10": 0.9 + e / 1000}})
@@ -38,7 +38,7 @@ def test_plots_do_not_change_the_matplotlib_backend(tmp_path):
 
 def test_minilm_load_leaves_the_environment_alone(monkeypatch):
     """The bundled model loads with local_files_only, not by setting HF_HUB_OFFLINE for the whole process."""
-    from simskip_faiss import datasets as ds
+    from simskip_faiss.datasets import core as ds
 
     seen = {}
 

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 import faiss  # noqa: E402
 
 from simskip_faiss import RefinedIndex, Refiner  # noqa: E402
-from simskip_faiss import spark as S  # noqa: E402
+from simskip_faiss.scale import spark as S  # noqa: E402
 from simskip_faiss.cli import main  # noqa: E402
 
 D_IN, N = 16, 600
@@ -26,7 +26,7 @@ D_IN, N = 16, 600
 
 def make_refiner(path, apply_to: str = "both", seed: int = 0) -> Refiner:
     """A tiny untrained SimSkip with a non-zero last layer, so refinement visibly changes vectors."""
-    from simskip_faiss.export import export
+    from simskip_faiss.training.export import export
     from simskip_faiss.training import SimSkip
 
     torch.manual_seed(seed)
@@ -283,7 +283,7 @@ def test_faiss_id_rules(spark, setup, tmp_path, source):
 
 def test_parquet_plan_reads_every_row_once_in_order(tmp_path):
     """Tasks hold contiguous rows: reading them in task order reads the files in order, whatever the split."""
-    from simskip_faiss.arrow import plan_parquet
+    from simskip_faiss.scale.arrow import plan_parquet
 
     x = np.arange(1000 * 4, dtype=np.float32).reshape(1000, 4)
     for f, (a, b) in enumerate([(0, 300), (300, 1000)]):
@@ -320,7 +320,7 @@ def test_write_refined_from_parquet_readable_everywhere(spark, setup, tmp_path):
 def test_document_updates_apply_by_id_at_ingest_and_build(spark, setup, tmp_path):
     """A refiner with document updates keyed by id: Spark refine and the distributed build store exactly what
     RefinedIndex.add_with_ids stores; a refiner whose updates file is missing is refused on the driver."""
-    from simskip_faiss.nudge import make_updates
+    from simskip_faiss.training.nudge import make_updates
 
     x, ids = setup["x"], setup["ids"]
     qr = make_refiner(tmp_path / "q.onnx", apply_to="queries", seed=2)

@@ -20,9 +20,9 @@ onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
 from simskip_faiss import IdentityRefiner, RefinedIndex, Refiner  # noqa: E402
-from simskip_faiss.export import PARITY_TOLERANCE, export, quantize, sample_recall, split_sample  # noqa: E402
+from simskip_faiss.training.export import PARITY_TOLERANCE, export, quantize, sample_recall, split_sample  # noqa: E402
 from simskip_faiss.faiss_utils import release_rows, reserve  # noqa: E402
-from simskip_faiss.refiner import LinearRefiner, distil_linear  # noqa: E402
+from simskip_faiss.refiners.core import LinearRefiner, distil_linear  # noqa: E402
 
 
 def intersection_at_10(a: np.ndarray, b: np.ndarray) -> float:
@@ -111,7 +111,7 @@ def test_auto_precision_falls_back_when_int8_reorders_the_sample(trained, tmp_pa
     meta = export(trained.model, tmp_path / "b.onnx", {"metric": "ip"}, precision="auto", sample=ties)
     assert meta["precision"] == Refiner.load(tmp_path / "b.onnx").precision == "fp32"
     assert "10-recall@10" in meta["precision_fallback"] and "200 queries over 200 rows" in meta["precision_fallback"]
-    with caplog.at_level("WARNING", logger="simskip_faiss.export"):
+    with caplog.at_level("WARNING", logger="simskip_faiss.training.export"):
         meta = export(trained.model, tmp_path / "c.onnx", {"metric": "ip"}, precision="int8", sample=ties)
     assert meta["precision"] == "int8" and meta["sample_recall"] < 0.99 and "precision_fallback" not in meta
     assert "kept: asked for explicitly" in caplog.text

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from ..checks import as_matrix
-from ..milvus import RefinerMismatchError
+from ..scale.milvus import RefinerMismatchError
 from ..persistence import atomic_write_bytes, plain_name
-from ..refiner import BaseRefiner, LinearRefiner, Refiner, refiner_from_bytes
+from ..refiners.core import BaseRefiner, LinearRefiner, Refiner, refiner_from_bytes
 from ..errors import InputError, InputTypeError
 
 SIDECAR = "simskip_refiner.json"

@@ -23,15 +23,15 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from tqdm.auto import tqdm
 
 from .baselines import lda_candidates, ridge_candidates
-from .datasets import EmbeddingData, answer_pairs
-from .faiss_utils import metric_code
-from .index import RefinedIndex
-from .metrics import knn_recall, paired_bootstrap
-from .persistence import atomic_write_bytes
-from .refiner import IdentityRefiner, LinearRefiner
-from .scoring import (LABEL_METRICS, PAIR_METRICS, label_relevant, score, seen_queries,  # noqa: F401
+from ..datasets.core import EmbeddingData, answer_pairs
+from ..faiss_utils import metric_code
+from ..index import RefinedIndex
+from ..metrics.ranking import knn_recall, paired_bootstrap
+from ..persistence import atomic_write_bytes
+from ..refiners.core import IdentityRefiner, LinearRefiner
+from ..metrics.scoring import (LABEL_METRICS, PAIR_METRICS, label_relevant, score, seen_queries,  # noqa: F401
                       task_queries)
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def baselines(data: EmbeddingData, names=BASELINES, abtt_components: int | None 
 def _nudged(ridge: LinearRefiner, data: EmbeddingData, method: str, max_val_queries, seed: int):
     """A copy of the ridge map with document updates learned against its queries (none when validation chose
     none: then it is the ridge map); None where the data has no validation queries with answered documents."""
-    from .nudge import learn
+    from ..training.nudge import learn
 
     upd, choice = learn(data, ridge.transform, lambda x: np.ascontiguousarray(x, dtype=np.float32), method=method,
                         max_val_queries=max_val_queries, seed=seed, labels=False)
@@ -370,7 +370,7 @@ def _evaluate(data: EmbeddingData, refiners: dict | None, cfg: EvalConfig) -> Ev
 def _not_held_out(data: EmbeddingData, queries: dict, refiners: dict) -> dict:
     """Per refiner whose file records what it trained on: how many of the scored queries it trained or
     validated on (pair query vectors, label rows), by task; logged as a warning. {} when none."""
-    from .fingerprint import seen
+    from ..datasets.fingerprint import seen
 
     out = {}
     for name, ref in refiners.items():

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def pack(header: dict, arrays) -> bytes:

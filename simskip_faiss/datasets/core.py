@@ -32,9 +32,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .checks import as_matrix, file_sha256, l2_normalize, load_npy
-from .persistence import atomic_write_bytes
-from .errors import InputError
+from ..checks import as_matrix, file_sha256, l2_normalize, load_npy
+from ..persistence import atomic_write_bytes
+from ..errors import InputError
 
 __all__ = [
     "SPLITS", "PROTOCOLS", "EmbeddingData", "shared_corpus", "answer_pairs", "answered_rows", "Synset", "make_splits", "parse_wordnet", "wordnet_dir",

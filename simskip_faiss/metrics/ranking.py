@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "retrieval_metrics_qrels",

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .config import DEFAULT_PRECISION
-from .datasets import PROTOCOLS
-from .errors import FAISS_WHERE, SimSkipError
-from .job import export_checks
+from .. import __version__
+from ..config import DEFAULT_PRECISION
+from ..datasets.core import PROTOCOLS
+from ..errors import FAISS_WHERE, SimSkipError
+from ..job import export_checks
 
 log = logging.getLogger("simskip_faiss")
 
@@ -101,7 +101,7 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 def _load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
-    from .checks import load_npy
+    from ..checks import load_npy
 
     try:
         return load_npy(path, what, mmap=mmap)
@@ -113,7 +113,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field, so the CLI and the Python API cannot drift apart."""
     import typing
 
-    from .config import DOCUMENT_METHODS, LABEL_LOSSES, TrainConfig
+    from ..config import DOCUMENT_METHODS, LABEL_LOSSES, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     g = p.add_argument_group("training (TrainConfig; an option left unset is chosen for you, see --help of each)")
@@ -151,7 +151,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args):
-    from .config import TrainConfig
+    from ..config import TrainConfig
 
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("progress", "threads")}
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # nargs options parse as lists
@@ -163,7 +163,7 @@ TRAIN_FRACTIONS = (0.9, 0.1, 0.0)  # `train` uses every labelled row and pair: t
 
 def _data_from_args(args, fractions=None, protocol: str | None = None):
     """A named data set (--data) or the user's files (--corpus, --queries, --qrels, --labels)."""
-    from . import datasets
+    from .. import datasets
 
     split = {"fractions": fractions} if fractions else {}
     protocol = protocol or getattr(args, "protocol", None)
@@ -204,7 +204,7 @@ def _add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> N
 def cmd_train(args) -> None:
     """Train (guarded by default) and export. Supervision given (labels, pairs) is all used for
     training and validation: the data is split 90/10 with no test slice (evaluation is `eval`)."""
-    from .training import train
+    from ..training.loop import train
 
     if args.queries and not args.qrels:  # nothing would use them: pairs need their relevant documents
         raise CLIError("--queries without --qrels: training learns from queries only as query->document pairs; "
@@ -213,14 +213,14 @@ def cmd_train(args) -> None:
     if args.corpus_npy and not (args.labels or args.qrels) and not cfg.guard:
         res = train(args.corpus_npy, cfg)  # streamed from the memory-mapped file
     else:
-        from .guard import fit
+        from ..training.guard import fit
 
         if args.corpus_npy:
             args.corpus = args.corpus_npy
         data = _data_from_args(args, fractions=TRAIN_FRACTIONS)
         ids = None
         if args.ids:  # checked before training: one unique int64 id per corpus row
-            from .checks import as_ids
+            from ..checks import as_ids
 
             ids = as_ids(_load_npy(args.ids, "ids", mmap=False), len(data.corpus), name=f"ids {args.ids}")
         if data.queries is not None and data.qrels is not None:
@@ -240,7 +240,7 @@ def cmd_train(args) -> None:
 def _pair_split(data) -> str:
     """One line on how the pairs were split: queries per split, and validation queries whose documents
     have training queries (the ones document updates can help) and those whose documents have none."""
-    from .scoring import seen_queries
+    from ..metrics.scoring import seen_queries
 
     val = data.split_queries("val")
     seen = int(seen_queries(data, val).sum())
@@ -250,7 +250,7 @@ def _pair_split(data) -> str:
 
 
 def cmd_quantize(args) -> None:
-    from .export import quantize
+    from ..training.export import quantize
 
     if not Path(args.refiner).is_file():
         raise CLIError(f"refiner file not found: {args.refiner}")
@@ -262,9 +262,9 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_build(args) -> None:
-    from .checks import check_shape
-    from .index import RefinedIndex
-    from .refiner import load_refiner
+    from ..checks import check_shape
+    from ..index import RefinedIndex
+    from ..refiners.core import load_refiner
 
     x = _load_npy(args.corpus, "corpus")
     check_shape(x, name=f"corpus {args.corpus}")
@@ -293,8 +293,8 @@ def cmd_build(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from .faiss_utils import parse_params, search_parameters
-    from .index import RefinedIndex
+    from ..faiss_utils import parse_params, search_parameters
+    from ..index import RefinedIndex
 
     check_output(args.output, "file")  # main checked it too; here it also guards a direct call
     parent = Path(args.output).absolute().parent
@@ -309,7 +309,7 @@ def cmd_search(args) -> None:
     t0 = time.perf_counter()
     D, I = index.search(q, args.k, params=params)
     dt = time.perf_counter() - t0
-    from .persistence import atomic_write_bytes
+    from ..persistence import atomic_write_bytes
     import io
 
     buf = io.BytesIO()
@@ -320,8 +320,8 @@ def cmd_search(args) -> None:
 
 def cmd_info(args) -> None:
     """A few lines on a bundle or refiner (what matters when choosing or checking one); --json: the whole record."""
-    from .persistence import read_manifest
-    from .refiner import Refiner
+    from ..persistence import read_manifest
+    from ..refiners.core import Refiner
 
     def first_sentence(text: str) -> str:
         m = re.match(r"(.+?[.!?])(\s|$)", " ".join(str(text).split()))
@@ -379,7 +379,7 @@ def _with_test_qrels(data, path: str):
     queries keep their split (train/val pairs for the supervised baselines)."""
     from dataclasses import replace
 
-    from .datasets import parse_qrels
+    from ..datasets.core import parse_qrels
 
     if data.queries is None:
         raise CLIError("--test-qrels needs --corpus and --queries (the held-out queries' vectors)")
@@ -397,8 +397,8 @@ def _with_test_qrels(data, path: str):
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import EvalConfig, evaluate
-    from .refiner import Refiner
+    from ..evaluation.report import EvalConfig, evaluate
+    from ..refiners.core import Refiner
 
     if args.test_qrels and not args.queries:
         raise CLIError("--test-qrels needs --corpus and --queries (the held-out queries' vectors)")
@@ -424,7 +424,7 @@ def cmd_eval(args) -> None:
 def cmd_run(args) -> None:
     """The main job (`job.run`) on the data's own protocol; for built-in data with queries, on both protocols:
     by synset (disjoint) in OUTPUT and over a shared corpus (logged pairs' regime) in OUTPUT/shared."""
-    from .job import run
+    from ..job import run
 
     base = _train_config(args)
     protocols = [args.protocol] if args.protocol or getattr(args, "corpus", None) else ["disjoint", "shared"]
@@ -458,7 +458,7 @@ def _spark_job(args):
     with _spark_errors():
         from pyspark.sql import SparkSession
 
-        from .spark import session
+        from ..scale.spark import session
 
         running = SparkSession.getActiveSession()
         spark = running or session(args.master, conf=conf)
@@ -525,7 +525,7 @@ class _MilvusQuiet:
 
 def _spark_refiner(args, df, vector_col: str):
     """The refiner of args.refiner; 'identity' takes its dimension from the first vector."""
-    from .refiner import load_refiner
+    from ..refiners.core import load_refiner
 
     if str(args.refiner) != "identity":
         return load_refiner(args.refiner, threads=1)
@@ -538,7 +538,7 @@ def _spark_refiner(args, df, vector_col: str):
 
 
 def cmd_spark_refine(args) -> None:
-    from .spark import write_refined
+    from ..scale.spark import write_refined
 
     with _spark_job(args) as spark:
         refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
@@ -548,7 +548,7 @@ def cmd_spark_refine(args) -> None:
 
 
 def cmd_spark_build(args) -> None:
-    from .spark import build_index
+    from ..scale.spark import build_index
 
     with _spark_job(args) as spark:
         refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
@@ -562,8 +562,8 @@ def cmd_spark_build(args) -> None:
 
 
 def _milvus_collection(args, d: int | None):
-    from .milvus import RefinedCollection, connect
-    from .refiner import load_refiner
+    from ..scale.milvus import RefinedCollection, connect
+    from ..refiners.core import load_refiner
 
     if str(args.refiner) == "identity" and d is None:
         raise CLIError("an identity refiner needs the input dimension")
@@ -602,7 +602,7 @@ def cmd_milvus_ingest(args) -> None:
 
 
 def _ingest(args, src: Path):
-    from .milvus import ingest_npy, ingest_parquet
+    from ..scale.milvus import ingest_npy, ingest_parquet
 
     if src.suffix == ".npy":
         x = _load_npy(args.input, "vectors")
@@ -620,7 +620,7 @@ def _ingest(args, src: Path):
 def cmd_milvus_search(args) -> None:
     import io
 
-    from .persistence import atomic_write_bytes
+    from ..persistence import atomic_write_bytes
 
     q = _load_npy(args.queries, "queries", mmap=False)
     with _MilvusQuiet(args.verbose), _milvus_errors():

@@ -32,11 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checks import as_matrix, check_matrix, load_npy
-from .config import ACTIVATION_NAMES, LR_GRID, TEMPERATURE_GRID, TrainConfig
-from .datasets import answer_pairs
-from .documents import DocumentUpdates
-from .errors import InputError
+from ..checks import as_matrix, check_matrix, load_npy
+from ..config import ACTIVATION_NAMES, LR_GRID, TEMPERATURE_GRID, TrainConfig
+from ..datasets.core import answer_pairs
+from ..refiners.documents import DocumentUpdates
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
