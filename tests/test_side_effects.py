@@ -38,7 +38,7 @@ def test_plots_do_not_change_the_matplotlib_backend(tmp_path):
 
 def test_minilm_load_leaves_the_environment_alone(monkeypatch):
     """The bundled model loads with local_files_only, not by setting HF_HUB_OFFLINE for the whole process."""
-    from simskip_faiss.datasets import core as ds
+    from simskip_faiss.datasets import encoding
 
     seen = {}
 
@@ -54,7 +54,7 @@ def test_minilm_load_leaves_the_environment_alone(monkeypatch):
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     before = dict(os.environ)
-    encode = ds._minilm_encoder(8, False, None)
+    encode = encoding._minilm_encoder(8, False, None)
     assert dict(os.environ) == before
     assert seen["local_files_only"] is True and seen["path"] == "/m"
     assert encode(["a", "b"]).shape == (2, 384)

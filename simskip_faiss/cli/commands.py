@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import __version__
 from ..config import DEFAULT_PRECISION
-from ..datasets.core import PROTOCOLS
+from ..datasets.container import PROTOCOLS
 from ..errors import FAISS_WHERE, SimSkipError
 from ..job import export_checks
 
@@ -379,7 +379,7 @@ def _with_test_qrels(data, path: str):
     queries keep their split (train/val pairs for the supervised baselines)."""
     from dataclasses import replace
 
-    from ..datasets.core import parse_qrels
+    from ..datasets.loaders import parse_qrels
 
     if data.queries is None:
         raise CLIError("--test-qrels needs --corpus and --queries (the held-out queries' vectors)")
