@@ -103,7 +103,7 @@ def test_stay_put_is_how_far_corpus_rows_move():
 
 def _pair_setup(x, cfg, seed):
     """20 random queries paired with distinct corpus rows, a small non-identity refiner and its losses."""
-    from simskip_faiss.training.loop import _Augment, _Losses
+    from simskip_faiss.training.losses import _Augment, _Losses
 
     n, d = x.shape
     rng = np.random.default_rng(seed)
@@ -167,7 +167,7 @@ def test_pair_loss_does_not_count_a_shared_document_as_a_negative(data, pair_neg
 
 def test_symmetric_pair_loss_takes_refined_negatives_from_the_training_batch_first(data):
     """Symmetric: refined [positives, the step's refined batch rows, sampled rows up to pair_negatives]."""
-    from simskip_faiss.training.loop import _Losses
+    from simskip_faiss.training.losses import _Losses
 
     x, n, d = data[0], *data[0].shape
     cfg = TrainConfig(temperature=0.1, pair_negatives=9, pair_mode="symmetric").resolved(False, True)
@@ -287,7 +287,7 @@ def test_train_without_a_guard_learns_pairs_and_scores_them_on_held_out_pairs():
     """train() with pairs alone (a query-only refiner): the default evaluator scores the pair term on
     pairs of held-out queries, so the refiner learns a mapping that generalises instead of stopping at
     the identity (which only the stay-put term would prefer)."""
-    from simskip_faiss.training.loop import _held_out_pairs
+    from simskip_faiss.training.supervision import _held_out_pairs
 
     rng = np.random.default_rng(0)
     d = 16

@@ -29,7 +29,9 @@ from ..metrics.ranking import drop_self, knn_recall, paired_bootstrap
 from .nudge import UpdateChoice, learn
 from ..metrics.scoring import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task_queries
 from ..errors import InputError
-from .loop import Evaluation, Run, SimSkip, Supervision, TrainResult, _check_supervision, torch_threads
+from .loop import Evaluation, Run, TrainResult, torch_threads
+from .model import SimSkip
+from .supervision import Supervision, _check_supervision
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,8 @@
-"""Train a SimSkip refiner (refined = x + alpha * f(x)) on existing embeddings, with torch.
+"""Train a SimSkip refiner (refined = x + alpha * f(x)) on existing embeddings, with torch: the loop.
 
-This is the torch layer: the network, the losses and the training loop; it knows nothing about
-retrieval metrics. Signals (any weighted mix, see `TrainConfig.resolved`): the paper's
-unsupervised SimSkip (two augmented views, NT-Xent through a projection head), supervised
-contrastive on labels, query->document InfoNCE on pairs (symmetric: queries and documents
-refined; or query-only: documents stay raw), with extra corpus rows as negatives, and neighbourhood
-preservation (for a query-only refiner: documents fed to it as queries stay where they are). f's
-last layer starts at zero, so training starts from the identity.
+The network is in `model`, the losses in `losses`, the labels and pairs in `supervision`; this module
+runs the optimizer and keeps the best checkpoint, and knows nothing about retrieval metrics. f's last
+layer starts at zero, so training starts from the identity.
 
 The budget is counted in optimizer steps, not epochs, so a 1k-row corpus trains as long as a
 1M-row one (batches shrink for small corpora). Every `eval_every` steps the loop calls
@@ -23,155 +19,21 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checks import as_matrix, check_matrix, load_npy
-from ..config import ACTIVATION_NAMES, LR_GRID, TEMPERATURE_GRID, TrainConfig
-from ..datasets.core import answer_pairs
-from ..refiners.documents import DocumentUpdates
+from ..config import LR_GRID, TEMPERATURE_GRID, TrainConfig
 from ..errors import InputError
+from ..refiners.documents import DocumentUpdates
+from .losses import _Augment, _column_std, _Losses, _rows
+from .model import SimSkip
+from .supervision import Supervision, _check_supervision, _corpus, _held_out_pairs
 
 log = logging.getLogger(__name__)
-
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
-
-
-class SimSkip(nn.Module):
-    """refined = normalize?(x + alpha * f(x)); f's last layer is zero-initialised so the untrained net is the identity."""
-
-    def __init__(self, d: int, hidden: int = TrainConfig.hidden, depth: int = 1, activation: str = "gelu",
-                 normalize: bool = True, apply_to: str = "both"):
-        super().__init__()
-        self.apply_to = apply_to  # "queries": trained to refine queries only (documents stay raw)
-        layers: list[nn.Module] = []
-        width = d
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
-            width = hidden
-        last = nn.Linear(width, d)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.f = nn.Sequential(*layers, last)
-        self.normalize = normalize
-        self.register_buffer("alpha", torch.tensor(1.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x + self.alpha * self.f(x)
-        return F.normalize(y, dim=-1, eps=1e-12) if self.normalize else y
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent: each view's positive is the other view of the same row, all else in the batch is negative."""
-    z = F.normalize(torch.cat([z1, z2]), dim=-1)
-    n = z1.shape[0]
-    sim = z @ z.T / temperature
-    sim.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
-    return F.cross_entropy(sim, target)
-
-
-def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float, decoupled: bool = True) -> torch.Tensor:
-    """Supervised contrastive loss over a batch: same-label rows are positives, other-label rows negatives.
-
-    decoupled=False is SupCon (Khosla et al. 2020, L_out): each positive's softmax runs over every other
-    row, the other positives included, so the loss is lowest when all of an anchor's positives score
-    alike, and it pushes the anchor's *nearest* same-label rows away until they do. That erases the
-    ranking inside a label, which is what a pair query needs to find its one document. decoupled=True
-    leaves the other positives out of each positive's denominator (as Decoupled Contrastive Learning,
-    Yeh et al. 2022, does for the unsupervised loss): every positive is scored against the negatives
-    only, never pushed down, and stops pulling once it outranks them. Rows labelled < 0 (unlabelled) are
-    neither anchors, positives nor negatives.
-    """
-    z = F.normalize(z, dim=-1)
-    known = labels >= 0
-    z, labels = z[known], labels[known]
-    sim = z @ z.T / temperature
-    eye = torch.eye(z.shape[0], dtype=torch.bool)
-    same = labels[:, None] == labels[None, :]
-    pos, neg = same & ~eye, ~same
-    keep = pos.any(1) & neg.any(1) if decoupled else pos.any(1)
-    if not keep.any():
-        return z.sum() * 0.0
-    sim, pos, neg = sim[keep], pos[keep], neg[keep]
-    if decoupled:  # -log(e^s_p / (e^s_p + sum_n e^s_n)) = softplus(logsumexp_n s_n - s_p)
-        per_pos = F.softplus(torch.logsumexp(sim.masked_fill(~neg, float("-inf")), 1, keepdim=True) - sim)
-    else:
-        others = sim.masked_fill(eye[keep], float("-inf"))
-        per_pos = torch.logsumexp(others, 1, keepdim=True) - sim
-    return (per_pos.masked_fill(~pos, 0.0).sum(1) / pos.sum(1)).mean()
-
-
-def similarity_kl(raw: torch.Tensor, refined: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Neighbourhood preservation: KL(raw || refined) between each row's in-batch similarity distributions.
-
-    Zero when the refined space ranks the batch exactly as the raw space does (up to the softmax).
-    """
-    eye = torch.eye(raw.shape[0], dtype=torch.bool)
-    def logp(z):
-        z = F.normalize(z, dim=-1)
-        return F.log_softmax((z @ z.T / temperature).masked_fill(eye, float("-inf")), dim=1).masked_fill(eye, 0.0)
-    p_raw = logp(raw)
-    return (p_raw.exp() * (p_raw - logp(refined))).sum(1).mean()
-
-
-def stay_put(raw: torch.Tensor, refined: torch.Tensor, temperature: float, normalize: bool = True) -> torch.Tensor:
-    """Preservation for a query-only refiner: how far it moves corpus rows, mean ½|refined - raw|² / |raw|²
-    (= 1 - cos for a normalising refiner, whose target is the normalised raw row), over `temperature`.
-
-    Its queries are searched against raw documents, so a document fed to it as a query keeps its
-    raw neighbours exactly when it is left in place; dividing by the temperature puts the term on
-    the scale of the InfoNCE logits it competes with.
-    """
-    target = F.normalize(raw, dim=-1) if normalize else raw
-    return (0.5 * (refined - target).pow(2).sum(1) / target.pow(2).sum(1).clamp_min(1e-12)).mean() / temperature
-
-
-def info_nce(q: torch.Tensor, d: torch.Tensor, temperature: float, target: torch.Tensor | None = None,
-             mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Query->document InfoNCE: d holds the positives (row i for query i, or `target`) and the negatives;
-    `mask` (bool, like the logits) removes candidates that are copies of a query's positive."""
-    logits = F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T / temperature
-    if mask is not None:
-        logits = logits.masked_fill(mask, float("-inf"))
-    if target is None:
-        target = torch.arange(q.shape[0])
-    return F.cross_entropy(logits, target)
-
-
-@dataclass
-class Supervision:
-    """Optional training signals besides the corpus itself (all row ids index the corpus)."""
-
-    labels: np.ndarray | None = None        # (n,) int64 per corpus row; < 0 = unlabelled
-    queries: np.ndarray | None = None       # (m, d) float32
-    pair_query: np.ndarray | None = None    # (p,) query row of each positive pair
-    pair_doc: np.ndarray | None = None      # (p,) corpus row of each positive pair
-
-    @classmethod
-    def from_qrels(cls, queries: np.ndarray | None, qrels: list[np.ndarray] | None, labels: np.ndarray | None = None,
-                   query_ids: np.ndarray | None = None) -> "Supervision":
-        """Pairs (query, relevant document) of `query_ids` (default: every query) and the labels as given."""
-        if queries is None or qrels is None:
-            return cls(labels=labels)
-        ids = np.arange(len(qrels)) if query_ids is None else np.asarray(query_ids, dtype=np.int64)
-        q, d = answer_pairs(qrels, ids)
-        return cls(labels=labels, queries=queries, pair_query=q, pair_doc=d)
-
-    @property
-    def has_labels(self) -> bool:
-        return self.labels is not None and bool((np.asarray(self.labels) >= 0).any())
-
-    @property
-    def has_pairs(self) -> bool:
-        return self.queries is not None and self.pair_query is not None and len(self.pair_query) > 0
 
 
 @dataclass
@@ -387,17 +249,6 @@ def train(corpus, config: TrainConfig | None = None, supervision: Supervision | 
                    val_pairs=val_pairs).advance().result()
 
 
-def _held_out_pairs(pair_query: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) pair ids: every pair of a seeded `fraction` of the queries is held out
-    (at least one query, and never all of them); with one query, nothing is held out."""
-    queries = np.unique(pair_query)
-    if len(queries) < 2:
-        return np.arange(len(pair_query)), np.zeros(0, np.int64)
-    n_val = min(len(queries) - 1, max(1, int(round(fraction * len(queries)))))
-    held = np.isin(pair_query, np.random.default_rng(seed).permutation(queries)[:n_val])
-    return np.flatnonzero(~held), np.flatnonzero(held)
-
-
 class HeldOutLoss:
     """Evaluator: minus the training objective on held-out corpus rows and held-out pairs (fixed
     augmentation and negative-sampling seed).
@@ -422,143 +273,5 @@ class HeldOutLoss:
             return Evaluation(step, -float(self.losses.total(parts)) if parts else float("nan"))
 
 
-def _corpus(corpus) -> np.ndarray:
-    """Accept an array or a .npy path (memory-mapped: never copied whole into memory)."""
-    if isinstance(corpus, (str, os.PathLike)):
-        corpus = load_npy(corpus, "corpus")
-    corpus = check_matrix(corpus, name="corpus")
-    if corpus.shape[0] < 4:
-        raise InputError(f"corpus has {corpus.shape[0]} vectors; training needs at least 4")
-    return corpus
-
-
-def _rows(corpus: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-    """Gather rows (sorted reads keep memmaps sequential) and return them in idx order as a float32 tensor."""
-    order = np.argsort(idx, kind="stable")
-    block = np.empty((len(idx), corpus.shape[1]), dtype=np.float32)
-    block[order] = corpus[idx[order]]
-    return torch.from_numpy(block)
-
-
-def _column_std(corpus: np.ndarray, rng: np.random.Generator, max_rows: int = 100_000) -> np.ndarray:
-    idx = rng.choice(corpus.shape[0], size=min(max_rows, corpus.shape[0]), replace=False)
-    return np.asarray(_rows(corpus, idx).numpy().std(axis=0), dtype=np.float32)
-
-
-class _Augment:
-    """Random feature masking and Gaussian noise scaled to the corpus's per-dimension spread."""
-
-    def __init__(self, std: np.ndarray, mask_prob: float, noise_scale: float):
-        self.std = torch.from_numpy(std) * noise_scale
-        self.mask_prob = mask_prob
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        keep = (torch.rand(x.shape, generator=gen) >= self.mask_prob).to(x.dtype)
-        return x * keep + torch.randn(x.shape, generator=gen) * self.std
-
-
-WEIGHTS = {"unsupervised": "unsupervised_weight", "labels": "label_weight", "pairs": "pair_weight",
-           "preserve": "preserve_weight"}
-
-
-class _Losses(nn.Module):
-    """The weighted training objective; holds the projection head so it is dropped with this object."""
-
-    def __init__(self, cfg: TrainConfig, d: int, augment: _Augment, sup: Supervision):
-        super().__init__()
-        self.cfg, self.augment, self.sup = cfg, augment, sup
-        self.head = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, cfg.head_dim))
-
-    def forward(self, model: SimSkip, x: torch.Tensor, rows: np.ndarray, corpus: np.ndarray,
-                gen: torch.Generator, pair_batch: np.ndarray | None) -> dict[str, torch.Tensor]:
-        cfg, out = self.cfg, {}
-        fx = None
-
-        def refined_x() -> torch.Tensor:  # model(x), computed once per step and shared by the terms
-            nonlocal fx
-            if fx is None:
-                fx = model(x)
-            return fx
-
-        if cfg.unsupervised_weight > 0:
-            z1 = self.head(model(self.augment(x, gen)))
-            z2 = self.head(model(self.augment(x, gen)))
-            out["unsupervised"] = nt_xent(z1, z2, cfg.unsupervised_temperature)
-        if cfg.label_weight > 0:
-            out["labels"] = supcon(refined_x(), torch.from_numpy(self.sup.labels[rows]), cfg.temperature,
-                                   decoupled=cfg.label_loss == "decoupled")
-        if cfg.pair_weight > 0 and pair_batch is not None and len(pair_batch) > 1:
-            out["pairs"] = self._pairs(model, corpus, pair_batch, gen, rows, refined_x)
-        if cfg.preserve_weight > 0:
-            out["preserve"] = (stay_put(x, refined_x(), cfg.temperature, cfg.normalize) if cfg.apply_to() == "queries"
-                               else similarity_kl(x, refined_x(), cfg.temperature))
-        return out
-
-    def _pairs(self, model: SimSkip, corpus: np.ndarray, pair_batch: np.ndarray, gen: torch.Generator,
-               rows: np.ndarray, refined_x: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Query -> document InfoNCE: in-batch documents plus `pair_negatives` corpus rows as negatives.
-
-        Query-only, the negatives are raw sampled rows (a lookup). Symmetric, they are refined, so the
-        step's training batch (already refined for the other terms) serves first and only the rest
-        is sampled: the same number of negatives for fewer rows through the refiner.
-        """
-        cfg = self.cfg
-        qi, di = self.sup.pair_query[pair_batch], self.sup.pair_doc[pair_batch]
-        q = model(_rows(self.sup.queries, qi))
-        symmetric = cfg.apply_to() == "both"
-        docs = _rows(corpus, di)
-        if symmetric:
-            docs = model(docs)
-        # queries that share a document (several examples of one definition) are in-batch copies of
-        # each other's positive, not negatives
-        shared_doc = torch.from_numpy((di[:, None] == di[None, :]) & ~np.eye(len(di), dtype=bool))
-        if not cfg.pair_negatives:
-            return info_nce(q, docs, cfg.temperature, mask=shared_doc)
-        shared = rows[: cfg.pair_negatives] if symmetric else rows[:0]
-        extra = torch.randint(0, corpus.shape[0], (cfg.pair_negatives - len(shared),), generator=gen).numpy()
-        negs = [docs]
-        if len(shared):
-            negs.append(refined_x()[: len(shared)])
-        if len(extra):
-            ex = _rows(corpus, extra)
-            negs.append(model(ex) if symmetric else ex)
-        neg_rows = np.concatenate([shared, extra])
-        mask = torch.cat([shared_doc, torch.from_numpy(neg_rows[None, :] == di[:, None])], 1)
-        return info_nce(q, torch.cat(negs), cfg.temperature, mask=mask)
-
-    def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(getattr(self.cfg, WEIGHTS[k]) * v for k, v in parts.items())
-
-
 def _state(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _check_supervision(cfg: TrainConfig, sup: Supervision, n: int, d: int) -> Supervision:
-    if cfg.label_weight > 0:
-        labels = np.asarray(sup.labels)
-        if labels.dtype.kind not in "iu" or labels.shape != (n,):
-            raise InputError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
-        sup.labels = labels.astype(np.int64)
-        classes, counts = np.unique(sup.labels[sup.labels >= 0], return_counts=True)  # any ids: no bincount
-        if len(classes) < 2:
-            raise InputError(f"labels have {len(classes)} class{'es' if len(classes) != 1 else ''} among the "
-                             "training rows; label training needs at least 2 (pass label_weight=0, on the command "
-                             "line --label-weight 0, to train without them)")
-        if counts.max() < 2:
-            raise InputError(f"no label is shared by two training rows ({len(classes)} labels, one row each): label "
-                             "training learns from rows of the same label (pass label_weight=0, on the command line "
-                             "--label-weight 0, to train without them)")
-    if cfg.pair_weight > 0:
-        sup.queries = as_matrix(sup.queries, d, "queries")
-        sup.pair_query = np.asarray(sup.pair_query, dtype=np.int64)
-        sup.pair_doc = np.asarray(sup.pair_doc, dtype=np.int64)
-        if len(sup.pair_query) != len(sup.pair_doc):
-            raise InputError("pair_query and pair_doc differ in length")
-        if len(sup.pair_query) < 2:
-            raise InputError(f"need at least 2 query->document pairs for training, got {len(sup.pair_query)}")
-        if sup.pair_doc.min() < 0 or sup.pair_doc.max() >= n:
-            raise InputError(f"pair documents must be corpus rows in [0, {n})")
-        if sup.pair_query.min() < 0 or sup.pair_query.max() >= len(sup.queries):
-            raise InputError(f"pair queries must be rows in [0, {len(sup.queries)})")
-    return sup
