@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .checks import check_k
-from .refiners.core import as_input
+from .refiners.base import as_input
 from .errors import InputError, InputTypeError
 
 MAX_WAIT_US = 6e7  # 60 s: the longest max_wait_us accepted (a wait beyond ~1e17 us overflows Condition.wait)

@@ -1,4 +1,4 @@
-"""FAISS helpers shared by `RefinedIndex` (index.py), `LinearRefiner.to_faiss` (refiner.py) and Milvus.
+"""FAISS helpers shared by `RefinedIndex` (index.py), `LinearRefiner.to_faiss` (refiners/linear.py) and Milvus.
 
 Metric names, index construction and checks, streamed-ingest memory helpers. Kept apart from
 index.py so that the refiner module can build FAISS indexes without importing the index module.

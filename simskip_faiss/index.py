@@ -21,7 +21,9 @@ from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfi
 from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric_code,
                           reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, check_binding, load_bundle, save_bundle
-from .refiners.core import MAX_NORM, NORM_RANGE_REASON, Refiner, as_input, refiner_from_bytes
+from .refiners.base import MAX_NORM, NORM_RANGE_REASON, as_input
+from .refiners.onnx import Refiner
+from .refiners.registry import refiner_from_bytes
 from .errors import InputError, faiss_reason
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from simskip_faiss import RefinedIndex, Refiner
 from simskip_faiss.batching import MicroBatcher
-from simskip_faiss.refiners.core import as_input
+from simskip_faiss.refiners import as_input
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from simskip_faiss.datasets import EmbeddingData, answered_rows, make_splits, sh
 from simskip_faiss.refiners.documents import DocumentMismatchError, DocumentUpdates, sketch
 from simskip_faiss.training.nudge import answer_pairs, contrastive_path, learn, make_updates
 from simskip_faiss.persistence import BundleError
-from simskip_faiss.refiners.core import IdentityRefiner, LinearRefiner
+from simskip_faiss.refiners import IdentityRefiner, LinearRefiner
 
 
 def unit(x):

@@ -582,7 +582,7 @@ def _doubling_onnx(d=4):
 
 def test_refined_output_of_the_wrong_shape_is_refused_and_nothing_stored():
     """30.6: an ONNX graph returning 2n rows stored 6 vectors for 3 added."""
-    from simskip_faiss.refiners.core import BaseRefiner
+    from simskip_faiss.refiners import BaseRefiner
 
     bad = _doubling_onnx()
     x = np.eye(4, dtype=np.float32)[:3]

@@ -23,7 +23,10 @@ import numpy as np
 from ..checks import as_matrix
 from ..scale.milvus import RefinerMismatchError
 from ..persistence import atomic_write_bytes, plain_name
-from ..refiners.core import BaseRefiner, LinearRefiner, Refiner, refiner_from_bytes
+from ..refiners.base import BaseRefiner
+from ..refiners.linear import LinearRefiner
+from ..refiners.onnx import Refiner
+from ..refiners.registry import refiner_from_bytes
 from ..errors import InputError, InputTypeError
 
 SIDECAR = "simskip_refiner.json"

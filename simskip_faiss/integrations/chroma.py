@@ -23,7 +23,7 @@ from typing import Any
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import known_embedding_functions, register_embedding_function
 
-from ..refiners.core import Refiner
+from ..refiners.onnx import Refiner
 from ..errors import InputError, InputTypeError
 from .base import (MissingRefinerError, RECORD_KEYS, RefinerMismatchError, check_record, describe,
                    identity_from_record, refine_documents, refine_queries, refiner_record, resolve_refiner)

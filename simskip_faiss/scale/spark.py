@@ -41,7 +41,8 @@ import numpy as np
 from .arrow import (MAX_LISTED, BadRowsError, ParquetPlan, arrow_vectors, filesystem,  # noqa: F401
                     plan_parquet, to_arrow_list)
 from ..index import RefinedIndex
-from ..refiners.core import BaseRefiner, refiner_from_bytes
+from ..refiners.base import BaseRefiner
+from ..refiners.registry import refiner_from_bytes
 from ..errors import InputError, InputTypeError, faiss_reason
 
 _WORKER_CACHE: dict[str, Any] = {}  # per Python worker process: refiners and trained templates by sha256
