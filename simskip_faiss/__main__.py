@@ -1,6 +1,6 @@
 """`python -m simskip_faiss` runs the command line (the same as the `simskip-faiss` script)."""
 import sys
 
-from .cli.commands import main
+from .cli import main
 
 sys.exit(main())

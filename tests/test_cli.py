@@ -270,13 +270,13 @@ def test_usage_errors_are_one_line(capsys, argv, msg):
 ])
 def test_outputs_are_checked_before_the_work(small, capsys, monkeypatch, argv, msg):
     """An unwritable -o fails at once: the command (training, adding) never starts."""
-    import simskip_faiss.cli.commands as cli
+    from simskip_faiss.cli import serve, train
 
     def never(args):
         raise AssertionError("the command ran although its output cannot be written")
 
-    monkeypatch.setattr(cli, "cmd_train", never)
-    monkeypatch.setattr(cli, "cmd_build", never)
+    monkeypatch.setattr(train, "cmd_train", never)  # the parser dispatches to each command module's function
+    monkeypatch.setattr(serve, "cmd_build", never)
     assert main([a.format(d=small) for a in argv]) == 2
     err = one_line_error(capsys)
     assert err.startswith("simskip-faiss: error:") and msg in err
@@ -299,7 +299,7 @@ def test_faiss_messages_have_no_cpp_signatures(small, capsys):
 def test_plain_message_strips_faiss_locations():
     import faiss
 
-    from simskip_faiss.cli.commands import plain_message
+    from simskip_faiss.cli.main import plain_message
 
     with pytest.raises(RuntimeError) as e:
         faiss.ParameterSpace().set_index_parameter(faiss.IndexFlatL2(4), "efSearch", 3)
@@ -343,7 +343,7 @@ def test_bad_input_is_exit_2_and_a_bug_is_not_disguised(small, capsys, monkeypat
 def test_user_error_classification():
     """Exit 2 only for errors our validation raised (or CLIError / file errors); the rest are bugs."""
     from simskip_faiss import IdentityRefiner, RefinedIndex
-    from simskip_faiss.cli.commands import CLIError, _is_user_error, plain_message
+    from simskip_faiss.cli.main import CLIError, _is_user_error, plain_message
 
     def caught(f):
         try:
@@ -366,12 +366,12 @@ def test_user_error_classification():
 
 
 def test_missing_extra_names_the_extra(capsys, monkeypatch):
-    import simskip_faiss.cli.commands as cli
+    from simskip_faiss.cli import evaluate
 
     def needs_wn(args):
         raise ModuleNotFoundError("No module named 'sentence_transformers'", name="sentence_transformers")
 
-    monkeypatch.setattr(cli, "cmd_eval", needs_wn)
+    monkeypatch.setattr(evaluate, "cmd_eval", needs_wn)
     assert main(["eval", "--data", "synthetic"]) == 2
     assert "pip install 'simskip-faiss[data]'" in one_line_error(capsys)
 

@@ -1,5 +1,5 @@
 """`python -m simskip_faiss.cli`: the command line."""
-from .commands import main
+from .main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())
