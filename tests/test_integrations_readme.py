@@ -10,25 +10,33 @@ import pytest
 from test_integrations import mlp_refiner_bytes
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-SECTION = "## Use it with LangChain / LlamaIndex / Chroma / sentence-transformers"
+SECTION = "## Integrations"
 NEEDS = {"LangChain": ("langchain_core", "langchain_community"), "LlamaIndex": ("llama_index.core",
          "llama_index.vector_stores.faiss"), "Chroma": ("chromadb",), "sentence-transformers": ("sentence_transformers",)}
+SHELL_ONLY = ("Spark", "Milvus")  # command lines, parsed by tests/test_cli.py::test_readme_command_lines_parse
+
+
+def subsections() -> dict[str, str]:
+    text = README.read_text()
+    assert f"\n{SECTION}\n" in text, "README lost its integrations section"
+    section = text.split(f"\n{SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    return {part.splitlines()[0].strip(): part for part in section.split("\n### ")[1:]}
 
 
 def snippets() -> dict[str, str]:
-    text = README.read_text()
-    assert SECTION in text, "README lost its integrations section"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
     out = {}
-    for part in section.split("\n### ")[1:]:
-        title = part.splitlines()[0].strip()
+    for title, part in subsections().items():
         blocks = re.findall(r"```python\n(.*?)```", part, re.S)
+        if title in SHELL_ONLY:
+            assert not blocks and re.search(r"```bash\n", part), f"README {title}: expected shell commands only"
+            continue
         assert len(blocks) == 1, f"README {title}: expected one runnable snippet, found {len(blocks)}"
         out[title] = blocks[0]
     return out
 
 
-def test_readme_has_one_snippet_per_framework():
+def test_readme_has_one_section_per_integration():
+    assert sorted(subsections()) == sorted([*NEEDS, *SHELL_ONLY])
     assert sorted(snippets()) == sorted(NEEDS)
 
 
