@@ -11,7 +11,7 @@ import importlib
 
 from ..config import TrainConfig
 
-_LAZY = {**dict.fromkeys(("ACTIVATIONS", "SimSkip"), ".model"),
+_LAZY = {**dict.fromkeys(("ACTIVATIONS", "SimSkip", "combine"), ".model"),
          **dict.fromkeys(("WEIGHTS", "info_nce", "nt_xent", "similarity_kl", "stay_put", "supcon"), ".losses"),
          **dict.fromkeys(("Supervision",), ".supervision"),
          **dict.fromkeys(("Evaluation", "Evaluator", "HeldOutLoss", "Run", "TrainResult", "batch_size", "torch_threads",

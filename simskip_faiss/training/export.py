@@ -83,16 +83,17 @@ def to_onnx_proto(model, d: int, opset: int = 23):
 def servable(model, d: int):
     """A `SimSkip` rewritten for serving: alpha folded into f's last layer, normalisation as one node.
 
-    Same function as the model (checked here on a probe; any other model is returned unchanged),
-    but its graph drops the alpha Mul, and F.normalize's nodes become one RMSNormalization:
-    y / sqrt(mean(y^2) + eps) * d^-1/2 = y / sqrt(|y|^2 + d * eps), i.e. y / |y| for any |y| >
-    1e-12 (F.normalize's eps) to float precision. Measured (onnxruntime 1.32, 384-d, one thread):
-    the normalisation's nodes took 11 us per single vector as ReduceL2+Clip+Div and 7 us as one
-    node; 440 us and 163 us per 1024 rows.
+    Same function as the model (`model.combine` with alpha already in f and the fused normalisation;
+    checked here on a probe; any other model is returned unchanged), but its graph drops the alpha
+    Mul, and F.normalize's nodes become one RMSNormalization. Measured (onnxruntime 1.32, 384-d, one
+    thread): the normalisation's nodes took 11 us per single vector as ReduceL2+Clip+Div and 7 us as
+    one node; 440 us and 163 us per 1024 rows.
     """
     import copy
 
     import torch
+
+    from .model import combine
 
     class Lean(torch.nn.Module):
         """refined = normalize?(x + f(x)), alpha already inside f."""
@@ -102,14 +103,10 @@ def servable(model, d: int):
             self.f, self.normalize = f, normalize
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = x + self.f(x)
-            if self.normalize:
-                d = y.shape[-1]
-                y = torch.nn.functional.rms_norm(y, (d,), weight=torch.full((d,), d ** -0.5), eps=1e-24 / d)
-            return y
+            return combine(x, self.f(x), None, self.normalize, fused_norm=True)
 
     if not (isinstance(getattr(model, "f", None), torch.nn.Sequential) and torch.is_tensor(getattr(model, "alpha", None))):
-        return model  # not a SimSkip (export sits below training in the data flow: no import of it here)
+        return model  # not a SimSkip (nothing else has f and alpha)
     f = copy.deepcopy(model.f).eval()
     with torch.no_grad():
         f[-1].weight.mul_(model.alpha)

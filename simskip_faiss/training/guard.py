@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 import faiss
@@ -30,7 +31,7 @@ from .nudge import UpdateChoice, learn
 from ..metrics.scoring import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task_queries
 from ..errors import InputError
 from .loop import Evaluation, Run, TrainResult, torch_threads
-from .model import SimSkip
+from .model import SimSkip, combine
 from .supervision import Supervision, _check_supervision
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,12 @@ def coarse_grid(alphas: tuple[float, ...], n: int = 4) -> tuple[float, ...]:
 
 
 def _combine(x: np.ndarray, fx: np.ndarray, alpha: float, normalize: bool) -> np.ndarray:
-    """normalize?(x + alpha * f(x)): the model's forward pass at `alpha`, from x and f(x) computed once."""
-    y = x + np.float32(alpha) * fx
-    if normalize:
-        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(y, dtype=np.float32)
+    """normalize?(x + alpha * f(x)) as float32 numpy: the model's `combine` at `alpha`, from x and f(x) computed once
+    (so every alpha is scored on exactly the vectors the model gives)."""
+    with warnings.catch_warnings():  # a read-only corpus (memory-mapped) is only read: combine is out of place
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        x, fx = (torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (x, fx))
+    return np.ascontiguousarray(combine(x, fx, float(alpha), normalize).numpy())
 
 
 def _f(model: SimSkip, x: np.ndarray, batch: int = 8192) -> np.ndarray:
