@@ -74,7 +74,7 @@ def build_index(index, d: int, metric, refiner) -> faiss.Index:
     """A FAISS index of dimension `d` for vectors refined by `refiner`: built from a factory string or checked.
 
     Refuses a metric mismatch, a dimension mismatch, and an inner-product index behind a refiner
-    that does not L2-normalise (docs/design.md: recall collapses without renormalisation).
+    that does not L2-normalise (`BaseRefiner.check_metric`).
     """
     metric = metric_code(metric)
     if isinstance(index, str):
@@ -90,10 +90,7 @@ def build_index(index, d: int, metric, refiner) -> faiss.Index:
                              f"but metric={METRIC_NAMES[metric]!r} was given")
     if index.d != d:
         raise InputError(f"refiner outputs {d}-d vectors but the index has dimension {index.d}")
-    if (metric == faiss.METRIC_INNER_PRODUCT and refiner.apply_to == "both"
-            and not refiner.is_identity and not refiner.normalize):
-        raise InputError("an inner-product index needs a refiner that L2-normalises its output; "
-                         "this refiner does not (use metric='l2' or export with normalize=True)")
+    refiner.check_metric(METRIC_NAMES[metric], "index")
     return index
 
 

@@ -21,7 +21,7 @@ from .checks import as_ids, as_matrix, check_k, check_radius, check_shape, nonfi
 from .faiss_utils import (METRIC_NAMES, build_index, check_search_params, metric_code,
                           reconstruct_n, release_rows, reserve, search_parameters)
 from .persistence import BundleError, check_binding, load_bundle, save_bundle
-from .refiners.base import MAX_NORM, NORM_RANGE_REASON, as_input
+from .refiners.base import MAX_NORM, NORM_RANGE_REASON
 from .refiners.onnx import Refiner
 from .refiners.registry import refiner_from_bytes
 from .errors import InputError, faiss_reason
@@ -143,25 +143,19 @@ class RefinedIndex:
     # -- refinement ---------------------------------------------------------------------------
     def refine_queries(self, x) -> np.ndarray:
         """Validated queries, refined; refined rows that are not finite (or not unit-norm when normalising) raise."""
-        return self.refiner.apply_checked(as_input(x, self.d, "queries"))
+        return self.refiner.refine_queries(x)
 
     def refine_documents(self, x, ids=None) -> np.ndarray:
         """Documents as they are stored: through the refiner unless it is query-only (then raw), plus the
         refiner's update of each of `ids` that has one (documents.py; without ids, none is applied)."""
         x = as_matrix(x, self.d, "x")
         self._check_norms(x, 0, "x")
-        y = self._refine_block(x, 0)
-        return y if ids is None else self.refiner.update_documents(x, y, as_ids(ids, x.shape[0]))
-
-    def _refine_block(self, x: np.ndarray, offset: int) -> np.ndarray:
-        if self.refiner.apply_to != "both":
-            return x
-        return self.refiner.apply_checked(x, offset)
+        return self.refiner.refine_documents(x, None if ids is None else as_ids(ids, x.shape[0]))
 
     def _check_norms(self, x: np.ndarray, offset: int, name: str) -> None:
         """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE); and rows
         stored raw (a query-only refiner) whose float32 squared norm, a FAISS distance, overflows."""
-        if self.refiner.apply_to != "both":
+        if not self.refiner.refines_documents:
             with np.errstate(over="ignore"):
                 over = np.flatnonzero(~np.isfinite(np.einsum("ij,ij->i", x, x)))
             if over.size:
@@ -182,7 +176,7 @@ class RefinedIndex:
         for s in range(0, n, self.chunk_size):
             e = min(s + self.chunk_size, n)
             block = to_float32(np.asarray(x[s:e]))
-            refined = self._refine_block(block, s)
+            refined = self.refiner.refine_documents(block, offset=s)
             if not np.may_share_memory(refined, x):
                 release_rows(x, s, e)  # before FAISS copies the chunk: one less chunk resident at the peak
             yield s, block, refined
@@ -259,7 +253,7 @@ class RefinedIndex:
             ids = as_ids(ids, x.shape[0])
         self._ready()
         big = x.shape[0] > self.chunk_size
-        chunks = self._chunks(x, "add") if big else [(0, x, self._refine_block(x, 0))]  # small: refined unlocked
+        chunks = self._chunks(x, "add") if big else [(0, x, self.refiner.refine_documents(x))]  # small: refined unlocked
         updates = self.refiner.documents is not None or self.refiner.documents_missing
         with self._lock.writing():
             self._ready()

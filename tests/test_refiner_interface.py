@@ -76,6 +76,52 @@ def test_every_kind_keeps_the_contract_and_round_trips_through_a_bundle(case, da
     np.testing.assert_array_equal(stored, want)
 
 
+def test_every_kind_answers_the_store_rules_every_store_calls(case, data):
+    """The apply_to / stored-dimension / metric rules and the identity record are the refiner's own methods,
+    and RefinedIndex, Milvus, Spark and the integrations agree with them."""
+    from simskip_faiss.integrations import base as integ
+    from simskip_faiss.scale.milvus import PREFIX, refiner_properties
+
+    refiner, metric = case
+    x, _ = data
+    both = refiner.apply_to == "both"
+    assert refiner.refines_documents is both and refiner.stored_dim == (refiner.d_out if both else refiner.d_in)
+    np.testing.assert_array_equal(refiner.refine_queries(x[:5]), refiner.transform(x[:5]))
+    stored = refiner.refine_documents(x[:5])
+    if both:
+        np.testing.assert_array_equal(stored, refiner.transform(x[:5]))
+    else:
+        assert np.shares_memory(stored, x)  # stored raw, not copied
+    np.testing.assert_array_equal(RefinedIndex(refiner, "Flat", metric).refine_documents(x[:5]), stored)
+    np.testing.assert_array_equal(integ.refine_documents(refiner, x[:5]), stored)
+    assert integ.stored_dim(refiner) == refiner.stored_dim
+    refiner.check_metric(metric)
+    refiner.check_query_only_dim()
+    rec = refiner.record()
+    assert set(rec) == {"kind", "sha256", "d_in", "d_out", "normalize", "apply_to", "documents"}
+    assert rec["sha256"] == (refiner.sha256 or f"identity(d=16, normalize={refiner.normalize})")
+    assert rec["documents"] is None and rec["apply_to"] == refiner.apply_to
+    assert integ.refiner_record(refiner) == {k: rec[k] for k in integ.RECORD_KEYS}
+    props = refiner_properties(refiner, metric)
+    assert props[PREFIX + "refiner_sha256"] == rec["sha256"] and props[PREFIX + "apply_to"] == rec["apply_to"]
+    info = refiner.info()
+    assert info["sha256"] == refiner.sha256 and "documents" not in info and info["metadata"] is refiner.metadata
+
+
+def test_store_rules_refuse_what_no_store_can_hold():
+    """Inner product over unnormalised refined vectors, and a query-only refiner that changes the dimension."""
+    with pytest.raises(ValueError, match="inner-product collection needs a refiner that L2-normalises"):
+        _linear(normalize=False).check_metric("ip", "collection")
+    _linear(normalize=False).check_metric("l2")
+    _linear(normalize=False, apply_to="queries").check_metric("ip")  # stored raw: nothing to renormalise
+    IdentityRefiner(8).check_metric("ip")
+    rng = np.random.default_rng(0)
+    narrow = LinearRefiner(rng.standard_normal((4, 8)), np.zeros(8), apply_to="queries")
+    assert narrow.stored_dim == 8
+    with pytest.raises(ValueError, match="query-only refiner must keep the dimension.*8→4"):
+        narrow.check_query_only_dim()
+
+
 def faiss_stored(idx: RefinedIndex) -> np.ndarray:
     import faiss
 

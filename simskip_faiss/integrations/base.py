@@ -1,4 +1,5 @@
-"""What every framework integration shares: resolving a refiner, the apply_to rule, and the refiner record.
+"""What every framework integration shares: resolving a refiner, its embeddings checked and refined by the
+refiner's own rules (`BaseRefiner.refine_documents` / `refine_queries` / `stored_dim`), and the refiner record.
 
 A store saved through an integration carries a record of the refiner that made its vectors
 (sha256, kind, dimensions, normalisation, apply_to) in a sidecar JSON file, plus a copy of the
@@ -55,9 +56,7 @@ def resolve_refiner(refiner, threads: int | None = 1):
     if not isinstance(refiner, BaseRefiner):
         raise InputTypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
                         f"an ONNX path or a bundle directory; got {type(refiner).__name__}")
-    if refiner.apply_to == "queries" and refiner.d_in != refiner.d_out:
-        raise InputError(f"a query-only refiner must keep the dimension (queries are searched against raw "
-                         f"documents); this one maps {refiner.d_in}→{refiner.d_out}")
+    refiner.check_query_only_dim()
     return refiner
 
 
@@ -69,10 +68,10 @@ def bundle_refiner(directory: Path, threads: int | None = 1):
 
 
 def refiner_record(refiner) -> dict:
-    """What identifies a refiner: sha256 (or an identity's description), kind, dimensions, normalize, apply_to."""
-    sha = refiner.sha256 or f"identity(d={refiner.d_in}, normalize={bool(refiner.normalize)})"
-    return {"sha256": sha, "kind": refiner.kind, "d_in": int(refiner.d_in), "d_out": int(refiner.d_out),
-            "normalize": bool(refiner.normalize), "apply_to": refiner.apply_to}
+    """The fields of `BaseRefiner.record()` a sidecar keeps (RECORD_KEYS: sha256 or an identity's description,
+    kind, dimensions, normalize, apply_to); integrations refuse refiners with document updates, so none."""
+    record = refiner.record()
+    return {k: record[k] for k in RECORD_KEYS}
 
 
 def identity_from_record(record: dict):
@@ -97,7 +96,7 @@ def check_record(stored: dict, refiner, where: str) -> None:
                                    f"use the store's refiner or rebuild the store")
 
 
-# -- the apply_to rule ------------------------------------------------------------------------------
+# -- embeddings from a framework's model, refined by the refiner's own rules ---------------------------
 def _matrix(vectors, d: int, what: str) -> np.ndarray:
     x = np.asarray(vectors, dtype=np.float32)
     if x.ndim != 2:
@@ -113,18 +112,17 @@ def refine_documents(refiner, vectors) -> np.ndarray:
     A refiner with document updates (keyed by document id) is refused: a framework's embedding call
     does not pass ids, so the updates would be silently skipped."""
     refiner.refuse_documents("a framework's embedding function (it sees texts, not document ids)")
-    x = _matrix(vectors, refiner.d_in, "document embeddings")
-    return refiner.transform(x) if refiner.apply_to == "both" else x
+    return refiner.refine_documents(_matrix(vectors, refiner.d_in, "document embeddings"))
 
 
 def refine_queries(refiner, vectors) -> np.ndarray:
     """Query vectors are always refined."""
-    return refiner.transform(_matrix(vectors, refiner.d_in, "query embeddings"))
+    return refiner.refine_queries(_matrix(vectors, refiner.d_in, "query embeddings"))
 
 
 def stored_dim(refiner) -> int:
-    """Dimension of the stored (document) vectors."""
-    return refiner.d_out if refiner.apply_to == "both" else refiner.d_in
+    """Dimension of the stored (document) vectors (`BaseRefiner.stored_dim`)."""
+    return refiner.stored_dim
 
 
 # -- the sidecar record beside a framework's files --------------------------------------------------

@@ -96,7 +96,7 @@ def ranking_mismatch(store, refiner) -> str | None:
     cosine = bool(getattr(store, "_normalize_L2", False))
     if have == want and not cosine:
         return None
-    if getattr(refiner, "normalize", False) and refiner.apply_to == "both":
+    if getattr(refiner, "normalize", False) and refiner.refines_documents:
         return None  # unit vectors on both sides
     if not cosine and index.ntotal:
         try:
@@ -108,7 +108,7 @@ def ranking_mismatch(store, refiner) -> str | None:
             if norms.max() - norms.min() <= 1e-4 * max(norms.max(), 1e-12):
                 return None
     kind = getattr(strategy, "value", strategy)
-    sides = "refines queries only (documents stored raw)" if refiner.apply_to != "both" else "does not normalise"
+    sides = "refines queries only (documents stored raw)" if not refiner.refines_documents else "does not normalise"
     got = f"{kind}" + (" with normalize_L2=True (cosine: the documents are rescaled)" if cosine else f" ({have})")
     fix = _STRATEGY.get(want)
     fix = (f"build the store with distance_strategy=DistanceStrategy.{fix}"

@@ -118,7 +118,7 @@ def append_refiner(model: SentenceTransformer, refiner) -> SentenceTransformer:
     """
     r = resolve_refiner(refiner)
     mods = refiner_modules(r)
-    if r.apply_to == "both":
+    if r.refines_documents:
         tail = mods
     else:
         tail = [Router({"query": mods, "document": []}, default_route="document")]

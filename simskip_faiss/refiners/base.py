@@ -77,6 +77,11 @@ class BaseRefiner(ABC):
     metadata   a JSON-serialisable dict describing the refiner (training settings, α, provenance).
     sha256     hex digest of `to_bytes()` (None for the identity, which has no bytes).
     transform  the public path: validates its input and its output.
+
+    The store rules live here, once, and every store calls them (RefinedIndex, Spark, Milvus, the
+    framework integrations): `refine_queries`, `refine_documents` (the apply_to rule), `stored_dim`,
+    `check_metric`, `check_query_only_dim`, `refuse_document_norms`, and `record()`, the refiner's
+    identity that a store keeps beside the vectors it made.
     """
 
     kind: ClassVar[str]
@@ -114,10 +119,63 @@ class BaseRefiner(ABC):
     def to_bytes(self) -> bytes | None:
         """The refiner as bytes (no pickles) that `refiner_from_bytes(self.kind, ...)` reads back; None for identity."""
 
+    # -- the store rules ----------------------------------------------------------------------------
+    @property
+    def refines_documents(self) -> bool:
+        """Whether stored vectors go through the refiner: apply_to "both"; a query-only refiner stores them raw."""
+        return self.apply_to == "both"
+
+    @property
+    def stored_dim(self) -> int:
+        """Dimension of the stored (document) vectors: d_out when documents are refined, else d_in."""
+        return self.d_out if self.refines_documents else self.d_in
+
+    def refine_queries(self, x, name: str = "queries") -> np.ndarray:
+        """Queries, validated (`as_input`) and refined, the output checked: queries are always refined."""
+        return self.apply_checked(as_input(x, self.d_in, name))
+
+    def refine_documents(self, x: np.ndarray, ids: np.ndarray | None = None, offset: int = 0) -> np.ndarray:
+        """Validated rows `x` as a store keeps them: the checked refiner output when documents are refined, `x`
+        itself when the refiner is query-only; then the refiner's update of each of `ids` that has one
+        (documents.py; none without ids). Row numbers in errors count from `offset`.
+
+        The refiner output is this call's own, so updates change it in place; raw `x` is never changed
+        (`DocumentUpdates.apply` copies it first)."""
+        y = self.apply_checked(x, offset) if self.refines_documents else x
+        return y if ids is None else self.update_documents(x, y, ids, inplace=True)
+
+    def refuse_document_norms(self, x: np.ndarray, ids=None) -> None:
+        """`refuse_norm_range` for rows about to be stored: only when documents go through the refiner."""
+        if self.refines_documents:
+            self.refuse_norm_range(x, ids)
+
+    def check_query_only_dim(self) -> None:
+        """A query-only refiner must keep the dimension: its refined queries are searched against raw documents."""
+        if not self.refines_documents and self.d_in != self.d_out:
+            raise InputError(f"a query-only refiner must keep the dimension (queries are searched against raw "
+                             f"documents); this one maps {self.d_in}→{self.d_out}")
+
+    def check_metric(self, metric: str, store: str = "index") -> None:
+        """Refuse inner product ("ip") over refined vectors a refiner does not L2-normalise (docs/design.md:
+        recall collapses without renormalisation). `store` names what is built ("index", "collection")."""
+        if metric == "ip" and self.refines_documents and not self.is_identity and not self.normalize:
+            raise InputError(f"an inner-product {store} needs a refiner that L2-normalises its output; "
+                             "this refiner does not (use metric='l2' or export with normalize=True)")
+
+    def record(self) -> dict:
+        """The refiner's identity, what a store records beside the vectors it made and checks on reopening:
+        kind, sha256 (of `to_bytes()`; for the identity, which has none, a description of it), d_in, d_out,
+        normalize, apply_to, and the sha256 of its document updates (None without)."""
+        sha = self.sha256 or f"identity(d={self.d_in}, normalize={bool(self.normalize)})"
+        return {"kind": self.kind, "sha256": sha, "d_in": int(self.d_in), "d_out": int(self.d_out),
+                "normalize": bool(self.normalize), "apply_to": self.apply_to,
+                "documents": None if self.documents is None else self.documents.sha256}
+
     def info(self) -> dict:
-        """What a bundle manifest records about the refiner (and its document updates, when it has them)."""
-        out = {"kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "normalize": self.normalize,
-               "apply_to": self.apply_to, "sha256": self.sha256, "metadata": self.metadata}
+        """What a bundle manifest records about the refiner: `record()` with the raw sha256 (None for the
+        identity), the metadata, and the whole record of its document updates when it has them."""
+        out = {k: v for k, v in self.record().items() if k != "documents"}
+        out.update(sha256=self.sha256, metadata=self.metadata)
         if self.documents is not None:
             out["documents"] = self.documents.record()
         return out

@@ -47,11 +47,12 @@ def connect(uri: str, token: str | None = None, db_name: str | None = None):
 
 
 def refiner_properties(refiner, metric: str) -> dict[str, str]:
-    """The collection properties that identify a refiner (Milvus properties are strings)."""
-    sha = refiner.sha256 or f"identity(d={refiner.d_in}, normalize={refiner.normalize})"
-    return {PREFIX + "format": FORMAT, PREFIX + "refiner_sha256": sha, PREFIX + "d_in": str(refiner.d_in),
-            PREFIX + "d_out": str(refiner.d_out), PREFIX + "normalize": str(bool(refiner.normalize)).lower(),
-            PREFIX + "apply_to": refiner.apply_to, PREFIX + "metric": metric}
+    """The collection properties that identify a refiner: its `record()` (without its kind and document
+    updates, which collections have never recorded) and the metric, as strings (Milvus properties are)."""
+    r = refiner.record()
+    return {PREFIX + "format": FORMAT, PREFIX + "refiner_sha256": r["sha256"], PREFIX + "d_in": str(r["d_in"]),
+            PREFIX + "d_out": str(r["d_out"]), PREFIX + "normalize": str(r["normalize"]).lower(),
+            PREFIX + "apply_to": r["apply_to"], PREFIX + "metric": metric}
 
 
 def _describe(props: dict[str, str]) -> str:
@@ -92,15 +93,11 @@ class RefinedCollection:
     @property
     def dim(self) -> int:
         """Dimension of the stored vectors: refined, or raw for a query-only refiner."""
-        return self.refiner.d_out if self.refiner.apply_to == "both" else self.refiner.d_in
+        return self.refiner.stored_dim
 
     def _check_refiner(self) -> None:
-        r = self.refiner
-        if r.apply_to == "queries" and r.d_in != r.d_out:
-            raise InputError(f"a query-only refiner must keep the dimension, this one maps {r.d_in}→{r.d_out}")
-        if self.metric == "ip" and r.apply_to == "both" and not r.is_identity and not r.normalize:
-            raise InputError("an inner-product collection needs a refiner that L2-normalises its output; "
-                             "this refiner does not (use metric='l2' or export with normalize=True)")
+        self.refiner.check_query_only_dim()
+        self.refiner.check_metric(self.metric, "collection")
 
     def _create(self, index_type: str, index_params: dict, consistency_level: str) -> None:
         from pymilvus import DataType
@@ -141,8 +138,7 @@ class RefinedCollection:
     def refine_documents(self, x: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
         """Stored vectors of validated rows `x`: refined (output checked) unless query-only, then each id's
         document update (the refiner's, documents.py) when `ids` are given."""
-        y = self.refiner.apply_checked(x) if self.refiner.apply_to == "both" else x
-        return y if ids is None else self.refiner.update_documents(x, y, ids, inplace=True)
+        return self.refiner.refine_documents(x, ids)
 
     def insert(self, ids, vectors, fields: dict[str, Sequence] | None = None) -> int:
         """Refine and insert; every row is validated before the first write (bad rows named by id)."""
@@ -154,8 +150,7 @@ class RefinedCollection:
 
     def _write(self, op: str, ids, vectors, fields: dict[str, Sequence] | None) -> int:
         ids, x = checked_rows(ids, vectors, self.refiner.d_in)
-        if self.refiner.apply_to == "both":  # before the first write, like every other row check
-            self.refiner.refuse_norm_range(x, ids)
+        self.refiner.refuse_document_norms(x, ids)  # before the first write, like every other row check
         fields = fields or {}
         for k, col in fields.items():
             if k in ("id", "vector"):
@@ -188,7 +183,7 @@ class RefinedCollection:
     def search_raw(self, queries, k: int, filter: str = "", output_fields: list[str] | None = None,
                    search_params: dict | None = None):
         """Refine queries and search; the pymilvus hit lists (with any `output_fields`)."""
-        q = self.refiner.transform(queries)
+        q = self.refiner.refine_queries(queries)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InputError(f"k must be a positive integer, got {k!r}")
         params = {"metric_type": MILVUS_METRIC[self.metric], "params": search_params or {}}

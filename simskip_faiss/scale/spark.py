@@ -51,17 +51,20 @@ _WORKER_CACHE: dict[str, Any] = {}  # per Python worker process: refiners and tr
 # -- shipping the refiner to the workers ----------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RefinerSpec:
-    """What a worker needs to rebuild the refiner: its kind, record (`BaseRefiner.info()`) and a broadcast of its bytes."""
+    """What a worker needs to rebuild the refiner: its kind, record (`BaseRefiner.info()`) and a broadcast of its bytes.
+
+    `refines_documents` is the refiner's own answer (`BaseRefiner.refines_documents`), taken on the driver so
+    that a worker storing raw documents need not build the refiner at all."""
 
     key: str
     kind: str
     info: dict
+    refines_documents: bool
     payload: Any = None  # Broadcast[bytes] or _Held[bytes]; None for the identity
     documents: Any = None  # Broadcast[bytes] or _Held[bytes] of its document updates; None without
 
     d_in = property(lambda self: self.info["d_in"])
     d_out = property(lambda self: self.info["d_out"])
-    apply_to = property(lambda self: self.info["apply_to"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +88,9 @@ def refiner_spec(spark, refiner) -> RefinerSpec:
         raise InputTypeError(f"Spark refinement needs a simskip_faiss refiner, got {type(refiner).__name__}")
     refiner.check_documents_loaded()
     info, data, docs = refiner.info(), refiner.to_bytes(), refiner.documents
-    key = refiner.sha256 or f"{refiner.kind}:{refiner.d_in}:{refiner.normalize}:{refiner.apply_to}"
-    if docs is not None:
-        key += f"+{docs.sha256}"
-    return RefinerSpec(key, refiner.kind, info, None if data is None else _ship(spark, data),
+    rec = refiner.record()  # the worker cache's key: the refiner's identity, its sha256 first (named in errors)
+    key = ":".join(str(rec[k]) for k in ("sha256", "kind", "d_in", "d_out", "normalize", "apply_to", "documents"))
+    return RefinerSpec(key, refiner.kind, info, refiner.refines_documents, None if data is None else _ship(spark, data),
                        None if docs is None else _ship(spark, docs.to_bytes()))
 
 
@@ -114,17 +116,14 @@ def _refine(spec: RefinerSpec, x: np.ndarray, role: str, ids=None) -> np.ndarray
     Arrow array or sequence; positions in `x` if None), as Milvus and `RefinedIndex` refuse them.
     Documents then take the refiner's document update of their id (documents.py), which needs integer ids.
     """
-    if role == "documents" and spec.apply_to == "queries" and spec.documents is None:
-        return x
+    if role == "documents" and not spec.refines_documents and spec.documents is None:
+        return x  # stored raw: no refiner needed in this worker
     refiner = worker_refiner(spec)
-    if role == "documents" and spec.apply_to == "queries":
-        y = x
-    else:
+    if role == "queries":
         refiner.refuse_norm_range(x, ids)
-        y = refiner.apply_checked(x)  # never a silent non-unit or zero row
-    if role == "documents" and spec.documents is not None:
-        y = refiner.update_documents(x, y, _int_ids(ids, len(x)), inplace=True)
-    return y
+        return refiner.apply_checked(x)  # never a silent non-unit or zero row
+    refiner.refuse_document_norms(x, ids)
+    return refiner.refine_documents(x, None if spec.documents is None else _int_ids(ids, len(x)))
 
 
 def _int_ids(ids, n: int) -> np.ndarray:
