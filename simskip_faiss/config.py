@@ -1,126 +1,134 @@
-"""Training configuration: a plain dataclass, importable without torch (the CLI builds its flags from it)."""
+"""Training configuration: a plain dataclass, importable without torch.
+
+Each TrainConfig field carries its one-sentence help (and, where the values are a fixed set, its choices)
+in its metadata: the CLI builds one flag per field from them, so the flags and the Python API share one
+definition of every default and its meaning (`field_help`).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .errors import InputError
 
 ACTIVATION_NAMES = ("gelu", "relu", "silu", "tanh")
-# what the CLI exports unless told otherwise (train --precision, run): int8, because in bench/speed.py
-# section 9 its 10-recall@10 vs fp32 and every test and validation metric held (within 0.002) on
-# every data set and width measured, at about half the single-vector latency. export() keeps fp32.
-DEFAULT_PRECISION = "int8"
-
-
+METRICS = ("ip", "l2")  # inner product (cosine on normalised vectors) or squared L2
 SIGNALS = ("unsupervised", "labels", "pairs")
 DOCUMENT_METHODS = ("contrastive", "mean", "none")
 LABEL_LOSSES = ("decoupled", "supcon")
+PAIR_MODES = ("symmetric", "query_only")
+TASKS = ("labels", "pairs")  # what validation scores: label neighbours, query -> document pairs
 LR_GRID = (1e-3, 3e-3)              # searched on validation when TrainConfig.lr is None
 TEMPERATURE_GRID = (0.05, 0.1)      # likewise for TrainConfig.temperature (supervised terms)
+# What the CLI exports unless told otherwise (train --precision auto, run): int8 held every test and
+# validation metric against fp32 at about half the single-vector latency (bench/results/speed.md).
+DEFAULT_PRECISION = "int8"
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, metavar: str | None = None) -> Any:
+    """A TrainConfig field: its default, one sentence of help, and the values it may take (if a fixed set)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if metavar is not None:
+        meta["metavar"] = metavar
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; None means "chosen for you" (see `resolved`).
 
-    Why the defaults are what they are: docs/design.md, measured in bench/results/robustness.md (every
-    default across WordNet 1k-20k and digits, 3 seeds) and bench/results/quality.md (WordNet 20k variants).
+    refined = x + alpha * f(x), f an MLP; the signals are the loss terms it trains with, the guard
+    chooses alpha (and the checkpoint) on validation. Why the defaults are what they are: docs/design.md,
+    measured in bench/results/robustness.md (every default across WordNet 1k-20k and digits, 3 seeds) and
+    bench/results/quality.md (WordNet 20k variants).
     """
 
-    # network: refined = x + alpha * f(x), f = MLP with `depth` hidden layers of width `hidden`.
-    # 256, not 512: the same test quality across every signal and data set of bench/robustness.py
-    # (3 seeds), 15-30% less training time, a smaller and faster refiner (bench/speed.py)
-    hidden: int = 256
-    depth: int = 1
-    activation: str = "gelu"
-    normalize: bool = True          # L2-normalise the output (required for inner-product / cosine indexes)
-    metric: str = "ip"              # the index metric the refiner is meant for: "ip" or "l2"
-    head_dim: int = 128             # projection head width (unsupervised loss only; dropped at export)
-    # signals: weights of each loss term. All three None (default): follow the supervision given
-    # (labels -> labels, pairs -> pairs, both -> both, none -> unsupervised). Any one set: the
-    # others that are None become 0.
-    unsupervised_weight: float | None = None  # SimSkip: two augmented views of the same embedding
-    label_weight: float | None = None         # supervised contrastive: same label = positive
-    pair_weight: float | None = None          # query -> document InfoNCE
-    # the label term: "decoupled" scores each same-label row against the other-label rows only; "supcon"
-    # (SupCon's L_out, the default before) also against the other same-label rows, which pushes a row's
-    # nearest same-label rows away and erases the ranking inside a label (training.supcon). Labels + pairs,
-    # WordNet 20k, 3 seeds: mAP@100 x 1.38 with nDCG@10 +0.021, against x 1.29 with +0.022 (docs/design.md)
-    label_loss: str = "decoupled"
-    # "symmetric" (one refiner for queries and documents) or "query_only" (documents stay raw, the index
-    # is not rebuilt). None: query_only when pairs are the only signal, else symmetric (labels need
-    # refined documents). Pairs alone, WordNet 1k-20k, 3 seeds, against symmetric: more nDCG@10 on
-    # 1k/5k/20k (less on 2k), topic mAP@100 better on 5k/20k and level on 1k/2k, topic p@10 lower
-    # on 1k/2k (bench/results/robustness-pairs-mode.md)
-    pair_mode: str | None = None
-    # corpus rows per step as extra negatives: query_only, raw sampled rows; symmetric, refined, the step's
-    # training batch first (already refined for the other terms), the rest sampled: 2,048 rows through the
-    # refiner per labels+pairs step instead of 2,560; ex->def up and topic mAP a little down on WordNet 2k-20k
-    pair_negatives: int = 1024
-    # neighbourhood preservation: symmetric, the KL of in-batch similarities raw vs refined; query_only,
-    # corpus rows fed to the query refiner stay put (training.stay_put). None: 1 for a query-only
-    # pairs refiner, else 0
-    preserve_weight: float | None = None
+    # network
+    hidden: int = _opt(256, "Width of each hidden layer of f.")
+    depth: int = _opt(1, "Number of hidden layers of f.")
+    activation: str = _opt("gelu", "Activation of the hidden layers.", ACTIVATION_NAMES)
+    normalize: bool = _opt(True, "L2-normalise the refined output (required for inner-product and cosine indexes).")
+    metric: str = _opt("ip", "The index metric the refiner is meant for.", METRICS)
+    head_dim: int = _opt(128, "Width of the projection head of the unsupervised loss (dropped at export).")
+    # signals: all three weights None follows the supervision given; any one set makes the other None ones 0
+    unsupervised_weight: float | None = _opt(
+        None, "Weight of the SimSkip term (two augmented views of one embedding); unset: follow the supervision.")
+    label_weight: float | None = _opt(
+        None, "Weight of the supervised contrastive term (same label = positive); unset: follow the supervision.")
+    pair_weight: float | None = _opt(
+        None, "Weight of the query -> document InfoNCE term; unset: follow the supervision.")
+    label_loss: str = _opt(
+        "decoupled", "Label term: decoupled scores same-label rows against other-label rows only (keeping the "
+        "ranking inside a label), supcon against every other row (SupCon's L_out).", LABEL_LOSSES)
+    pair_mode: str | None = _opt(
+        None, "symmetric refines queries and documents, query_only refines queries (the index keeps raw "
+        "vectors); unset: query_only for pairs alone, else symmetric.", PAIR_MODES)
+    pair_negatives: int = _opt(1024, "Corpus rows added to each pair step as extra negatives.")
+    preserve_weight: float | None = _opt(
+        None, "Weight of neighbourhood preservation (raw vs refined in-batch similarities; corpus rows stay put "
+        "under a query-only refiner); unset: 1 for a query-only pairs refiner, else 0.")
     # augmentations (unsupervised signal)
-    mask_prob: float = 0.3          # each coordinate zeroed with this probability
-    noise_scale: float = 0.5        # Gaussian noise, in units of the corpus's per-dimension std
-    unsupervised_temperature: float = 0.5  # NT-Xent temperature (SimCLR's default; 0.05 hurt on WordNet)
+    mask_prob: float = _opt(0.3, "Probability that an augmentation zeroes each coordinate.")
+    noise_scale: float = _opt(0.5, "Gaussian noise of an augmentation, in units of the corpus's per-dimension std.")
+    unsupervised_temperature: float = _opt(0.5, "Temperature of the unsupervised NT-Xent loss.")
     # optimisation: a budget in optimizer steps, validated every `eval_every` steps
-    temperature: float | None = None  # supervised (labels, pairs) and preservation terms; None: searched
-    lr: float | None = None           # None: searched over LR_GRID on validation (fit) / LR_GRID[0] (train)
-    weight_decay: float = 1e-4
-    batch_size: int = 512           # upper bound: small corpora get smaller batches (more steps per pass)
-    max_steps: int = 1000           # optimizer steps at most (label training creeps past it for ~2% more)
-    epochs: int | None = None       # optional cap in passes over the training rows
-    eval_every: int = 50            # optimizer steps between validations
-    patience: int = 4               # validations without improvement before stopping
-    search_evals: int = 1           # validations each lr/temperature candidate gets before the best continues
-    # seconds of training (the lr/temperature race and the optimizer steps, checked between steps); the
-    # guard's final sweep and export come after it, the document step only while budget remains
-    time_budget: float | None = None
-    val_fraction: float = 0.1       # held-out slice of the corpus for early stopping (train() without a guard)
-    max_val: int = 4096             # cap on held-out vectors scored each evaluation (train() without a guard)
-    seed: int = 0
-    threads: int | None = None      # torch intra-op threads while training (restored after); None: torch's
-    progress: bool = True
+    temperature: float | None = _opt(
+        None, "Temperature of the supervised and preservation terms; unset: searched over TEMPERATURE_GRID.")
+    lr: float | None = _opt(
+        None, "Learning rate; unset: searched over LR_GRID on validation (guarded) or its first value.")
+    weight_decay: float = _opt(1e-4, "AdamW weight decay.")
+    batch_size: int = _opt(512, "Rows per step at most (small corpora get smaller batches).")
+    max_steps: int = _opt(1000, "Optimizer steps at most.")
+    epochs: int | None = _opt(None, "Passes over the training rows at most; unset: no cap.")
+    eval_every: int = _opt(50, "Optimizer steps between validations.")
+    patience: int = _opt(4, "Validations without improvement before training stops.")
+    search_evals: int = _opt(
+        1, "Validations each learning rate / temperature candidate gets before the best one continues.")
+    time_budget: float | None = _opt(
+        None, "Seconds of training (the guard's final sweep and export come after it); unset: no limit.")
+    val_fraction: float = _opt(0.1, "Corpus fraction held out for early stopping when training without the guard.")
+    max_val: int = _opt(4096, "Held-out vectors scored at each validation when training without the guard.")
+    seed: int = _opt(0, "Seed of initialisation, sampling and augmentations.")
+    threads: int | None = _opt(None, "torch intra-op threads while training (restored after); unset: torch's.")
+    progress: bool = _opt(True, "Show progress bars.")
     # the guard: choose alpha in refined = x + alpha * f(x) (and the checkpoint) on validation metrics
-    guard: bool = True
-    alphas: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0)
-    tolerance: float = 0.0          # allowed validation drop of any metric below raw (0: no drop at all)
-    # > 0: ship the identity when the best gain is within noise at this level (neither the objective's nor any
-    # metric's paired-bootstrap interval over the validation queries above 0). 0 (default): ship it, flagged
-    # in the report. Opt-in: the fits it refused on WordNet 1k-2k were a coin toss on test (docs/design.md)
-    confidence: float = 0.0
-    guard_tasks: tuple[str, ...] = ()  # tasks the guard protects and scores ("labels", "pairs"); () = all available
-    guard_metrics: tuple[str, ...] = ()  # "task:metric" held to the no-drop rule, e.g. "pairs:ndcg@10"; () = all
-    # no labels/pairs to validate on: the largest alpha keeping >= min_agreement of each validation
-    # row's raw agreement_k-NN (k = the depth of R@100 / mAP@100; 0.9 lost up to 0.007 of test R@100)
-    min_agreement: float = 0.95
-    agreement_k: int = 100
-    max_val_queries: int = 2000     # per task, for the guard's validation search
-    # per task, at the validations during training, which only rank checkpoints (the final alpha sweep
-    # scores all max_val_queries): exact search over the corpus is most of a guarded fit's time on
-    # large corpora (WordNet 20k labels: 25 of 50 s), and this cuts it to 16 s there
-    coarse_val_queries: int = 1000
-    # corpus rows those validations search, at most: above it, a fixed seeded sample (the coarse label
-    # queries' rows and pair queries' documents, then random rows), refined and searched per checkpoint
-    # instead of the whole corpus, so a validation costs the same from 50k rows to any size; the final
-    # alpha sweep searches the whole corpus
-    coarse_corpus_rows: int = 50_000
-    # document-side refinement from the pairs (nudge.py): "contrastive" (default), "mean" or "none". The
-    # answer documents' stored vectors are moved, the step chosen on validation (0: none ship)
-    documents: str = "contrastive"
+    guard: bool = _opt(True, "Choose alpha and the checkpoint on validation, never shipping a drop below raw.")
+    alphas: tuple[float, ...] = _opt((0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7, 1.0),
+                                     "The alpha values the guard tries, in [0, 1].", metavar="A")
+    tolerance: float = _opt(0.0, "Validation drop of any metric below raw the guard allows.")
+    confidence: float = _opt(
+        0.0, "Above 0, ship the identity when no gain's paired-bootstrap interval at this level is above 0; "
+        "0 ships the gain and flags it in the report.")
+    guard_tasks: tuple[str, ...] = _opt((), "Tasks the guard protects and scores; none given: every task with "
+                                        "validation data.", TASKS)
+    guard_metrics: tuple[str, ...] = _opt((), "Metrics held to the no-drop rule, e.g. pairs:ndcg@10; none given: "
+                                          "all.", metavar="TASK:METRIC")
+    min_agreement: float = _opt(
+        0.95, "Without labels or pairs to validate on, the share of each row's raw nearest neighbours the "
+        "largest shipped alpha keeps.")
+    agreement_k: int = _opt(100, "Nearest neighbours per row that min_agreement compares.")
+    max_val_queries: int = _opt(2000, "Validation queries per task in the guard's final alpha sweep.")
+    coarse_val_queries: int = _opt(1000, "Validation queries per task at the validations during training, "
+                                   "which only rank checkpoints.")
+    coarse_corpus_rows: int = _opt(50_000, "Corpus rows the validations during training search at most (a fixed "
+                                   "seeded sample above it; the final sweep searches the whole corpus).")
+    documents: str = _opt(
+        "contrastive", "Move the stored vectors of documents that training queries found (contrastive, mean, or "
+        "none), the step chosen on validation; the updates travel beside the refiner file and the index applies "
+        "them.", DOCUMENT_METHODS)
 
     def __post_init__(self):
         if self.activation not in ACTIVATION_NAMES:
             raise InputError(f"activation must be one of {sorted(ACTIVATION_NAMES)}, got {self.activation!r}")
         if self.documents not in DOCUMENT_METHODS:
             raise InputError(f"documents must be one of {list(DOCUMENT_METHODS)}, got {self.documents!r}")
-        if self.metric not in ("ip", "l2"):
+        if self.metric not in METRICS:
             raise InputError(f"metric must be 'ip' or 'l2', got {self.metric!r}")
         if self.label_loss not in LABEL_LOSSES:
             raise InputError(f"label_loss must be one of {list(LABEL_LOSSES)}, got {self.label_loss!r}")
-        if self.pair_mode not in (None, "symmetric", "query_only"):
+        if self.pair_mode not in (None, *PAIR_MODES):
             raise InputError(f"pair_mode must be 'symmetric', 'query_only' or None (chosen for you), got {self.pair_mode!r}")
         for name in ("hidden", "depth", "head_dim", "batch_size", "max_steps", "eval_every", "patience", "search_evals",
                      "agreement_k", "coarse_val_queries", "coarse_corpus_rows"):
@@ -145,9 +153,9 @@ class TrainConfig:
         weights = [w for w in self.weights().values() if w is not None]
         if any(w < 0 for w in weights) or (len(weights) == 3 and sum(weights) == 0):
             raise InputError("signal weights must be >= 0 and at least one must be > 0")
-        if any(t not in ("labels", "pairs") for t in self.guard_tasks):
+        if any(t not in TASKS for t in self.guard_tasks):
             raise InputError(f"guard_tasks must name 'labels' and/or 'pairs', got {self.guard_tasks}")
-        if any(m.partition(":")[0] not in ("labels", "pairs") or not m.partition(":")[2] for m in self.guard_metrics):
+        if any(m.partition(":")[0] not in TASKS or not m.partition(":")[2] for m in self.guard_metrics):
             raise InputError(f"guard_metrics must be 'task:metric' names such as 'pairs:ndcg@10', got {self.guard_metrics}")
         if not 0 <= self.confidence < 1:
             raise InputError(f"confidence must be in [0, 1) (0: flag a gain within noise, do not refuse it), got {self.confidence}")
@@ -206,3 +214,8 @@ class TrainConfig:
     def _check_signals(self) -> None:
         if self.pair_mode == "query_only" and (self.unsupervised_weight > 0 or self.label_weight > 0):
             raise InputError("pair_mode='query_only' refines queries only; combine it with no other signal")
+
+
+def field_help(f: Any) -> tuple[str, tuple | None, str | None]:
+    """(help, choices, metavar) of a TrainConfig field, as its metadata states them."""
+    return f.metadata["help"], f.metadata.get("choices"), f.metadata.get("metavar")

@@ -396,3 +396,40 @@ def test_readme_command_lines_parse():
     for ln in lines:
         args = build_parser().parse_args(shlex.split(ln)[1:])
         assert callable(args.func), ln
+
+
+def _subcommands() -> dict:
+    import argparse
+
+    from simskip_faiss.cli import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", list(_subcommands()))
+def test_every_option_of_every_command_has_help(command, capsys):
+    """`simskip-faiss CMD --help` prints for every command, and no argument or option goes without help."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: simskip-faiss {command} ")
+    undocumented = [a.option_strings[-1] if a.option_strings else a.dest
+                    for a in _subcommands()[command]._actions if not (a.help or "").strip()]
+    assert not undocumented, f"{command}: no help for {undocumented}"
+
+
+def test_train_flags_read_help_choices_and_defaults_from_the_config_fields():
+    """Each TrainConfig field's flag shows the field's own help sentence, choices and default."""
+    import dataclasses
+
+    from simskip_faiss.config import TrainConfig
+
+    flags = {a.dest: a for a in _subcommands()["train"]._actions}
+    assert len(_subcommands()) == 11
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("progress", "threads"):  # the common --quiet and --threads
+            continue
+        a = flags[f.name]
+        assert a.help.startswith(f.metadata["help"].rstrip(".").replace("%", "%%")), f.name
+        assert a.default == (list(f.default) if isinstance(f.default, tuple) else f.default), f.name
+        assert a.choices == (list(f.metadata["choices"]) if "choices" in f.metadata else None), f.name

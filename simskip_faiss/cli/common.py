@@ -75,52 +75,49 @@ def load_npy(path: str, what: str, mmap: bool = True) -> np.ndarray:
         raise CLIError(str(e)) from None
 
 
+COMMON_FIELDS = ("progress", "threads")  # TrainConfig fields set by the common options --quiet and --threads
+
+
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, so the CLI and the Python API cannot drift apart."""
+    """One flag per TrainConfig field, its help, choices and default read from the field (config.field_help),
+    so the CLI and the Python API cannot drift apart."""
     import typing
 
-    from ..config import DOCUMENT_METHODS, LABEL_LOSSES, TrainConfig
+    from ..config import TrainConfig, field_help
 
     hints = typing.get_type_hints(TrainConfig)
     g = p.add_argument_group("training (TrainConfig; an option left unset is chosen for you, see --help of each)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("progress", "threads"):  # --threads and --quiet are common options
+        if f.name in COMMON_FIELDS:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "guard_tasks":
-            g.add_argument(flag, nargs="*", choices=["labels", "pairs"], default=list(default),
-                           help="tasks the guard protects (default: every task with validation data)")
-        elif f.name == "guard_metrics":
-            g.add_argument(flag, nargs="*", default=list(default), metavar="TASK:METRIC",
-                           help="metrics held to the no-drop rule, e.g. pairs:ndcg@10 (default: all)")
-        elif isinstance(default, tuple):
-            g.add_argument(flag, type=float, nargs="+", default=list(default), metavar="A")
-        elif f.name == "label_loss":
-            g.add_argument(flag, choices=list(LABEL_LOSSES), default=default,
-                           help="decoupled (default): same-label rows scored against other labels only; supcon: SupCon")
-        elif f.name == "documents":
-            g.add_argument(flag, choices=list(DOCUMENT_METHODS), default=default,
-                           help="move the stored vectors of documents that training queries found (contrastive, "
-                                "the default; mean; none), the step chosen on validation; they travel beside the "
-                                "refiner file and `build` applies them by corpus row")
-        elif f.name == "pair_mode":
-            g.add_argument(flag, choices=["symmetric", "query_only"], default=None,
-                           help="default: query_only for pairs alone (the index keeps raw vectors), else symmetric")
-        elif default is None:  # optional: "auto" unless given
-            kind = next(t for t in typing.get_args(hints[f.name]) if t is not type(None))
-            g.add_argument(flag, type=kind, default=None, help="default: chosen for you")
-        else:
-            g.add_argument(flag, type=type(default), default=default)
+        text, choices, metavar = field_help(f)
+        kw: dict = {"default": f.default, "help": with_default(text, f.default), "metavar": metavar,
+                    "choices": list(choices) if choices else None}
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, tuple):  # nargs options parse as lists; train_config makes them tuples
+            kw.update(type=typing.get_args(hints[f.name])[0], nargs="+" if f.default else "*", default=list(f.default))
+        else:  # an optional field (None: chosen for you) takes the type it holds when set
+            kw["type"] = next(t for t in typing.get_args(hints[f.name]) if t is not type(None)) \
+                if f.default is None else type(f.default)
+        g.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def with_default(text: str, default) -> str:
+    """A field's help sentence as a flag's help: its default appended unless unset (None or empty, which the
+    sentence explains); % escaped for argparse."""
+    text = text.rstrip(".").replace("%", "%%")
+    if default is None or default == ():
+        return text
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{text} (default: {shown})"
 
 
 def train_config(args):
     """The TrainConfig of the parsed training options (and the common --threads, --quiet)."""
     from ..config import TrainConfig
 
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in ("progress", "threads")}
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in COMMON_FIELDS}
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}  # nargs options parse as lists
     return TrainConfig(**kw, threads=args.threads, progress=not args.quiet)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import METRICS
 from .common import CLIError, add_data_options, add_train_options, data_from_args, train_config
 
 def _with_test_qrels(data, path: str):
@@ -87,8 +88,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--refiner", action="append", help="NAME=PATH.onnx or PATH.onnx (repeatable)")
     s.add_argument("--factory", default="Flat", help="index for quality metrics (default: exact Flat)")
     s.add_argument("--ann-factory", default="HNSW32", help="index for the ANN recall sweep ('' to skip)")
-    s.add_argument("--metric", default="ip", choices=["ip", "l2"])
-    s.add_argument("--max-queries", type=int, default=5000)
+    s.add_argument("--metric", default="ip", choices=list(METRICS),
+                   help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
+    s.add_argument("--max-queries", type=int, default=5000,
+                   help="test queries scored per task at most, a seeded sample above it (default: 5000)")
     s.add_argument("--test-qrels", help="held-out qrels (TSV as --qrels): exactly these queries are the test split, "
                                         "scored whole; --qrels, if given, are train/validation pairs for the baselines")
     s.add_argument("-o", "--output", help="directory for report.md, report.json and PNG plots")

@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 
+from ..config import METRICS
 from .common import CLIError, Parser, load_npy, positive_int, write_results
 
 @contextlib.contextmanager
@@ -231,7 +232,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("-o", "--output", required=True, help="bundle directory to write")
     s.add_argument("--factory", default="IVF1024,Flat",
                    help="a mergeable FAISS factory: IVF..., or IDMap,Flat (default: IVF1024,Flat)")
-    s.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    s.add_argument("--metric", default="ip", choices=list(METRICS),
+                   help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
     s.add_argument("--train-size", type=positive_int, default=100_000,
                    help="vectors sampled to train IVF/PQ (default: 100000)")
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
@@ -248,8 +250,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     g.add_argument("--uri", default="milvus.db", help="milvus-lite file or server URI (default: milvus.db)")
     g.add_argument("--token", help="server token (default: $MILVUS_TOKEN)")
     g.add_argument("--db", help="database name")
-    g.add_argument("--collection", required=True)
-    g.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    g.add_argument("--collection", required=True, help="Milvus collection name")
+    g.add_argument("--metric", default="ip", choices=list(METRICS),
+                   help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
 
     s = sub.add_parser("milvus-ingest", parents=[common, milvus], help="refine vectors and write them to Milvus",
                        description="Refine INPUT (.npy, or parquet with id and vector columns; other columns become "
@@ -258,8 +261,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
     s.add_argument("input", help=".npy (n, d), or a parquet file or directory")
     s.add_argument("--ids", help="int64 ids .npy for .npy input (default: row numbers)")
-    s.add_argument("--vector-col", default="vector")
-    s.add_argument("--id-col", default="id")
+    s.add_argument("--vector-col", default="vector", help="parquet vector column (default: vector)")
+    s.add_argument("--id-col", default="id", help="parquet id column (default: id)")
     s.add_argument("--upsert", action="store_true", help="replace rows with the same ids (idempotent re-runs)")
     s.add_argument("--index-type", default="AUTOINDEX", help="Milvus index of a new collection (default: AUTOINDEX)")
     s.add_argument("--batch-size", type=int, default=2000, help="rows per insert request")
@@ -269,7 +272,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                        description="Refine QUERIES.npy and search the collection; writes D and I to an .npz file.")
     s.add_argument("refiner", help="refiner .onnx, or 'identity' (must be the collection's)")
     s.add_argument("queries", help="query embeddings .npy (m, d)")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
     s.add_argument("--filter", default="", help="Milvus boolean filter expression")
     s.add_argument("-o", "--output", required=True, help="results .npz (arrays D, I)")
     s.set_defaults(func=cmd_milvus_search, create=False, output_kind="file")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import METRICS
 from .common import CLIError, check_output, load_npy, positive_int, write_results
 
 def cmd_build(args) -> None:
@@ -127,16 +128,17 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("corpus", help="corpus embeddings .npy (n, d)")
     s.add_argument("-o", "--output", required=True, help="bundle directory to write")
     s.add_argument("--factory", default="HNSW32", help="FAISS index factory string (default: HNSW32)")
-    s.add_argument("--metric", default="ip", choices=["ip", "l2"])
+    s.add_argument("--metric", default="ip", choices=list(METRICS),
+                   help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
     s.add_argument("--ids", help="int64 ids .npy, one per vector (use an IDMap factory for HNSW)")
     s.add_argument("--train-size", type=positive_int, default=100_000, help="vectors sampled to train IVF/PQ indexes")
     s.set_defaults(func=cmd_build, output_kind="dir")
 
     s = sub.add_parser("search", parents=[common], help="search a bundle",
                        description="Refine QUERIES.npy and search the bundle; writes D and I to an .npz file.")
-    s.add_argument("bundle")
+    s.add_argument("bundle", help="bundle directory (written by build)")
     s.add_argument("queries", help="query embeddings .npy (m, d)")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=int, default=10, help="neighbours per query (default: 10)")
     s.add_argument("-o", "--output", required=True, help="results .npz (arrays D, I)")
     s.add_argument("--param", action="append", help="index parameter, e.g. efSearch=128 or nprobe=16")
     s.set_defaults(func=cmd_search, output_kind="file")
@@ -144,6 +146,6 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s = sub.add_parser("info", parents=[common], help="describe a bundle or refiner",
                        description="Summarise a bundle or a refiner in a few lines; --json prints the whole "
                                    "manifest or metadata.")
-    s.add_argument("path")
+    s.add_argument("path", help="bundle directory or refiner file")
     s.add_argument("--json", action="store_true", help="print the whole manifest or metadata as JSON")
     s.set_defaults(func=cmd_info)

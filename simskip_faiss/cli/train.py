@@ -95,7 +95,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                                    "verified against the fp32 file; no torch needed.")
     s.add_argument("refiner", help="fp32 refiner .onnx")
     s.add_argument("-o", "--output", required=True, help="refiner .onnx to write")
-    s.add_argument("--precision", default="int8", choices=["int8", "fp16"])
+    s.add_argument("--precision", default="int8", choices=["int8", "fp16"],
+                   help="weights of the converted file: int8 (dynamic quantisation; the default) or fp16")
     s.add_argument("--sample", metavar="CORPUS.npy",
                    help="your vectors (e.g. the corpus): report the converted file's 10-recall@10 against the fp32 "
                         "file on them, and warn below 0.99")
