@@ -393,3 +393,23 @@ def test_huge_ids_no_overflow():
     T = np.array([[big, 5, 9], [3, 7, big + 1]])
     # |{big,5,9} ∩ {big,5}| = 2, |{3,7,big+1} ∩ {7,big+1,3}| = 3 -> 5/6
     assert knn_recall(T, I, ks=(3,))["3-recall@3"] == pytest.approx(5 / 6)
+
+
+def test_the_one_shipping_rule():
+    """judge/ship: what the guard and choose_refiner ship from validation means (metrics.scoring)."""
+    from simskip_faiss.metrics.scoring import judge, ship, within_noise
+
+    raw = {"a": 0.5, "b": 0.2}
+    # objective: the mean relative change over raw; feasible: no protected metric below raw - tolerance
+    assert judge({"a": 0.6, "b": 0.19}, raw, 0.0) == (False, pytest.approx((0.2 - 0.05) / 2))
+    assert judge({"a": 0.6, "b": 0.19}, raw, 0.02)[0] and judge({"a": 0.6, "b": 0.19}, raw, 0.0, ["a"])[0]
+    c = lambda f, o: {"feasible": f, "objective": o}  # noqa: E731
+    assert ship([c(False, 0.9), c(True, 0.1), c(True, 0.3), c(True, 0.3)], identity=True) == 2  # first on ties
+    # the guard's alternative is the identity: nothing feasible, or no gain, ships it (None) ...
+    assert ship([c(False, 0.9), c(True, -0.1)], identity=True) is None
+    assert ship([c(True, 0.0)], identity=True) is None
+    # ... choosing among guarded refiners always ships one: the best feasible, else the best of all
+    assert ship([c(True, -0.1), c(False, 0.9)], identity=False) == 0
+    assert ship([c(False, -0.1), c(False, 0.2)], identity=False) == 1
+    assert within_noise({"ci_low": -0.01, "gains": []}) and not within_noise({})
+    assert not within_noise({"ci_low": -0.01, "gains": ["pairs:ndcg@10"]}) and not within_noise({"ci_low": 0.01, "gains": []})

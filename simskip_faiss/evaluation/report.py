@@ -29,8 +29,8 @@ from ..index import RefinedIndex
 from ..metrics.ranking import knn_recall, paired_bootstrap
 from ..persistence import atomic_write_bytes
 from ..refiners.core import IdentityRefiner, LinearRefiner
-from ..metrics.scoring import (LABEL_METRICS, PAIR_METRICS, label_relevant, score, seen_queries,  # noqa: F401
-                      task_queries)
+from ..metrics.scoring import (LABEL_METRICS, PAIR_METRICS, judge, label_relevant, score, seen_queries,  # noqa: F401
+                               ship, task_queries)
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -394,9 +394,11 @@ def choose_refiner(data: EmbeddingData, refiners: dict, config: EvalConfig | Non
                    tolerance: float = 0.0) -> tuple[str, dict]:
     """Which of `refiners` to ship, decided on the VALIDATION split (never test), by the guard's rule.
 
-    Each is scored on every val metric through the production path; feasible = no metric below raw
-    by more than `tolerance`; among feasible ones (all, if none is) the best mean relative gain over
-    raw wins, the first on ties. Returns (name, {name: {"objective", "feasible", "metrics"}, "raw": metrics}).
+    Each is scored on every val metric through the production path and judged by `metrics.scoring.judge`
+    (feasible = no metric below raw by more than `tolerance`; objective = the mean relative gain over raw);
+    `metrics.scoring.ship` picks the best among feasible ones, and, unlike the guard, among all if none is:
+    each refiner passed its own guard, so one of them ships, never the identity. Returns
+    (name, {name: {"objective", "feasible", "metrics"}, "raw": metrics}).
     """
     cfg = config or EvalConfig()
     if len(refiners) == 1 or not task_queries(data, "val", 1, cfg.seed):
@@ -408,10 +410,10 @@ def choose_refiner(data: EmbeddingData, refiners: dict, config: EvalConfig | Non
     table: dict = {"raw": raw}
     for name in refiners:
         m = {f"{t}:{k}": rep.value(name, t, k) for t, k in keys}
-        table[name] = {"objective": float(np.mean([(m[k] - raw[k]) / max(raw[k], 1e-9) for k in m])),
-                       "feasible": all(m[k] >= raw[k] - tolerance for k in m), "metrics": m}
-    pool = [n for n in refiners if table[n]["feasible"]] or list(refiners)
-    return max(pool, key=lambda n: table[n]["objective"]), table
+        feasible, objective = judge(m, raw, tolerance)
+        table[name] = {"objective": objective, "feasible": feasible, "metrics": m}
+    names = list(refiners)
+    return names[ship([table[n] for n in names], identity=False)], table
 
 
 def _sweep_param(factory: str) -> tuple[str | None, tuple]:

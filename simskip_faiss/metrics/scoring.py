@@ -1,9 +1,13 @@
-"""Scoring retrieval: which queries a split holds, and each query's metrics from a FAISS-style search.
+"""Scoring retrieval: which queries a split holds, each query's metrics from a FAISS-style search, and
+the rule that decides what ships from those metrics.
 
 The one place the label and pair tasks are scored, for the evaluation report, the guard, the main job's
 choice and the document step (nudge.py): `task_queries` (query ids per task), `score` (per-query metrics
 of a search), `label_relevant` (how many rows a label query can find), `seen_queries` (pair queries
-whose documents have training queries). Numpy and the metrics module only.
+whose documents have training queries). And the one shipping rule, for the guard (which alpha and
+checkpoint, or the identity) and `evaluation.choose_refiner` (which refiner): `judge` (feasible, and
+the objective), `ship` (which candidate), `within_noise` (a gain its interval cannot tell from 0).
+Numpy and the metrics module only.
 """
 from __future__ import annotations
 
@@ -68,3 +72,36 @@ def score(index, data: EmbeddingData, queries: dict, k: int = 100, vectors: dict
         _, I = index.search(vectors.get("pairs", data.queries[qids]), k)
         out["pairs"] = per_query_metrics(I, [data.qrels[i] for i in qids], ks=(10, 100))
     return out
+
+
+def judge(metrics: dict[str, float], raw: dict[str, float], tolerance: float,
+          protected=None) -> tuple[bool, float]:
+    """(feasible, objective) of a candidate's mean validation `metrics` against `raw`'s.
+
+    Feasible: no `protected` metric (default: every one) below raw by more than `tolerance`. Objective:
+    the mean relative change over raw of every metric, (m - raw) / raw, so that metrics on different
+    scales count alike.
+    """
+    feasible = all(metrics[k] >= raw[k] - tolerance for k in (metrics if protected is None else protected))
+    return feasible, float(np.mean([(metrics[k] - raw[k]) / max(raw[k], 1e-9) for k in metrics]))
+
+
+def ship(candidates: list[dict], identity: bool) -> int | None:
+    """Index of the candidate that ships: the best "objective" among the "feasible" ones, the first on ties.
+
+    identity=True (the guard, whose alternative is the raw vectors): None, i.e. ship the identity, when no
+    candidate is feasible or the best one does not gain (objective <= 0). identity=False (choosing among
+    refiners that each passed their own guard: one of them ships): when none is feasible, the best of all.
+    """
+    feasible = [i for i, c in enumerate(candidates) if c["feasible"]]
+    if identity:
+        best = max(feasible, key=lambda i: candidates[i]["objective"], default=None)
+        return None if best is None or candidates[best]["objective"] <= 0 else best
+    return max(feasible or range(len(candidates)), key=lambda i: candidates[i]["objective"])
+
+
+def within_noise(interval: dict) -> bool:
+    """True for a gain's paired-bootstrap record (the guard's `Guard.interval`: the objective's interval,
+    and `gains`, the metrics whose interval lies above 0) where neither the objective's nor any metric's
+    interval lies above 0: validation cannot tell the gain from noise. False for {} (nothing measured)."""
+    return bool(interval) and interval["ci_low"] <= 0 and not interval["gains"]

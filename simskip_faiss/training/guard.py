@@ -28,7 +28,8 @@ import torch
 from ..config import LR_GRID, TEMPERATURE_GRID, TrainConfig
 from ..metrics.ranking import drop_self, knn_recall, paired_bootstrap
 from .nudge import UpdateChoice, learn
-from ..metrics.scoring import LABEL_METRICS, PAIR_METRICS, label_relevant, score, task_queries
+from ..metrics.scoring import (LABEL_METRICS, PAIR_METRICS, judge, label_relevant, score, ship, task_queries,
+                               within_noise)
 from ..errors import InputError
 from .loop import Evaluation, Run, TrainResult, torch_threads
 from .model import SimSkip, combine
@@ -62,7 +63,7 @@ class GuardReport:
     def within_noise(self) -> bool:
         """True when neither the best candidate's objective nor any of its validation metrics has a gain
         whose interval lies above 0 (`Guard.interval`)."""
-        return noise(self.interval)
+        return within_noise(self.interval)
 
     def summary(self) -> str:
         lines = [f"guard: alpha={self.alpha:g} (step {self.step}), signals: {', '.join(self.signals) or '-'}",
@@ -84,11 +85,6 @@ class GuardReport:
             lines.append(f"  {c['alpha']:<5g}  " + "  ".join(f"{c['metrics'][k]:16.4f}" for k in keys)
                          + f"  {c['objective']:+.4f}{'' if c['feasible'] else ' (drops)'}{mark}")
         return "\n".join(lines)
-
-
-def noise(interval: dict) -> bool:
-    """True for a `Guard.interval` whose objective and every metric have intervals reaching 0 (False for {})."""
-    return bool(interval) and interval["ci_low"] <= 0 and not interval["gains"]
 
 
 def coarse_grid(alphas: tuple[float, ...], n: int = 4) -> tuple[float, ...]:
@@ -230,8 +226,7 @@ class Guard:
     def _objective(self, m: dict[str, float], raw: dict[str, float]) -> tuple[bool, float]:
         if self.proxy:
             return m[f"agreement@{self.agreement_k}"] >= self.cfg.min_agreement, 0.0
-        feasible = all(m[k] >= raw[k] - self.cfg.tolerance for k in self.protected)
-        return feasible, float(np.mean([(m[k] - raw[k]) / max(raw[k], 1e-9) for k in m]))
+        return judge(m, raw, self.cfg.tolerance, self.protected)
 
     def sweep(self, model: SimSkip, alphas, coarse: bool = False) -> list[dict]:
         """Every alpha's validation metrics, feasibility and objective, from one f(x) pass.
@@ -290,17 +285,19 @@ class Guard:
                 "gains": [k for k, v in per_metric.items() if v["ci_low"] > 0]}
 
     def choose(self, cands: list[dict]) -> tuple[float, float]:
-        """(objective, alpha) of the best candidate; (0, 0) = the identity when none is feasible and gains."""
+        """(objective, alpha) of the best candidate; (0, 0) = the identity when none is feasible and gains.
+
+        The shipping rule is `metrics.scoring.ship` among the alphas > 0 (alpha 0 is the identity itself);
+        unguarded, the last alpha (1.0); on the proxy, which measures no quality, the boldest feasible alpha.
+        """
         if not self.cfg.guard:
             return cands[-1]["objective"], cands[-1]["alpha"]
-        ok = [c for c in cands if c["feasible"] and c["alpha"] > 0]
+        trained = [c for c in cands if c["alpha"] > 0]
         if self.proxy:  # the boldest alpha that keeps the raw neighbourhoods
-            best = max(ok, key=lambda c: c["alpha"], default=None)
+            best = max((c for c in trained if c["feasible"]), key=lambda c: c["alpha"], default=None)
             return (best["alpha"], best["alpha"]) if best else (0.0, 0.0)
-        best = max(ok, key=lambda c: c["objective"], default=None)
-        if best is None or best["objective"] <= 0:
-            return 0.0, 0.0
-        return best["objective"], best["alpha"]
+        i = ship(trained, identity=True)
+        return (0.0, 0.0) if i is None else (trained[i]["objective"], trained[i]["alpha"])
 
     def grid(self, final: bool) -> tuple[float, ...]:
         if not self.cfg.guard:
@@ -485,14 +482,14 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
         reason = f"alpha={alpha:g} at step {step} gave the best validation result with no metric dropping"
         if not guard.proxy:
             interval = guard.interval(model, alpha, ci=cfg.confidence or 0.95)
-            if noise(interval) and cfg.confidence:
+            if within_noise(interval) and cfg.confidence:
                 reason = (f"alpha={alpha:g} at step {step} gained {interval['objective']:+.4f} on validation with no "
                           f"metric dropping, but neither its nor any metric's {interval['level']:.0%} interval lies "
                           "above 0: within noise, shipping the identity (confidence > 0). More validation labels or "
                           "pairs would tell")
                 alpha = 0.0
                 model.alpha.fill_(0.0)
-            elif noise(interval):
+            elif within_noise(interval):
                 reason += ("; but the gain is within validation noise (no 95% interval lies above 0): more "
                            "validation labels or pairs would tell whether it is real (confidence=0.95, on the command "
                            "line --confidence 0.95, ships the identity instead)")
@@ -502,7 +499,7 @@ def _finish(run: Run, guard: Guard, search: list[dict], t0: float, deadline) -> 
         reason += f"; training stopped at the time budget ({cfg.time_budget:g} s) after step {run.step}"
         if len(run.history) > 1 and run.history[1]["step"] < cfg.eval_every:
             reason += " (the budget ran out before the first scheduled validation: validated there instead)"
-    if noise(interval):
+    if within_noise(interval):
         log.warning("the best validation gain %+.4f is within noise: neither its nor any metric's %.0f%% interval "
                     "lies above 0%s",
                     interval["objective"], 100 * interval["level"], "; shipping the identity" if alpha == 0 else "")
