@@ -20,6 +20,14 @@ PAIR_MODES = ("symmetric", "query_only")
 TASKS = ("labels", "pairs")  # what validation scores: label neighbours, query -> document pairs
 LR_GRID = (1e-3, 3e-3)              # searched on validation when TrainConfig.lr is None
 TEMPERATURE_GRID = (0.05, 0.1)      # likewise for TrainConfig.temperature (supervised terms)
+# Defaults of the commands and the library functions they call, each defined here once.
+THREADS = 2                      # onnxruntime and FAISS threads of a command
+INDEX_FACTORY = "HNSW32"         # the index a bundle is built with and whose ANN recall is swept
+EVAL_FACTORY = "Flat"            # exact search for quality metrics, so ANN error does not blur them
+MERGEABLE_FACTORY = "IVF1024,Flat"  # a distributed build's index: its shards merge
+INDEX_TRAIN_SIZE = 100_000       # vectors sampled to train IVF/PQ indexes
+MAX_EVAL_QUERIES = 5000          # test queries per task that evaluation scores (a seeded sample above it)
+MAX_VAL_QUERIES = 2000           # validation queries per task that choose alpha (and the baselines' settings)
 # What the CLI exports unless told otherwise (train --precision auto, run): int8 held every test and
 # validation metric against fp32 at about half the single-vector latency (bench/results/speed.md).
 DEFAULT_PRECISION = "int8"
@@ -109,7 +117,7 @@ class TrainConfig:
         0.95, "Without labels or pairs to validate on, the share of each row's raw nearest neighbours the "
         "largest shipped alpha keeps.")
     agreement_k: int = _opt(100, "Nearest neighbours per row that min_agreement compares.")
-    max_val_queries: int = _opt(2000, "Validation queries per task in the guard's final alpha sweep.")
+    max_val_queries: int = _opt(MAX_VAL_QUERIES, "Validation queries per task in the guard's final alpha sweep.")
     coarse_val_queries: int = _opt(1000, "Validation queries per task at the validations during training, "
                                    "which only rank checkpoints.")
     coarse_corpus_rows: int = _opt(50_000, "Corpus rows the validations during training search at most (a fixed "

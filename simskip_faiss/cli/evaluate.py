@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import METRICS
+from ..config import EVAL_FACTORY, INDEX_FACTORY, MAX_EVAL_QUERIES, METRICS
 from .common import CLIError, add_data_options, add_train_options, data_from_args, train_config
 
 def _with_test_qrels(data, path: str):
@@ -86,12 +86,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                                    "refined space, for raw, mean-centred, PCA-whitened, all-but-the-top and each --refiner.")
     add_data_options(s, default="wordnet")
     s.add_argument("--refiner", action="append", help="NAME=PATH.onnx or PATH.onnx (repeatable)")
-    s.add_argument("--factory", default="Flat", help="index for quality metrics (default: exact Flat)")
-    s.add_argument("--ann-factory", default="HNSW32", help="index for the ANN recall sweep ('' to skip)")
+    s.add_argument("--factory", default=EVAL_FACTORY, help="index for quality metrics (default: exact %(default)s)")
+    s.add_argument("--ann-factory", default=INDEX_FACTORY, help="index for the ANN recall sweep ('' to skip)")
     s.add_argument("--metric", default="ip", choices=list(METRICS),
                    help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
-    s.add_argument("--max-queries", type=int, default=5000,
-                   help="test queries scored per task at most, a seeded sample above it (default: 5000)")
+    s.add_argument("--max-queries", type=int, default=MAX_EVAL_QUERIES,
+                   help="test queries scored per task at most, a seeded sample above it (default: %(default)s)")
     s.add_argument("--test-qrels", help="held-out qrels (TSV as --qrels): exactly these queries are the test split, "
                                         "scored whole; --qrels, if given, are train/validation pairs for the baselines")
     s.add_argument("-o", "--output", help="directory for report.md, report.json and PNG plots")
@@ -106,6 +106,6 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                                    "evaluate both on the test split against raw and the free baselines.")
     add_data_options(s, default="wordnet")
     s.add_argument("-o", "--output", default="runs/wordnet", help="output directory (default: runs/wordnet)")
-    s.add_argument("--factory", default="HNSW32", help="index of the bundle and of the ANN sweep")
+    s.add_argument("--factory", default=INDEX_FACTORY, help="index of the bundle and of the ANN sweep")
     add_train_options(s)  # includes --metric
     s.set_defaults(func=cmd_run, output_kind="dir")

@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from .. import __version__
+from ..config import THREADS
 from ..errors import FAISS_WHERE, SimSkipError
 from . import evaluate, scale, serve, train
 from .common import CLIError, Parser, check_output
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("-v", "--verbose", action="store_true", help="log details")
-    common.add_argument("--threads", type=int, default=2, help="onnxruntime and FAISS threads (default: 2)")
+    common.add_argument("--threads", type=int, default=THREADS,
+                        help="onnxruntime and FAISS threads (default: %(default)s)")
     sub = p.add_subparsers(dest="command", required=True)
     for module in (train, serve, evaluate, scale):
         module.add_parsers(sub, common)

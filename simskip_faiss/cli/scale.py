@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from ..config import METRICS
+from ..config import INDEX_TRAIN_SIZE, MERGEABLE_FACTORY, METRICS
 from .common import CLIError, Parser, load_npy, positive_int, write_results
 
 @contextlib.contextmanager
@@ -230,12 +230,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
     s.add_argument("input", help="parquet file or directory with an integer id column and a vector column")
     s.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    s.add_argument("--factory", default="IVF1024,Flat",
-                   help="a mergeable FAISS factory: IVF..., or IDMap,Flat (default: IVF1024,Flat)")
+    s.add_argument("--factory", default=MERGEABLE_FACTORY,
+                   help="a mergeable FAISS factory: IVF..., or IDMap,Flat (default: %(default)s)")
     s.add_argument("--metric", default="ip", choices=list(METRICS),
                    help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
-    s.add_argument("--train-size", type=positive_int, default=100_000,
-                   help="vectors sampled to train IVF/PQ (default: 100000)")
+    s.add_argument("--train-size", type=positive_int, default=INDEX_TRAIN_SIZE,
+                   help="vectors sampled to train IVF/PQ (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     s.add_argument("--quantizer", default="mini-batch", choices=["mini-batch", "flat", "two-level"],
                    help="k-means of the IVF coarse quantizer: mini-batch (default: ~4x fewer CPU-seconds than FAISS's "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import METRICS
+from ..config import INDEX_FACTORY, INDEX_TRAIN_SIZE, METRICS
 from .common import CLIError, check_output, load_npy, positive_int, write_results
 
 def cmd_build(args) -> None:
@@ -127,11 +127,11 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("refiner", help="refiner .onnx, or 'identity'")
     s.add_argument("corpus", help="corpus embeddings .npy (n, d)")
     s.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    s.add_argument("--factory", default="HNSW32", help="FAISS index factory string (default: HNSW32)")
+    s.add_argument("--factory", default=INDEX_FACTORY, help="FAISS index factory string (default: %(default)s)")
     s.add_argument("--metric", default="ip", choices=list(METRICS),
                    help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
     s.add_argument("--ids", help="int64 ids .npy, one per vector (use an IDMap factory for HNSW)")
-    s.add_argument("--train-size", type=positive_int, default=100_000, help="vectors sampled to train IVF/PQ indexes")
+    s.add_argument("--train-size", type=positive_int, default=INDEX_TRAIN_SIZE, help="vectors sampled to train IVF/PQ indexes")
     s.set_defaults(func=cmd_build, output_kind="dir")
 
     s = sub.add_parser("search", parents=[common], help="search a bundle",
