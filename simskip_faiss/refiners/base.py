@@ -55,10 +55,10 @@ def as_input(x, d: int, name: str = "x") -> np.ndarray:
     return as_matrix(x, d, name)
 
 
-
-def check_apply_to(apply_to: str) -> str:
+def check_apply_to(apply_to, source: str | None = None) -> str:
+    """`apply_to` if it is one of APPLY_TO, else InputError (prefixed with `source`, the file it came from)."""
     if apply_to not in APPLY_TO:
-        raise InputError(f"apply_to must be 'both' or 'queries', got {apply_to!r}")
+        raise InputError(f"{source + ': ' if source else ''}apply_to must be 'both' or 'queries', got {apply_to!r}")
     return apply_to
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .base import BaseRefiner
+from .base import BaseRefiner, check_apply_to
 from .documents import DocumentUpdates
 
 METADATA_KEY = "simskip"  # the ONNX custom-metadata entry holding the refiner's JSON record
@@ -154,9 +154,7 @@ class Refiner(BaseRefiner):
                              f"{inputs[0].shape}, output shape {outputs[0].shape}")
         self.normalize = bool(self.metadata.get("normalize", False))
         self.precision = str(self.metadata.get("precision", "fp32"))
-        self.apply_to = self.metadata.get("apply_to", "both")
-        if self.apply_to not in ("both", "queries"):
-            raise InputError(f"{source}: apply_to must be 'both' or 'queries', got {self.apply_to!r}")
+        self.apply_to = check_apply_to(self.metadata.get("apply_to", "both"), source)
         declared = self.metadata.get("documents")
         if documents is not None:
             if isinstance(declared, dict) and declared.get("sha256") != documents.sha256:
