@@ -45,7 +45,7 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
     """Train, export, choose on validation, bundle, evaluate and report `data` into `output` (see the module doc).
 
     `say`: called with each line of what the job does as it goes (the CLI prints them); default: logged."""
-    from .evaluation.report import EvalConfig, build, choose_refiner, evaluate
+    from .evaluation import EvalConfig, build, choose_refiner, evaluate
     from .training.export import replace_refiner
     from .training.guard import fit
     from .refiners.core import Refiner
