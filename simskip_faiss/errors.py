@@ -25,6 +25,11 @@ class InputTypeError(SimSkipError, TypeError):
     """Refused input of the wrong type (a string where an array was expected, say)."""
 
 
+class RefinerMismatchError(InputError):
+    """A store's vectors were made by another refiner (or with another metric): a Milvus collection, or a
+    framework store saved through the integrations. Vectors from two refiners are not comparable."""
+
+
 def faiss_reason(e: BaseException, last: bool = True) -> str:
     """The reason line of a FAISS error (its last line, or its first), without FAISS's C++ location."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]

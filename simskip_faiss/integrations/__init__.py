@@ -15,6 +15,7 @@ persists, refusing to reopen a store with a missing or different refiner
 (`RefinerMismatchError`): vectors from two refiners are not comparable, and nothing says so
 otherwise.
 """
-from .base import MissingRefinerError, RefinerMismatchError, refiner_record
+from ..errors import RefinerMismatchError
+from .sidecar import MissingRefinerError, refiner_record
 
 __all__ = ["RefinerMismatchError", "MissingRefinerError", "refiner_record"]

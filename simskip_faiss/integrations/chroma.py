@@ -24,9 +24,9 @@ from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import known_embedding_functions, register_embedding_function
 
 from ..refiners.onnx import Refiner
-from ..errors import InputError, InputTypeError
-from .base import (MissingRefinerError, RECORD_KEYS, RefinerMismatchError, check_record, describe,
-                   identity_from_record, refine_documents, refine_queries, refiner_record, resolve_refiner)
+from ..errors import InputError, InputTypeError, RefinerMismatchError
+from .refining import refine_documents, refine_queries, resolve_refiner
+from .sidecar import RECORD_KEYS, MissingRefinerError, check_record, describe, identity_from_record, refiner_record
 
 NAME = "simskip_faiss_refined"
 

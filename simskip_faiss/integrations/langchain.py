@@ -28,7 +28,8 @@ import numpy as np
 from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
 
-from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, saving
+from .refining import refine_documents, refine_queries, resolve_refiner
+from .sidecar import checked_refiner, saving
 from ..errors import InputTypeError
 
 __all__ = ["RefinedEmbeddings", "RankingMismatchWarning", "save_local", "load_local", "ranking_mismatch"]

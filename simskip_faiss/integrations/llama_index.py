@@ -21,7 +21,8 @@ from typing import Any
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import Field, PrivateAttr
 
-from .base import checked_refiner, refine_documents, refine_queries, resolve_refiner, saving, stored_dim
+from .refining import refine_documents, refine_queries, resolve_refiner, stored_dim
+from .sidecar import checked_refiner, saving
 from ..errors import InputError, InputTypeError, faiss_reason
 
 __all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim"]

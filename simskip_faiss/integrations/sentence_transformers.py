@@ -27,7 +27,8 @@ from sentence_transformers import SentenceTransformer
 
 from ..persistence import atomic_write_bytes
 from ..errors import InputTypeError
-from .base import MissingRefinerError, check_record, refiner_record, resolve_refiner
+from .refining import resolve_refiner
+from .sidecar import MissingRefinerError, check_record, refiner_record
 
 try:  # sentence-transformers >= 6
     from sentence_transformers.base.modules import Module

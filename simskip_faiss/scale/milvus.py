@@ -20,16 +20,12 @@ import numpy as np
 from ..checks import as_ids, check_shape, load_npy, nonfinite_rows, to_float32
 from ..faiss_utils import METRIC_NAMES, metric_code
 from .arrow import BadRowsError, arrow_vectors
-from ..errors import InputError, InputTypeError
+from ..errors import InputError, InputTypeError, RefinerMismatchError
 
 PREFIX = "simskip."
 FORMAT = "1"
 MILVUS_METRIC = {"ip": "IP", "l2": "L2"}
 PAD = {"ip": -np.finfo(np.float32).max, "l2": np.finfo(np.float32).max}  # FAISS's padding for missing hits
-
-
-class RefinerMismatchError(InputError):
-    """The collection's vectors were made by another refiner (or with another metric)."""
 
 
 def connect(uri: str, token: str | None = None, db_name: str | None = None):
