@@ -1,7 +1,7 @@
 """FAISS helpers shared by `RefinedIndex` (index.py), `LinearRefiner.to_faiss` (refiners/linear.py) and Milvus.
 
 Metric names, index construction and checks, streamed-ingest memory helpers. Kept apart from
-index.py so that the refiner module can build FAISS indexes without importing the index module.
+index.py so that the refiners (refiners/linear.py) can build FAISS indexes without importing the index module.
 """
 from __future__ import annotations
 

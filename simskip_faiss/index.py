@@ -153,7 +153,7 @@ class RefinedIndex:
         return self.refiner.refine_documents(x, None if ids is None else as_ids(ids, x.shape[0]))
 
     def _check_norms(self, x: np.ndarray, offset: int, name: str) -> None:
-        """Refuse rows a normalising refiner cannot normalise in float32 (see refiner.NORM_RANGE); and rows
+        """Refuse rows a normalising refiner cannot normalise in float32 (see refiners.base.NORM_RANGE); and rows
         stored raw (a query-only refiner) whose float32 squared norm, a FAISS distance, overflows."""
         if not self.refiner.refines_documents:
             with np.errstate(over="ignore"):

@@ -78,7 +78,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
     "IVF1024,Flat"), trained on a refined sample of `train_size` rows on the driver, its coarse
     quantizer by `quantizer` ("mini-batch", the default: ~4x fewer CPU-seconds than FAISS's flat
     k-means at 1M vectors and 4,096 lists, at equal or better recall; "flat": FAISS's k-means;
-    "two-level": cheapest, lower recall; see `simskip_faiss.quantizer`); with `trained_index` (an
+    "two-level": cheapest, lower recall; see `simskip_faiss.scale.quantizer`); with `trained_index` (an
     empty, trained FAISS index used as is) the factory is only recorded in the manifest. shard_dir: where tasks write
     their shards — a path that the executors and the driver both see (local in local mode; a
     shared mount on a cluster). Shards go to a fresh subdirectory of it (default: beside

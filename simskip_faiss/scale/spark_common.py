@@ -156,7 +156,7 @@ def _session(spark):
     active = SparkSession.getActiveSession()
     if active is None:
         raise InputError("a parquet path needs a SparkSession: pass spark=..., or start one with "
-                         "simskip_faiss.spark.session()")
+                         "simskip_faiss.scale.spark.session()")
     return active
 
 
