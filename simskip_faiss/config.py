@@ -28,6 +28,7 @@ MERGEABLE_FACTORY = "IVF1024,Flat"  # a distributed build's index: its shards me
 INDEX_TRAIN_SIZE = 100_000       # vectors sampled to train IVF/PQ indexes
 MAX_EVAL_QUERIES = 5000          # test queries per task that evaluation scores (a seeded sample above it)
 MAX_VAL_QUERIES = 2000           # validation queries per task that choose alpha (and the baselines' settings)
+WORDNET_SYNSETS = 20_000         # the WordNet subset the built-in data set samples
 # What the CLI exports unless told otherwise (train --precision auto, run): int8 held every test and
 # validation metric against fp32 at about half the single-vector latency (bench/results/speed.md).
 DEFAULT_PRECISION = "int8"

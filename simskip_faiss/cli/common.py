@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import WORDNET_SYNSETS
 from ..datasets.container import PROTOCOLS
 from ..errors import SimSkipError
 
@@ -149,7 +150,7 @@ def add_data_options(p: argparse.ArgumentParser, default: str = "wordnet") -> No
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default, choices=["wordnet", "digits", "synthetic"],
                    help=f"a built-in data set (default: {default}); ignored with --corpus")
-    g.add_argument("--n-synsets", type=int, default=20000, help="WordNet subset size (default: 20000)")
+    g.add_argument("--n-synsets", type=int, default=WORDNET_SYNSETS, help="WordNet subset size (default: %(default)s)")
     g.add_argument("--corpus", help="your corpus embeddings, .npy (n, d)")
     g.add_argument("--queries", help="your query embeddings, .npy (m, d)")
     g.add_argument("--qrels", help="BEIR-style TSV: query_row<TAB>doc_row[<TAB>grade]; grade > 0 is relevant (binary: grades are not gains)")

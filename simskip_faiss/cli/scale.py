@@ -139,9 +139,8 @@ def _milvus_collection(args, d: int | None):
         raise CLIError("an identity refiner needs the input dimension")
     refiner = load_refiner(args.refiner, d=d, threads=args.threads)
     client = connect(args.uri, token=args.token or os.environ.get("MILVUS_TOKEN"), db_name=args.db)
-    return RefinedCollection(client, args.collection, refiner, args.metric, create=getattr(args, "create", False),
-                             index_type=getattr(args, "index_type", "AUTOINDEX"),
-                             batch_size=getattr(args, "batch_size", 2000))
+    new = {k: getattr(args, k) for k in ("index_type", "batch_size") if hasattr(args, k)}  # ingest's; search: defaults
+    return RefinedCollection(client, args.collection, refiner, args.metric, create=getattr(args, "create", False), **new)
 
 
 def _parquet_dim(path: str, vector_col: str) -> int | None:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import WORDNET_SYNSETS
 from ..errors import InputError
 from .container import DEFAULT_FRACTIONS, EmbeddingData, make_splits
 from .encoding import Encoder, _encoder_identity, _minilm_encoder, default_cache_dir, encode_cached, minilm_identity
@@ -135,7 +136,7 @@ def parse_wordnet(data_dir: str | Path | None = None) -> list[Synset]:
     return synsets
 
 
-def load_wordnet(n_synsets: int | None = 20000, seed: int = 0, cache_dir: str | Path | None = None,
+def load_wordnet(n_synsets: int | None = WORDNET_SYNSETS, seed: int = 0, cache_dir: str | Path | None = None,
                  batch_size: int = 256, encoder: Encoder | None = None, progress: bool = True,
                  threads: int | None = None,
                  fractions: Sequence[float] = DEFAULT_FRACTIONS) -> EmbeddingData:
