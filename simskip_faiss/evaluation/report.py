@@ -30,7 +30,7 @@ from ..metrics.scoring import (LABEL_METRICS, PAIR_METRICS, judge, label_relevan
 from ..persistence import atomic_write_bytes
 from ..refiners.core import IdentityRefiner
 from .ann import _ann_table, ann_sweep, faiss_threads
-from .methods import BASELINES, DOCUMENT_BASELINES, SUPERVISED_BASELINES, baselines, build
+from .methods import BASELINES, DOCUMENT_BASELINES, SUPERVISED_BASELINES, baselines, build, choose_on_val  # noqa: F401
 
 log = logging.getLogger(__name__)
 
