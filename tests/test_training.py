@@ -377,3 +377,16 @@ def test_cli_train_refuses_qrels_outside_the_corpus_or_queries(tmp_path, data, c
     assert main(base + ["--qrels", str(d / "bad_q.tsv")]) == 2
     assert "query id 500 out of range" in capsys.readouterr().err
     assert not (d / "x.onnx").exists()
+
+
+def test_training_names_load_from_their_modules():
+    """training's lazy names: each resolves from the module named for what it does (model, losses, supervision, loop)."""
+    import importlib
+
+    import simskip_faiss.training as training
+
+    for name, module in training._LAZY.items():
+        assert getattr(training, name) is getattr(importlib.import_module(module, training.__name__), name)
+    assert training.SimSkip.__module__.endswith(".model") and training.Supervision.__module__.endswith(".supervision")
+    with pytest.raises(AttributeError):
+        training.not_a_name  # noqa: B018
