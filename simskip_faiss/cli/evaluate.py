@@ -11,6 +11,7 @@ import numpy as np
 from ..config import EVAL_FACTORY, INDEX_FACTORY, MAX_EVAL_QUERIES, METRICS
 from .common import CLIError, add_data_options, add_train_options, data_from_args, train_config
 
+
 def _with_test_qrels(data, path: str):
     """`data` whose test split is exactly the queries of the qrels file `path` (scored whole); the other
     queries keep their split (train/val pairs for the supervised baselines)."""

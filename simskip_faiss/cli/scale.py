@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import INDEX_TRAIN_SIZE, MERGEABLE_FACTORY, METRICS
 from .common import CLIError, Parser, load_npy, positive_int, write_results
 
+
 @contextlib.contextmanager
 def _spark_job(args):
     """The SparkSession of a spark-* command (--master, --conf KEY=VALUE), Spark errors as one-line CLIErrors.

@@ -12,6 +12,7 @@ import numpy as np
 from ..config import INDEX_FACTORY, INDEX_TRAIN_SIZE, METRICS
 from .common import CLIError, check_output, load_npy, positive_int, write_results
 
+
 def cmd_build(args) -> None:
     from ..checks import check_shape
     from ..index import RefinedIndex

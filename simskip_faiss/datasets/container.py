@@ -146,7 +146,6 @@ class EmbeddingData:
         return f"{self.name}: n={n} d={d} labels={labels} corpus train/val/test={rows} {q}"
 
 
-
 def shared_corpus(data: EmbeddingData, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> EmbeddingData:
     """`data` with its queries split at random over the shared corpus (BEIR's and the adapter papers'
     protocol: a test query's document may have training queries), instead of inheriting their

@@ -32,6 +32,7 @@ _CACHE_FORMAT = "simskip_faiss.datasets.embeddings.v1"
 
 Encoder = Callable[[list[str]], np.ndarray]
 
+
 def default_cache_dir() -> Path:
     """``$SIMSKIP_CACHE`` or ``~/.cache/simskip_faiss``."""
     return Path(os.environ.get("SIMSKIP_CACHE") or Path.home() / ".cache" / "simskip_faiss")

@@ -21,6 +21,7 @@ __all__ = ["load_digits", "make_synthetic", "parse_qrels", "load_user", "load"]
 
 log = logging.getLogger("simskip_faiss.datasets")
 
+
 def load_digits(seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> EmbeddingData:
     """scikit-learn's 8x8 digits (1,797 rows, 64-d pixel vectors, L2-normalised rows, labels 0-9,
     no queries): a real labelled set that needs no model."""

@@ -21,6 +21,7 @@ __all__ = ["Synset", "wordnet_dir", "parse_wordnet", "load_wordnet"]
 
 log = logging.getLogger("simskip_faiss.datasets")
 
+
 @dataclass
 class Synset:
     """One noun or verb synset of WordNet 3.0 (lemmas keep WordNet's underscores)."""
