@@ -1,4 +1,4 @@
-"""Training configuration: a plain dataclass, importable without torch.
+"""Training configuration (a plain dataclass, importable without torch) and the defaults the commands share.
 
 Each TrainConfig field carries its one-sentence help (and, where the values are a fixed set, its choices)
 in its metadata: the CLI builds one flag per field from them, so the flags and the Python API share one
