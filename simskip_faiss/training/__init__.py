@@ -1,7 +1,7 @@
 """Training: the SimSkip network (`model`), its losses (`losses`), the labels and pairs it learns from
 (`supervision`) and the training loop (`loop`); the guard that ships a refiner only when it measurably
-helps (`guard.fit`), the document updates learnt from pairs (`nudge`, numpy only), and the ONNX export
-verified against torch (`export`).
+helps (`guard.fit`, scoring candidates with `validation.Guard`), the document updates learnt from pairs
+(`nudge`, numpy only), and the ONNX export verified against torch (`export`, reduced precisions in `precision`).
 
 The names below load their module (and so torch) on first use, so the numpy-only `nudge` imports without torch.
 """
