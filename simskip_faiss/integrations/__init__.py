@@ -7,6 +7,7 @@ Each submodule imports its framework when it is imported itself, never before, s
 - `simskip_faiss.integrations.llama_index`: `RefinedEmbedding`, `persist` / `load_index`
 - `simskip_faiss.integrations.chroma`: `RefinedEmbeddingFunction`, `get_collection`
 - `simskip_faiss.integrations.sentence_transformers`: `append_refiner`, `SimSkipModule`, `load_model`
+- `simskip_faiss.integrations.stores`: read a store you have (`*_corpus`), pairs by document id -> `training_data`
 
 Every one applies the same rule as `RefinedIndex`: queries are always refined, documents only
 when the refiner's `apply_to` is "both" (a query-only refiner leaves stored vectors raw). And every
