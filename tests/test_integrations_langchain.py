@@ -199,24 +199,99 @@ def test_store_ranking_unlike_the_refiners_metric_is_flagged(refiner_files, tmp_
         save_local(store(refiner_files["queries"], base=FakeEmbeddings()), tmp_path / "unit")  # unit documents
 
 
-def test_the_frameworks_own_loader_cannot_open_a_saved_store_into_a_raw_search(refiner_files, tmp_path):
-    """FAISS.load_local(dir, base_embeddings), a LangChain user's habit, opened a store saved by the package and
-    searched it with unrefined queries. Saved under another index name, it now fails to open; the package's
-    load_local opens it, and folders saved before under "index" too."""
+def open_cells(path: str, refiner: str, other: str) -> dict:
+    """Runs in a new process: every way to open a FAISS folder `save_local` wrote, each cell either the ids a
+    search returns or the error it raised ({"error": type, "message": ...})."""
+    from langchain_community.vectorstores import FAISS
+
+    from simskip_faiss.integrations.langchain import INDEX_NAME, RefinedEmbeddings, load_local
+
+    ok = {"allow_dangerous_deserialization": True}
+    cells = {
+        "package load_local, base": lambda: load_local(FAISS, path, FakeEmbeddings(), **ok),
+        "package load_local, RefinedEmbeddings": lambda: load_local(FAISS, path,
+                                                                    RefinedEmbeddings(FakeEmbeddings(), refiner), **ok),
+        "package load_local, other refiner": lambda: load_local(FAISS, path, FakeEmbeddings(), refiner=other, **ok),
+        "FAISS.load_local, base": lambda: FAISS.load_local(path, FakeEmbeddings(), **ok),
+        "FAISS.load_local, base, index_name": lambda: FAISS.load_local(path, FakeEmbeddings(), index_name=INDEX_NAME,
+                                                                       **ok),
+        "FAISS.load_local, RefinedEmbeddings, index_name": lambda: FAISS.load_local(
+            path, RefinedEmbeddings(FakeEmbeddings(), refiner), index_name=INDEX_NAME, **ok),
+        "FAISS.load_local, other RefinedEmbeddings, index_name": lambda: FAISS.load_local(
+            path, RefinedEmbeddings(FakeEmbeddings(), other), index_name=INDEX_NAME, **ok),
+    }
+    out = {}
+    for name, open_store in cells.items():
+        try:
+            out[name] = {"ids": search(open_store())}
+        except Exception as e:  # noqa: BLE001  (the cell's outcome is what is tested)
+            out[name] = {"error": type(e).__name__, "message": str(e)}
+    return out
+
+
+def raw_ids(mode_refiner=None) -> list[list[int]]:
+    """What a silent raw search returns: the store's vectors (raw base documents for a query-only refiner,
+    refined for "both") searched with unrefined queries."""
+    import simskip_faiss as sf
+
+    index = sf.RefinedIndex(sf.IdentityRefiner(16), "Flat", metric="ip")
+    docs = fake_embed(DOCS)
+    if mode_refiner is not None:
+        docs = sf.Refiner.load(mode_refiner).refine_documents(docs)
+    index.add(docs)
+    return [index.search(fake_embed([q]), K)[1][0].tolist() for q in QUERIES]
+
+
+def test_every_way_to_open_a_saved_faiss_folder_refines_or_refuses(refiner_files, tmp_path):
+    """The matrix, in a new process: package load_local, FAISS.load_local under the default name, under the
+    package's index name with the raw base embeddings, with RefinedEmbeddings (the saved refiner or another).
+    Each cell is the ids RefinedIndex returns or a one-line RefinerMismatchError; none is a raw search."""
+    from simskip_faiss.integrations.langchain import save_local
+
+    for mode in ("both", "queries"):
+        want = expected_ids(refiner_files[mode])
+        assert raw_ids(refiner_files[mode]) != want  # a silent raw search would be caught by the == below
+        save_local(build("faiss", refiner_files[mode]), tmp_path / mode)
+        cells = in_new_process("test_integrations_langchain", "open_cells", path=str(tmp_path / mode),
+                               refiner=str(refiner_files[mode]), other=str(refiner_files["other"]))
+        refines = {"package load_local, base", "package load_local, RefinedEmbeddings",
+                   "FAISS.load_local, RefinedEmbeddings, index_name"}
+        for name, got in cells.items():
+            if name in refines:
+                assert got == {"ids": want}, (mode, name, got)
+            else:
+                assert got.get("error") in ("RefinerMismatchError", "MissingRefinerError"), (mode, name, got)
+                assert "\n" not in got["message"], (mode, name, got)
+        assert "load_local(FAISS, folder" in cells["FAISS.load_local, base"]["message"]
+        assert "unrefined queries" in cells["FAISS.load_local, base, index_name"]["message"]
+        assert "load_local(FAISS, folder" in cells["FAISS.load_local, base, index_name"]["message"]
+        assert "not comparable" in cells["FAISS.load_local, other RefinedEmbeddings, index_name"]["message"]
+        assert "not comparable" in cells["package load_local, other refiner"]["message"]
+
+
+def test_the_guards_do_not_change_the_store_or_block_its_other_uses(refiner_files, tmp_path):
+    """The docstore is swapped only while saving; a loaded store pickles, copies and re-saves; a folder saved
+    before (index.faiss / index.pkl with a record) still opens through the package."""
+    import copy
+    import pickle
+
+    from langchain_community.docstore.in_memory import InMemoryDocstore
     from langchain_community.vectorstores import FAISS
 
     from simskip_faiss.integrations import langchain as sl
+    from simskip_faiss.integrations.base import write_sidecar
 
     store = build("faiss", refiner_files["queries"])
     sl.save_local(store, tmp_path / "s")
-    assert (tmp_path / "s" / f"{sl.INDEX_NAME}.faiss").is_file() and not (tmp_path / "s" / "index.faiss").exists()
-    with pytest.raises(RuntimeError, match="could not open|No such file"):
-        FAISS.load_local(str(tmp_path / "s"), FakeEmbeddings(), allow_dangerous_deserialization=True)
+    assert type(store.docstore) is InMemoryDocstore
     back = sl.load_local(FAISS, tmp_path / "s", FakeEmbeddings(), allow_dangerous_deserialization=True)
     assert search(back) == search(store)
+    assert pickle.loads(pickle.dumps(back.docstore))._dict.keys() == back.docstore._dict.keys()
+    copy.deepcopy(back.docstore)
+    sl.save_local(back, tmp_path / "again")
+    assert search(sl.load_local(FAISS, tmp_path / "again", FakeEmbeddings(),
+                                allow_dangerous_deserialization=True)) == search(store)
     old = tmp_path / "old"  # a folder saved by the previous version: index.faiss / index.pkl
     store.save_local(str(old))
-    from simskip_faiss.integrations.base import write_sidecar
-
     write_sidecar(old, store.embeddings.refiner)
     assert search(sl.load_local(FAISS, old, FakeEmbeddings(), allow_dangerous_deserialization=True)) == search(store)

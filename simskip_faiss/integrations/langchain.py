@@ -17,10 +17,28 @@ normalises both sides the two rank alike; when it refines queries only (or does 
 the stored vectors' norms differ, they do not, and the guard's measurement does not hold for the
 store: `save_local` and `load_local` then warn (`RankingMismatchWarning`) and name the fix, e.g.
 `FAISS.from_texts(..., distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)`.
+
+Opening a saved FAISS folder, every path refines or refuses:
+
+- `load_local(FAISS, folder, base_embeddings, ...)` (this module): the saved refiner, checked; refines.
+- `FAISS.load_local(folder, base_embeddings)` (LangChain's default index name "index"): the folder holds,
+  under that name, an empty index and a pickle that raises `RefinerMismatchError` naming `load_local`.
+- `FAISS.load_local(folder, embeddings, index_name="simskip_index")`: the pickled docstore carries the
+  refiner record and, when LangChain unpickles it inside `FAISS.load_local`, checks the `embeddings`
+  that call was given (read from the loader's frame): raw embeddings, or `RefinedEmbeddings` with another
+  refiner, raise `RefinerMismatchError`; `RefinedEmbeddings` with the saved refiner refine. A docstore that
+  is not LangChain's `InMemoryDocstore` cannot carry the check, and a pickle opened by anything but
+  `FAISS.load_local` is not checked (there is no embeddings to check).
+
+Not guarded: `InMemoryVectorStore.load(path, base_embeddings)` on a file `save_local` dumped opens it
+with unrefined queries (LangChain's JSON format holds nothing that runs on load); open it with
+`load_local(InMemoryVectorStore, path, base_embeddings)`.
 """
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -29,8 +47,8 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
 
 from .refining import refine_documents, refine_queries, resolve_refiner
-from .sidecar import checked_refiner, saving
-from ..errors import InputTypeError
+from .sidecar import check_record, checked_refiner, describe, refiner_record, saving
+from ..errors import InputTypeError, RefinerMismatchError
 
 __all__ = ["RefinedEmbeddings", "RankingMismatchWarning", "save_local", "load_local", "ranking_mismatch"]
 
@@ -141,12 +159,104 @@ def _index_name(method, name: str) -> dict:
         return {}
 
 
+# -- the guards FAISS.load_local meets in a folder save_local wrote ------------------------------------
+OPEN_WITH = ("open it with simskip_faiss.integrations.langchain.load_local(FAISS, folder, your_embeddings, "
+             "allow_dangerous_deserialization=True)")
+
+
+def _refuse_default_name():
+    """Called by unpickling the `index.pkl` save_local writes: LangChain's default index name."""
+    raise RefinerMismatchError("this folder holds a FAISS store saved by simskip_faiss with a refiner (under index "
+                               f"name {INDEX_NAME!r}); FAISS.load_local would search it with unrefined queries: "
+                               + OPEN_WITH)
+
+
+class _RefuseDefaultName:
+    def __reduce__(self):
+        return (_refuse_default_name, ())
+
+
+def _write_default_name_refusal(store, path) -> None:
+    """`index.faiss` (an empty index of the store's dimension) and an `index.pkl` whose unpickling raises,
+    so `FAISS.load_local(folder, embeddings)` fails with what to do instead of a missing-file error."""
+    import faiss
+
+    from ..persistence import atomic_write_bytes
+
+    d = int(getattr(getattr(store, "index", None), "d", 1) or 1)
+    atomic_write_bytes(Path(path, "index.faiss"), faiss.serialize_index(faiss.IndexFlatIP(d)).tobytes())
+    atomic_write_bytes(Path(path, "index.pkl"), pickle.dumps((_RefuseDefaultName(), {})))
+
+
+def _loader_embeddings():
+    """(True, embeddings) of the nearest `FAISS.load_local(folder_path, embeddings, ...)` call on the stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        names = frame.f_locals
+        if frame.f_code.co_name == "load_local" and "folder_path" in names and "embeddings" in names:
+            return True, names["embeddings"]
+        frame = frame.f_back
+    return False, None
+
+
+try:
+    from langchain_community.docstore.in_memory import InMemoryDocstore
+except ImportError:  # langchain-core alone: no FAISS store to guard
+    InMemoryDocstore = None
+
+if InMemoryDocstore is not None:
+    class RefinerCheckedDocstore(InMemoryDocstore):
+        """LangChain's `InMemoryDocstore` as `save_local` pickles it: it carries the refiner record, and when
+        `FAISS.load_local` unpickles it, refuses the embeddings that call was given unless they are
+        `RefinedEmbeddings` with that refiner (module docstring)."""
+
+        def __init__(self, _dict=None, simskip_record=None):
+            super().__init__(_dict)
+            self.simskip_record = simskip_record
+
+        def __setstate__(self, state):
+            self.__dict__.update(state)
+            record = self.__dict__.get("simskip_record")
+            found, emb = _loader_embeddings()
+            if not found or record is None:
+                return
+            if not isinstance(emb, RefinedEmbeddings):
+                raise RefinerMismatchError(f"this FAISS store holds vectors made by {describe(record)}, but "
+                                           f"FAISS.load_local was given {type(emb).__name__}, which would search it "
+                                           "with unrefined queries: " + OPEN_WITH)
+            check_record(record, emb.refiner, "this FAISS store (opened by FAISS.load_local)")
+else:
+    RefinerCheckedDocstore = None
+
+
+class _guarded_docstore:
+    """While saving, the store's `InMemoryDocstore` is swapped for a `RefinerCheckedDocstore` (same documents)."""
+
+    def __init__(self, store, refiner):
+        self.store, self.refiner, self.old = store, refiner, None
+
+    def __enter__(self):
+        docstore = getattr(self.store, "docstore", None)
+        if RefinerCheckedDocstore is not None and type(docstore) in (InMemoryDocstore, RefinerCheckedDocstore):
+            self.old = docstore
+            self.store.docstore = RefinerCheckedDocstore(docstore._dict, refiner_record(self.refiner))
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            self.store.docstore = self.old
+        return False
+
+
 def save_local(store, path: str | os.PathLike) -> None:
     """Save a LangChain vector store and, beside it, its refiner's record and (ONNX) a copy of the refiner.
 
     Stores with `save_local(folder)` (FAISS, ...) keep the record inside the folder; stores with
     `dump(path)` (InMemoryVectorStore, ...) get `<path>.simskip.json` beside the file. A FAISS store
     that ranks unlike the refiner's metric is saved with a `RankingMismatchWarning` (module docstring).
+    A FAISS folder is saved under index name "simskip_index", its pickled docstore checking the embeddings
+    `FAISS.load_local` is given, and LangChain's default name "index" holds a pickle that refuses to open
+    (module docstring: every way to open the folder refines or refuses).
     """
     emb = _refined_embeddings(store)
     _check_ranking(store, emb.refiner)
@@ -156,7 +266,11 @@ def save_local(store, path: str | os.PathLike) -> None:
                         f"simskip_faiss.integrations.base.saving(path, refiner, folder=...)")
     with saving(path, emb.refiner, folder):
         if folder:
-            store.save_local(str(path), **_index_name(store.save_local, INDEX_NAME))
+            named = _index_name(store.save_local, INDEX_NAME)
+            with _guarded_docstore(store, emb.refiner):
+                store.save_local(str(path), **named)
+            if named:
+                _write_default_name_refusal(store, path)
         else:
             store.dump(str(path))
 
