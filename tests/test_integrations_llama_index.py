@@ -121,13 +121,13 @@ def test_load_index_names_a_persisted_default_vector_store(refiner_files, tmp_pa
         load_index(tmp_path / "simple", FakeEmbedding())
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and "Error in" not in msg and ".cpp" not in msg, msg
-    assert "default__vector_store.json" in msg and "SimpleVectorStore" in msg and "FaissVectorStore" in msg, msg
-    assert "vector_store=" in msg  # says how to load it anyway
+    assert "default__simskip_vector_store" in msg and "SimpleVectorStore" in msg and "FaissVectorStore" in msg, msg
+    assert "vector_store=SimpleVectorStore.from_persist_path(" in msg  # says how to load it anyway
     # and it can be loaded that way
     from llama_index.core.vector_stores import SimpleVectorStore
 
-    again = load_index(tmp_path / "simple", FakeEmbedding(),
-                       vector_store=SimpleVectorStore.from_persist_dir(str(tmp_path / "simple")))
+    again = load_index(tmp_path / "simple", FakeEmbedding(), vector_store=SimpleVectorStore.from_persist_path(
+        str(tmp_path / "simple" / "default__simskip_vector_store")))
     assert len(again.as_retriever(similarity_top_k=K).retrieve(QUERIES[0])) == K
 
 

@@ -11,11 +11,14 @@
 Query embeddings are always refined; text (document) embeddings only when the refiner's apply_to
 is "both". `load_index` refuses a persist dir without a refiner record or with another refiner, and
 names a vector store that is not FAISS (LlamaIndex's default JSON store) instead of failing in FAISS.
+`persist` writes the vector store under a name of its own (VECTOR_STORE_FNAME), so LlamaIndex's own
+`load_index_from_storage` fails on the dir instead of searching it with unrefined queries.
 The FAISS vector store cannot delete documents (`delete_ref_doc` raises NotImplementedError).
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -25,7 +28,7 @@ from .refining import refine_documents, refine_queries, resolve_refiner, stored_
 from .sidecar import checked_refiner, saving
 from ..errors import InputError, InputTypeError, faiss_reason
 
-__all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim"]
+__all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim", "VECTOR_STORE_FNAME"]
 
 
 class RefinedEmbedding(BaseEmbedding):
@@ -86,35 +89,58 @@ class RefinedEmbedding(BaseEmbedding):
         return (await self._aget_text_embeddings([text]))[0]
 
 
+# The vector store is persisted under this file name, not LlamaIndex's default "vector_store.json": its own
+# `load_index_from_storage(StorageContext.from_defaults(persist_dir=..., vector_store=FaissVectorStore.from_persist_dir(
+# ...)))` then finds no default__vector_store.json and fails (and without vector_store=, finds no default store: KeyError
+# 'default'), instead of opening the store to search with unrefined queries. `load_index` reads this name, and the
+# old one (stores persisted by earlier releases), with the refiner record checked either way.
+VECTOR_STORE_FNAME = "simskip_vector_store"
+
+
+def _store_name(fname: str) -> str:
+    from llama_index.core.vector_stores.simple import DEFAULT_VECTOR_STORE, NAMESPACE_SEP
+
+    return f"{DEFAULT_VECTOR_STORE}{NAMESPACE_SEP}{fname}"
+
+
 def persist(index, persist_dir: str | os.PathLike) -> None:
-    """`index.storage_context.persist(persist_dir)` plus the refiner's record (and a copy of an ONNX refiner)."""
+    """`index.storage_context.persist(persist_dir)` plus the refiner's record (and a copy of an ONNX refiner).
+
+    The vector store goes to default__simskip_vector_store (VECTOR_STORE_FNAME), so LlamaIndex's own loader
+    cannot open the dir into a search with raw queries; reopen it with `load_index`."""
+    from llama_index.core.vector_stores.simple import NAMESPACE_SEP
+    from llama_index.core.vector_stores.types import DEFAULT_PERSIST_FNAME
+
     embed = getattr(index, "_embed_model", None)
     if not isinstance(embed, RefinedEmbedding):
         raise InputTypeError(f"this index does not embed with RefinedEmbedding (it uses {type(embed).__name__}); "
                         f"nothing to record")
     with saving(persist_dir, embed.refiner, folder=True):
-        index.storage_context.persist(persist_dir=str(persist_dir))
+        for name in index.storage_context.vector_stores:  # an earlier persist's files under the default name
+            Path(persist_dir, f"{name}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}").unlink(missing_ok=True)
+        index.storage_context.persist(persist_dir=str(persist_dir), vector_store_fname=VECTOR_STORE_FNAME)
 
 
 def _faiss_store(FaissVectorStore, persist_dir):
-    """`FaissVectorStore.from_persist_dir`, with the store file that is not a FAISS index named in one line."""
+    """The `FaissVectorStore` persisted in the dir (under VECTOR_STORE_FNAME, or LlamaIndex's default name for
+    dirs persisted by earlier releases), with a store file that is not a FAISS index named in one line."""
     from llama_index.core.vector_stores.types import DEFAULT_PERSIST_FNAME
-    from llama_index.core.vector_stores.simple import DEFAULT_VECTOR_STORE, NAMESPACE_SEP
 
-    path = os.path.join(str(persist_dir), f"{DEFAULT_VECTOR_STORE}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}")
+    paths = [os.path.join(str(persist_dir), _store_name(f)) for f in (VECTOR_STORE_FNAME, DEFAULT_PERSIST_FNAME)]
+    path = next((p for p in paths if os.path.isfile(p)), None)
+    if path is None:
+        raise InputError(f"{persist_dir}: no vector store file ({' or '.join(map(os.path.basename, paths))}); "
+                         f"load_index expects a FaissVectorStore persisted there by persist (or pass vector_store=...)")
     name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise InputError(f"{persist_dir}: no vector store file {name}; load_index expects a FaissVectorStore "
-                         f"persisted there (or pass vector_store=...)")
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
     if head.startswith(b"{"):
         raise InputError(f"{persist_dir}: {name} is LlamaIndex's default JSON vector store (SimpleVectorStore), "
                          f"not a FAISS index; load_index reads a FaissVectorStore by default: pass "
-                         f"vector_store=SimpleVectorStore.from_persist_dir(...) to load this one, or rebuild the "
-                         f"index with a FaissVectorStore")
+                         f"vector_store=SimpleVectorStore.from_persist_path({path!r}) to load this one, or rebuild "
+                         f"the index with a FaissVectorStore")
     try:
-        return FaissVectorStore.from_persist_dir(str(persist_dir))
+        return FaissVectorStore.from_persist_path(path)
     except RuntimeError as e:  # FAISS's C++ reader: keep its sentence, not its signature
         why = faiss_reason(e, last=False)
         raise InputError(f"{persist_dir}: {name} is not a FAISS index ({why}); load_index expects a "

@@ -4,18 +4,33 @@
 
     model = append_refiner(SentenceTransformer(...), "refiner.onnx")
     model.save("refined-model/")
-    model = load_model("refined-model/")
+    model = load_model("refined-model/")     # or SentenceTransformer("refined-model/", trust_remote_code=True)
 
 - A linear refiner (`LinearRefiner`: centring, whitening, distilled) becomes the built-in `Dense`
   (+ `Normalize`): `SentenceTransformer(path)` reloads it with no custom code at all.
 - An ONNX (MLP) refiner becomes a `SimSkipModule`, which runs the ONNX file with onnxruntime and
   saves it (with its sha256, checked on load) in the module's folder. sentence-transformers >= 6
-  imports module classes from outside its own namespace only with `trust_remote_code=True`;
-  `load_model` instead hands it this already-imported class, so nothing named by the model's files
-  is imported (any other foreign class still needs the flag).
-- A query-only refiner goes behind a `Router`: `encode_query` takes the refined route,
-  `encode_document` the raw one, and plain `encode()` the document (raw) route — encode queries
-  with `encode_query`.
+  imports module classes from outside its own namespace only with `trust_remote_code=True`, and that
+  flag also lets a model folder run code of its own (transformers' dynamic modules); `load_model`
+  instead hands sentence-transformers this already-imported class, so nothing named by the model's
+  files is imported (any other foreign class still needs the flag).
+
+Symmetric refiner (apply_to "both"): the modules run on every encode path (`encode`,
+`encode_query`, `encode_document`, any `prompt_name` or `task`), so any framework wrapper of the
+saved model (Chroma's `SentenceTransformerEmbeddingFunction`, LangChain's `HuggingFaceEmbeddings`)
+gets the vectors `RefinedIndex` would store and search with.
+
+Query-only refiner (apply_to "queries"): one model serves both sides only if every call says which
+side it encodes. The modules sit on the "query" route of a `Router` whose "document" route is empty
+and which has NO default route: `encode_query` / `encode(task="query")` refine, `encode_document` /
+`encode(task="document")` return the raw vectors, and every call that names no task (plain
+`encode()`, `encode(prompt_name="query")`, Chroma's and LangChain's sentence-transformers wrappers,
+which call plain `encode()`) raises sentence-transformers' one-line "Could not determine route"
+error instead of returning raw query vectors. Do not give that Router a default route: pass
+`task=`, or in LangChain / LlamaIndex / Chroma wrap the base model with this package's wrappers
+(`RefinedEmbeddings`, `RefinedEmbedding`, `RefinedEmbeddingFunction`), which apply the refiner
+to queries only. A model saved by an earlier release routed plain `encode()` to the raw document
+route; `load_model` reopens such a model without that default (and `model.save` then rewrites it).
 """
 from __future__ import annotations
 
@@ -114,23 +129,49 @@ def append_refiner(model: SentenceTransformer, refiner) -> SentenceTransformer:
     """Append `refiner` to `model` (in place; returned for chaining), honouring its apply_to.
 
     apply_to "both": the refiner modules run on every encode. "queries": they sit on the "query"
-    route of a `Router` whose "document" route is empty; `encode_query` refines, `encode_document`
-    and plain `encode()` (the default route) return the raw vectors.
+    route of a `Router` with an empty "document" route and no default route: `encode_query` refines,
+    `encode_document` returns the raw vectors, and a call naming no task (plain `encode()`,
+    `prompt_name=` alone) raises instead of returning raw query vectors (module docstring).
     """
     r = resolve_refiner(refiner)
     mods = refiner_modules(r)
     if r.refines_documents:
         tail = mods
     else:
-        tail = [Router({"query": mods, "document": []}, default_route="document")]
+        tail = [Router({"query": mods, "document": []}, default_route=None, allow_empty_key=False)]
     for m in tail:
         model.append(m)
     return model
 
 
+_REFINER_TYPES = (SimSkipModule, Dense, Normalize)
+
+
+def _drop_raw_default(model: SentenceTransformer) -> SentenceTransformer:
+    """A model saved by an earlier `append_refiner` with a query-only refiner routed a call naming no task to
+    the raw "document" route (raw query vectors from plain `encode()`): remove that default route, so such a
+    call raises as it does for models saved now. Only the Router `append_refiner` writes is touched: routes
+    "query" (refiner modules only) and "document" (empty)."""
+    for module in model:
+        if not isinstance(module, Router) or module.default_route is None:
+            continue
+        routes = {name: list(seq) for name, seq in module.sub_modules.items()}
+        if set(routes) == {"query", "document"} and not routes["document"] and routes["query"] \
+                and all(isinstance(m, _REFINER_TYPES) for m in routes["query"]):
+            module.default_route = None
+    return model
+
+
 def load_model(path: str | os.PathLike, **kwargs) -> SentenceTransformer:
-    """`SentenceTransformer(path, **kwargs)` that resolves `SimSkipModule` to this class without trust_remote_code."""
+    """`SentenceTransformer(path, **kwargs)` that resolves `SimSkipModule` to this class without trust_remote_code.
+
+    The public way, `SentenceTransformer(path, trust_remote_code=True)`, also reloads these models (the
+    class is importable from the installed package), but that flag lets the model folder run its own code
+    too; sentence-transformers offers no public way to trust one installed class only, so this uses its
+    `_load_with_module_classes` (private, documented there for classes that are "already imported").
+    """
     loader = getattr(SentenceTransformer, "_load_with_module_classes", None)
-    if loader is None:  # sentence-transformers < 6 imports installed classes without the flag
-        return SentenceTransformer(str(path), **kwargs)
-    return loader(str(path), {MODULE_REF: SimSkipModule}, **kwargs)
+    if loader is None:  # sentence-transformers < 6 imports installed classes without the flag; a later one
+        # without this method raises its own error naming trust_remote_code=True, which then loads it
+        return _drop_raw_default(SentenceTransformer(str(path), **kwargs))
+    return _drop_raw_default(loader(str(path), {MODULE_REF: SimSkipModule}, **kwargs))
