@@ -30,7 +30,7 @@ from quality import METRICS, _machine, resplit  # noqa: E402
 from simskip_faiss import datasets  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.evaluation import EvalConfig, evaluate  # noqa: E402
-from simskip_faiss.refiners.core import Refiner  # noqa: E402
+from simskip_faiss.refiners import Refiner  # noqa: E402
 from simskip_faiss.training.guard import fit  # noqa: E402
 
 SIGNALS = {

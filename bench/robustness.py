@@ -44,7 +44,7 @@ from simskip_faiss import datasets  # noqa: E402
 from simskip_faiss.config import TrainConfig  # noqa: E402
 from simskip_faiss.evaluation import EvalConfig, evaluate  # noqa: E402
 from simskip_faiss.training.guard import fit, only_supervision as only  # noqa: E402
-from simskip_faiss.refiners.core import Refiner  # noqa: E402
+from simskip_faiss.refiners import Refiner  # noqa: E402
 
 SETS = ("wordnet-1000", "wordnet-2000", "wordnet-5000", "wordnet-20000", "digits")
 SIGNALS = {"none": (False, False), "labels": (True, False), "pairs": (False, True), "both": (True, True)}

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT.parent))
 # speed_timing first: it loads faiss, onnxruntime, torch and threadpoolctl in the order this script always has
 from speed_timing import environment, set_threads  # noqa: E402
 from simskip_faiss import Refiner  # noqa: E402
-from simskip_faiss.refiners.core import distil_linear  # noqa: E402
+from simskip_faiss.refiners import distil_linear  # noqa: E402
 from simskip_faiss.training.export import export  # noqa: E402
 
 from speed_common import D, HIDDEN, OTHER_WIDTHS, OWN, TARGETS, clustered, export_all, load_data, trained_model  # noqa: E402

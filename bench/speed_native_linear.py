@@ -7,7 +7,7 @@ import numpy as np
 import faiss
 
 from simskip_faiss import RefinedIndex, Refiner
-from simskip_faiss.refiners.core import distil_linear
+from simskip_faiss.refiners import distil_linear
 
 from speed_common import recall_at_10
 from speed_search_latency import BLOCK, _tune  # section 3's queries per turn and knob setter

@@ -9,7 +9,7 @@ import numpy as np
 import faiss
 
 from simskip_faiss import RefinedIndex
-from simskip_faiss.refiners.core import as_input
+from simskip_faiss.refiners import as_input
 
 from speed_common import D, exact_top10, recall_at_10
 from speed_timing import blocks, per_block, set_threads

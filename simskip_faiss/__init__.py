@@ -12,7 +12,7 @@ from .refiners import DocumentMismatchError, DocumentUpdates  # noqa: E402
 
 _LAZY = {
     "TrainConfig": ("config", "TrainConfig"),
-    "Supervision": ("training.loop", "Supervision"),
+    "Supervision": ("training.supervision", "Supervision"),
     "train": ("training.loop", "train"),
     "fit": ("training.guard", "fit"),
     "export": ("training.export", "export"),

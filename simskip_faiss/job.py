@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import TrainConfig
-from .datasets.core import EmbeddingData
+from .config import EVAL_FACTORY, INDEX_FACTORY, THREADS, TrainConfig
+from .datasets import EmbeddingData
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def signals(data: EmbeddingData) -> dict[str, dict]:
     return out
 
 
-def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = None, factory: str = "HNSW32",
-        metric: str = "ip", threads: int = 2, seed: int = 0, command: str = "",
+def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = None, factory: str = INDEX_FACTORY,
+        metric: str = "ip", threads: int = THREADS, seed: int = 0, command: str = "",
         say: Callable[[str], None] | None = None) -> JobResult:
     """Train, export, choose on validation, bundle, evaluate and report `data` into `output` (see the module doc).
 
@@ -48,7 +48,7 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
     from .evaluation import EvalConfig, build, choose_refiner, evaluate
     from .training.export import replace_refiner
     from .training.guard import fit
-    from .refiners.core import Refiner
+    from .refiners import Refiner
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def run(data: EmbeddingData, output: str | Path, config: TrainConfig | None = No
             lines.append(res.guard.summary())
         if res.document_choice is not None:
             lines.append(res.document_choice.summary())
-    ecfg = EvalConfig(factory="Flat", metric=metric, ann_factory=factory if factory != "Flat" else None,
+    ecfg = EvalConfig(factory=EVAL_FACTORY, metric=metric, ann_factory=factory if factory != EVAL_FACTORY else None,
                       threads=threads, progress=base.progress, seed=seed)
     t = time.perf_counter()
     shipped, val = choose_refiner(data, refiners, ecfg, tolerance=base.tolerance)

@@ -58,7 +58,7 @@ def test_info_prints_a_short_summary_and_json_only_when_asked(files, onnx_path, 
 
 def test_info_summary_names_the_guard_and_document_updates(tmp_path, capsys, monkeypatch):
     """The guard's alpha and the first sentence of its reason, the signals and the document updates are shown."""
-    import simskip_faiss.refiners.core as refiner_module
+    import simskip_faiss.refiners as refiner_module
 
     class Fake:
         sha256, d_in, d_out, normalize, apply_to = "ab" * 32, 8, 8, True, "query_only"

@@ -10,7 +10,7 @@ import pytest
 from simskip_faiss import IdentityRefiner
 from simskip_faiss.datasets import load_digits, make_synthetic
 from simskip_faiss.evaluation import EvalConfig, ann_sweep, evaluate
-from simskip_faiss.refiners.core import LinearRefiner
+from simskip_faiss.refiners import LinearRefiner
 
 FAST = dict(progress=False, bootstrap=200, threads=2)
 
@@ -134,7 +134,7 @@ def user_files(tmp_path_factory):
 def test_cli_eval_end_to_end(user_files, onnx_path, tmp_path):
     from simskip_faiss.cli import main
     from simskip_faiss.datasets import load_user
-    from simskip_faiss.refiners.core import Refiner
+    from simskip_faiss.refiners import Refiner
 
     args, x, y, q, targets = user_files
     path, _ = onnx_path
@@ -165,7 +165,7 @@ def test_cli_run_end_to_end(user_files, tmp_path, capsys):
     from simskip_faiss.cli import main
     from simskip_faiss.datasets import load_user
     from simskip_faiss.index import RefinedIndex
-    from simskip_faiss.refiners.core import Refiner
+    from simskip_faiss.refiners import Refiner
 
     args, x, y, q, targets = user_files
     out = tmp_path / "run"
@@ -249,7 +249,7 @@ def test_choosing_on_validation_does_not_flag_the_validation_queries(user_files,
     from simskip_faiss.datasets import load_user
     from simskip_faiss.evaluation import EvalConfig, choose_refiner
     from simskip_faiss.training.guard import fit
-    from simskip_faiss.refiners.core import Refiner
+    from simskip_faiss.refiners import Refiner
 
     args, x, y, q, targets = user_files
     data = load_user(x, queries=q, qrels=args[-1])

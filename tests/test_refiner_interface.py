@@ -218,7 +218,7 @@ def test_public_names_and_no_import_cycle():
     assert "index" not in graph["refiner"] and "refiner" not in graph["faiss_utils"]
 
 
-@pytest.mark.parametrize("old, new", [("refiner", "refiners.core"), ("guard", "training.guard"),
+@pytest.mark.parametrize("old, new", [("guard", "training.guard"),
                                       ("export", "training.export"), ("spark", "scale.spark"),
                                       ("milvus", "scale.milvus"), ("documents", "refiners.documents")])
 def test_moved_modules_keep_their_old_path_for_one_release(old, new):
@@ -230,3 +230,16 @@ def test_moved_modules_keep_their_old_path_for_one_release(old, new):
     with pytest.warns(DeprecationWarning, match=f"simskip_faiss.{old} moved to simskip_faiss.{new}"):
         moved = importlib.import_module(f"simskip_faiss.{old}")
     assert moved is importlib.import_module(f"simskip_faiss.{new}")
+
+
+def test_the_refiner_module_keeps_its_names_for_one_release():
+    """`simskip_faiss.refiner` became a package; its old names still import from it, with a warning."""
+    import importlib
+    import sys
+
+    import simskip_faiss.refiners.onnx as onnx
+
+    sys.modules.pop("simskip_faiss.refiner", None)
+    with pytest.warns(DeprecationWarning, match="simskip_faiss.refiner moved to simskip_faiss.refiners"):
+        old = importlib.import_module("simskip_faiss.refiner")
+    assert old.Refiner is onnx.Refiner and old.MAX_NORM == importlib.import_module("simskip_faiss.refiners.base").MAX_NORM

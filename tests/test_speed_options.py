@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 from simskip_faiss import IdentityRefiner, RefinedIndex, Refiner  # noqa: E402
 from simskip_faiss.training.export import PARITY_TOLERANCE, export, quantize, sample_recall, split_sample  # noqa: E402
 from simskip_faiss.faiss_utils import release_rows, reserve  # noqa: E402
-from simskip_faiss.refiners.core import LinearRefiner, distil_linear  # noqa: E402
+from simskip_faiss.refiners import LinearRefiner, distil_linear  # noqa: E402
 
 
 def intersection_at_10(a: np.ndarray, b: np.ndarray) -> float:

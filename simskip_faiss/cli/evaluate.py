@@ -35,8 +35,8 @@ def _with_test_qrels(data, path: str):
 
 
 def cmd_eval(args) -> None:
-    from ..evaluation.report import EvalConfig, evaluate
-    from ..refiners.core import Refiner
+    from ..evaluation import EvalConfig, evaluate
+    from ..refiners import Refiner
 
     if args.test_qrels and not args.queries:
         raise CLIError("--test-qrels needs --corpus and --queries (the held-out queries' vectors)")

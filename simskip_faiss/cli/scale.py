@@ -96,7 +96,7 @@ class _MilvusQuiet:
 
 def _spark_refiner(args, df, vector_col: str):
     """The refiner of args.refiner; 'identity' takes its dimension from the first vector."""
-    from ..refiners.core import load_refiner
+    from ..refiners import load_refiner
 
     if str(args.refiner) != "identity":
         return load_refiner(args.refiner, threads=1)
@@ -134,7 +134,7 @@ def cmd_spark_build(args) -> None:
 
 def _milvus_collection(args, d: int | None):
     from ..scale.milvus import RefinedCollection, connect
-    from ..refiners.core import load_refiner
+    from ..refiners import load_refiner
 
     if str(args.refiner) == "identity" and d is None:
         raise CLIError("an identity refiner needs the input dimension")

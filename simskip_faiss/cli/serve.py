@@ -16,7 +16,7 @@ from .common import CLIError, check_output, load_npy, positive_int, write_result
 def cmd_build(args) -> None:
     from ..checks import check_shape
     from ..index import RefinedIndex
-    from ..refiners.core import load_refiner
+    from ..refiners import load_refiner
 
     x = load_npy(args.corpus, "corpus")
     check_shape(x, name=f"corpus {args.corpus}")
@@ -68,7 +68,7 @@ def cmd_search(args) -> None:
 def cmd_info(args) -> None:
     """A few lines on a bundle or refiner (what matters when choosing or checking one); --json: the whole record."""
     from ..persistence import read_manifest
-    from ..refiners.core import Refiner
+    from ..refiners import Refiner
 
     def first_sentence(text: str) -> str:
         m = re.match(r"(.+?[.!?])(\s|$)", " ".join(str(text).split()))

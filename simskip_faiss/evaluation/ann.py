@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
+from ..config import INDEX_FACTORY, THREADS
 from ..faiss_utils import metric_code
 from ..index import RefinedIndex
 from ..metrics.ranking import knn_recall
@@ -34,8 +35,8 @@ def _sweep_param(factory: str) -> tuple[str | None, tuple]:
     return None, (0,)
 
 
-def ann_sweep(refiner, corpus: np.ndarray, queries: np.ndarray, factory: str = "HNSW32", metric="ip",
-              values=None, threads: int = 2, name: str = "refined", k: int = 10, repeats: int = 3) -> list[dict]:
+def ann_sweep(refiner, corpus: np.ndarray, queries: np.ndarray, factory: str = INDEX_FACTORY, metric="ip",
+              values=None, threads: int = THREADS, name: str = "refined", k: int = 10, repeats: int = 3) -> list[dict]:
     """Recall against exact search in the refined space, and queries/s through RefinedIndex (refining included)."""
     with faiss_threads(threads):
         return _ann_sweep(refiner, corpus, queries, factory, metric, values, threads, name, k, repeats)

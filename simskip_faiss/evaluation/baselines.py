@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..checks import as_matrix
-from ..refiners.core import LinearRefiner
+from ..refiners import LinearRefiner
 from ..errors import InputError
 
 RIDGE_SCALES = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)  # lam / (tr(Q^T Q) / d)

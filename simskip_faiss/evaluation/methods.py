@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..datasets.core import EmbeddingData, answer_pairs
+from ..config import EVAL_FACTORY, MAX_VAL_QUERIES
+from ..datasets import EmbeddingData, answer_pairs
 from ..errors import InputError
 from ..index import RefinedIndex
 from ..metrics.scoring import score, task_queries
-from ..refiners.core import IdentityRefiner, LinearRefiner
+from ..refiners import IdentityRefiner, LinearRefiner
 from .baselines import lda_candidates, ridge_candidates
 
 BASELINES = ("raw", "centred", "whitened", "abtt", "ridge", "lda", "ridge+mean", "ridge+nudge")
@@ -21,7 +22,7 @@ SUPERVISED_BASELINES = {"ridge": ("pairs", "ndcg@10", ()), "lda": ("labels", "ma
 
 
 def baselines(data: EmbeddingData, names=BASELINES, abtt_components: int | None = None,
-              max_val_queries: int | None = 2000, seed: int = 0) -> dict:
+              max_val_queries: int | None = MAX_VAL_QUERIES, seed: int = 0) -> dict:
     """The free baselines, fitted on the train split only.
 
     Unsupervised: raw, centred, PCA-whitened, all-but-the-top. Supervised, only where the data has
@@ -94,7 +95,7 @@ def _lda_candidates(data: EmbeddingData) -> list:
 
 
 def choose_on_val(candidates: list, data: EmbeddingData, task: str, metric: str, protect=(),
-                  max_queries: int | None = 2000, seed: int = 0):
+                  max_queries: int | None = MAX_VAL_QUERIES, seed: int = 0):
     """The candidate with the best mean `task` `metric` on the val split (the first on ties), among
     those that keep each `protect` metric ("task:metric") at or above raw's on val.
 
@@ -124,7 +125,7 @@ def choose_on_val(candidates: list, data: EmbeddingData, task: str, metric: str,
     return best
 
 
-def build(refiner, data: EmbeddingData, factory: str = "Flat", metric="ip", progress: bool = False) -> RefinedIndex:
+def build(refiner, data: EmbeddingData, factory: str = EVAL_FACTORY, metric="ip", progress: bool = False) -> RefinedIndex:
     """A `RefinedIndex` of `data`'s whole corpus behind `refiner` (trained on the corpus if the index needs it)."""
     index = RefinedIndex(refiner, factory, metric, progress=progress)
     if not index.is_trained:

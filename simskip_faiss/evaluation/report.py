@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..datasets.core import EmbeddingData
+from ..config import EVAL_FACTORY, INDEX_FACTORY, MAX_EVAL_QUERIES, MAX_VAL_QUERIES, THREADS
+from ..datasets import EmbeddingData
 from ..errors import InputError
 from ..faiss_utils import metric_code
 from ..metrics.ranking import paired_bootstrap
 from ..metrics.scoring import (LABEL_METRICS, PAIR_METRICS, judge, label_relevant, score, seen_queries,  # noqa: F401
                                ship, task_queries)
 from ..persistence import atomic_write_bytes
-from ..refiners.core import IdentityRefiner
+from ..refiners import IdentityRefiner
 from .ann import _ann_table, ann_sweep, faiss_threads
 from .methods import BASELINES, DOCUMENT_BASELINES, SUPERVISED_BASELINES, baselines, build, choose_on_val  # noqa: F401
 
@@ -45,17 +46,17 @@ class EvalConfig:
     """How to evaluate. `factory` is the index quality is measured through (exact by default, so
     that ANN error does not blur quality); `ann_factory` is the one whose recall/speed is swept."""
 
-    factory: str = "Flat"
+    factory: str = EVAL_FACTORY
     metric: str = "ip"
     split: str = "test"
     baselines: tuple[str, ...] = BASELINES  # ridge / lda only where the data has pairs / labels
     abtt_components: int | None = None       # None: d/100 (Mu & Viswanath)
-    max_queries: int | None = 5000           # per task, seeded subsample of the split's queries
-    ann_factory: str | None = "HNSW32"       # None skips the ANN axis
+    max_queries: int | None = MAX_EVAL_QUERIES           # per task, seeded subsample of the split's queries
+    ann_factory: str | None = INDEX_FACTORY       # None skips the ANN axis
     ann_sweep: tuple[int, ...] | None = None  # efSearch / nprobe values; None picks by index type
     ann_methods: tuple[str, ...] | None = None  # None: raw + every refiner under test
-    threads: int = 2                         # FAISS OpenMP threads while evaluating (restored after)
-    max_val_queries: int = 2000              # per task, to choose the supervised baselines' lam / shrinkage
+    threads: int = THREADS                         # FAISS OpenMP threads while evaluating (restored after)
+    max_val_queries: int = MAX_VAL_QUERIES              # per task, to choose the supervised baselines' lam / shrinkage
     bootstrap: int = 1000
     seed: int = 0
     progress: bool = True

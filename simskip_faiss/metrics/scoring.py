@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..datasets.core import EmbeddingData, answered_rows
+from ..datasets import EmbeddingData, answered_rows
 from .ranking import drop_self, per_query_metrics
 
 LABEL_METRICS = ("precision@10", "map@100")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 import faiss
 import numpy as np
 
+from ..config import INDEX_TRAIN_SIZE, MERGEABLE_FACTORY
 from .arrow import ParquetPlan, arrow_vectors
 from .spark_common import (_WORKER_CACHE, _check_columns, _check_plan_columns, _is_path, _run_tasks, _session,
                            _ship, check_parquet, parquet_plan, validate)
@@ -65,7 +66,7 @@ def _sample(df, n: int, size: int, seed: int, vector_col: str, d: int) -> np.nda
 
 
 def build_index(source, refiner, output: str | os.PathLike, factory: str | None = None, metric: str = "ip",
-                vector_col: str = "vector", id_col: str = "id", train_size: int = 100_000, seed: int = 0,
+                vector_col: str = "vector", id_col: str = "id", train_size: int = INDEX_TRAIN_SIZE, seed: int = 0,
                 trained_index: faiss.Index | None = None, shard_dir: str | os.PathLike | None = None,
                 keep_shards: bool = False, spark=None, partitions: int | None = None,
                 quantizer: str = "mini-batch") -> BuildResult:
@@ -93,7 +94,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
         ri = RefinedIndex(refiner, trained_index, metric)
         ri.factory = factory
     else:
-        ri = RefinedIndex(refiner, factory or "IVF1024,Flat", metric)
+        ri = RefinedIndex(refiner, factory or MERGEABLE_FACTORY, metric)
     check_method(ri.index, quantizer)  # a bad method fails before any Spark work
     plan = None
     if _is_path(source):

@@ -33,7 +33,7 @@ import numpy as np
 from .. import __version__
 from ..config import DEFAULT_PRECISION
 from ..persistence import atomic_write_bytes, plain_name
-from ..refiners.core import METADATA_KEY, Refiner, documents_path
+from ..refiners import METADATA_KEY, Refiner, documents_path
 from ..errors import InputError
 from .precision import PRECISIONS, _check_precision, convert  # noqa: F401  (PRECISIONS: still importable here)
 

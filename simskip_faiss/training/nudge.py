@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 import faiss
 import numpy as np
 
-from ..datasets.core import answer_pairs  # noqa: F401  (also this module's name for it)
+from ..config import MAX_VAL_QUERIES
+from ..datasets import answer_pairs  # noqa: F401  (also this module's name for it)
 from ..refiners.documents import DocumentUpdates, sketch
 from ..errors import InputError
 from ..metrics.scoring import LABEL_METRICS, PAIR_METRICS, score, seen_queries, task_queries
@@ -157,7 +158,7 @@ METHODS = ("contrastive", "mean")
 
 
 def learn(data, query_fn: Callable[[np.ndarray], np.ndarray], doc_fn: Callable[[np.ndarray], np.ndarray],
-          method: str = "contrastive", tolerance: float = 0.0, metric: str = "ip", max_val_queries: int | None = 2000,
+          method: str = "contrastive", tolerance: float = 0.0, metric: str = "ip", max_val_queries: int | None = MAX_VAL_QUERIES,
           seed: int = 0, labels: bool = True) -> tuple[DocumentUpdates | None, UpdateChoice | None]:
     """Document updates for `data`'s corpus from its train-split pairs, the step chosen on its val split.
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..checks import as_matrix, check_matrix, load_npy
 from ..config import TrainConfig
-from ..datasets.core import answer_pairs
+from ..datasets import answer_pairs
 from ..errors import InputError
 
 
