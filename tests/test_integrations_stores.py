@@ -59,6 +59,7 @@ def test_langchain_store_read_back():
     assert corpus.vectors.dtype == np.float32 and corpus.vectors.shape == (len(TEXTS), 16)
     np.testing.assert_array_equal(corpus.vectors, fake_embed(TEXTS))  # what from_texts stored, in its order
     assert corpus.ids == [f"doc-{i}" for i in SHUFFLE]
+    assert (corpus.metric, corpus.cosine) == ("l2", False)  # LangChain's default distance
     for row in (0, 17, 39):  # each id's document in LangChain's docstore is the text of that row
         assert store.docstore.search(corpus.ids[row]).page_content == TEXTS[row]
     after = (store.index.ntotal, dict(store.index_to_docstore_id), store.index.reconstruct_n(0, store.index.ntotal))
@@ -88,6 +89,7 @@ def test_langchain_normalize_l2_store_and_ivf_index_are_read_without_change():
     corpus = stores.langchain_corpus(store)
     x = fake_embed(TEXTS)
     np.testing.assert_allclose(corpus.vectors, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-6)
+    assert (corpus.metric, corpus.cosine) == ("ip", True)
     np.testing.assert_array_equal(corpus.embed_queries(QUERIES[:2]), fake_embed(QUERIES[:2]))  # raw: the refiner's input
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 2)
     ivf.train(x)
@@ -141,8 +143,22 @@ def test_chroma_collection_read_back(tmp_path):
     assert before["ids"] == after["ids"] and before["documents"] == after["documents"]
     np.testing.assert_array_equal(before["embeddings"], after["embeddings"])
     np.testing.assert_array_equal(corpus.embed_queries(QUERIES[:3]), fake_embed(QUERIES[:3]))
+    assert (corpus.metric, corpus.cosine) == ("ip", False)
     pairs = expected_pairs(corpus.ids, lambda t: f"c{DOCS.index(t)}")
     check_pairs(corpus, pairs, {text_of[i]: r for r, i in enumerate(corpus.ids)})
+
+
+def test_chroma_cosine_collection_trains_on_unit_rows(tmp_path):
+    chromadb = pytest.importorskip("chromadb")
+    client = chromadb.PersistentClient(path=str(tmp_path / "c"))
+    coll = client.create_collection("cos", embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
+    x = 3 * fake_embed(TEXTS)  # not unit: Chroma keeps them, and compares by cosine
+    coll.add(ids=[f"c{i}" for i in SHUFFLE], embeddings=x)
+    corpus = stores.chroma_corpus(coll)
+    assert (corpus.metric, corpus.cosine) == ("ip", True)
+    np.testing.assert_allclose(corpus.vectors, x, rtol=1e-6)  # as held
+    data = corpus.training_data([(x[0] / 3 + 0.1, corpus.ids[0])])
+    np.testing.assert_allclose(np.linalg.norm(data.corpus, axis=1), 1, atol=1e-6)
 
 
 def test_chroma_refuses_a_refined_collection(tmp_path):
@@ -210,6 +226,7 @@ def test_llama_index_read_back(store_kind):
     assert snapshot() == before
     if store_kind != "simple":
         assert index.vector_store.client.ntotal == len(TEXTS)
+    assert (corpus.metric, corpus.cosine) == ("ip", store_kind == "simple")  # IndexFlatIP; Simple: cosine
     # queries: the retriever's own path (no metadata on a query)
     np.testing.assert_allclose(corpus.embed_queries(QUERIES[:2]), fake_embed(QUERIES[:2]), atol=1e-6)
     by_doc = stores.llama_index_corpus(index, ids="ref_doc")

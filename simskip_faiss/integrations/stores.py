@@ -4,23 +4,25 @@ pairs into an `EmbeddingData` whose qrels are the store's rows.
     from simskip_faiss.integrations import stores
 
     corpus = stores.langchain_corpus(store)      # or chroma_corpus(collection), llama_index_corpus(index)
-    data = stores.training_data(corpus.vectors, corpus.ids, [("a kitten on a rug", doc_id), ...],
-                                corpus.embed_queries)
-    result = sf.fit(data)
+    data = corpus.training_data([("a kitten on a rug", "doc-7"), ...])  # (query text or vector, document id)
+    result = sf.fit(data, sf.TrainConfig(metric=corpus.metric, documents="none"))
 
-Each reader returns `StoreCorpus(vectors, ids, embed_queries)`: the vectors the store holds (float32,
-read back, never re-embedded: LlamaIndex embedded each node with its metadata, `MetadataMode.EMBED`,
-and those are the vectors returned), the framework's own document id of each row (LangChain docstore
-ids, Chroma ids, LlamaIndex node ids or ref_doc ids), and a function embedding query texts the way the
-store's model embeds a query at search time, before the store compares it (the refiner's input). The
-store is only read. Each framework is imported inside its reader, so this module imports without them.
+Each reader returns a `StoreCorpus`: the vectors the store holds (float32, read back, never re-embedded:
+LlamaIndex embedded each node with its metadata, `MetadataMode.EMBED`, and those are the vectors
+returned), the framework's own document id of each row (LangChain docstore ids, Chroma ids, LlamaIndex
+node ids or ref_doc ids), a function embedding query texts the way the store's model embeds a query at
+search time (what a refiner receives), and the metric the store ranks by. The store is only read. Each
+framework is imported inside its reader, so this module imports without them.
 
-A store that already embeds through a refiner is refused: train on the store built with your base model.
+Pairs alone train a query-only refiner (`apply_to="queries"`): the store's vectors stay valid and only its
+query embedding is wrapped. A refiner that also refines documents needs the store rebuilt through the
+wrapper. The wrappers refuse document updates (they see texts, not ids): train with `documents="none"`.
+A store that already embeds through a refiner is refused: read the store built with your base model.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Callable, NamedTuple, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -34,13 +36,22 @@ __all__ = ["StoreCorpus", "langchain_corpus", "chroma_corpus", "llama_index_corp
 Embed = Callable[[list[str]], Any]
 
 
-class StoreCorpus(NamedTuple):
-    """What a store holds: `vectors` (n, d) float32, the document id of each row, and `embed_queries`
-    (texts -> (m, d) float32) embedding queries as the store's model does."""
+@dataclass(frozen=True)
+class StoreCorpus:
+    """What a store holds and how it searches: `vectors` (n, d) float32 and the document id of each row,
+    `embed_queries` (texts -> (m, d) float32) embedding queries as the store's model does, `metric` the
+    `TrainConfig.metric` that ranks as the store ranks ("ip" or "l2"), and `cosine`: the store compares by
+    cosine (inner product between unit vectors), so `training_data` trains on the rows L2-normalised."""
 
     vectors: np.ndarray
     ids: list[str]
     embed_queries: Embed
+    metric: str = "ip"
+    cosine: bool = False
+
+    def training_data(self, pairs, **kwargs) -> EmbeddingData:
+        """`training_data(self.vectors, self.ids, pairs, self.embed_queries, normalize=self.cosine, **kwargs)`."""
+        return training_data(self.vectors, self.ids, pairs, self.embed_queries, normalize=self.cosine, **kwargs)
 
 
 def _float32(rows, what: str) -> np.ndarray:
@@ -69,6 +80,15 @@ def _faiss_vectors(index, what: str) -> np.ndarray:
     except RuntimeError as e:
         raise InputError(f"{what}: this FAISS index ({type(index).__name__}) cannot give its vectors back "
                          f"({str(e).strip().splitlines()[-1]})") from None
+
+
+def _faiss_metric(index) -> str:
+    import faiss
+
+    kind = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}.get(getattr(index, "metric_type", None))
+    if kind is None:
+        raise InputError(f"the FAISS index compares by metric {index.metric_type}; training knows 'ip' and 'l2'")
+    return kind
 
 
 def _queries_as(fn: Callable[[str], Any]) -> Embed:
@@ -101,7 +121,9 @@ def langchain_corpus(store) -> StoreCorpus:
         raise InputError(f"LangChain FAISS store: index_to_docstore_id has no id for {len(missing)} of "
                          f"{len(vectors)} index positions (first {missing[0]})")
     query = emb.embed_query if isinstance(emb, Embeddings) else emb
-    return StoreCorpus(vectors, [str(mapping[i]) for i in range(len(vectors))], _queries_as(query))
+    cosine = bool(getattr(store, "_normalize_L2", False))  # vectors stored unit, queries normalised on search
+    return StoreCorpus(vectors, [str(mapping[i]) for i in range(len(vectors))], _queries_as(query),
+                       "ip" if cosine else _faiss_metric(index), cosine)
 
 
 def chroma_corpus(collection, batch: int = 10_000) -> StoreCorpus:
@@ -134,7 +156,19 @@ def chroma_corpus(collection, batch: int = 10_000) -> StoreCorpus:
             raise InputTypeError("embed_queries takes a list of texts, not one string")
         return np.asarray(collection._embed(input=list(texts), is_query=True), dtype=np.float32)
 
-    return StoreCorpus(vectors, ids, embed_queries)
+    space = _chroma_space(collection)
+    return StoreCorpus(vectors, ids, embed_queries, "l2" if space == "l2" else "ip", space == "cosine")
+
+
+def _chroma_space(collection) -> str:
+    """The collection's distance: its configuration's hnsw/spann space, else the legacy "hnsw:space"
+    metadata, else Chroma's default "l2"."""
+    config = getattr(collection, "configuration_json", None) or {}
+    for key in ("hnsw", "spann"):
+        space = (config.get(key) or {}).get("space")
+        if space:
+            return str(space)
+    return str((getattr(collection, "metadata", None) or {}).get("hnsw:space", "l2"))
 
 
 def llama_index_corpus(index, ids: str = "node") -> StoreCorpus:
@@ -159,6 +193,7 @@ def llama_index_corpus(index, ids: str = "node") -> StoreCorpus:
     if hasattr(store, "data") and hasattr(store.data, "embedding_dict"):  # SimpleVectorStore
         store_ids = list(store.data.embedding_dict)
         vectors = _float32([store.data.embedding_dict[i] for i in store_ids], f"LlamaIndex {kind}")
+        metric, cosine = "ip", True  # its default query ranks by cosine similarity
     elif hasattr(store, "_faiss_index"):  # FaissVectorStore, FaissMapVectorStore
         import faiss
 
@@ -166,9 +201,11 @@ def llama_index_corpus(index, ids: str = "node") -> StoreCorpus:
         id_map = getattr(store, "_faiss_id_to_node_id_map", None)
         if id_map is not None and hasattr(client, "id_map"):  # IndexIDMap(2): positions -> faiss ids -> node ids
             vectors = _faiss_vectors(faiss.downcast_index(client.index), f"LlamaIndex {kind}")
+            metric, cosine = _faiss_metric(client), False
             store_ids = [id_map.get(int(f)) for f in faiss.vector_to_array(client.id_map)]
         else:  # FaissVectorStore.add returns str(position) as the id
             vectors = _faiss_vectors(client, f"LlamaIndex {kind}")
+            metric, cosine = _faiss_metric(client), False
             store_ids = [str(i) for i in range(len(vectors))]
     else:
         raise InputTypeError(f"LlamaIndex {kind}: reading vectors back is supported for FaissVectorStore, "
@@ -184,12 +221,12 @@ def llama_index_corpus(index, ids: str = "node") -> StoreCorpus:
     if embed is None:
         raise InputError("this index has no embed model to embed queries with")
     return StoreCorpus(vectors, [str(i) for i in node_ids],
-                       _queries_as(lambda t: embed.get_agg_embedding_from_queries([t])))
+                       _queries_as(lambda t: embed.get_agg_embedding_from_queries([t])), metric, cosine)
 
 
 # -- pairs -> EmbeddingData -----------------------------------------------------------------------------
-def training_data(vectors, ids: Sequence[str], pairs, embed: Embed | None = None, *, seed: int = 0,
-                  fractions: Sequence[float] = DEFAULT_FRACTIONS, name: str = "store") -> EmbeddingData:
+def training_data(vectors, ids: Sequence[str], pairs, embed: Embed | None = None, *, normalize: bool = False,
+                  seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS, name: str = "store") -> EmbeddingData:
     """An `EmbeddingData` from a store's rows and (query, document id) pairs.
 
     vectors, ids: the store's rows and the document id of each (from a reader above; an id may repeat,
@@ -197,8 +234,11 @@ def training_data(vectors, ids: Sequence[str], pairs, embed: Embed | None = None
     query vector, document id); pairs with the same query (the same text, or the same vector) make one
     query. embed: texts -> vectors, required when a query is text (a reader's `embed_queries`). Corpus
     rows and queries get seeded splits exactly as `load_user(vectors, queries=...)` gives them (its
-    "shared" protocol). Unknown ids, no pairs and dimensions that differ from the store's are refused."""
+    "shared" protocol). normalize: L2-normalise the rows (a store that compares by cosine). Unknown ids, no
+    pairs and dimensions that differ from the store's are refused."""
     x = as_matrix(np.asarray(vectors, dtype=np.float32), name="vectors")
+    if normalize:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12).astype(np.float32)
     n, d = x.shape
     ids = [str(i) for i in ids]
     if len(ids) != n:
