@@ -218,3 +218,10 @@ def file_sha256(path: str | os.PathLike, start: int = 0, length: int | None = No
             h.update(block)
             left -= len(block)
     return h.hexdigest()
+
+
+def as_id_list(ids) -> list | None:
+    """Row ids (an Arrow array, numpy array or sequence) as a list of Python values, for messages; None stays None."""
+    if ids is None:
+        return None
+    return ids.to_pylist() if hasattr(ids, "to_pylist") else ids.tolist() if hasattr(ids, "tolist") else list(ids)

@@ -8,7 +8,9 @@ Anything else that escapes the package (a RuntimeError, an IndexError) is a bug 
 from __future__ import annotations
 
 import re
+from typing import Any
 
+MAX_LISTED = 10  # bad rows named in one error message
 # FAISS's C++ exceptions start "Error in <signature> at <file>:<line>: "; what follows is the reason
 FAISS_WHERE = re.compile(r"Error in .+? at \S+:\d+: ")
 
@@ -28,6 +30,17 @@ class InputTypeError(SimSkipError, TypeError):
 class RefinerMismatchError(InputError):
     """A store's vectors were made by another refiner (or with another metric): a Milvus collection, or a
     framework store saved through the integrations. Vectors from two refiners are not comparable."""
+
+
+class BadRowsError(InputError):
+    """Rows that cannot be refined; `rows` holds (id, problem) pairs, the message names the first ones."""
+
+    def __init__(self, rows: list[tuple[Any, str]], total: int | None = None, what: str = "input"):
+        self.rows = list(rows)
+        self.total = len(self.rows) if total is None else int(total)
+        listed = "; ".join(f"id {i!r}: {p}" for i, p in self.rows[:MAX_LISTED])
+        more = f" (and {self.total - min(len(self.rows), MAX_LISTED)} more)" if self.total > MAX_LISTED else ""
+        super().__init__(f"{what} has {self.total} bad row(s), nothing was written: {listed}{more}")
 
 
 def faiss_reason(e: BaseException, last: bool = True) -> str:

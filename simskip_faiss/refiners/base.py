@@ -21,10 +21,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..scale.arrow import BadRowsError, as_id_list
-from ..checks import as_matrix
+from ..checks import as_id_list, as_matrix
 from .documents import DocumentUpdates
-from ..errors import InputError
+from ..errors import BadRowsError, InputError
 
 APPLY_TO = ("both", "queries")
 NORM_RANGE = (1e-18, 1e18)  # input row norms a normalising refiner computes correctly in float32

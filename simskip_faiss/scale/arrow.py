@@ -14,20 +14,9 @@ import os
 from typing import Any, Iterator
 
 import numpy as np
-from ..errors import InputError, InputTypeError
+from ..checks import as_id_list  # noqa: F401  (the Spark and Milvus modules import it from here)
+from ..errors import MAX_LISTED, BadRowsError, InputError, InputTypeError  # noqa: F401
 
-MAX_LISTED = 10  # bad rows named in one error message
-
-
-class BadRowsError(InputError):
-    """Rows that cannot be refined; `rows` holds (id, problem) pairs, the message names the first ones."""
-
-    def __init__(self, rows: list[tuple[Any, str]], total: int | None = None, what: str = "input"):
-        self.rows = list(rows)
-        self.total = len(self.rows) if total is None else int(total)
-        listed = "; ".join(f"id {i!r}: {p}" for i, p in self.rows[:MAX_LISTED])
-        more = f" (and {self.total - min(len(self.rows), MAX_LISTED)} more)" if self.total > MAX_LISTED else ""
-        super().__init__(f"{what} has {self.total} bad row(s), nothing was written: {listed}{more}")
 
 
 def _bad_rows(col, d: int) -> list[tuple[int, str]]:
@@ -74,13 +63,6 @@ def arrow_vectors(col, d: int, ids=None, what: str = "input") -> np.ndarray:
     bad = _bad_rows(col, d)
     id_list = as_id_list(ids)
     raise BadRowsError([(id_list[i] if id_list is not None else i, p) for i, p in bad], what=what)
-
-
-def as_id_list(ids) -> list | None:
-    """Row ids (an Arrow array, numpy array or sequence) as a list of Python values, for messages; None stays None."""
-    if ids is None:
-        return None
-    return ids.to_pylist() if hasattr(ids, "to_pylist") else ids.tolist() if hasattr(ids, "tolist") else list(ids)
 
 
 def _all_equal(col, d: int) -> bool:
