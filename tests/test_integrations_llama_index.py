@@ -135,3 +135,63 @@ def test_load_index_documents_that_delete_ref_doc_is_not_supported():
     from simskip_faiss.integrations.llama_index import load_index
 
     assert "delete_ref_doc" in load_index.__doc__ and "NotImplementedError" in load_index.__doc__
+
+
+def test_ingestion_with_two_workers_gives_the_vectors_of_one(refiner_files):
+    """Multi-worker ingestion pickles the transformations into spawned processes; the refiner travels with them."""
+    from llama_index.core.ingestion import IngestionPipeline
+    from llama_index.core.schema import TextNode
+
+    from simskip_faiss.integrations.llama_index import RefinedEmbedding
+
+    embed = RefinedEmbedding(FakeEmbedding(), refiner_files["both"])
+
+    def run(workers: int) -> np.ndarray:
+        nodes = [TextNode(text=t, id_=f"n{i}") for i, t in enumerate(DOCS[:40])]
+        out = IngestionPipeline(transformations=[embed], disable_cache=True).run(nodes=nodes, num_workers=workers)
+        return np.array([n.embedding for n in sorted(out, key=lambda n: int(n.id_[1:]))], dtype=np.float32)
+
+    one, two = run(1), run(2)
+    np.testing.assert_array_equal(two, one)
+    np.testing.assert_allclose(one, embed.refiner.transform(fake_embed(DOCS[:40])), atol=1e-6)  # refined, not raw
+
+
+def test_to_dict_records_the_refiner_and_from_dict_checks_it(refiner_files):
+    """to_dict() had no trace of the refiner: an IngestionPipeline cache keyed two refiners alike (one's vectors
+    served for the other), and from_dict failed with a bare TypeError."""
+    from llama_index.core.ingestion.pipeline import get_transformation_hash
+    from llama_index.core.schema import TextNode
+
+    from simskip_faiss.errors import InputError
+    from simskip_faiss.integrations.llama_index import RefinedEmbedding
+
+    a, b = RefinedEmbedding(FakeEmbedding(), refiner_files["both"]), RefinedEmbedding(FakeEmbedding(), refiner_files["other"])
+    nodes = [TextNode(text="a document")]
+    assert get_transformation_hash(nodes, a) != get_transformation_hash(nodes, b)
+    data = a.to_dict()
+    assert data["refiner_record"]["sha256"] == a.refiner.sha256
+    back = RefinedEmbedding.from_dict(data, base=FakeEmbedding(), refiner=refiner_files["both"])
+    assert back.get_query_embedding("q") == a.get_query_embedding("q") and back.to_dict() == data
+    with pytest.raises(InputError) as e:
+        RefinedEmbedding.from_dict(data)
+    assert len(str(e.value).splitlines()) == 1 and "refiner=" in str(e.value)
+    with pytest.raises(RefinerMismatchError, match="different refiners are not comparable"):
+        RefinedEmbedding.from_dict(data, base=FakeEmbedding(), refiner=refiner_files["other"])
+
+
+def test_query_only_refiner_refuses_the_embeddings_cache(refiner_files):
+    """LlamaIndex's embeddings_cache keys queries and texts by the text alone: with a query-only refiner a text
+    embedded as a document (raw) and then asked as a query came back raw."""
+    from llama_index.core.storage.kvstore import SimpleKVStore
+
+    from simskip_faiss.errors import InputError
+    from simskip_faiss.integrations.llama_index import RefinedEmbedding
+
+    with pytest.raises(InputError, match="cannot use embeddings_cache"):
+        RefinedEmbedding(FakeEmbedding(), refiner_files["queries"], embeddings_cache=SimpleKVStore())
+    embed = RefinedEmbedding(FakeEmbedding(), refiner_files["queries"])
+    embed.embeddings_cache = SimpleKVStore()  # set afterwards
+    with pytest.raises(InputError, match="cannot use embeddings_cache"):
+        embed.get_text_embedding(DOCS[0])
+    both = RefinedEmbedding(FakeEmbedding(), refiner_files["both"], embeddings_cache=SimpleKVStore())
+    assert both.get_query_embedding(DOCS[0]) == both.get_text_embedding(DOCS[0])  # both sides refined alike

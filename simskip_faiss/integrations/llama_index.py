@@ -25,7 +25,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import Field, PrivateAttr
 
 from .refining import refine_documents, refine_queries, resolve_refiner, stored_dim
-from .sidecar import checked_refiner, saving
+from .sidecar import check_record, checked_refiner, describe, refiner_record, saving
 from ..errors import InputError, InputTypeError, faiss_reason
 
 __all__ = ["RefinedEmbedding", "persist", "load_index", "stored_dim", "VECTOR_STORE_FNAME"]
@@ -35,18 +35,50 @@ class RefinedEmbedding(BaseEmbedding):
     """`base` (any LlamaIndex embed model) followed by a refiner, under the apply_to rule.
 
     refiner: a refiner, a `RefinedIndex`, an ONNX path or a bundle directory.
+
+    `to_dict()` carries the refiner's record (`refiner_record`: sha256, kind, dimensions, apply_to), so
+    an `IngestionPipeline` cache keys each refiner apart; `from_dict(data, base=..., refiner=...)` rebuilds
+    the wrapper, checking the refiner against that record (the dict holds no refiner bytes). LlamaIndex's
+    `embeddings_cache` keys query and text embeddings by the text alone, so with a query-only refiner
+    (refined queries, raw documents) it would hand one side's vector to the other: refused.
     """
 
     base: BaseEmbedding = Field(description="the embedding model whose vectors are refined")
+    refiner_record: dict = Field(default_factory=dict, description="the refiner's record (sha256, kind, dims, apply_to)")
     _refiner: Any = PrivateAttr()
 
     def __init__(self, base: BaseEmbedding, refiner, threads: int | None = 1, **kwargs: Any):
         if isinstance(base, RefinedEmbedding):
             raise InputTypeError("the embed model is already refined; wrap the base model, not a RefinedEmbedding")
+        refiner = resolve_refiner(refiner, threads)
         kwargs.setdefault("model_name", f"simskip({base.model_name})")
         kwargs.setdefault("embed_batch_size", base.embed_batch_size)
+        kwargs["refiner_record"] = refiner_record(refiner)
         super().__init__(base=base, **kwargs)
-        self._refiner = resolve_refiner(refiner, threads)
+        self._refiner = refiner
+        self._check_cache()
+
+    def _check_cache(self) -> None:
+        if self.embeddings_cache is not None and not self._refiner.refines_documents:
+            raise InputError("RefinedEmbedding with a query-only refiner cannot use embeddings_cache: LlamaIndex keys "
+                             "query and text embeddings by the text alone, so a refined query vector would be reused "
+                             "as a raw document vector (and back); set embeddings_cache=None")
+
+    @classmethod
+    def from_dict(cls, data: dict, **kwargs: Any) -> "RefinedEmbedding":
+        """Rebuild from `to_dict()`: pass `base=` (the embed model) and `refiner=` (checked against the record)."""
+        data = {**data, **kwargs}
+        data.pop("class_name", None)
+        record = data.pop("refiner_record", None)
+        base, refiner = data.pop("base", None), data.pop("refiner", None)
+        if refiner is None or not isinstance(base, BaseEmbedding):
+            raise InputError(f"RefinedEmbedding.from_dict: the dict records the refiner "
+                             f"({describe(record or {})}) but holds neither it nor a live base model; "
+                             f"call from_dict(data, base=<embed model>, refiner=<that refiner>)")
+        embed = cls(base, refiner, **data)
+        if record:
+            check_record(record, embed.refiner, "RefinedEmbedding.from_dict's data")
+        return embed
 
     @classmethod
     def class_name(cls) -> str:
@@ -69,19 +101,23 @@ class RefinedEmbedding(BaseEmbedding):
         self._refiner = refiner
 
     def _get_query_embedding(self, query: str) -> list[float]:
+        self._check_cache()
         return refine_queries(self._refiner, [self.base.get_query_embedding(query)])[0].tolist()
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
+        self._check_cache()
         return refine_queries(self._refiner, [await self.base.aget_query_embedding(query)])[0].tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        self._check_cache()
         raw = self.base.get_text_embedding_batch(texts)
         return refine_documents(self._refiner, raw).tolist()
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        self._check_cache()
         raw = await self.base.aget_text_embedding_batch(texts)
         return refine_documents(self._refiner, raw).tolist()
 
