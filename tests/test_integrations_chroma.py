@@ -87,7 +87,7 @@ def test_flow_matches_refined_index_and_reloads_in_new_process(refiner_files, tm
     assert in_new_process("test_integrations_chroma", "reload_all", cases=cases) == [*wants.values(), wants["queries"]]
 
 
-def test_reopen_refuses_missing_or_different_refiner(refiner_files, tmp_path):
+def test_reopen_refuses_a_different_refiner_and_keeps_its_own_copy(refiner_files, tmp_path):
     import chromadb
 
     import simskip_faiss.integrations.chroma as sc
@@ -95,21 +95,163 @@ def test_reopen_refuses_missing_or_different_refiner(refiner_files, tmp_path):
     refiner = tmp_path / "refiner.onnx"
     shutil.copy(refiner_files["queries"], refiner)
     client = chromadb.PersistentClient(path=str(tmp_path / "db"))
-    build(client, "docs", refiner)
+    coll = build(client, "docs", refiner)
+    folder = sc.record_folder(coll)
+    assert folder == tmp_path / "db" / "simskip" / str(coll.id) and (folder / "simskip_refiner.json").is_file()
+    assert len(list(folder.glob("simskip_refiner-*.onnx"))) == 1  # the refiner travels with the collection
     client.create_collection("plain", embedding_function=FakeEF()).add(ids=["0"], documents=["x"])
     with pytest.raises(RefinerMismatchError, match="different refiners are not comparable"):
         sc.get_collection(client, "docs", sc.RefinedEmbeddingFunction(FakeEF(), refiner_files["other"]))
     with pytest.raises(MissingRefinerError, match="records no simskip refiner"):
         sc.get_collection(client, "plain")
-    assert search(sc.get_collection(client, "docs")) == expected_ids(refiner)
-    shutil.copy(refiner_files["other"], refiner)  # the refiner file was replaced by another one
-    with pytest.raises(RefinerMismatchError, match="different refiners are not comparable"):
-        sc.get_collection(client, "docs")
-    with pytest.raises(Exception, match="different refiners are not comparable"):  # plain Chroma: our check runs too
-        search(chromadb.PersistentClient(path=str(tmp_path / "db")).get_collection("docs"))
+    want = expected_ids(refiner_files["queries"])
+    assert search(sc.get_collection(client, "docs")) == want
+    shutil.copy(refiner_files["other"], refiner)  # the user's refiner file replaced, then gone: the copy is used
+    assert search(sc.get_collection(client, "docs")) == want
     refiner.unlink()
-    with pytest.raises(MissingRefinerError, match="refiner file .* is missing"):
+    assert search(chromadb.PersistentClient(path=str(tmp_path / "db")).get_collection("docs")) == want
+    for p in folder.glob("simskip_refiner-*.onnx"):  # the collection's own copy gone too: refused
+        p.unlink()
+    with pytest.raises(MissingRefinerError, match="missing and none was given"):
         sc.get_collection(client, "docs")
+
+
+def test_a_collection_without_a_record_gets_one_when_first_opened(refiner_files, tmp_path):
+    """A collection made before the record existed: its config's refiner file is recorded and copied on open."""
+    import chromadb
+
+    import simskip_faiss.integrations.chroma as sc
+
+    client = chromadb.PersistentClient(path=str(tmp_path / "db"))
+    coll = build(client, "docs", refiner_files["both"])
+    shutil.rmtree(sc.record_folder(coll))
+    sc._cache.clear()
+    assert search(client.get_collection("docs")) == expected_ids(refiner_files["both"])
+    assert (sc.record_folder(coll) / "simskip_refiner.json").is_file()
+
+
+# -- the matrix: every way to open or change a persisted collection, in a new process -------------------
+def _cell(run) -> dict:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = {"ids": run()}
+        except Exception as e:  # noqa: BLE001  (the cell's outcome is what is tested)
+            out = {"error": type(e).__name__, "message": str(e)}
+    out["warned"] = any(issubclass(w.category, RuntimeWarning) and "using the recorded refiner" in str(w.message)
+                        for w in caught)
+    return out
+
+
+def open_without_the_package(path: str, name: str) -> dict:
+    """Runs in a new process that never imports simskip_faiss.integrations.chroma."""
+    import sys
+
+    import chromadb
+
+    cell = _cell(lambda: search(chromadb.PersistentClient(path=path).get_collection(name)))
+    assert "simskip_faiss.integrations.chroma" not in sys.modules
+    return cell
+
+
+def open_cells(path: str, name: str, refiner: str, other: str) -> dict:
+    """Runs in a new process: each way to open (or change) the collection; ids searched, or the error raised."""
+    import chromadb
+
+    import simskip_faiss.integrations.chroma as sc
+
+    client = chromadb.PersistentClient(path=path)
+    ef = sc.RefinedEmbeddingFunction
+
+    def modify():
+        client.get_collection(name).modify(configuration={"embedding_function": ef(FakeEF(), other)})
+        return search(client.get_collection(name))
+
+    cells = {
+        "package get_collection": lambda: search(sc.get_collection(client, name)),
+        "package get_collection, its refiner": lambda: search(sc.get_collection(client, name, ef(FakeEF(), refiner))),
+        "package get_collection, other refiner": lambda: search(sc.get_collection(client, name, ef(FakeEF(), other))),
+        "chroma get_collection": lambda: search(client.get_collection(name)),
+        "chroma get_collection, its refiner": lambda: search(client.get_collection(name,
+                                                                                 embedding_function=ef(FakeEF(), refiner))),
+        "chroma get_collection, other refiner": lambda: search(client.get_collection(name,
+                                                                                   embedding_function=ef(FakeEF(), other))),
+        "chroma get_collection, base function": lambda: search(client.get_collection(name, embedding_function=FakeEF())),
+        "modify to other refiner": modify,
+        "after that modify: chroma get_collection": lambda: search(chromadb.PersistentClient(path=path)
+                                                                   .get_collection(name)),
+    }
+    return {label: _cell(run) for label, run in cells.items()}
+
+
+def mismatched_ids(stored_by, queried_by) -> list[list[int]]:
+    """Ids of a silent mismatched search: documents stored by one refiner (None: raw), queries by another."""
+    import simskip_faiss as sf
+
+    docs = fake_embed(DOCS)
+    if stored_by is not None:
+        docs = sf.Refiner.load(stored_by).refine_documents(docs)
+    q = fake_embed(QUERIES)
+    if queried_by is not None:
+        q = sf.Refiner.load(queried_by).refine_queries(q)
+    index = sf.RefinedIndex(sf.IdentityRefiner(docs.shape[1]), "Flat", metric="ip")
+    index.add(docs)
+    return [index.search(q[i:i + 1], K)[1][0].tolist() for i in range(len(QUERIES))]
+
+
+@pytest.mark.parametrize("mode", ["both", "queries"])
+def test_every_way_to_open_a_moved_collection_refines_or_refuses(mode, refiner_files, tmp_path):
+    """Built with a refiner file that is then gone, the persist folder moved, a collection whose Chroma
+    configuration was changed to another refiner behind the package's back (what `modify` did before its
+    check ran first): every cell in a new process is RefinedIndex's ids or a one-line error, never a raw or
+    mismatched search."""
+    import chromadb
+
+    import simskip_faiss.integrations.chroma as sc
+
+    refiner = tmp_path / "mine.onnx"
+    shutil.copy(refiner_files[mode], refiner)
+    want = expected_ids(refiner_files[mode])
+    for wrong in (mismatched_ids(refiner, None), mismatched_ids(refiner, refiner_files["other"]),
+                  mismatched_ids(None, None)):
+        assert wrong != want  # a silent raw or mismatched search would fail the == below
+    client = chromadb.PersistentClient(path=str(tmp_path / "db"))
+    build(client, "intact", refiner)
+    changed = build(client, "changed", refiner)
+    with pytest.raises(RefinerMismatchError, match="cannot change its refiner.*nothing was changed"):
+        changed.modify(configuration={"embedding_function": sc.RefinedEmbeddingFunction(FakeEF(), refiner_files["other"])})
+    assert client.get_collection("changed").configuration_json["embedding_function"]["config"]["sha256"] == \
+        sc.RefinedEmbeddingFunction(FakeEF(), refiner).refiner.sha256  # Chroma stored nothing
+    # Chroma's own update call, with no collection method on the stack: the configuration is changed
+    changed._client._modify(id=changed.id, new_configuration={"embedding_function": sc.RefinedEmbeddingFunction(
+        FakeEF(), refiner_files["other"])}, tenant=changed.tenant, database=changed.database)
+    del client, changed
+    refiner.unlink()
+    moved = tmp_path / "elsewhere" / "db"
+    moved.parent.mkdir()
+    shutil.move(str(tmp_path / "db"), str(moved))
+
+    refines = {"package get_collection", "package get_collection, its refiner", "chroma get_collection",
+               "chroma get_collection, its refiner", "after that modify: chroma get_collection"}
+    for name in ("intact", "changed"):
+        cells = in_new_process("test_integrations_chroma", "open_cells", path=str(moved), name=name,
+                               refiner=str(refiner_files[mode]), other=str(refiner_files["other"]))
+        for label, got in cells.items():
+            if label in refines and not (name == "changed" and label == "package get_collection"):
+                assert got.get("ids") == want, (name, label, got)
+            else:
+                assert got.get("error") in ("RefinerMismatchError", "MissingRefinerError", "ValueError"), (name, label, got)
+                assert "\n" not in got["message"], (name, label, got)
+        assert cells["chroma get_collection"]["warned"] == (name == "changed")
+        assert "different refiners are not comparable" in cells["chroma get_collection, other refiner"]["message"]
+        assert "different refiners are not comparable" in cells["package get_collection, other refiner"]["message"]
+        assert "conflict" in cells["chroma get_collection, base function"]["message"]
+        assert "nothing was changed" in cells["modify to other refiner"]["message"]
+    assert "but its vectors were made by" in cells["package get_collection"]["message"]  # "changed"
+    without = in_new_process("test_integrations_chroma", "open_without_the_package", path=str(moved), name="intact")
+    assert without.get("error") == "ValueError" and "simskip_faiss_refined not found" in without["message"], without
 
 
 def test_needs_a_refiner_file(refiner_files):

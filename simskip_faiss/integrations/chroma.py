@@ -8,15 +8,43 @@
     docs = sc.get_collection(client, "docs")             # rebuilt from the stored config, refiner re-hashed
 
 The collection's configuration records the base function (its registered name and config), the
-refiner's path and its sha256, dimensions, normalisation and apply_to. Reopening rebuilds the
-function from that record and refuses a refiner file that is missing or no longer the same
-(`RefinerMismatchError`); `get_collection` also checks a function you pass in, which Chroma itself
-compares by name only. Documents (`__call__`) are refined only when apply_to is "both"; queries
-(`embed_query`, what Chroma calls for `query_texts`) always.
+refiner's path and its sha256, dimensions, normalisation and apply_to. Documents (`__call__`) are
+refined only when apply_to is "both"; queries (`embed_query`, what Chroma calls for `query_texts`) always.
+
+The collection's own record. Chroma's configuration can be changed (`collection.modify`), so for a
+persistent client the package keeps its own record of the refiner that made a collection's vectors,
+with a copy of the refiner, in the persist directory: `<persist>/simskip/<collection id>/`
+(`simskip_refiner.json` + `simskip_refiner-<sha>.onnx`, written atomically by `sidecar.write_sidecar`).
+It is written the first time the function runs for the collection (its first `add`), or the first
+time a collection made before this record existed is opened. Because it lives inside the persist
+directory and is found from the collection's id, a moved or copied folder opens on another machine.
+Whenever Chroma calls the function for a collection (it passes no collection, so the function finds
+the `Collection` whose method is running on the call stack):
+
+- `build_from_config` (what Chroma runs for every `query_texts` when the collection was opened
+  without a function, `client.get_collection(name)`) uses the recorded refiner; a configuration that
+  names another refiner (changed outside this package) is overridden, with a warning.
+- `__call__` / `embed_query` of a function passed in (`client.get_collection(name, embedding_function=ef)`,
+  which Chroma compares by name only) raise `RefinerMismatchError` unless `ef`'s refiner is the recorded one.
+- `collection.modify(configuration={"embedding_function": <other refiner>})` raises
+  `RefinerMismatchError` before Chroma stores anything (`validate_config`, which Chroma runs while
+  serialising the update, before persisting it).
+
+`get_collection` (this module) does the same checks without the stack. Not guarded: `modify` to an
+embedding function that is not this package's (Chroma persists it before any code of this package
+runs); afterwards `get_collection` refuses the collection (its record says which refiner made the
+vectors), but plain `client.get_collection(name)` embeds queries with that function. A process that has
+not imported this module cannot build the function: Chroma raises "Embedding function
+simskip_faiss_refined not found" at the first `query_texts`. Clients without a local persist
+directory (`EphemeralClient`, `HttpClient`) keep no record: their checks compare with the collection's
+current configuration, and the configuration's refiner path must exist where the function is rebuilt.
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +54,13 @@ from chromadb.utils.embedding_functions import known_embedding_functions, regist
 from ..refiners.onnx import Refiner
 from ..errors import InputError, InputTypeError, RefinerMismatchError
 from .refining import refine_documents, refine_queries, resolve_refiner
-from .sidecar import RECORD_KEYS, MissingRefinerError, check_record, describe, identity_from_record, refiner_record
+from .sidecar import (RECORD_KEYS, SIDECAR, MissingRefinerError, check_record, checked_refiner, describe,
+                      identity_from_record, read_sidecar, refiner_record, write_sidecar)
 
 NAME = "simskip_faiss_refined"
 
-__all__ = ["NAME", "RefinedEmbeddingFunction", "get_collection"]
+__all__ = ["NAME", "RefinedEmbeddingFunction", "get_collection", "record_folder"]
+RECORDS = "simskip"  # <persist directory>/simskip/<collection id>/: the package's record of each collection
 
 
 def refiner_file(refiner) -> str | None:
@@ -48,6 +78,74 @@ def refiner_file(refiner) -> str | None:
                     f"directory), not a {type(refiner).__name__} held only in memory")
 
 
+# -- the collection's own record, in its persist directory --------------------------------------------
+def _running_collection():
+    """The chromadb `Collection` whose method (add, query, modify, configuration, ...) is on the call stack."""
+    from chromadb.api.models.CollectionCommon import CollectionCommon
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if str(frame.f_globals.get("__name__", "")).startswith("chromadb."):
+            me = frame.f_locals.get("self")
+            if isinstance(me, CollectionCommon):
+                return me
+        frame = frame.f_back
+    return None
+
+
+def record_folder(collection) -> Path | None:
+    """`<persist directory>/simskip/<collection id>`, or None for a client without a local persist directory."""
+    try:
+        settings = collection._client.get_settings()
+    except Exception:  # noqa: BLE001  (a client that does not say: keep no record)
+        return None
+    if not getattr(settings, "is_persistent", False) or not getattr(settings, "persist_directory", None):
+        return None
+    return Path(settings.persist_directory) / RECORDS / str(collection.id)
+
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def _recorded(folder: Path | None):
+    """(record, refiner) the collection's folder holds, or None when it has no record. The refiner (the
+    stored copy, re-hashed) is cached while the record and copy files stay the same."""
+    if folder is None or not (folder / SIDECAR).is_file():
+        return None
+    record = read_sidecar(folder)
+    files = [folder / SIDECAR] + ([folder / record["file"]] if record.get("file") else [])
+    try:
+        key = (str(folder), tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in (f.stat() for f in files)))
+    except FileNotFoundError:
+        key = None
+    with _cache_lock:
+        hit = _cache.get(key) if key else None
+    if hit is None:
+        hit = (record, checked_refiner(folder))
+        if key:
+            with _cache_lock:
+                _cache.clear()  # one entry per folder in use is plenty; drop stale ones
+                _cache[key] = hit
+    return hit
+
+
+def _bind(collection, folder: Path | None, refiner) -> None:
+    """Check `refiner` against the collection's record, or write the record when it has none yet."""
+    if folder is None:
+        return
+    held = _recorded(folder)
+    if held is not None:
+        check_record(held[0], refiner, f"Chroma collection {collection.name!r} (record {folder})")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_sidecar(folder, refiner, folder=True)
+
+
+def _fields(config: dict) -> dict:
+    return {k: (config or {}).get(k) for k in RECORD_KEYS}
+
+
 @register_embedding_function
 class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
     """`embedding_function` (a registered Chroma EmbeddingFunction) followed by a refiner, under the apply_to rule.
@@ -63,10 +161,18 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
         self.refiner_path = refiner_file(refiner)
         self.refiner = resolve_refiner(refiner, threads)
 
+    def _check_collection(self) -> None:
+        """Inside a collection's method: this refiner must be the collection's recorded one (written if none)."""
+        coll = _running_collection()
+        if coll is not None:
+            _bind(coll, record_folder(coll), self.refiner)
+
     def __call__(self, input: Documents) -> Embeddings:
+        self._check_collection()
         return list(refine_documents(self.refiner, self.embedding_function(input)))
 
     def embed_query(self, input: Documents) -> Embeddings:
+        self._check_collection()
         return list(refine_queries(self.refiner, self.embedding_function.embed_query(input)))
 
     @staticmethod
@@ -84,15 +190,47 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
         return {"embedding_function": {"name": ef.name(), "config": ef.get_config()},
                 "refiner_path": self.refiner_path, **refiner_record(self.refiner)}
 
+    @classmethod
+    def _with_refiner(cls, base: EmbeddingFunction, refiner, path: str | None) -> "RefinedEmbeddingFunction":
+        """A function over an already resolved refiner (a collection's recorded copy), recorded by `path`."""
+        ef = cls.__new__(cls)
+        ef.embedding_function, ef.refiner_path, ef.refiner = base, path, refiner
+        return ef
+
     @staticmethod
-    def build_from_config(config: dict[str, Any]) -> "RefinedEmbeddingFunction":
-        """Rebuild from a collection's stored config: the base function by its registered name, the refiner
-        from its path, re-hashed and checked against the record."""
+    def _base_from_config(config: dict[str, Any]) -> EmbeddingFunction:
         inner = config.get("embedding_function") or {}
         if inner.get("name") not in known_embedding_functions:
             raise InputError(f"the base embedding function {inner.get('name')!r} is not registered with Chroma "
                              f"(import the module that registers it before opening the collection)")
-        base = known_embedding_functions[inner["name"]].build_from_config(inner.get("config") or {})
+        return known_embedding_functions[inner["name"]].build_from_config(inner.get("config") or {})
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> "RefinedEmbeddingFunction":
+        """Rebuild from a collection's stored config: the base function by its registered name; the refiner
+        from the collection's own record when Chroma runs this for a persisted collection (module docstring),
+        else from the config's path, re-hashed and checked against the config."""
+        coll = _running_collection()
+        folder = record_folder(coll) if coll is not None else None
+        held = _recorded(folder)
+        if held is not None:
+            record, refiner = held
+            stored = ((coll.configuration_json or {}).get("embedding_function") or {}).get("config") or {}
+            if _fields(config) != _fields(record) and _fields(config) == _fields(stored):  # not a modify's new one
+                warnings.warn(f"Chroma collection {coll.name!r}: its configuration names {describe(config)}, but its "
+                              f"vectors were made by {describe(record)} (record {folder}); using the recorded refiner",
+                              RuntimeWarning, stacklevel=2)
+            copy = folder / record["file"] if record.get("file") else None
+            return RefinedEmbeddingFunction._with_refiner(RefinedEmbeddingFunction._base_from_config(config),
+                                                          refiner, str(copy) if copy else None)
+        ef = RefinedEmbeddingFunction._from_config_path(config)
+        if folder is not None:
+            _bind(coll, folder, ef.refiner)
+        return ef
+
+    @staticmethod
+    def _from_config_path(config: dict[str, Any]) -> "RefinedEmbeddingFunction":
+        base = RefinedEmbeddingFunction._base_from_config(config)
         path = config.get("refiner_path")
         if path is None and config.get("kind") == "identity":
             refiner = identity_from_record(config)
@@ -105,28 +243,75 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
         check_record(config, ef.refiner, f"the Chroma collection (refiner file {path})")
         return ef
 
+    @staticmethod
+    def validate_config(config: dict[str, Any]) -> None:
+        """Chroma runs this while serialising a `collection.modify` update, before it stores anything: an update
+        to another refiner than the collection's (its record, else its current configuration) is refused."""
+        coll = _running_collection()
+        if coll is None:
+            return
+        held = _recorded(record_folder(coll))
+        if held is not None:
+            theirs = held[0]
+        else:
+            current = (coll.configuration_json or {}).get("embedding_function") or {}
+            if current.get("name") != NAME:
+                return
+            theirs = current.get("config") or {}
+        if _fields(theirs) != _fields(config):
+            raise RefinerMismatchError(f"Chroma collection {coll.name!r} cannot change its refiner: it holds vectors "
+                                       f"made by {describe(theirs)}, the update has {describe(config)}; nothing was "
+                                       f"changed (build a new collection for another refiner)")
+
     def validate_config_update(self, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
         if any(old_config.get(k) != new_config.get(k) for k in RECORD_KEYS):
             raise RefinerMismatchError(f"a collection's refiner cannot change: it holds vectors made by "
                                        f"{describe(old_config)}, the update has {describe(new_config)}")
+        old_base, new_base = old_config.get("embedding_function") or {}, new_config.get("embedding_function") or {}
+        if old_base.get("name") != new_base.get("name"):
+            raise RefinerMismatchError(f"a collection's base embedding function cannot change: it holds vectors of "
+                                       f"{old_base.get('name')!r}, the update has {new_base.get('name')!r}")
+        if old_base.get("name") in known_embedding_functions:  # the base function's own rule (e.g. its model name)
+            self.embedding_function.validate_config_update(old_base.get("config") or {}, new_base.get("config") or {})
 
 
 def get_collection(client, name: str, embedding_function: RefinedEmbeddingFunction | None = None):
     """Open a collection made with `RefinedEmbeddingFunction`, its refiner checked.
 
-    Without `embedding_function`, the function is rebuilt from the stored config (refiner file
-    re-hashed); with one, its refiner must match the stored record. A collection that records no
-    refined function raises `MissingRefinerError`; another refiner, `RefinerMismatchError`.
+    Without `embedding_function`, the function is rebuilt: its refiner from the collection's own record
+    (persistent clients, module docstring), else from the stored config (refiner file re-hashed); with
+    one, its refiner must match the record (else the stored config). A collection that records no refined
+    function raises `MissingRefinerError`; another refiner, `RefinerMismatchError`.
     """
-    stored = (client.get_collection(name).configuration_json or {}).get("embedding_function") or {}
+    coll = client.get_collection(name)
+    folder = record_folder(coll)
+    held = _recorded(folder)
+    stored = (coll.configuration_json or {}).get("embedding_function") or {}
     if stored.get("name") != NAME:
-        raise MissingRefinerError(f"Chroma collection {name!r} records no simskip refiner (its embedding "
-                                  f"function is {stored.get('name')!r}); refusing to search it with refined queries")
+        made = f"its vectors were made by {describe(held[0])} (record {folder}); " if held else ""
+        raise MissingRefinerError(f"Chroma collection {name!r} records no simskip refiner (its embedding function "
+                                  f"is {stored.get('name')!r}); {made}refusing to search it with refined queries")
     if embedding_function is None:
-        embedding_function = RefinedEmbeddingFunction.build_from_config(stored["config"])
+        if held is not None:
+            record, refiner = held
+            if _fields(stored["config"]) != _fields(record):
+                raise RefinerMismatchError(f"Chroma collection {name!r}: its configuration names "
+                                           f"{describe(stored['config'])}, but its vectors were made by "
+                                           f"{describe(record)} (record {folder}); open it with that refiner: "
+                                           f"get_collection(client, {name!r}, RefinedEmbeddingFunction(base, <it>))")
+            copy = folder / record["file"] if record.get("file") else None
+            embedding_function = RefinedEmbeddingFunction._with_refiner(
+                RefinedEmbeddingFunction._base_from_config(stored["config"]), refiner, str(copy) if copy else None)
+        else:
+            embedding_function = RefinedEmbeddingFunction._from_config_path(stored["config"])
+            _bind(coll, folder, embedding_function.refiner)
     else:
-        check_record(stored["config"], embedding_function.refiner, f"Chroma collection {name!r}")
+        if held is not None:
+            check_record(held[0], embedding_function.refiner, f"Chroma collection {name!r} (record {folder})")
+        else:
+            check_record(stored["config"], embedding_function.refiner, f"Chroma collection {name!r}")
         theirs, ours = stored["config"].get("embedding_function"), embedding_function.get_config()["embedding_function"]
         if theirs != ours:
             raise RefinerMismatchError(f"Chroma collection {name!r} was embedded with {theirs}, not {ours}")
+        _bind(coll, folder, embedding_function.refiner)
     return client.get_collection(name, embedding_function=embedding_function)
