@@ -30,7 +30,8 @@ error instead of returning raw query vectors. Do not give that Router a default 
 `task=`, or in LangChain / LlamaIndex / Chroma wrap the base model with this package's wrappers
 (`RefinedEmbeddings`, `RefinedEmbedding`, `RefinedEmbeddingFunction`), which apply the refiner
 to queries only. A model saved by an earlier release routed plain `encode()` to the raw document
-route; `load_model` reopens such a model without that default (and `model.save` then rewrites it).
+route; such a model reopens without that default however it is loaded when its refiner is ONNX (the
+module removes it), and through `load_model` when it is linear; `model.save` then rewrites it.
 """
 from __future__ import annotations
 
@@ -81,6 +82,15 @@ class SimSkipModule(Module):
 
     def get_embedding_dimension(self) -> int:
         return self.refiner.d_out
+
+    def on_model_ready(self, model) -> None:
+        """Called by sentence-transformers >= 6 once a model holding this module is built or loaded (however it is
+        loaded): a query-only refiner's Router saved by an earlier release loses its raw default route here."""
+        hook = getattr(super(), "on_model_ready", None)
+        if hook is not None:
+            hook(model)
+        if not self.refiner.refines_documents:
+            _drop_raw_default(model)
 
     get_sentence_embedding_dimension = get_embedding_dimension  # older sentence-transformers
 
