@@ -180,8 +180,11 @@ def open_cells(path: str, name: str, refiner: str, other: str) -> dict:
                                                                                    embedding_function=ef(FakeEF(), other))),
         "chroma get_collection, base function": lambda: search(client.get_collection(name, embedding_function=FakeEF())),
         "modify to other refiner": modify,
-        "after that modify: chroma get_collection": lambda: search(chromadb.PersistentClient(path=path)
-                                                                   .get_collection(name)),
+        "modify to the base function": lambda: client.get_collection(name).modify(
+            configuration={"embedding_function": FakeEF()}),
+        "after those modifies: chroma get_collection": lambda: search(chromadb.PersistentClient(path=path)
+                                                                      .get_collection(name)),
+        "after those modifies: package get_collection": lambda: search(sc.get_collection(client, name)),
     }
     return {label: _cell(run) for label, run in cells.items()}
 
@@ -234,7 +237,8 @@ def test_every_way_to_open_a_moved_collection_refines_or_refuses(mode, refiner_f
     shutil.move(str(tmp_path / "db"), str(moved))
 
     refines = {"package get_collection", "package get_collection, its refiner", "chroma get_collection",
-               "chroma get_collection, its refiner", "after that modify: chroma get_collection"}
+               "chroma get_collection, its refiner", "after those modifies: chroma get_collection",
+               "after those modifies: package get_collection"}
     for name in ("intact", "changed"):
         cells = in_new_process("test_integrations_chroma", "open_cells", path=str(moved), name=name,
                                refiner=str(refiner_files[mode]), other=str(refiner_files["other"]))
@@ -249,6 +253,7 @@ def test_every_way_to_open_a_moved_collection_refines_or_refuses(mode, refiner_f
         assert "different refiners are not comparable" in cells["package get_collection, other refiner"]["message"]
         assert "conflict" in cells["chroma get_collection, base function"]["message"]
         assert "nothing was changed" in cells["modify to other refiner"]["message"]
+        assert "the change Chroma had stored was undone" in cells["modify to the base function"]["message"]
     assert "but its vectors were made by" in cells["package get_collection"]["message"]  # "changed"
     without = in_new_process("test_integrations_chroma", "open_without_the_package", path=str(moved), name="intact")
     assert without.get("error") == "ValueError" and "simskip_faiss_refined not found" in without["message"], without

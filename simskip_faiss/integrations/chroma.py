@@ -29,13 +29,17 @@ the `Collection` whose method is running on the call stack):
 - `collection.modify(configuration={"embedding_function": <other refiner>})` raises
   `RefinerMismatchError` before Chroma stores anything (`validate_config`, which Chroma runs while
   serialising the update, before persisting it).
+- `collection.modify(configuration={"embedding_function": <a function not this package's>})`: Chroma
+  stores it before any code of this package runs; then, rebuilding the collection's old function, this
+  module stores that function back and raises `RefinerMismatchError` (sync clients; an async client's
+  change cannot be undone from there, and the error says so).
 
-`get_collection` (this module) does the same checks without the stack. Not guarded: `modify` to an
-embedding function that is not this package's (Chroma persists it before any code of this package
-runs); afterwards `get_collection` refuses the collection (its record says which refiner made the
-vectors), but plain `client.get_collection(name)` embeds queries with that function. A process that has
-not imported this module cannot build the function: Chroma raises "Embedding function
-simskip_faiss_refined not found" at the first `query_texts`. Clients without a local persist
+`get_collection` (this module) does the same checks without the stack, and refuses a collection whose
+configuration names another function while its record says which refiner made the vectors. Not
+guarded: a configuration changed by a process that has not imported this module (with `modify` to a
+function not this package's, or Chroma's own API): plain `client.get_collection(name)` then embeds
+queries with that function. A process that has not imported this module cannot build the function:
+Chroma raises "Embedding function simskip_faiss_refined not found" at the first `query_texts`. Clients without a local persist
 directory (`EphemeralClient`, `HttpClient`) keep no record: their checks compare with the collection's
 current configuration, and the configuration's refiner path must exist where the function is rebuilt.
 """
@@ -142,6 +146,41 @@ def _bind(collection, folder: Path | None, refiner) -> None:
     write_sidecar(folder, refiner, folder=True)
 
 
+_undoing = threading.local()
+
+
+def _undo_foreign_modify(coll, ef) -> None:
+    """Inside `collection.modify(configuration={"embedding_function": <not this package's>})`, after Chroma
+    stored the update (it runs no code of the new function's owner before that), while it rebuilds the
+    collection's old function (`ef`): store `ef` back and raise, so the refined vectors are never searched
+    with the other function's queries."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_update_model_after_modify_success" and frame.f_locals.get("self") is coll:
+            new = (frame.f_locals.get("configuration") or {}).get("embedding_function")
+            break
+        frame = frame.f_back
+    else:
+        return
+    if new is None or isinstance(new, RefinedEmbeddingFunction) or getattr(_undoing, "active", False):
+        return
+    _undoing.active = True
+    try:
+        undone = coll._client._modify(id=coll.id, new_configuration={"embedding_function": ef},
+                                      tenant=coll.tenant, database=coll.database)
+    finally:
+        _undoing.active = False
+    if hasattr(undone, "close"):  # an async client: the coroutine cannot be run from here
+        undone.close()
+        what = "Chroma has stored the change; open the collection with get_collection (this module) only"
+    else:
+        what = "the change Chroma had stored was undone"
+    raise RefinerMismatchError(f"Chroma collection {coll.name!r} cannot change its embedding function to "
+                               f"{getattr(new, 'name', lambda: type(new).__name__)()!r}: its vectors were made by "
+                               f"{describe(refiner_record(ef.refiner))}; {what} (build a new collection for "
+                               f"another embedding function)")
+
+
 def _fields(config: dict) -> dict:
     return {k: (config or {}).get(k) for k in RECORD_KEYS}
 
@@ -221,11 +260,14 @@ class RefinedEmbeddingFunction(EmbeddingFunction[Documents]):
                               f"vectors were made by {describe(record)} (record {folder}); using the recorded refiner",
                               RuntimeWarning, stacklevel=2)
             copy = folder / record["file"] if record.get("file") else None
-            return RefinedEmbeddingFunction._with_refiner(RefinedEmbeddingFunction._base_from_config(config),
-                                                          refiner, str(copy) if copy else None)
-        ef = RefinedEmbeddingFunction._from_config_path(config)
-        if folder is not None:
-            _bind(coll, folder, ef.refiner)
+            ef = RefinedEmbeddingFunction._with_refiner(RefinedEmbeddingFunction._base_from_config(config),
+                                                        refiner, str(copy) if copy else None)
+        else:
+            ef = RefinedEmbeddingFunction._from_config_path(config)
+            if folder is not None:
+                _bind(coll, folder, ef.refiner)
+        if coll is not None:
+            _undo_foreign_modify(coll, ef)
         return ef
 
     @staticmethod
