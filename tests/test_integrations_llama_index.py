@@ -195,3 +195,19 @@ def test_query_only_refiner_refuses_the_embeddings_cache(refiner_files):
         embed.get_text_embedding(DOCS[0])
     both = RefinedEmbedding(FakeEmbedding(), refiner_files["both"], embeddings_cache=SimpleKVStore())
     assert both.get_query_embedding(DOCS[0]) == both.get_text_embedding(DOCS[0])  # both sides refined alike
+
+
+def test_persist_over_an_earlier_release_dir_leaves_no_store_under_the_default_name(refiner_files, tmp_path):
+    """Persisting again into a dir an earlier release wrote must not leave its default__vector_store.json behind
+    (LlamaIndex's own loader would open those old vectors with raw queries)."""
+    from simskip_faiss.integrations.base import write_sidecar
+    from simskip_faiss.integrations.llama_index import VECTOR_STORE_FNAME, load_index, persist
+
+    index = build(refiner_files["both"])
+    index.storage_context.persist(persist_dir=str(tmp_path / "p"))  # the earlier layout
+    write_sidecar(tmp_path / "p", index._embed_model.refiner, folder=True)
+    assert (tmp_path / "p" / "default__vector_store.json").is_file()
+    persist(index, tmp_path / "p")
+    names = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert "default__vector_store.json" not in names and f"default__{VECTOR_STORE_FNAME}" in names, names
+    assert search(load_index(tmp_path / "p", FakeEmbedding())) == expected_ids(refiner_files["both"])
