@@ -161,6 +161,30 @@ def test_chroma_cosine_collection_trains_on_unit_rows(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(data.corpus, axis=1), 1, atol=1e-6)
 
 
+def test_chroma_copy_keeps_records_and_refuses_a_refiner_of_documents(tmp_path):
+    pytest.importorskip("onnx")
+    from test_integrations import mlp_refiner_bytes
+    from simskip_faiss.integrations.chroma import RefinedEmbeddingFunction
+
+    client, coll = chroma_collection(tmp_path)
+    coll.update(ids=[f"c{SHUFFLE[0]}"], metadatas=[{"kept": 1}])  # one record with metadata, the rest without
+    for mode in ("queries", "both"):
+        (tmp_path / f"{mode}.onnx").write_bytes(mlp_refiner_bytes(apply_to=mode))
+    both = RefinedEmbeddingFunction(coll._embedding_function, str(tmp_path / "both.onnx"))
+    with pytest.raises(InputError, match="query-only refiner"):
+        stores.chroma_copy(client, coll, "copy-both", both)
+    before = coll.get(include=["embeddings", "documents", "metadatas"])
+    ef = RefinedEmbeddingFunction(coll._embedding_function, str(tmp_path / "queries.onnx"))
+    copy = stores.chroma_copy(client, coll, "copy", ef, batch=16)
+    got = copy.get(ids=before["ids"], include=["embeddings", "documents", "metadatas"])
+    assert got["ids"] == before["ids"] and got["documents"] == before["documents"]
+    assert got["metadatas"] == before["metadatas"] and {"kept": 1} in got["metadatas"]
+    np.testing.assert_array_equal(got["embeddings"], before["embeddings"])  # stored vectors as they are
+    assert copy.configuration_json["hnsw"]["space"] == "ip"  # the source's space
+    hits = copy.query(query_texts=[QUERIES[0]], n_results=3)  # queries through the refined function
+    assert len(hits["ids"][0]) == 3
+
+
 def test_chroma_refuses_a_refined_collection(tmp_path):
     pytest.importorskip("onnx")
     from test_integrations import mlp_refiner_bytes

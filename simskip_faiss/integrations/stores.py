@@ -31,7 +31,7 @@ from ..datasets.container import DEFAULT_FRACTIONS, EmbeddingData
 from ..datasets.loaders import load_user
 from ..errors import InputError, InputTypeError
 
-__all__ = ["StoreCorpus", "langchain_corpus", "chroma_corpus", "llama_index_corpus", "training_data"]
+__all__ = ["StoreCorpus", "langchain_corpus", "chroma_corpus", "chroma_copy", "llama_index_corpus", "training_data"]
 
 Embed = Callable[[list[str]], Any]
 
@@ -158,6 +158,26 @@ def chroma_corpus(collection, batch: int = 10_000) -> StoreCorpus:
 
     space = _chroma_space(collection)
     return StoreCorpus(vectors, ids, embed_queries, "l2" if space == "l2" else "ip", space == "cosine")
+
+
+def chroma_copy(client, collection, name: str, embedding_function, batch: int = 10_000):
+    """A new collection `name` holding `collection`'s records (ids, stored embeddings, documents, metadatas)
+    as they are, searched through `embedding_function` (a `RefinedEmbeddingFunction`), in the same space.
+
+    Chroma does not let a collection change its embedding function, so wrapping an existing collection
+    means copying it. Its stored vectors are raw, so the refiner must be query-only (pairs alone train
+    one); a refiner that also refines documents is refused: add your documents through it instead."""
+    refiner = getattr(embedding_function, "refiner", None)
+    if refiner is None or getattr(refiner, "refines_documents", True):
+        raise InputError("chroma_copy keeps the stored vectors as they are: it needs a RefinedEmbeddingFunction "
+                         "with a query-only refiner (apply_to='queries'); with apply_to='both', add the documents "
+                         "through the refined function instead")
+    space = _chroma_space(collection)
+    new = client.create_collection(name, embedding_function=embedding_function, configuration={"hnsw": {"space": space}})
+    for offset in range(0, collection.count(), batch):
+        got = collection.get(limit=batch, offset=offset, include=["embeddings", "documents", "metadatas"])
+        new.add(ids=got["ids"], embeddings=got["embeddings"], documents=got["documents"], metadatas=got["metadatas"])
+    return new
 
 
 def _chroma_space(collection) -> str:
