@@ -1,4 +1,8 @@
-"""The README's framework snippets run as written, with a symmetric and a query-only refiner (no downloads)."""
+"""The README's framework snippets run (no downloads): LangChain, LlamaIndex and Chroma start from an existing
+store, train on it and wrap it; sentence-transformers runs with a symmetric and a query-only refiner.
+
+The store snippets run as written except for training length: `sf.TrainConfig` gets 20 steps with a fixed lr and
+temperature added (the README's own settings kept), so the three trainings take seconds."""
 from __future__ import annotations
 
 import re
@@ -11,8 +15,13 @@ from test_integrations import mlp_refiner_bytes
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SECTION = "## Integrations"
-NEEDS = {"LangChain": ("langchain_core", "langchain_community"), "LlamaIndex": ("llama_index.core",
-         "llama_index.vector_stores.faiss"), "Chroma": ("chromadb",), "sentence-transformers": ("sentence_transformers",)}
+TRAIN = ("torch", "onnx")  # sf.fit and export
+NEEDS = {"LangChain": ("langchain_core", "langchain_community", *TRAIN), "LlamaIndex": ("llama_index.core",
+         "llama_index.vector_stores.faiss", *TRAIN), "Chroma": ("chromadb", *TRAIN),
+         "sentence-transformers": ("sentence_transformers",)}
+STORES = ("LangChain", "LlamaIndex", "Chroma")  # the snippet trains its own refiner from the store
+FAST = dict(max_steps=20, eval_every=10, lr=1e-3, temperature=0.05, progress=False, threads=1)
+CASES = [(f, None) for f in STORES] + [("sentence-transformers", a) for a in ("both", "queries")]
 SHELL_ONLY = ("Spark", "Milvus")  # command lines, parsed by tests/test_cli.py::test_readme_command_lines_parse
 
 
@@ -40,31 +49,60 @@ def test_readme_has_one_section_per_integration():
     assert sorted(snippets()) == sorted(NEEDS)
 
 
-@pytest.mark.parametrize("apply_to", ["both", "queries"])
-@pytest.mark.parametrize("framework", sorted(NEEDS))
+@pytest.mark.parametrize("framework, apply_to", CASES)
 def test_snippet_runs(framework, apply_to, tmp_path, monkeypatch):
     for module in NEEDS[framework]:
         pytest.importorskip(module)
-    (tmp_path / "refiner.onnx").write_bytes(mlp_refiner_bytes(d=384, apply_to=apply_to))
     monkeypatch.chdir(tmp_path)
+    env: dict = {}
+    if framework in STORES:
+        import simskip_faiss as sf
+
+        configs = []
+
+        def fast_config(**given):
+            configs.append(given)
+            return sf.TrainConfig.__wrapped__(**{**given, **FAST})
+
+        fast_config.__wrapped__ = sf.TrainConfig
+        monkeypatch.setattr(sf, "TrainConfig", fast_config)
+    else:
+        (tmp_path / "refiner.onnx").write_bytes(mlp_refiner_bytes(d=384, apply_to=apply_to))
     if framework == "Chroma":  # Chroma caches clients by path string; "chroma" is relative, the cwd changes
         from chromadb.api.client import SharedSystemClient
 
         SharedSystemClient.clear_system_cache()
-    env: dict = {}
     exec(compile(snippets()[framework], f"README.md ({framework})", "exec"), env)
+    if framework in STORES:
+        assert configs and all(c.get("documents") == "none" and c.get("metric") in ("ip", "l2") for c in configs)
+        corpus = env["corpus"]
+        assert corpus.vectors.shape == (50, 384) and len(env["pairs"]) == 50
     if framework == "LangChain":
+        store = env["store"]
         assert len(env["hits"]) == 2 and (tmp_path / "faiss_store" / "simskip_refiner.json").is_file()
-        assert env["store"].embeddings.refiner.apply_to == apply_to  # reloaded with the stored refiner
+        assert store.embeddings.refiner.apply_to == "queries"  # reloaded with the trained, stored refiner
+        assert corpus.ids == [f"doc{i}" for i in range(50)] and corpus.metric == "l2"  # LangChain's default
+        raw = np.asarray(env["model"].embed_documents([f"note {i}" for i in range(50)]), np.float32)
+        np.testing.assert_array_equal(corpus.vectors, raw)
+        np.testing.assert_array_equal(store.index.reconstruct_n(0, 50), raw)  # the stored vectors kept
     elif framework == "LlamaIndex":
         assert len(env["hits"]) == 2 and (tmp_path / "storage" / "simskip_refiner.json").is_file()
+        assert env["index"]._embed_model.refiner.apply_to == "queries"
+        assert corpus.ids == [f"node{i}" for i in range(50)] and corpus.metric == "ip"  # IndexFlatIP
     elif framework == "Chroma":
-        assert len(env["hits"]["ids"][0]) == 2
-        assert env["docs"].configuration_json["embedding_function"]["config"]["apply_to"] == apply_to
-    else:
+        docs = env["docs"]
+        assert len(env["hits"]["ids"][0]) == 2 and docs.count() == 50
+        assert docs.configuration_json["embedding_function"]["config"]["apply_to"] == "queries"
+        copied = docs.get(ids=corpus.ids, include=["embeddings"])
+        np.testing.assert_array_equal(np.asarray(copied["embeddings"], np.float32), corpus.vectors)
+    elif framework == "sentence-transformers":
         model, docs, queries = env["model"], env["doc_vectors"], env["query_vectors"]
         assert docs.shape == (3, 384) and queries.shape == (1, 384)
         assert np.allclose(np.linalg.norm(queries, axis=1), 1, atol=1e-5)  # the refiner normalises
         texts = ["a cat sat on the mat", "dogs bark at night", "stock prices fell"]
-        np.testing.assert_allclose(model.encode(texts), docs, atol=1e-6)  # plain encode() = the document route
+        if apply_to == "both":
+            np.testing.assert_allclose(model.encode(texts), docs, atol=1e-6)  # plain encode() = the document route
+        else:
+            with pytest.raises(ValueError, match="route"):  # query-only: no default route, not raw query vectors
+                model.encode(texts)
         assert np.allclose(np.linalg.norm(docs, axis=1), 1, atol=1e-5) == (apply_to == "both")
