@@ -295,3 +295,46 @@ def test_the_guards_do_not_change_the_store_or_block_its_other_uses(refiner_file
     store.save_local(str(old))
     write_sidecar(old, store.embeddings.refiner)
     assert search(sl.load_local(FAISS, old, FakeEmbeddings(), allow_dangerous_deserialization=True)) == search(store)
+
+
+def open_memory_cells(path: str, refiner: str, other: str) -> dict:
+    """Runs in a new process: the ways to open a file save_local dumped (InMemoryVectorStore)."""
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from simskip_faiss.integrations.langchain import RefinedEmbeddings, load_local
+
+    cells = {
+        "package load_local, base": lambda: load_local(InMemoryVectorStore, path, FakeEmbeddings()),
+        "package load_local, other refiner": lambda: load_local(InMemoryVectorStore, path, FakeEmbeddings(),
+                                                                refiner=other),
+        "InMemoryVectorStore.load, base": lambda: InMemoryVectorStore.load(path, FakeEmbeddings()),
+        "InMemoryVectorStore.load, RefinedEmbeddings": lambda: InMemoryVectorStore.load(
+            path, RefinedEmbeddings(FakeEmbeddings(), refiner)),
+    }
+    out = {}
+    for name, open_store in cells.items():
+        try:
+            out[name] = {"ids": search(open_store())}
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": type(e).__name__, "message": str(e)}
+    return out
+
+
+def test_every_way_to_open_a_dumped_store_refines_or_refuses(refiner_files, tmp_path):
+    """InMemoryVectorStore.load(path, base) opened a dumped store and searched it raw; the file is now an
+    envelope LangChain's loader refuses with what to do, and the package's load_local unwraps it."""
+    from simskip_faiss.integrations.langchain import save_local
+
+    for mode in ("both", "queries"):
+        want = expected_ids(refiner_files[mode])
+        assert raw_ids(refiner_files[mode]) != want
+        save_local(build("memory", refiner_files[mode]), tmp_path / f"{mode}.json")
+        cells = in_new_process("test_integrations_langchain", "open_memory_cells", path=str(tmp_path / f"{mode}.json"),
+                               refiner=str(refiner_files[mode]), other=str(refiner_files["other"]))
+        assert cells["package load_local, base"] == {"ids": want}, cells
+        assert "not comparable" in cells["package load_local, other refiner"]["message"]
+        for name in ("InMemoryVectorStore.load, base", "InMemoryVectorStore.load, RefinedEmbeddings"):
+            got = cells[name]
+            assert got.get("error") == "NotImplementedError", (mode, name, got)
+            assert "\n" not in got["message"] and "load_local(InMemoryVectorStore" in got["message"], got
+            assert len(got["message"]) < 600 and DOCS[5] not in got["message"], got  # not the store's content

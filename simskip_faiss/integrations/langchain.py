@@ -30,9 +30,10 @@ Opening a saved FAISS folder, every path refines or refuses:
   is not LangChain's `InMemoryDocstore` cannot carry the check, and a pickle opened by anything but
   `FAISS.load_local` is not checked (there is no embeddings to check).
 
-Not guarded: `InMemoryVectorStore.load(path, base_embeddings)` on a file `save_local` dumped opens it
-with unrefined queries (LangChain's JSON format holds nothing that runs on load); open it with
-`load_local(InMemoryVectorStore, path, base_embeddings)`.
+A store saved with `dump(path)` (InMemoryVectorStore) is written inside a LangChain serialization
+envelope of type "not_implemented" naming `load_local`: `InMemoryVectorStore.load(path, embeddings)`
+raises `NotImplementedError` with that text, while `load_local(InMemoryVectorStore, path, embeddings)`
+unwraps it (and still opens files dumped before, without the envelope).
 """
 from __future__ import annotations
 
@@ -192,11 +193,48 @@ def _loader_embeddings():
     """(True, embeddings) of the nearest `FAISS.load_local(folder_path, embeddings, ...)` call on the stack."""
     frame = sys._getframe(1)
     while frame is not None:
-        names = frame.f_locals
-        if frame.f_code.co_name == "load_local" and "folder_path" in names and "embeddings" in names:
-            return True, names["embeddings"]
+        if frame.f_code.co_name == "load_local":
+            names = frame.f_locals
+            if "folder_path" in names and "embeddings" in names:
+                return True, names["embeddings"]
         frame = frame.f_back
     return False, None
+
+
+# -- the envelope a dumped store is saved in --------------------------------------------------------
+ENVELOPE = "simskip_faiss_store"
+
+
+def _wrap_dump(path) -> None:
+    """Rewrite the file `dump` wrote inside an envelope LangChain's `load` refuses, naming `load_local`."""
+    import json
+
+    from ..persistence import atomic_write_bytes
+
+    inner = json.loads(Path(path).read_text(encoding="utf-8"))
+    refuse = {"lc": 1, "type": "not_implemented", "id": ["simskip_faiss", "integrations", "langchain", ENVELOPE],
+              "repr": ("a store saved by simskip_faiss with a refiner; opening it with the framework's own "
+                       "loader would search it with unrefined queries: open it with "
+                       "simskip_faiss.integrations.langchain.load_local(InMemoryVectorStore, path, your_embeddings)")}
+    envelope = {"simskip_faiss_refuse": refuse, ENVELOPE: inner}  # the refusal's message holds only itself
+    atomic_write_bytes(Path(path), json.dumps(envelope, indent=2).encode("utf-8"))
+
+
+def _load_dumped(store_cls, path, embeddings, **kwargs):
+    """`store_cls.load` on the enveloped file's content (or on the file itself when it has no envelope)."""
+    import json
+    import tempfile
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, dict) and ENVELOPE in data):
+        return store_cls.load(str(path), embeddings, **kwargs)
+    with tempfile.TemporaryDirectory() as tmp:
+        inner = Path(tmp, Path(path).name)
+        inner.write_text(json.dumps(data[ENVELOPE]), encoding="utf-8")
+        return store_cls.load(str(inner), embeddings, **kwargs)
 
 
 try:
@@ -252,7 +290,8 @@ def save_local(store, path: str | os.PathLike) -> None:
     """Save a LangChain vector store and, beside it, its refiner's record and (ONNX) a copy of the refiner.
 
     Stores with `save_local(folder)` (FAISS, ...) keep the record inside the folder; stores with
-    `dump(path)` (InMemoryVectorStore, ...) get `<path>.simskip.json` beside the file. A FAISS store
+    `dump(path)` (InMemoryVectorStore, ...) get `<path>.simskip.json` beside the file (the store itself
+    in an envelope the framework's `load` refuses, module docstring). A FAISS store
     that ranks unlike the refiner's metric is saved with a `RankingMismatchWarning` (module docstring).
     A FAISS folder is saved under index name "simskip_index", its pickled docstore checking the embeddings
     `FAISS.load_local` is given, and LangChain's default name "index" holds a pickle that refuses to open
@@ -273,6 +312,7 @@ def save_local(store, path: str | os.PathLike) -> None:
                 _write_default_name_refusal(store, path)
         else:
             store.dump(str(path))
+            _wrap_dump(path)
 
 
 def load_local(store_cls, path: str | os.PathLike, embeddings: Embeddings, refiner=None,
@@ -294,7 +334,7 @@ def load_local(store_cls, path: str | os.PathLike, embeddings: Embeddings, refin
             kwargs.update(_index_name(store_cls.load_local, INDEX_NAME))
         store = store_cls.load_local(str(path), wrapped, **kwargs)
     elif hasattr(store_cls, "load"):
-        store = store_cls.load(str(path), wrapped, **kwargs)
+        store = _load_dumped(store_cls, path, wrapped, **kwargs)
     else:
         raise InputTypeError(f"{getattr(store_cls, '__name__', store_cls)} has neither load_local nor load")
     _check_ranking(store, wrapped.refiner)
