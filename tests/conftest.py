@@ -1,4 +1,5 @@
-"""Shared fixtures: small real (digits) and synthetic data, and one tiny exported refiner per session."""
+"""Shared fixtures: small real (digits) and synthetic data; a torch-free refiner for serving tests and one
+tiny trained, exported refiner for the tests about training and export. Shared helpers live in helpers.py."""
 from __future__ import annotations
 
 import os
@@ -6,17 +7,9 @@ import os
 import numpy as np
 import pytest
 
+from helpers import clustered, mlp_refiner_bytes  # noqa: F401  (clustered: also imported from conftest)
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-
-def clustered(n=600, d=16, n_classes=6, seed=0, spread=0.35):
-    """Unit vectors around random class centres, with labels."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_classes, d)).astype(np.float32)
-    labels = rng.integers(0, n_classes, n)
-    x = centres[labels] + spread * rng.standard_normal((n, d)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float32), labels.astype(np.int64)
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +47,22 @@ def onnx_path(trained, tmp_path_factory):
     path = tmp_path_factory.mktemp("refiner") / "refiner.onnx"
     meta = export(trained.model, path, {"metric": "ip"})
     return path, meta
+
+
+@pytest.fixture(scope="session")
+def serving_onnx(data, tmp_path_factory):
+    """(path, metadata) of an fp32 ONNX refiner at the clustered data's dimension, built without torch.
+
+    The exported SimSkip graph with random, non-identity weights (refined != raw) and the metadata
+    export writes (`helpers.mlp_refiner_bytes`): for every test of serving (index, bundles, batching,
+    the build/search/info commands) that does not need a trained refiner's training record. Needs
+    onnx and onnxruntime, not torch.
+    """
+    from simskip_faiss import Refiner
+
+    x, _ = data
+    path = tmp_path_factory.mktemp("serving-refiner") / "refiner.onnx"
+    path.write_bytes(mlp_refiner_bytes(d=x.shape[1], hidden=32, seed=0, metadata={"metric": "ip"}))
+    refiner = Refiner.load(path)
+    assert not np.allclose(refiner.transform(x[:50]), x[:50], atol=1e-3), "the serving refiner must move vectors"
+    return path, refiner.metadata
