@@ -18,17 +18,17 @@ from simskip_faiss.refiners import as_input
 
 
 @pytest.fixture(scope="module")
-def refined(onnx_path, data):
+def refined(serving_onnx, data):
     x, _ = data
-    idx = RefinedIndex(Refiner.load(onnx_path[0]), "Flat", "ip")
+    idx = RefinedIndex(Refiner.load(serving_onnx[0]), "Flat", "ip")
     idx.add(x)
     return idx
 
 
 # -- the single-vector path ------------------------------------------------------------------
-def test_single_vector_path_equals_the_batched_run(onnx_path, data):
+def test_single_vector_path_equals_the_batched_run(serving_onnx, data):
     x, _ = data
-    r = Refiner.load(onnx_path[0])
+    r = Refiner.load(serving_onnx[0])
     whole = r._session.run(None, {r._session.get_inputs()[0].name: x[:20]})[0]  # onnxruntime, no binding
     ones = [r.transform(x[i:i + 1]) for i in range(20)]
     np.testing.assert_allclose(np.vstack(ones), whole, atol=1e-6)
@@ -38,9 +38,9 @@ def test_single_vector_path_equals_the_batched_run(onnx_path, data):
     np.testing.assert_allclose(a, whole[:1], atol=1e-6)
 
 
-def test_single_vector_path_is_thread_safe(onnx_path, data):
+def test_single_vector_path_is_thread_safe(serving_onnx, data):
     x, _ = data
-    r = Refiner.load(onnx_path[0])
+    r = Refiner.load(serving_onnx[0])
     want = r.transform(x)
     got = np.empty_like(want)
 

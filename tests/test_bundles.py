@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import mlp_refiner_bytes
 from simskip_faiss import BundleError, IdentityRefiner, RefinedIndex, Refiner
 from simskip_faiss.cli import main
 
@@ -20,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def bundle(onnx_path, data, tmp_path) -> Path:
-    idx = RefinedIndex(Refiner.load(onnx_path[0]), "Flat", "ip")
+def bundle(serving_onnx, data, tmp_path) -> Path:
+    idx = RefinedIndex(Refiner.load(serving_onnx[0]), "Flat", "ip")
     idx.add(data[0])
     return idx.save(tmp_path / "b")
 
@@ -172,12 +173,10 @@ def test_identity_bundle_edited_to_onnx(data, tmp_path):
         RefinedIndex.load(b)
 
 
-def test_refiner_sha256_is_compared_with_the_file_loaded(bundle, trained, tmp_path):
+def test_refiner_sha256_is_compared_with_the_file_loaded(bundle, tmp_path):
     """Swap in another valid refiner with a matching files.refiner entry: refiner.sha256 still tells."""
-    from simskip_faiss.training.export import export
-
     other = tmp_path / "other.onnx"
-    export(trained.model, other, {"metric": "ip", "note": "another refiner"})
+    other.write_bytes(mlp_refiner_bytes(d=16, hidden=32, seed=0, metadata={"metric": "ip", "note": "another refiner"}))
     m = _manifest(bundle)
     (bundle / m["files"]["refiner"]["file"]).unlink()
     new = Refiner.load(other)
@@ -240,12 +239,12 @@ def _big(data) -> np.ndarray:
     return x + np.float32(1e-3) * np.random.default_rng(0).standard_normal(x.shape, dtype=np.float32)
 
 
-def test_load_while_another_process_saves(onnx_path, data, tmp_path):
+def test_load_while_another_process_saves(serving_onnx, data, tmp_path):
     x = _big(data)
-    sha = Refiner.load(onnx_path[0]).sha256
+    sha = Refiner.load(serving_onnx[0]).sha256
     states = {(sha, len(x) // 3), (None, 2 * len(x) // 3), (sha, len(x))}
     bundle = tmp_path / "b"
-    saver = _saver(tmp_path, onnx_path[0], x, bundle)
+    saver = _saver(tmp_path, serving_onnx[0], x, bundle)
     try:
         assert saver.stdout.readline().strip() == b"ready"
         while not (bundle / "manifest.json").exists():
@@ -269,10 +268,10 @@ def test_load_while_another_process_saves(onnx_path, data, tmp_path):
     assert len(seen) >= 2 and n >= 20  # the saver really replaced the bundle under the loads
 
 
-def test_two_processes_saving_into_one_directory(onnx_path, data, tmp_path):
+def test_two_processes_saving_into_one_directory(serving_onnx, data, tmp_path):
     x = _big(data)
     bundle = tmp_path / "b"
-    savers = [_saver(tmp_path, onnx_path[0], x, bundle, which, rounds=15) for which in ("0", "1")]
+    savers = [_saver(tmp_path, serving_onnx[0], x, bundle, which, rounds=15) for which in ("0", "1")]
     for p in savers:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
@@ -282,7 +281,7 @@ def test_two_processes_saving_into_one_directory(onnx_path, data, tmp_path):
     assert {p.name for p in bundle.iterdir()} == named | {"manifest.json", ".lock"}  # no leftovers
 
 
-def test_next_save_removes_a_killed_saves_leftovers(bundle, onnx_path, data):
+def test_next_save_removes_a_killed_saves_leftovers(bundle, serving_onnx, data):
     (bundle / ".tmp-index-killed").write_bytes(b"\0" * 100_000)
     (bundle / "index-0123456789abcdef.faiss").write_bytes(b"\0" * 1000)  # placed, never named by a manifest
     idx = RefinedIndex.load(bundle)

@@ -12,7 +12,7 @@ from simskip_faiss.cli import main
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, onnx_path, data):
+def files(tmp_path_factory, data):
     d = tmp_path_factory.mktemp("cli")
     x, _ = data
     np.save(d / "corpus.npy", x)
@@ -24,9 +24,9 @@ def run(*argv) -> int:
     return main([str(a) for a in argv])
 
 
-def test_build_search_info(files, onnx_path, capsys):
+def test_build_search_info(files, serving_onnx, capsys):
     d = files
-    assert run("build", onnx_path[0], d / "corpus.npy", "-o", d / "bundle", "--factory", "HNSW16", "-q") == 0
+    assert run("build", serving_onnx[0], d / "corpus.npy", "-o", d / "bundle", "--factory", "HNSW16", "-q") == 0
     assert run("search", d / "bundle", d / "queries.npy", "-k", "4", "-o", d / "res.npz", "--param", "efSearch=64") == 0
     res = np.load(d / "res.npz")
     assert res["I"].shape == (25, 4) and (res["I"][:, 0] == np.arange(25)).all()
@@ -35,12 +35,12 @@ def test_build_search_info(files, onnx_path, capsys):
     assert '"ntotal": 600' in capsys.readouterr().out
 
 
-def test_info_prints_a_short_summary_and_json_only_when_asked(files, onnx_path, capsys):
+def test_info_prints_a_short_summary_and_json_only_when_asked(files, serving_onnx, capsys):
     """`info` says what matters in a few lines; the whole manifest or metadata only with --json."""
     import json
 
     d = files
-    assert run("build", onnx_path[0], d / "corpus.npy", "-o", d / "bundle-info", "--factory", "Flat", "-q") == 0
+    assert run("build", serving_onnx[0], d / "corpus.npy", "-o", d / "bundle-info", "--factory", "Flat", "-q") == 0
     capsys.readouterr()
     assert run("info", d / "bundle-info") == 0
     out = capsys.readouterr().out
@@ -49,10 +49,10 @@ def test_info_prints_a_short_summary_and_json_only_when_asked(files, onnx_path, 
     for want in ("bundle", "d_in 16", "d_out 16", "normalize", "apply_to both", "alpha", "precision fp32",
                  "ntotal 600", "factory Flat", "metric ip"):
         assert want in out, (want, out)
-    assert run("info", onnx_path[0]) == 0
+    assert run("info", serving_onnx[0]) == 0
     out = capsys.readouterr().out
     assert len(out.strip().splitlines()) <= 15 and "refiner" in out and "d_in 16" in out, out
-    assert run("info", onnx_path[0], "--json") == 0
+    assert run("info", serving_onnx[0], "--json") == 0
     assert json.loads(capsys.readouterr().out)["d_in"] == 16
 
 
@@ -76,10 +76,10 @@ def test_info_summary_names_the_guard_and_document_updates(tmp_path, capsys, mon
     assert "Details follow" not in out
 
 
-def test_search_refuses_an_output_in_a_missing_directory(files, onnx_path, capsys):
+def test_search_refuses_an_output_in_a_missing_directory(files, serving_onnx, capsys):
     """search writes one file: a missing parent directory is named, not created."""
     d = files
-    assert run("build", onnx_path[0], d / "corpus.npy", "-o", d / "bundle-s", "--factory", "Flat", "-q") == 0
+    assert run("build", serving_onnx[0], d / "corpus.npy", "-o", d / "bundle-s", "--factory", "Flat", "-q") == 0
     capsys.readouterr()
     missing = d / "nonexistent" / "dir"
     assert run("search", d / "bundle-s", d / "queries.npy", "-o", missing / "x.npz") == 2
@@ -89,6 +89,7 @@ def test_search_refuses_an_output_in_a_missing_directory(files, onnx_path, capsy
 
 
 def test_train_from_npy(files, capsys):
+    pytest.importorskip("torch")  # trains
     d = files
     assert run("train", d / "corpus.npy", "-o", d / "r.onnx", "--epochs", "1", "--hidden", "16", "--no-guard", "-q") == 0
     out = capsys.readouterr().out
@@ -107,12 +108,14 @@ def test_train_from_npy(files, capsys):
     (["search", "{d}/bundle", "{onnx}", "-o", "{d}/x.npz"], "not a .npy file"),
     (["train", "{d}/corpus.npy", "--queries", "{d}/queries.npy", "-o", "{d}/t.onnx"], "--queries without --qrels"),
 ])
-def test_errors_are_one_line(files, onnx_path, capsys, argv, msg):
+def test_errors_are_one_line(files, serving_onnx, capsys, argv, msg):
     d = files
+    if argv[0] == "train":
+        pytest.importorskip("torch")  # the train command loads the train extra before it reads its arguments
     if not (d / "bundle").exists():
-        run("build", onnx_path[0], d / "corpus.npy", "-o", d / "bundle", "-q")
+        run("build", serving_onnx[0], d / "corpus.npy", "-o", d / "bundle", "-q")
     capsys.readouterr()
-    assert run(*[a.format(d=d, onnx=onnx_path[0]) for a in argv]) == 2
+    assert run(*[a.format(d=d, onnx=serving_onnx[0]) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("simskip-faiss: error:") and msg in err and "\n" not in err
 
@@ -142,7 +145,7 @@ BLOCK_TORCH = textwrap.dedent("""
 """)
 
 
-def test_serving_path_never_imports_torch(files, onnx_path):
+def test_serving_path_never_imports_torch(files, serving_onnx):
     """Refiner, RefinedIndex, bundles, evaluation and the search/eval CLI run where torch cannot be imported."""
     d = files
     code = BLOCK_TORCH + textwrap.dedent(f"""
@@ -152,7 +155,7 @@ def test_serving_path_never_imports_torch(files, onnx_path):
         from simskip_faiss.datasets import make_synthetic
         from simskip_faiss.cli import main
         x = np.load({str(d / 'corpus.npy')!r})
-        ref = sf.Refiner.load({str(onnx_path[0])!r})
+        ref = sf.Refiner.load({str(serving_onnx[0])!r})
         idx = sf.RefinedIndex(ref, "HNSW16", "ip"); idx.add(x); idx.save({str(d / 'tf_bundle')!r})
         back = sf.RefinedIndex.load({str(d / 'tf_bundle')!r})
         assert (back.search(x[:5], 3)[1] == idx.search(x[:5], 3)[1]).all()
@@ -172,6 +175,7 @@ def test_serving_path_never_imports_torch(files, onnx_path):
 def test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it(files, capsys, monkeypatch):
     """The CLI hands the corpus to export: int8 ships stamped with its neighbours' recall on it, and
     a recall below the bar ships fp32 with the reason printed."""
+    pytest.importorskip("torch")  # trains
     from simskip_faiss import Refiner
     from simskip_faiss.training import export as export_module
 
@@ -190,6 +194,7 @@ def test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it(file
 
 
 def test_train_default_precision_falls_back_to_fp32_and_says_so(files, capsys, monkeypatch):
+    pytest.importorskip("torch")  # trains
     from simskip_faiss import Refiner
     from simskip_faiss.training.export import PARITY_TOLERANCE
 

@@ -14,12 +14,13 @@ import faiss
 import numpy as np
 import pytest
 
+from helpers import mlp_refiner_bytes
 from simskip_faiss import BundleError, IdentityRefiner, RefinedIndex, Refiner
 
 
 @pytest.fixture()
-def refiner(onnx_path):
-    return Refiner.load(onnx_path[0])
+def refiner(serving_onnx):
+    return Refiner.load(serving_onnx[0])
 
 
 def test_search_equals_refine_then_plain_faiss(refiner, data):
@@ -64,15 +65,7 @@ def test_ivf_train_add_with_ids_remove_range(refiner, data):
 
 
 def test_query_only_refiner_stores_raw_vectors(tmp_path, data):
-    pytest.importorskip("torch")
-    from simskip_faiss.training.export import export
-    from simskip_faiss.training import SimSkip
-
-    import torch
-
-    model = SimSkip(16, hidden=8)
-    torch.nn.init.normal_(model.f[-1].weight, std=0.3)
-    export(model, tmp_path / "q.onnx", {"apply_to": "queries"})
+    (tmp_path / "q.onnx").write_bytes(mlp_refiner_bytes(d=16, hidden=8, seed=1, apply_to="queries"))
     ref = Refiner.load(tmp_path / "q.onnx")
     x, _ = data
     idx = RefinedIndex(ref, "Flat", "ip")
@@ -197,10 +190,10 @@ def test_non_onnx_and_missing_refiner_files(tmp_path):
         Refiner.load(tmp_path / "empty.onnx")
 
 
-def test_refiner_batches_match_one_shot(onnx_path, data):
+def test_refiner_batches_match_one_shot(serving_onnx, data):
     x, _ = data
-    one = Refiner.load(onnx_path[0], batch_size=10_000).transform(x)
-    many = Refiner.load(onnx_path[0], batch_size=7).transform(x)
+    one = Refiner.load(serving_onnx[0], batch_size=10_000).transform(x)
+    many = Refiner.load(serving_onnx[0], batch_size=7).transform(x)
     np.testing.assert_allclose(one, many, atol=1e-6)
 
 
@@ -336,17 +329,17 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_killed_save_keeps_a_readable_bundle(onnx_path, data, tmp_path):
+def test_killed_save_keeps_a_readable_bundle(serving_onnx, data, tmp_path):
     """SIGKILL a process that saves in a loop, at several moments: the bundle always loads whole."""
     x, _ = data
     big = np.tile(x, (200, 1))  # ~7.7 MB index: saves take long enough to be interrupted
     np.save(tmp_path / "x.npy", big)
     bundle = tmp_path / "b"
-    RefinedIndex(Refiner.load(onnx_path[0]), "Flat", "ip").save(bundle)  # the previous copy (empty)
+    RefinedIndex(Refiner.load(serving_onnx[0]), "Flat", "ip").save(bundle)  # the previous copy (empty)
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     for delay in (0.05, 0.13, 0.31):
-        proc = subprocess.Popen([sys.executable, str(script), str(onnx_path[0]), str(tmp_path / "x.npy"), str(bundle)],
+        proc = subprocess.Popen([sys.executable, str(script), str(serving_onnx[0]), str(tmp_path / "x.npy"), str(bundle)],
                                 stdout=subprocess.PIPE)
         assert proc.stdout.readline().strip() == b"ready"
         threading.Event().wait(delay)

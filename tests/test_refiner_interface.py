@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import simskip_faiss as sf
+from helpers import mlp_refiner_bytes
 from simskip_faiss import BaseRefiner, BundleError, IdentityRefiner, LinearRefiner, RefinedIndex, Refiner
 from simskip_faiss.refiners import refiner_from_bytes
 
@@ -21,25 +22,16 @@ def _linear(d=16, apply_to="both", normalize=True, seed=0):
 
 @pytest.fixture(scope="module")
 def query_only_onnx(tmp_path_factory):
-    pytest.importorskip("torch")
-    import torch
-
-    from simskip_faiss.training.export import export
-    from simskip_faiss.training import SimSkip
-
-    torch.manual_seed(0)
-    model = SimSkip(16, hidden=8)
-    torch.nn.init.normal_(model.f[-1].weight, std=0.3)
     path = tmp_path_factory.mktemp("q") / "q.onnx"
-    export(model, path, {"apply_to": "queries"})
+    path.write_bytes(mlp_refiner_bytes(d=16, hidden=8, seed=1, apply_to="queries"))
     return Refiner.load(path)
 
 
 @pytest.fixture(params=["onnx", "onnx-queries", "identity", "identity-normalised", "identity-queries",
                         "linear", "linear-queries", "linear-l2"])
-def case(request, onnx_path, query_only_onnx):
+def case(request, serving_onnx, query_only_onnx):
     """(refiner, metric) for every refiner kind and its query-only variant."""
-    return {"onnx": lambda: (Refiner.load(onnx_path[0]), "ip"),
+    return {"onnx": lambda: (Refiner.load(serving_onnx[0]), "ip"),
             "onnx-queries": lambda: (query_only_onnx, "ip"),
             "identity": lambda: (IdentityRefiner(16), "l2"),
             "identity-normalised": lambda: (IdentityRefiner(16, normalize=True), "ip"),
@@ -146,8 +138,8 @@ def test_linear_refiner_bytes_are_plain_npy_and_exact():
         lin.to_faiss("Flat", "ip")
 
 
-def test_refiner_from_bytes_cross_checks_the_record(onnx_path):
-    r = Refiner.load(onnx_path[0])
+def test_refiner_from_bytes_cross_checks_the_record(serving_onnx):
+    r = Refiner.load(serving_onnx[0])
     lin = _linear()
     assert refiner_from_bytes("onnx", r.to_bytes(), r.info()).sha256 == r.sha256
     assert refiner_from_bytes("identity", None, {"d_in": 8}).d_in == 8 == refiner_from_bytes("identity", None, {"d": 8}).d_out
@@ -163,10 +155,10 @@ def test_refiner_from_bytes_cross_checks_the_record(onnx_path):
         refiner_from_bytes("linear", r.to_bytes(), {})
 
 
-def test_edited_kind_in_a_bundle_is_refused(onnx_path, data, tmp_path):
+def test_edited_kind_in_a_bundle_is_refused(serving_onnx, data, tmp_path):
     """Editing refiner.kind to 'identity' must not silently drop the trained refiner."""
     x, _ = data
-    idx = RefinedIndex(Refiner.load(onnx_path[0]), "Flat", "ip")
+    idx = RefinedIndex(Refiner.load(serving_onnx[0]), "Flat", "ip")
     idx.add(x[:20])
     idx.save(tmp_path / "b")
     mpath = tmp_path / "b" / "manifest.json"
@@ -226,6 +218,8 @@ def test_moved_modules_keep_their_old_path_for_one_release(old, new):
     import importlib
     import sys
 
+    if new == "training.guard":
+        pytest.importorskip("torch")  # the guard trains (training.loop)
     sys.modules.pop(f"simskip_faiss.{old}", None)
     with pytest.warns(DeprecationWarning, match=f"simskip_faiss.{old} moved to simskip_faiss.{new}"):
         moved = importlib.import_module(f"simskip_faiss.{old}")
