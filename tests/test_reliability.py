@@ -10,8 +10,8 @@ from simskip_faiss.cli import main
 
 
 @pytest.fixture()
-def refiner(onnx_path):
-    return Refiner.load(onnx_path[0])
+def refiner(serving_onnx):
+    return Refiner.load(serving_onnx[0])
 
 
 def _vector_paths():
@@ -29,21 +29,24 @@ def _vector_paths():
                                                None)[0].refine_queries(x),
              "Refiner.transform": lambda x: IdentityRefiner(x.shape[1]).transform(x),
              "load_user": lambda x: load_user(x).corpus}
-    try:
-        from simskip_faiss.training.loop import _corpus
 
-        paths["training"] = lambda x: np.asarray(_corpus(x), dtype=np.float32)
-    except ImportError:  # torch absent
-        pass
-    try:
+    def training(x):  # the corpus check of the training loop; supervision is its torch-free home
+        from simskip_faiss.training.supervision import _corpus
+
+        return np.asarray(_corpus(x), dtype=np.float32)
+
+    def milvus_array(x):  # the package's own modules are imported unguarded: an import error fails
         from simskip_faiss.scale.milvus import checked_rows
 
-        paths["milvus (array)"] = lambda x: checked_rows(np.arange(len(x)), x, x.shape[1])[1]
-        import pyarrow  # noqa: F401 - lists of rows are read through Arrow (the scale extra)
+        return checked_rows(np.arange(len(x)), x, x.shape[1])[1]
 
-        paths["milvus (rows)"] = lambda x: checked_rows(np.arange(len(x)), [list(r) for r in x], x.shape[1])[1]
-    except ImportError:
-        pass
+    def milvus_rows(x):  # lists of rows are read through Arrow (the scale extra)
+        pytest.importorskip("pyarrow")
+        from simskip_faiss.scale.milvus import checked_rows
+
+        return checked_rows(np.arange(len(x)), [list(r) for r in x], x.shape[1])[1]
+
+    paths.update({"training": training, "milvus (array)": milvus_array, "milvus (rows)": milvus_rows})
     return paths
 
 
