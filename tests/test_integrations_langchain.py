@@ -181,8 +181,12 @@ def test_store_ranking_unlike_the_refiners_metric_is_flagged(refiner_files, tmp_
         return FAISS.from_texts(DOCS, RefinedEmbeddings(base or ScaledEmbeddings(), refiner),
                                 metadatas=[{"i": i} for i in range(len(DOCS))], **kw)
 
-    l2 = store(refiner_files["queries"])
-    ip = store(refiner_files["queries"], distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
+    with pytest.warns(RankingMismatchWarning, match="distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT") as w:
+        l2 = store(refiner_files["queries"])  # warned while building, at the user's call
+    assert w[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RankingMismatchWarning)
+        ip = store(refiner_files["queries"], distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
     assert search(l2) != search(ip)  # the ranking really differs
     with pytest.warns(RankingMismatchWarning, match="distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT") as w:
         save_local(l2, tmp_path / "l2")
@@ -190,7 +194,9 @@ def test_store_ranking_unlike_the_refiners_metric_is_flagged(refiner_files, tmp_
     with pytest.warns(RankingMismatchWarning):
         load_local(FAISS, tmp_path / "l2", ScaledEmbeddings(), allow_dangerous_deserialization=True)
     with pytest.warns(RankingMismatchWarning, match="normalize_L2"):  # cosine rescales the raw documents
-        save_local(store(refiner_files["queries"], normalize_L2=True), tmp_path / "cos")
+        cos = store(refiner_files["queries"], normalize_L2=True)
+    with pytest.warns(RankingMismatchWarning, match="normalize_L2"):
+        save_local(cos, tmp_path / "cos")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RankingMismatchWarning)
         save_local(ip, tmp_path / "ip")  # the refiner's metric

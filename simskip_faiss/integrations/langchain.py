@@ -15,7 +15,8 @@ A refiner is trained and guarded for one metric (its metadata "metric", "ip" unl
 otherwise), while `FAISS.from_texts` ranks by Euclidean distance by default. When the refiner
 normalises both sides the two rank alike; when it refines queries only (or does not normalise) and
 the stored vectors' norms differ, they do not, and the guard's measurement does not hold for the
-store: `save_local` and `load_local` then warn (`RankingMismatchWarning`) and name the fix, e.g.
+store: `FAISS.from_texts` / `from_documents` (read from the call while it embeds the documents),
+`save_local` and `load_local` then warn (`RankingMismatchWarning`) and name the fix, e.g.
 `FAISS.from_texts(..., distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)`.
 
 Opening a saved FAISS folder, every path refines or refuses:
@@ -71,7 +72,9 @@ class RefinedEmbeddings(Embeddings):
         self.refiner = resolve_refiner(refiner, threads)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return refine_documents(self.refiner, self.embeddings.embed_documents(texts)).tolist()
+        vectors = refine_documents(self.refiner, self.embeddings.embed_documents(texts))
+        _check_building(vectors, self.refiner)
+        return vectors.tolist()
 
     def embed_query(self, text: str) -> list[float]:
         return refine_queries(self.refiner, [self.embeddings.embed_query(text)])[0].tolist()
@@ -136,6 +139,32 @@ def ranking_mismatch(store, refiner) -> str | None:
     return (f"the {type(store).__name__} store ranks by {got}, but its refiner was guarded for {want!r} and {sides}, "
             f"with stored vectors of different norms, so the ranking differs from the one the guard measured; "
             f"{fix} (or use a refiner that normalises and applies to both sides)")
+
+
+def _check_building(vectors, refiner) -> None:
+    """Inside `FAISS.from_texts` / `from_documents`: warn, as `save_local` would, when the store being built
+    will rank unlike the refiner's metric (its distance_strategy and normalize_L2 are read from that call)."""
+    frame = sys._getframe(2)
+    while frame is not None and not (frame.f_code.co_name == "from_texts" and
+                                     frame.f_globals.get("__name__") == "langchain_community.vectorstores.faiss"):
+        frame = frame.f_back
+    if frame is None:
+        return
+    import faiss
+    from types import SimpleNamespace
+
+    from langchain_community.vectorstores.utils import DistanceStrategy
+
+    options = frame.f_locals.get("kwargs") or {}
+    strategy = options.get("distance_strategy", DistanceStrategy.EUCLIDEAN_DISTANCE)
+    x = np.asarray(vectors, dtype=np.float32)
+    index = SimpleNamespace(metric_type=faiss.METRIC_INNER_PRODUCT if strategy == DistanceStrategy.MAX_INNER_PRODUCT
+                            else faiss.METRIC_L2, ntotal=len(x), reconstruct_n=lambda i, n: x[i:i + n])
+    store = type("FAISS", (), {})()
+    store.index, store.distance_strategy, store._normalize_L2 = index, strategy, bool(options.get("normalize_L2"))
+    why = ranking_mismatch(store, refiner)
+    if why:
+        warnings.warn(why, RankingMismatchWarning, stacklevel=4)
 
 
 def _check_ranking(store, refiner) -> None:
