@@ -206,8 +206,11 @@ def old_release_cells(path: str, trust: bool) -> dict:
 
     from simskip_faiss.integrations.sentence_transformers import load_model
 
+    model = load_model(path, device="cpu")
+    model.save(path + "-resaved")
     return {**st_model_cells(SentenceTransformer(path, device="cpu", trust_remote_code=trust), "plain"),
-            **st_model_cells(load_model(path, device="cpu"), "load_model")}
+            **st_model_cells(model, "load_model"),
+            **st_model_cells(SentenceTransformer(path + "-resaved", device="cpu", trust_remote_code=trust), "resaved")}
 
 
 @pytest.mark.parametrize("kind", ["onnx", "linear"])
@@ -233,6 +236,7 @@ def test_the_matrix_catches_a_raw_search(kind, refiner_files, tmp_path):
     cells = in_new_process(MODULE, "old_release_cells", path=str(tmp_path / "old"), trust=kind == "onnx")
     assert "Could not determine route" in cells["load_model | encode()"]["raises"]
     assert cells["load_model | encode_document/encode_query"]["ids"] == want
+    assert "Could not determine route" in cells["resaved | encode()"]["raises"]  # saved again: fixed on disk
     if kind == "onnx":
         assert "Could not determine route" in cells["plain | encode()"]["raises"]
     else:

@@ -169,6 +169,7 @@ def _drop_raw_default(model: SentenceTransformer) -> SentenceTransformer:
         if set(routes) == {"query", "document"} and not routes["document"] and routes["query"] \
                 and all(isinstance(m, _REFINER_TYPES) for m in routes["query"]):
             module.default_route = None
+            module.allow_empty_key = False  # else a reload of the saved model takes the first route as default
     return model
 
 
