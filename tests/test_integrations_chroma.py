@@ -285,3 +285,56 @@ def test_bundle_with_a_linear_refiner_is_recorded_by_directory(tmp_path):
     coll.add(ids=[str(i) for i in range(len(DOCS))], documents=DOCS)
     reopened = sc.get_collection(client, "lin")
     assert search(reopened) == [index.search(fake_embed([q]), K)[1][0].tolist() for q in QUERIES]
+
+
+def open_kinds(path: str, names: list[str], other: str) -> dict:
+    """Runs in a new process: each collection opened by Chroma alone, by the package, and with another refiner."""
+    import chromadb
+
+    import simskip_faiss.integrations.chroma as sc
+
+    client = chromadb.PersistentClient(path=path)
+    out = {}
+    for name in names:
+        out[name] = {
+            "chroma": _cell(lambda: search(client.get_collection(name))),
+            "package": _cell(lambda: search(sc.get_collection(client, name))),
+            "other": _cell(lambda: search(client.get_collection(
+                name, embedding_function=sc.RefinedEmbeddingFunction(FakeEF(), other)))),
+        }
+    return out
+
+
+def test_linear_bundle_and_identity_collections_travel_too(refiner_files, tmp_path):
+    """Other refiner kinds: a linear refiner from a bundle directory (deleted afterwards) and an identity;
+    the persist folder moved; in a new process each opens to RefinedIndex's ids or refuses another refiner."""
+    import chromadb
+
+    import simskip_faiss as sf
+    import simskip_faiss.integrations.chroma as sc
+
+    lin = sf.LinearRefiner.centring(fake_embed(DOCS))
+    bundle = sf.RefinedIndex(lin, "Flat")
+    bundle.add(fake_embed(DOCS))
+    bundle.save(tmp_path / "bundle")
+    ident = sf.IdentityRefiner(16, normalize=True)
+    client = chromadb.PersistentClient(path=str(tmp_path / "db"))
+    wants = {}
+    for name, refiner, index in (("lin", tmp_path / "bundle", bundle), ("ident", ident, sf.RefinedIndex(ident, "Flat"))):
+        coll = client.create_collection(name, embedding_function=sc.RefinedEmbeddingFunction(FakeEF(), refiner),
+                                        configuration={"hnsw": HNSW})
+        coll.add(ids=[str(i) for i in range(len(DOCS))], documents=DOCS)
+        if name == "ident":
+            index.add(fake_embed(DOCS))
+        wants[name] = [index.search(fake_embed([q]), K)[1][0].tolist() for q in QUERIES]
+        assert search(coll) == wants[name]
+    assert wants["lin"] != wants["ident"]
+    del client, coll
+    shutil.rmtree(tmp_path / "bundle")
+    shutil.move(str(tmp_path / "db"), str(tmp_path / "moved"))
+    got = in_new_process("test_integrations_chroma", "open_kinds", path=str(tmp_path / "moved"),
+                         names=list(wants), other=str(refiner_files["other"]))
+    for name, cells in got.items():
+        assert cells["chroma"]["ids"] == wants[name] and cells["package"]["ids"] == wants[name], (name, cells)
+        assert cells["other"].get("error") == "RefinerMismatchError", (name, cells)
+        assert "different refiners are not comparable" in cells["other"]["message"]
