@@ -120,17 +120,17 @@ def _recorded(folder: Path | None):
     record = read_sidecar(folder)
     files = [folder / SIDECAR] + ([folder / record["file"]] if record.get("file") else [])
     try:
-        key = (str(folder), tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in (f.stat() for f in files)))
+        key = tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in (f.stat() for f in files))
     except FileNotFoundError:
         key = None
     with _cache_lock:
-        hit = _cache.get(key) if key else None
-    if hit is None:
-        hit = (record, checked_refiner(folder))
-        if key:
-            with _cache_lock:
-                _cache.clear()  # one entry per folder in use is plenty; drop stale ones
-                _cache[key] = hit
+        held = _cache.get(str(folder))
+    if key is not None and held is not None and held[0] == key:
+        return held[1]
+    hit = (record, checked_refiner(folder))
+    if key is not None:
+        with _cache_lock:
+            _cache[str(folder)] = (key, hit)  # one entry per collection folder: the files it was read from
     return hit
 
 
