@@ -1,6 +1,7 @@
 """The command line end to end, its errors, and the torch-free serving path."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,52 @@ def test_serving_path_never_imports_torch(files, serving_onnx):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "blocked-ok" in out.stdout
+
+
+SERVING_TEST_FILES = ("test_index.py", "test_batching.py", "test_bundles.py", "test_refiner_interface.py",
+                      "test_reliability.py", "test_cli.py")
+# the tests of those files that train or export with torch; every other one must pass without it
+NEED_TORCH = {"test_cli.py::test_train_from_npy", "test_cli.py::test_errors_are_one_line",
+              "test_cli.py::test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it",
+              "test_cli.py::test_train_default_precision_falls_back_to_fp32_and_says_so",
+              "test_cli.py::test_train_int8_and_quantize",
+              "test_refiner_interface.py::test_moved_modules_keep_their_old_path_for_one_release",
+              "test_reliability.py::test_train_takes_sparse_integer_labels_without_counting_every_value"}
+
+
+@pytest.mark.slow
+def test_serving_tests_run_without_torch(tmp_path):
+    """The serving test files run where torch cannot be imported: only the tests in NEED_TORCH skip (cleanly,
+    as a missing module), none fails or errors, and torch is never imported (~40 s: marked slow)."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = BLOCK_TORCH.replace('raise ImportError("torch is blocked in this test")',
+                               'raise ModuleNotFoundError("No module named \'torch\' (blocked)", name=name)')
+    assert "ModuleNotFoundError" in code  # what pytest.importorskip treats as a missing module
+    code += textwrap.dedent(f"""
+        import json, pytest
+        class Record:
+            seen = {{}}
+            def pytest_runtest_logreport(self, report):
+                if report.when == "call" or report.outcome != "passed":
+                    self.seen.setdefault(report.outcome, []).append([report.nodeid, str(report.longrepr)[-300:]])
+        rc = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not slow", "--basetemp", {str(tmp_path / "t")!r},
+                          *[{str(tests)!r} + "/" + f for f in {list(SERVING_TEST_FILES)!r}]], plugins=[Record()])
+        print("RESULT " + json.dumps({{"rc": int(rc), "torch": "torch" in sys.modules, **Record.seen}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tests.parent, timeout=900)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    res = json.loads(line[-1][len("RESULT "):])
+    assert not res.get("failed") and res["rc"] == 0 and not res["torch"], res
+    skipped = {}
+    for node, why in res.get("skipped", []):
+        file, _, name = node.partition("::")
+        skipped[file.rsplit("/", 1)[-1] + "::" + name.split("[")[0]] = why
+    assert set(skipped) <= NEED_TORCH, skipped
+    assert all("No module named 'torch'" in why for why in skipped.values()), skipped
+    assert len(res["passed"]) > 200
 
 
 def test_train_checks_int8_on_the_corpus_and_falls_back_when_it_reorders_it(files, capsys, monkeypatch):
