@@ -5,7 +5,7 @@
     ef = sc.RefinedEmbeddingFunction(your_embedding_function, "refiner.onnx")
     docs = client.create_collection("docs", embedding_function=ef)
     ...
-    docs = sc.get_collection(client, "docs")             # rebuilt from the stored config, refiner re-hashed
+    docs = sc.get_collection(client, "docs")             # the collection's recorded refiner, re-hashed
 
 The collection's configuration records the base function (its registered name and config), the
 refiner's path and its sha256, dimensions, normalisation and apply_to. Documents (`__call__`) are
@@ -39,9 +39,12 @@ configuration names another function while its record says which refiner made th
 guarded: a configuration changed by a process that has not imported this module (with `modify` to a
 function not this package's, or Chroma's own API): plain `client.get_collection(name)` then embeds
 queries with that function. A process that has not imported this module cannot build the function:
-Chroma raises "Embedding function simskip_faiss_refined not found" at the first `query_texts`. Clients without a local persist
-directory (`EphemeralClient`, `HttpClient`) keep no record: their checks compare with the collection's
-current configuration, and the configuration's refiner path must exist where the function is rebuilt.
+Chroma raises "Embedding function simskip_faiss_refined not found" at the first `query_texts`. Clients
+without a local persist directory (`EphemeralClient`, `HttpClient`) keep no record: their checks compare
+with the collection's current configuration, and the configuration's refiner path must exist where the
+function is rebuilt. The stack lookups follow chromadb 1.5 (`CollectionCommon` methods,
+`_update_model_after_modify_success`); where they find no collection, the function is rebuilt from the
+configuration alone, as before the record existed.
 """
 from __future__ import annotations
 
