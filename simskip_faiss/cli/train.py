@@ -1,4 +1,5 @@
-"""`train` (a guarded refiner, exported to ONNX) and `quantize` (an fp32 refiner to int8 or fp16)."""
+"""`train` (a guarded refiner, exported to ONNX), `train-map` (a map between two embedding models' spaces, from
+paired embeddings) and `quantize` (an fp32 refiner to int8 or fp16)."""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,23 @@ def _pair_split(data) -> str:
             f"{seen} of {len(val)} validation queries have a document with training queries, {len(val) - seen} do not")
 
 
+def cmd_train_map(args) -> None:
+    """Fit ridge, Procrustes and a learned map SOURCE -> TARGET on the pairs, ship the best on held-out pairs,
+    export it to one ONNX file. Bad pairs are refused before anything is fitted or written."""
+    from ..training.mapping import check_pairs, fit_map
+
+    source, target = (load_npy(p, what, mmap=False) for p, what in ((args.source, "source"), (args.target, "target")))
+    source, target = check_pairs(source, target, names=(args.source, args.target))
+    res = fit_map(source, target, direction=args.direction, seed=args.seed, learned=not args.no_learned,
+                  threads=args.threads)
+    for line in res.summary():
+        print(line, file=sys.stderr)
+    meta = res.export(args.output)
+    print(f"wrote {args.output}: {res.shipped} map, direction {res.direction}, {meta['d_in']}-d -> {meta['d_out']}-d, "
+          f"apply_to={meta['apply_to']}, reproduces {res.recovered:.1%} of the re-embedded top {res.config.k} on "
+          f"{res.n_val} held-out pairs, fitted in {res.seconds:.1f}s, parity max abs err {meta['parity_max_abs_err']:.1e}")
+
+
 def cmd_quantize(args) -> None:
     from ..training.export import quantize
 
@@ -73,7 +91,7 @@ def cmd_quantize(args) -> None:
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
-    """Register `train` and `quantize`."""
+    """Register `train`, `train-map` and `quantize`."""
     s = sub.add_parser("train", parents=[common], help="train a refiner and export it to ONNX",
                        description="Train a SimSkip refiner on CORPUS.npy (or a data set) and export it to one ONNX file.")
     s.add_argument("corpus_npy", nargs="?", help="corpus embeddings .npy (n, d); omit to use --data")
@@ -89,6 +107,23 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                         "quantisation: about half the single-query latency at the same quality; see "
                         "bench/results/speed.md), fp32 or fp16 (half the file)")
     s.set_defaults(func=cmd_train, output_kind="file")
+
+    s = sub.add_parser("train-map", parents=[common], help="fit a map between two embedding models from paired embeddings",
+                       description="Change the embedding model without re-indexing: fit a map SOURCE -> TARGET from "
+                                   "paired embeddings (row i of both files embeds the same text; no labels), choose "
+                                   "ridge, Procrustes or a learned map on held-out pairs, and export it to one ONNX file.")
+    s.add_argument("source", help="source-model embeddings .npy (n, d_src): the new model for --direction queries, "
+                                  "the old one for --direction documents")
+    s.add_argument("target", help="target-model embeddings .npy (n, d_tgt), row i = the same text as SOURCE's row i: "
+                                  "the old model for --direction queries, the new one for --direction documents")
+    s.add_argument("-o", "--output", required=True, help="map .onnx to write")
+    s.add_argument("--direction", default="queries", choices=["queries", "documents"],
+                   help="queries (default): new-model queries are mapped into the old index's space, the index stays "
+                        "as it is (apply_to queries); documents: old stored vectors are mapped into the new model's "
+                        "space once, new-model queries search them raw")
+    s.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split of the pairs (default: 0)")
+    s.add_argument("--no-learned", action="store_true", help="fit only the closed-form maps (ridge, Procrustes)")
+    s.set_defaults(func=cmd_train_map, output_kind="file")
 
     s = sub.add_parser("quantize", parents=[common], help="convert an fp32 refiner to int8 or fp16",
                        description="Convert an exported fp32 refiner to int8 (dynamic quantisation) or fp16 weights, "

@@ -58,7 +58,7 @@ class ParityError(RuntimeError):
 
 
 def to_onnx_proto(model, d: int, opset: int = 23):
-    """Trace `model` (eval mode) with a dynamic batch dimension into an ONNX ModelProto.
+    """Trace `model` (eval mode) with a dynamic batch dimension into an ONNX ModelProto; `d`: its input dimension.
 
     A `SimSkip` is traced through `servable` (fewer graph nodes, same function); opset 20 gives
     GELU as one node and opset 23 the normalisation (RMSNormalization). Both shorten single-query
@@ -104,13 +104,17 @@ def servable(model, d: int):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return combine(x, self.f(x), None, self.normalize, fused_norm=True)
 
-    if not (isinstance(getattr(model, "f", None), torch.nn.Sequential) and torch.is_tensor(getattr(model, "alpha", None))):
+    if callable(getattr(model, "servable", None)):  # a cross-space MapSkip rewrites itself (model.py)
+        lean = model.servable()
+    elif not (isinstance(getattr(model, "f", None), torch.nn.Sequential) and torch.is_tensor(getattr(model, "alpha", None))):
         return model  # not a SimSkip (nothing else has f and alpha)
-    f = copy.deepcopy(model.f).eval()
-    with torch.no_grad():
-        f[-1].weight.mul_(model.alpha)
-        f[-1].bias.mul_(model.alpha)
+    else:
+        f = copy.deepcopy(model.f).eval()
+        with torch.no_grad():
+            f[-1].weight.mul_(model.alpha)
+            f[-1].bias.mul_(model.alpha)
         lean = Lean(f, bool(model.normalize)).eval()
+    with torch.no_grad():
         probe = torch.randn(16, d, generator=torch.Generator().manual_seed(0))
         same = torch.allclose(lean(probe), model(probe), atol=1e-6, rtol=0)
     return lean if same else model
@@ -271,7 +275,8 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
     """
     auto = precision == "auto"
     precision = _check_precision(DEFAULT_PRECISION if auto else precision)
-    d = model.f[-1].out_features
+    d_out = int(getattr(model, "d_out", 0)) or model.f[-1].out_features  # a MapSkip may change the dimension
+    d = int(getattr(model, "d_in", 0)) or d_out  # the input dimension: what the graph is traced and checked with
     trained_for = getattr(model, "apply_to", "both")
     apply_to = (metadata or {}).get("apply_to")
     if apply_to is None and trained_for != "both":
@@ -279,7 +284,7 @@ def export(model, path: str | os.PathLike, metadata: dict | None = None, opset: 
                          f"metadata={{'apply_to': {trained_for!r}}} or use result.export(path)")
     if apply_to == "both" and trained_for == "queries":
         raise InputError(f"apply_to={apply_to!r} but the model was trained for apply_to={trained_for!r}")
-    meta = {"format": "simskip-refiner/1", "version": __version__, "d_in": d, "d_out": d,
+    meta = {"format": "simskip-refiner/1", "version": __version__, "d_in": d, "d_out": d_out,
             "normalize": bool(model.normalize), "alpha": float(model.alpha), "apply_to": trained_for}
     meta.update(metadata or {})
     meta["precision"] = "fp32"

@@ -1,0 +1,503 @@
+"""Maps between two encoders' spaces from paired embeddings: change the embedding model without re-indexing.
+
+Row i of `source` and `target` embed the same text with two models. `fit_map` fits three candidate maps
+source -> target on seeded training pairs and keeps the one that the held-out pairs say is best:
+
+* procrustes: the (semi-)orthogonal W = U V^T from the SVD of X^T Y (a `LinearRefiner`, no bias): the
+  reference, the most constrained map (it keeps the angles between source vectors);
+* ridge: the centred least-squares affine map, its lambda chosen on the held-out pairs (a `LinearRefiner`);
+* learned: a cross-space SimSkip (`model.MapSkip`), refined = normalize(P x + alpha * f(x)), with P started
+  from the reference map (frozen by default) and f trained with in-batch InfoNCE of the mapped source against
+  the targets (losses.info_nce) plus a neighbourhood term (KL to the target's in-batch similarity
+  distribution, own target left out: what the guard scores). f's last layer starts at zero: step 0 is the
+  reference map, and the checkpoint with the best held-out score is kept.
+
+The guard needs no labels. Each held-out pair's mapped source is a query over the target vectors (the held-out
+rows and a seeded sample of the training rows, all L2-normalised); "re-embedded" search is the same query
+embedded by the target model itself. Scored per candidate: `reembedded@10` (10-recall@10 of the mapped
+query's top 10 against the re-embedded query's top 10: the fraction of the re-embedded results the map
+reproduces; 1.0 = as if re-embedded), and `mrr@10` / `recall@10` of the pair's own target. The shipping
+rule is metrics/scoring.py's `judge` and `ship` against the reference: another map ships only when no guard
+metric falls more than `tolerance` below the reference's and the mean relative change exceeds `min_gain`.
+Why the margin: the pairs are documents, the mapped vectors at serving time are queries; on WordNet
+(bench/results/migration.md) ridge beat Procrustes on held-out pairs by ~1% and lost 15% nDCG@10 on queries,
+and the learned map gained ~1% on held-out pairs and lost ~5% nDCG@10 on queries. 0.02 was set after seeing
+those WordNet numbers (no other data set with two models' embeddings was at hand to check it on).
+`recovered` is the shipped map's `reembedded@10`: the fraction of the re-embedded top 10 it reproduces on
+held-out pairs, not a fraction of a task metric (that needs queries with relevance judgements: the bench).
+
+Directions (`DIRECTIONS`, recorded in the file's metadata with the dimensions):
+
+* "queries": source = the NEW model, target = the OLD one. New-model queries are mapped into the old index's
+  space; the index and its stored vectors are untouched. apply_to "queries" (documents are stored raw). With
+  equal dimensions a `RefinedIndex` over the old vectors serves it as is. With different dimensions the
+  refiner interface refuses it (`BaseRefiner.check_query_only_dim`: its stored-dimension rule takes raw
+  documents to be d_in-dimensional): map the queries with `map_queries` and search the old index directly.
+* "documents": source = the OLD model, target = the NEW one. Stored old vectors are mapped into the new space
+  once, at ingest (`map_documents`); new-model queries are searched raw against them. apply_to "both" (the
+  stored dimension is d_out, as the interface's rule says), but the interface has no "documents only": a
+  `RefinedIndex` would map its queries too, so do not serve this map through one (it refuses new-model
+  queries of another dimension; with equal dimensions it cannot tell). `map_documents` / `map_queries`
+  refuse a map applied in the wrong direction.
+
+Bad input raises `InputError` with one line: pair files of different lengths, a non-finite or all-zero row,
+too few pairs; nothing is written.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from ..errors import InputError
+from ..refiners import BaseRefiner, LinearRefiner
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("queries", "documents")
+CLOSED_FORM = ("procrustes", "ridge")
+ROLE = {"queries": ("new", "old"), "documents": ("old", "new")}  # (source model, target model) per direction
+MIN_PAIRS = 40
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """Settings of `fit_map` (the defaults were chosen on WordNet MiniLM<->mpnet: bench/results/migration.md)."""
+
+    seed: int = 0                      # the train/validation split of the pairs and the learned map's init
+    val_fraction: float = 0.1          # pairs held out for the guard
+    max_val: int = 2000                # held-out pairs scored at most
+    max_corpus: int = 10000            # target rows searched by the guard at most (held-out ones first)
+    ridge_grid: tuple = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # lambda relative to the mean eigenvalue of X^T X
+    learned: bool = True               # also train the cross-space SimSkip
+    hidden: int = 256                  # width of f's hidden layer
+    depth: int = 1
+    activation: str = "gelu"
+    residual_input: str = "source"     # f reads x ("source") or P x ("projected")
+    train_projection: bool = False     # also train P (False: P stays the closed-form map)
+    temperature: float = 0.05
+    neighbour_weight: float = 1.0      # weight of the in-batch neighbourhood KL against the target's
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    max_steps: int = 1000
+    eval_every: int = 50
+    patience: int = 5                  # evaluations without a better objective before stopping
+    init: str = "procrustes"           # the reference map and the learned map's start: procrustes, ridge or best
+    tolerance: float = 0.005           # another map may lose at most this on any guard metric vs the reference
+    min_gain: float = 0.02             # ... and must beat it by this much (mean relative change of the metrics)
+    k: int = 10
+    threads: int | None = None         # torch threads while training (None: leave as is)
+
+
+@dataclass
+class MapResult:
+    """What `fit_map` found: the shipped map, every candidate's held-out scores, and what it recovers."""
+
+    shipped: str                       # "procrustes", "ridge" or "learned"
+    direction: str
+    d_in: int
+    d_out: int
+    candidates: dict[str, dict]        # name -> guard metrics, objective, feasible, seconds (+ lambda, steps)
+    recovered: float                   # the shipped map's reembedded@10 on the held-out pairs
+    n_pairs: int
+    n_train: int
+    n_val: int
+    n_corpus: int
+    seconds: float
+    config: MapConfig
+    linear: dict[str, LinearRefiner] = field(default_factory=dict)  # the closed-form maps
+    model: object = None               # the learned MapSkip (torch), when trained
+    _refiner: BaseRefiner | None = None
+
+    @property
+    def apply_to(self) -> str:
+        return "queries" if self.direction == "queries" else "both"
+
+    def metadata(self, name: str | None = None) -> dict:
+        """What the map's file records: direction, apply_to, the models' roles, the guard's scores, the config."""
+        src, tgt = ROLE[self.direction]
+        name = name or self.shipped
+        return {"kind": "map", "map": name, "shipped": name == self.shipped, "direction": self.direction,
+                "apply_to": self.apply_to, "source_model": src, "target_model": tgt,
+                "guard": {"metric": f"reembedded@{self.config.k}", "recovered": self.candidates[name][f"reembedded@{self.config.k}"],
+                          "candidates": {n: dict(c) for n, c in self.candidates.items()},
+                          "n_pairs": self.n_pairs, "n_train": self.n_train, "n_val": self.n_val,
+                          "n_corpus": self.n_corpus},
+                "map_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}}
+
+    def torch_model(self, name: str | None = None):
+        """A candidate (default: the shipped map) as a torch module: a `MapSkip` (a closed-form map is one without f)."""
+        name = self._name(name)
+        if name == "learned":
+            return self.model
+        return linear_module(self.linear[name], self.apply_to)
+
+    def _name(self, name: str | None) -> str:
+        name = name or self.shipped
+        if name not in self.candidates or (name == "learned" and self.model is None):
+            raise InputError(f"no candidate map {name!r}; fitted: {', '.join(self.candidates)}")
+        return name
+
+    @property
+    def refiner(self) -> BaseRefiner:
+        """The shipped map as a refiner: the `LinearRefiner` of a closed-form map, the ONNX graph of a learned one."""
+        if self._refiner is None:
+            self._refiner = self.candidate(self.shipped)
+        return self._refiner
+
+    def candidate(self, name: str) -> BaseRefiner:
+        """Any fitted candidate as a refiner (as `refiner` makes the shipped one)."""
+        name = self._name(name)
+        if name == "learned":
+            from ..refiners import Refiner
+            from .export import to_onnx_proto, verify, with_metadata
+
+            model = self.model.eval()
+            data = with_metadata(to_onnx_proto(model, self.d_in), {**self._base_meta(), **self.metadata(name)})
+            verify(model, data, self.d_in)
+            return Refiner(data)
+        lin = self.linear[name]
+        return LinearRefiner(lin.A, lin.mean, True, f"map-{name}", lin.bias, self.apply_to, self.metadata(name))
+
+    def _base_meta(self) -> dict:
+        from .. import __version__
+
+        return {"format": "simskip-refiner/1", "version": __version__, "d_in": self.d_in, "d_out": self.d_out,
+                "normalize": True, "alpha": 1.0, "precision": "fp32"}
+
+    def export(self, path, precision: str = "fp32", name: str | None = None) -> dict:
+        """Write the shipped map (or candidate `name`) to one ONNX file (`Refiner.load` reads it), verified against
+        torch (export.py); a closed-form map is first checked against its `LinearRefiner` (numpy). Returns the
+        metadata written."""
+        from .export import export
+
+        name = self._name(name)
+        model = self.torch_model(name).eval()
+        if name != "learned":
+            check_linear_module(model, self.linear[name])
+        return export(model, path, self.metadata(name), precision=precision)
+
+    def summary(self) -> list[str]:
+        """One line per candidate (held-out scores, fit time), then what shipped and what it recovers."""
+        k = self.config.k
+        lines = []
+        for name, c in self.candidates.items():
+            extra = f" lambda={c['lambda']:g}" if "lambda" in c else ""
+            extra += f" steps={c['steps']}" if "steps" in c else ""
+            lines.append(f"{name:<10} reembedded@{k} {c[f'reembedded@{k}']:.4f}  mrr@{k} {c[f'mrr@{k}']:.4f}  "
+                         f"recall@{k} {c[f'recall@{k}']:.4f}  objective {c['objective']:+.4f}"
+                         f"{'' if c['feasible'] else ' (infeasible)'}  fit {c['seconds']:.1f}s{extra}")
+        src, tgt = ROLE[self.direction]
+        lines.append(f"shipped {self.shipped} ({self.direction}: {src} {self.d_in}-d -> {tgt} {self.d_out}-d): reproduces "
+                     f"{self.recovered:.1%} of the re-embedded top {k} on {self.n_val} held-out pairs "
+                     f"(over {self.n_corpus} target rows)")
+        return lines
+
+
+# -- input ------------------------------------------------------------------------------------------------
+def check_pairs(source, target, names: tuple[str, str] = ("source", "target")) -> tuple[np.ndarray, np.ndarray]:
+    """Two (n, d) float32 arrays whose row i embeds the same text, or InputError (one line)."""
+    out = []
+    for x, name in zip((source, target), names):
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] < 1 or x.dtype.kind not in "fiu":
+            raise InputError(f"{name} must be a 2-D numeric (n, d) array of embeddings, got shape {x.shape} "
+                             f"dtype {x.dtype}")
+        out.append(x)
+    (s, t), (ns, nt) = out, names
+    if len(s) != len(t):
+        raise InputError(f"the pair files have different lengths: {ns} has {len(s)} rows, {nt} {len(t)}; "
+                         "row i of both must embed the same text")
+    if len(s) < MIN_PAIRS:
+        raise InputError(f"{len(s)} pairs are too few to fit and check a map: give at least {MIN_PAIRS}")
+    arrays = []
+    for x, name, other in ((s, ns, nt), (t, nt, ns)):
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        if bad.size:
+            raise InputError(f"{name} row {int(bad[0])} holds NaN or Inf ({bad.size} such rows): drop those pairs "
+                             f"from both files ({name} and {other})")
+        zero = np.flatnonzero(~x.any(axis=1))
+        if zero.size:
+            raise InputError(f"{name} row {int(zero[0])} is all zeros ({zero.size} such rows): a zero embedding has "
+                             f"no direction to map; drop those pairs from both files ({name} and {other})")
+        arrays.append(x)
+    return arrays[0], arrays[1]
+
+
+def check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be 'queries' (new-model queries into the old index's space) or "
+                         f"'documents' (old stored vectors into the new space), got {direction!r}")
+    return direction
+
+
+def split_pairs(n: int, val_fraction: float, seed: int, max_val: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows) of n pairs, seeded; at least 10 held out and 20 for training."""
+    if not 0 < val_fraction < 1:
+        raise InputError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    m = min(max(10, int(round(n * val_fraction))), n - 20, max_val)
+    return np.sort(perm[m:]), np.sort(perm[:m])
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# -- closed-form maps -----------------------------------------------------------------------------------
+def procrustes(X: np.ndarray, Y: np.ndarray, name: str = "procrustes", apply_to: str = "both") -> LinearRefiner:
+    """Orthogonal Procrustes (semi-orthogonal when the dimensions differ): W = U V^T from the SVD of X^T Y,
+    the orthonormal map minimising |X W - Y|; y = normalize(x W)."""
+    U, _, Vt = np.linalg.svd(X.astype(np.float64).T @ Y.astype(np.float64), full_matrices=False)
+    return LinearRefiner((U @ Vt).T, np.zeros(X.shape[1]), True, name, apply_to=apply_to)
+
+
+def ridge_maps(X: np.ndarray, Y: np.ndarray, grid, apply_to: str = "both") -> dict[float, LinearRefiner]:
+    """The centred ridge maps y = normalize((x - mean_x) W + mean_y) for each relative lambda in `grid`
+    (lambda times the mean eigenvalue of Xc^T Xc), from one eigendecomposition."""
+    X, Y = X.astype(np.float64), Y.astype(np.float64)
+    mx, my = X.mean(0), Y.mean(0)
+    Xc, Yc = X - mx, Y - my
+    s, V = np.linalg.eigh(Xc.T @ Xc)
+    s = np.maximum(s, 0)
+    B = V.T @ (Xc.T @ Yc)
+    scale = max(float(s.mean()), 1e-12)
+    out = {}
+    for lam in grid:
+        W = V @ (B / (s + lam * scale)[:, None])
+        out[float(lam)] = LinearRefiner(W.T, mx, True, f"ridge(lambda={lam:g})", bias=my, apply_to=apply_to)
+    return out
+
+
+def linear_module(lin: LinearRefiner, apply_to: str = "both"):
+    """A `LinearRefiner` as a `MapSkip` without f: P x = A x + (bias - A mean), normalised (what export traces)."""
+    from .model import MapSkip
+
+    A, b = lin.affine()
+    return MapSkip(lin.d_in, lin.d_out, hidden=0, normalize=lin.normalize, apply_to=apply_to).init_projection(A, b).eval()
+
+
+def check_linear_module(model, lin: LinearRefiner, tol: float = 1e-5) -> float:
+    """Max |torch module - LinearRefiner| on random unit vectors; raises ParityError above `tol`."""
+    import torch
+
+    from .export import ParityError
+
+    x = _normalize(np.random.default_rng(0).standard_normal((64, lin.d_in)))
+    with torch.no_grad():
+        got = model(torch.from_numpy(x)).numpy()
+    worst = float(np.abs(got - lin.transform(x)).max())
+    if not worst <= tol:
+        raise ParityError(f"the map's torch graph does not match its LinearRefiner: max abs error {worst:.3g} > {tol:g}")
+    return worst
+
+
+# -- the guard --------------------------------------------------------------------------------------------
+class MapGuard:
+    """Scores mapped held-out sources as queries over the target vectors, against the re-embedded truth."""
+
+    def __init__(self, target: np.ndarray, val_rows: np.ndarray, train_rows: np.ndarray, cfg: MapConfig):
+        import faiss
+
+        rng = np.random.default_rng(cfg.seed + 1)
+        extra = max(0, cfg.max_corpus - len(val_rows))
+        others = train_rows if len(train_rows) <= extra else np.sort(rng.choice(train_rows, extra, replace=False))
+        self.rows = np.concatenate([val_rows, others])       # corpus rows; the held-out pair j is corpus row j
+        self.k = min(cfg.k, len(self.rows))
+        self.index = faiss.IndexFlatIP(target.shape[1])
+        self.index.add(_normalize(target[self.rows]))
+        self.own = np.arange(len(val_rows))
+        self.truth = self.search(_normalize(target[val_rows]))  # the re-embedded queries' top k
+
+    def search(self, q: np.ndarray) -> np.ndarray:
+        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), self.k)[1]
+
+    def __call__(self, mapped: np.ndarray) -> dict[str, float]:
+        from ..metrics.ranking import knn_recall, retrieval_metrics_qrels
+
+        I = self.search(mapped)
+        k = self.k
+        own = retrieval_metrics_qrels(I, [np.array([j]) for j in self.own], ks=(k,))
+        return {f"reembedded@{k}": knn_recall(self.truth, I, ks=(k,))[f"{k}-recall@{k}" if k > 1 else "1-recall@1"],
+                f"mrr@{k}": own[f"mrr@{k}"], f"recall@{k}": own[f"recall@{k}"]}
+
+
+def _score(m: dict) -> float:
+    """One number to pick a ridge lambda or a learned checkpoint: mean of the guard metrics."""
+    return float(np.mean(list(m.values())))
+
+
+# -- the learned map ------------------------------------------------------------------------------------------
+def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, val_x: np.ndarray, guard: MapGuard,
+                  init: LinearRefiner, cfg: MapConfig, apply_to: str = "both"):
+    """Train a `MapSkip` from the closed-form map `init`; returns (model at its best held-out score, metrics, steps)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .loop import torch_threads
+    from .losses import info_nce
+    from .model import MapSkip
+
+    with torch_threads(cfg.threads):
+        torch.manual_seed(cfg.seed)
+        A, b = init.affine()
+        model = MapSkip(X.shape[1], Y.shape[1], cfg.hidden, cfg.depth, cfg.activation, True, cfg.residual_input,
+                        apply_to).init_projection(A, b).freeze_projection(not cfg.train_projection)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                weight_decay=cfg.weight_decay)
+        xt, yt = torch.from_numpy(X), torch.from_numpy(_normalize(Y))
+        vx = torch.from_numpy(val_x)
+        rng = np.random.default_rng(cfg.seed)
+        batch = max(2, min(cfg.batch_size, len(train_rows)))
+
+        def evaluate() -> dict:
+            model.eval()
+            with torch.no_grad():
+                m = guard(model(vx).numpy())
+            model.train()
+            return m
+
+        best = evaluate()
+        best_state, best_step, bad, step = copy.deepcopy(model.state_dict()), 0, 0, 0
+        order, pos = rng.permutation(train_rows), 0
+        model.train()
+        while step < cfg.max_steps:
+            if pos + batch > len(order):
+                order, pos = rng.permutation(train_rows), 0
+            idx = torch.from_numpy(order[pos:pos + batch])
+            pos += batch
+            out, tgt = model(xt[idx]), yt[idx]
+            loss = info_nce(out, tgt, cfg.temperature)
+            if cfg.neighbour_weight:  # rank the other targets as the re-embedded query does (own target left out)
+                eye = torch.eye(len(idx), dtype=torch.bool)
+                t_logp = F.log_softmax((tgt @ tgt.T / cfg.temperature).masked_fill(eye, float("-inf")), 1).masked_fill(eye, 0)
+                m_logp = F.log_softmax((F.normalize(out, dim=-1) @ tgt.T / cfg.temperature).masked_fill(eye, float("-inf")),
+                                       1).masked_fill(eye, 0)
+                loss = loss + cfg.neighbour_weight * (t_logp.exp() * (t_logp - m_logp)).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                m = evaluate()
+                if _score(m) > _score(best):
+                    best, best_state, best_step, bad = m, copy.deepcopy(model.state_dict()), step, 0
+                else:
+                    bad += 1
+                    if bad >= cfg.patience:
+                        break
+        model.load_state_dict(best_state)
+        model.eval()
+    return model, best, best_step
+
+
+# -- fit ----------------------------------------------------------------------------------------------------
+def fit_map(source, target, config: MapConfig | None = None, direction: str = "queries", **overrides) -> MapResult:
+    """Fit source -> target maps on paired embeddings (row i of both = the same text) and ship the best.
+
+    direction "queries": source = new-model embeddings, target = old-model ones (new queries into the old
+    index); "documents": source = old, target = new (stored vectors into the new space). `overrides` set
+    MapConfig fields. See the module docstring for the candidates, the guard and the shipping rule.
+    """
+    from ..metrics.scoring import judge, ship
+
+    cfg = replace(config or MapConfig(), **overrides)
+    check_direction(direction)
+    t0 = time.perf_counter()
+    X, Y = check_pairs(source, target)
+    apply_to = "queries" if direction == "queries" else "both"
+    train_rows, val_rows = split_pairs(len(X), cfg.val_fraction, cfg.seed, cfg.max_val)
+    guard = MapGuard(Y, val_rows, train_rows, cfg)
+    Xt, Yt, Xv = X[train_rows], Y[train_rows], X[val_rows]
+    cands: dict[str, dict] = {}
+    linear: dict[str, LinearRefiner] = {}
+
+    t = time.perf_counter()
+    linear["procrustes"] = procrustes(Xt, Yt, apply_to=apply_to)
+    cands["procrustes"] = {**guard(linear["procrustes"].transform(Xv)), "seconds": time.perf_counter() - t}
+
+    t = time.perf_counter()
+    scored = [(lam, lin, guard(lin.transform(Xv))) for lam, lin in ridge_maps(Xt, Yt, cfg.ridge_grid, apply_to).items()]
+    lam, lin, m = max(scored, key=lambda s: _score(s[2]))  # the first of equal scores: the smallest lambda given first
+    linear["ridge"] = lin
+    cands["ridge"] = {**m, "lambda": lam, "seconds": time.perf_counter() - t}
+
+    # the reference is Procrustes unless init says otherwise: the most constrained map (it keeps the angles
+    # between source vectors), which carries over best from the pairs (documents) to queries on WordNet
+    base = cfg.init if cfg.init in CLOSED_FORM else max(CLOSED_FORM, key=lambda n: _score(
+        {k: cands[n][k] for k in guard_keys(cfg)}))
+    model = None
+    if cfg.learned:
+        t = time.perf_counter()
+        model, m, steps = train_learned(X, Y, train_rows, Xv, guard, linear[base], cfg, apply_to)
+        cands["learned"] = {**m, "init": base, "steps": steps, "seconds": time.perf_counter() - t}
+
+    keys = guard_keys(cfg)
+    ref = {k: cands[base][k] for k in keys}
+    names = list(cands)
+    for n in names:
+        feasible, objective = judge({k: cands[n][k] for k in keys}, ref, cfg.tolerance)
+        # another map must beat the reference by min_gain (mean relative change of the guard metrics)
+        cands[n].update(feasible=feasible and (n == base or objective > cfg.min_gain), objective=objective)
+    order = [base] + [n for n in names if n != base]  # the reference first: it wins ties
+    shipped = order[ship([cands[n] for n in order], identity=False)]
+    res = MapResult(shipped=shipped, direction=direction, d_in=X.shape[1], d_out=Y.shape[1], candidates=cands,
+                    recovered=float(cands[shipped][keys[0]]), n_pairs=len(X), n_train=len(train_rows),
+                    n_val=len(val_rows), n_corpus=len(guard.rows), seconds=time.perf_counter() - t0, config=cfg,
+                    linear=linear, model=model)
+    log.info("map fitted in %.1fs: %s", res.seconds, "; ".join(res.summary()))
+    return res
+
+
+def guard_keys(cfg: MapConfig) -> list[str]:
+    k = cfg.k
+    return [f"reembedded@{k}", f"mrr@{k}", f"recall@{k}"]
+
+
+# -- applying a map ---------------------------------------------------------------------------------------------
+def _map_meta(refiner: BaseRefiner, want: str) -> None:
+    direction = (refiner.metadata or {}).get("direction")
+    if direction is None:
+        raise InputError("this refiner is not a map between two models (train-map records a direction in its metadata)")
+    if direction != want:
+        other = "map_documents" if direction == "documents" else "map_queries"
+        raise InputError(f"this map was trained for direction {direction!r} ({_what(direction)}), not {want!r}: use "
+                         f"{other}, or train a {want} map (train-map --direction {want})")
+
+
+def _what(direction: str) -> str:
+    return ("new-model queries into the old index's space" if direction == "queries"
+            else "old stored vectors into the new model's space")
+
+
+def _check_dims(refiner: BaseRefiner, x, index, what: str, src: str, tgt: str) -> None:
+    d = np.shape(x)[1] if np.ndim(x) == 2 else None
+    if d != refiner.d_in:
+        raise InputError(f"{what} have dimension {d} but this map takes {refiner.d_in}-d {src}-model vectors "
+                         f"(and outputs {refiner.d_out}-d {tgt}-model ones): wrong model or wrong direction?")
+    if index is not None and getattr(index, "d", refiner.d_out) != refiner.d_out:
+        raise InputError(f"the index holds {index.d}-d vectors but this map outputs {refiner.d_out}-d {tgt}-model "
+                         "vectors: it was trained for another index")
+
+
+def map_queries(refiner: BaseRefiner, queries, index=None) -> np.ndarray:
+    """New-model `queries` mapped into the old index's space by a "queries" map (refused otherwise), ready to
+    search `index` (checked: its dimension must be the map's d_out). Nothing is changed."""
+    _map_meta(refiner, "queries")
+    _check_dims(refiner, queries, index, "queries", "new", "old")
+    return refiner.transform(queries)
+
+
+def map_documents(refiner: BaseRefiner, vectors, index=None) -> np.ndarray:
+    """Old stored `vectors` mapped into the new model's space by a "documents" map (refused otherwise), to add
+    to a new `index` (checked: its dimension must be the map's d_out) searched with raw new-model queries."""
+    _map_meta(refiner, "documents")
+    _check_dims(refiner, vectors, index, "stored vectors", "old", "new")
+    return refiner.transform(vectors)
