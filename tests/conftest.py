@@ -66,3 +66,14 @@ def serving_onnx(data, tmp_path_factory):
     refiner = Refiner.load(path)
     assert not np.allclose(refiner.transform(x[:50]), x[:50], atol=1e-3), "the serving refiner must move vectors"
     return path, refiner.metadata
+
+
+@pytest.fixture(scope="session")
+def refiner_files(tmp_path_factory):
+    """ONNX refiner files: 'both' and 'queries' (the two modes under test) and 'other' (another seed)."""
+    d = tmp_path_factory.mktemp("refiners")
+    files = {"both": mlp_refiner_bytes(seed=0), "queries": mlp_refiner_bytes(seed=1, apply_to="queries"),
+             "other": mlp_refiner_bytes(seed=2)}
+    for name, data in files.items():
+        (d / f"{name}.onnx").write_bytes(data)
+    return {name: d / f"{name}.onnx" for name in files}

@@ -114,7 +114,7 @@ def test_evaluation_restores_the_callers_faiss_threads(synth):
 @pytest.fixture(scope="module")
 def user_files(tmp_path_factory):
     """Clustered corpus + labels + queries (noisy copies of corpus rows) + qrels, as a user would hand them over."""
-    from conftest import clustered
+    from helpers import clustered
 
     x, y = clustered(n=500, d=16, n_classes=5, seed=4, spread=0.5)
     rng = np.random.default_rng(5)

@@ -1,17 +1,12 @@
-"""Framework integrations: shared helpers (refiners, a fake embedding model, a reload in a new process) and
-the framework-free parts (the record, the apply_to rule, the core import staying framework-free).
-
-The per-framework flows live in tests/test_integrations_<framework>.py and import these helpers.
+"""Framework integrations, the framework-free parts: the record, the apply_to rule, the core import staying
+framework-free, pickling. The shared helpers are in tests/helpers.py; the flows in test_integrations_<framework>.py.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,84 +15,7 @@ import simskip_faiss as sf
 from simskip_faiss.integrations import base
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError
 
-TESTS = Path(__file__).resolve().parent
-ROOT = TESTS.parent
-D = 16
-DOCS = [f"document number {i}" for i in range(120)]
-QUERIES = [f"q: document number {i}" for i in range(0, 120, 7)]
-K = 5
-
-
-# -- a deterministic fake embedding model ------------------------------------------------------------
-def fake_embed(texts) -> np.ndarray:
-    """Unit vectors seeded by each text's sha256; 'q: <doc>' is near <doc>, so queries have neighbours."""
-    out = np.empty((len(texts), D), dtype=np.float32)
-    for row, text in enumerate(texts):
-        base_text = text[3:] if text.startswith("q: ") else text
-        v = np.random.default_rng(int(hashlib.sha256(base_text.encode()).hexdigest()[:15], 16)).standard_normal(D)
-        if base_text != text:
-            v = v / np.linalg.norm(v) + 0.8 * np.random.default_rng(len(text)).standard_normal(D) / np.sqrt(D)
-        out[row] = v / np.linalg.norm(v)
-    return out
-
-
-# -- refiners without torch: an ONNX MLP refiner built with the onnx helper API ---------------------
-def mlp_refiner_bytes(d: int = D, hidden: int = 24, seed: int = 0, apply_to: str = "both",
-                      normalize: bool = True) -> bytes:
-    """refined = normalize(x + W2 gelu(W1 x + b1) + b2): the exported SimSkip graph, random weights."""
-    onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    arrays = {"W1": rng.standard_normal((d, hidden)) / np.sqrt(d), "b1": 0.1 * rng.standard_normal(hidden),
-              "W2": 1.5 * rng.standard_normal((hidden, d)) / np.sqrt(hidden), "b2": 0.1 * rng.standard_normal(d)}
-    inits = [numpy_helper.from_array(np.asarray(a, dtype=np.float32), n) for n, a in arrays.items()]
-    inits += [numpy_helper.from_array(np.array([1], np.int64), "axes"),
-              numpy_helper.from_array(np.array(1e-12, np.float32), "eps")]
-    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"]), helper.make_node("Gelu", ["h"], ["g"]),
-             helper.make_node("Gemm", ["g", "W2", "b2"], ["f"]),
-             helper.make_node("Add", ["x", "f"], ["y" if normalize else "refined"])]
-    if normalize:
-        nodes += [helper.make_node("ReduceL2", ["y", "axes"], ["n"], keepdims=1),
-                  helper.make_node("Clip", ["n", "eps"], ["nc"]), helper.make_node("Div", ["y", "nc"], ["refined"])]
-    graph = helper.make_graph(nodes, "simskip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
-                              [helper.make_tensor_value_info("refined", TensorProto.FLOAT, ["n", d])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    helper.set_model_props(model, {"simskip": json.dumps({"d_in": d, "d_out": d, "normalize": normalize,
-                                                          "apply_to": apply_to, "alpha": 1.0})})
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
-
-
-@pytest.fixture(scope="session")
-def refiner_files(tmp_path_factory):
-    """ONNX refiner files: 'both' and 'queries' (the two modes under test) and 'other' (another seed)."""
-    d = tmp_path_factory.mktemp("refiners")
-    files = {"both": mlp_refiner_bytes(seed=0), "queries": mlp_refiner_bytes(seed=1, apply_to="queries"),
-             "other": mlp_refiner_bytes(seed=2)}
-    for name, data in files.items():
-        (d / f"{name}.onnx").write_bytes(data)
-    return {name: d / f"{name}.onnx" for name in files}
-
-
-def expected_ids(refiner_path, docs=DOCS, queries=QUERIES, k=K) -> list[list[int]]:
-    """What `RefinedIndex` (exact inner product) returns for the fake vectors, one query at a time."""
-    index = sf.RefinedIndex(sf.Refiner.load(refiner_path), "Flat", metric="ip")
-    index.add(fake_embed(docs))
-    return [index.search(fake_embed([q]), k)[1][0].tolist() for q in queries]
-
-
-def in_new_process(module: str, function: str, **kwargs):
-    """Run tests/<module>.py's `function(**kwargs)` in a fresh interpreter; its JSON result."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import importlib; "
-            "m = importlib.import_module(sys.argv[2]); "
-            "print('RESULT ' + json.dumps(getattr(m, sys.argv[3])(**json.loads(sys.argv[4]))))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", code, str(TESTS), module, function, json.dumps(kwargs, default=str)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+from helpers import D, DOCS, ROOT, fake_embed, mlp_refiner_bytes  # noqa: E402
 
 
 # -- the framework-free parts -------------------------------------------------------------------------

@@ -10,8 +10,7 @@ pytest.importorskip("chromadb")
 from chromadb.api.types import Documents, EmbeddingFunction  # noqa: E402
 from chromadb.utils.embedding_functions import register_embedding_function  # noqa: E402
 
-from test_integrations import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process,  # noqa: E402
-                               refiner_files)  # noqa: F401  (a fixture)
+from helpers import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process)  # noqa: E402,F401
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
 
 HNSW = {"space": "ip", "ef_construction": 400, "ef_search": 400}  # ef >= n: the graph search is exhaustive here

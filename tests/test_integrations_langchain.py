@@ -12,8 +12,7 @@ pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_community")
 from langchain_core.embeddings import Embeddings  # noqa: E402
 
-from test_integrations import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process,  # noqa: E402
-                               refiner_files)  # noqa: F401  (a fixture)
+from helpers import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process)  # noqa: E402,F401
 from simskip_faiss import IdentityRefiner  # noqa: E402
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
 

@@ -8,8 +8,7 @@ pytest.importorskip("llama_index.core")
 pytest.importorskip("llama_index.vector_stores.faiss")
 from llama_index.core.base.embeddings.base import BaseEmbedding  # noqa: E402
 
-from test_integrations import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process,  # noqa: E402
-                               refiner_files)  # noqa: F401  (a fixture)
+from helpers import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process)  # noqa: E402,F401
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
 
 

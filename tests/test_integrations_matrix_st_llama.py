@@ -13,8 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from test_integrations import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process,  # noqa: F401
-                               refiner_files)
+from helpers import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process)  # noqa: E402,F401
 
 MODULE = "test_integrations_matrix_st_llama"
 

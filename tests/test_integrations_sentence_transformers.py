@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("torch")
 
-from test_integrations import DOCS, K, QUERIES, in_new_process, refiner_files  # noqa: E402,F401  (a fixture)
+from helpers import DOCS, K, QUERIES, in_new_process  # noqa: E402
 import simskip_faiss as sf  # noqa: E402
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
 
