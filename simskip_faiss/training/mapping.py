@@ -101,7 +101,7 @@ class MapResult:
     direction: str
     d_in: int
     d_out: int
-    candidates: dict[str, dict]        # name -> guard metrics, objective, feasible, seconds (+ lambda, steps)
+    candidates: dict[str, dict]        # name -> guard metrics, objective, feasible, margin, seconds (+ lambda, steps)
     recovered: float                   # the shipped map's reembedded@10 on the held-out pairs
     n_pairs: int
     n_train: int
@@ -190,7 +190,7 @@ class MapResult:
             extra += f" steps={c['steps']}" if "steps" in c else ""
             lines.append(f"{name:<10} reembedded@{k} {c[f'reembedded@{k}']:.4f}  mrr@{k} {c[f'mrr@{k}']:.4f}  "
                          f"recall@{k} {c[f'recall@{k}']:.4f}  objective {c['objective']:+.4f}"
-                         f"{'' if c['feasible'] else ' (infeasible)'}  fit {c['seconds']:.1f}s{extra}")
+                         f"{'' if c['feasible'] else ' (below the reference)'}{'' if c['margin'] else ' (gain < min_gain)'}  fit {c['seconds']:.1f}s{extra}")
         src, tgt = ROLE[self.direction]
         lines.append(f"shipped {self.shipped} ({self.direction}: {src} {self.d_in}-d -> {tgt} {self.d_out}-d): reproduces "
                      f"{self.recovered:.1%} of the re-embedded top {k} on {self.n_val} held-out pairs "
@@ -444,10 +444,11 @@ def fit_map(source, target, config: MapConfig | None = None, direction: str = "q
     names = list(cands)
     for n in names:
         feasible, objective = judge({k: cands[n][k] for k in keys}, ref, cfg.tolerance)
-        # another map must beat the reference by min_gain (mean relative change of the guard metrics)
-        cands[n].update(feasible=feasible and (n == base or objective > cfg.min_gain), objective=objective)
+        # another map must also beat the reference by min_gain (mean relative change of the guard metrics)
+        cands[n].update(feasible=feasible, objective=objective, margin=n == base or objective > cfg.min_gain)
     order = [base] + [n for n in names if n != base]  # the reference first: it wins ties
-    shipped = order[ship([cands[n] for n in order], identity=False)]
+    shipped = order[ship([{**cands[n], "feasible": cands[n]["feasible"] and cands[n]["margin"]} for n in order],
+                         identity=False)]
     res = MapResult(shipped=shipped, direction=direction, d_in=X.shape[1], d_out=Y.shape[1], candidates=cands,
                     recovered=float(cands[shipped][keys[0]]), n_pairs=len(X), n_train=len(train_rows),
                     n_val=len(val_rows), n_corpus=len(guard.rows), seconds=time.perf_counter() - t0, config=cfg,
