@@ -250,11 +250,11 @@ def test_chroma_collection_gets_the_updates(tmp_path):
     assert client.get_collection("docs").metadata[stores.UPDATES_KEY] == updates.sha256  # persisted
     read = lambda: chroma_vectors(coll, corpus.ids)  # noqa: E731
     check_refused_twice(coll, full, corpus, read, "records these document updates as applied")
+    docs = stores.chroma_copy(client, coll, "docs-refined", RefinedEmbeddingFunction(coll._embedding_function, query_side))
+    assert docs.metadata == {stores.UPDATES_KEY: updates.sha256}  # the record travels with the copy
     coll.modify(metadata={"owner": "tests"})  # the record lost: the sketches still refuse a second move
     check_refused_twice(coll, full, corpus, read)
     check_refused_twice(coll, full, stores.chroma_corpus(coll), read)
-    docs = stores.chroma_copy(client, coll, "docs-refined", RefinedEmbeddingFunction(coll._embedding_function, query_side))
-    assert docs.metadata == {stores.UPDATES_KEY: updates.sha256}  # the record travels with the copy
     want = reference(full, corpus)
     got = [docs.query(query_texts=[q], n_results=K)["ids"][0] for q in QUERIES]
     assert got == want and want != reference(sf.Refiner.load(path), corpus)
@@ -339,3 +339,30 @@ def test_llama_index_gets_the_updates(store_kind, tmp_path):
     retriever = wrapped.as_retriever(similarity_top_k=K)
     got = [[h.node.node_id for h in retriever.retrieve(q)] for q in QUERIES]
     assert got == reference(full, corpus) and got != reference(sf.Refiner.load(path), corpus)
+
+
+def test_tiny_updates_and_updates_not_loaded(tmp_path):
+    from simskip_faiss.refiners import documents_path
+
+    store = langchain_store()
+    corpus = stores.langchain_corpus(store)
+    tiny = updates_for(corpus)
+    tiny.delta *= 1e-6  # raw and moved are within the sketch tolerance of each other: still applied once
+    before = lc_vectors(store)
+    stores.apply_updates(store, refiners(tmp_path, tiny)[0], corpus)
+    np.testing.assert_allclose(lc_vectors(store)[ROWS], moved(corpus, tiny), atol=2e-6)
+    # a refiner file declaring updates, loaded without them: refused, not applied as "none"
+    updates = updates_for(corpus)
+    path = tmp_path / "declared.onnx"
+    meta = {"documents": {**updates.record(), "file": documents_path(path, updates.sha256).name}}
+    path.write_bytes(mlp_refiner_bytes(apply_to="queries", metadata=meta))
+    after = lc_vectors(store)
+    with pytest.raises(InputError, match="were not loaded with it"):
+        stores.apply_updates(store, sf.Refiner(path.read_bytes()), corpus)
+    with pytest.raises(FileNotFoundError, match="which is missing"):
+        stores.apply_updates(store, path, corpus)  # its updates file is missing: Refiner.load refuses
+    np.testing.assert_array_equal(lc_vectors(store), after)
+    documents_path(path, updates.sha256).write_bytes(updates.to_bytes())
+    other = langchain_store()
+    assert stores.apply_updates(other, path, stores.langchain_corpus(other)).documents is None  # the file's updates
+    check_store(before, lc_vectors(other), corpus, updates)

@@ -391,7 +391,7 @@ def apply_updates(store, refiner, corpus: StoreCorpus):
     positions = _positions(corpus, fresh, rows, target.name)
     current = np.ascontiguousarray(fresh.vectors[positions])
     space = _unit(current) if corpus.cosine else current
-    applied = _holds_update(space, updates)
+    applied = _holds_update(space, updates) & ~_is_raw(space, updates)  # a tiny update's raw vector passes both
     read = np.all(current == corpus.vectors[rows], axis=1)
     stale = np.flatnonzero(~read & ~applied)
     if stale.size:
@@ -422,10 +422,19 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def _is_raw(x: np.ndarray, updates) -> np.ndarray:
+    """Per row: whether it is the vector its update was learned for (`DocumentUpdates.check`'s test, per row)."""
+    from ..refiners.documents import SKETCH_TOLERANCE, sketch
+
+    want = updates.sketches
+    return (np.abs(sketch(x) - want) <= SKETCH_TOLERANCE * np.maximum(want[:, :1], 1e-12) + 1e-7).all(axis=1)
+
+
 def _holds_update(y: np.ndarray, updates) -> np.ndarray:
     """Per row of `y` (the stored vectors of `updates.ids`, in order): whether it already is its raw vector
-    moved by its update. A moved vector keeps the raw norm r (documents.py), so y + delta... is inverted:
-    raw = c y - delta with |raw| = r, c > 0 (a quadratic in c); a root whose raw matches the sketch = applied."""
+    moved by its update. A moved vector y = (raw + delta) r / |raw + delta| keeps the raw norm r (documents.py),
+    so raw = c y - delta for some c > 0 with |raw| = r: a quadratic in c; a root whose raw matches the sketch
+    means the update is in the store already."""
     from ..refiners.documents import SKETCH_TOLERANCE, sketch
 
     y = np.asarray(y, np.float64)
