@@ -289,7 +289,7 @@ def test_chroma_cosine_interrupted_and_refusals(tmp_path):
 
 
 # -- LlamaIndex ---------------------------------------------------------------------------------------------
-def llama_index(store_kind: str):
+def llama_index(store_kind: str, source=None):
     pytest.importorskip("llama_index.vector_stores.faiss")
     import faiss
     from llama_index.core import StorageContext, VectorStoreIndex
@@ -309,7 +309,11 @@ def llama_index(store_kind: str):
         def _get_text_embedding(self, text):
             return fake_embed([text])[0].tolist()
 
+    from llama_index.core.schema import NodeRelationship, RelatedNodeInfo
+
     nodes = [TextNode(text=t, id_=f"n{DOCS.index(t)}") for t in TEXTS]
+    for row, node in enumerate(nodes if source else []):  # source(row): the id of the document a node came from
+        node.relationships[NodeRelationship.SOURCE] = RelatedNodeInfo(node_id=source(row))
     kw = {}
     if store_kind == "faiss":
         kw["storage_context"] = StorageContext.from_defaults(vector_store=FaissVectorStore(faiss.IndexFlatIP(D)))
@@ -366,3 +370,20 @@ def test_tiny_updates_and_updates_not_loaded(tmp_path):
     other = langchain_store()
     assert stores.apply_updates(other, path, stores.langchain_corpus(other)).documents is None  # the file's updates
     check_store(before, lc_vectors(other), corpus, updates)
+
+
+def test_llama_index_ref_doc_corpus(tmp_path):
+    """ids="ref_doc": two nodes per document, so the ids repeat and the store must list them in the corpus's order."""
+    index = llama_index("faiss", source=lambda row: f"d{row // 2}")
+    corpus = stores.llama_index_corpus(index, ids="ref_doc")
+    assert corpus.ids[:4] == ["d0", "d0", "d1", "d1"]
+    updates = updates_for(corpus)
+    full, _ = refiners(tmp_path, updates)
+    read = lambda: stores.llama_index_corpus(index).vectors  # noqa: E731
+    before = read()
+    stores.apply_updates(index, full, corpus)
+    check_store(before, read(), corpus, updates)
+    check_refused_twice(index, full, corpus, read)
+    index.vector_store.client.add(np.ones((1, D), np.float32))  # a vector no node owns: the store cannot be read
+    with pytest.raises(InputError, match="belong to no node"):
+        stores.apply_updates(index, refiners(tmp_path, updates_for(corpus))[0], corpus)

@@ -413,9 +413,10 @@ def apply_updates(store, refiner, corpus: StoreCorpus):
     moved = refiner.refine_documents(np.ascontiguousarray(space[todo]), ids=rows[todo])  # sketch-checked
     if not np.isfinite(moved).all():
         raise InputError(f"{target.name}: the moved vectors are not finite; nothing was written")
+    query_side = copy.copy(refiner).with_documents(None)  # before the first write: nothing can fail after it
     target.write(fresh, positions[todo], np.ascontiguousarray(moved, dtype=np.float32))
     target.mark(updates)
-    return copy.copy(refiner).with_documents(None)
+    return query_side
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
