@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_integrations import DOCS, QUERIES, ROOT, fake_embed
+from helpers import DOCS, QUERIES, ROOT, fake_embed
 from simskip_faiss.datasets import load_user
 from simskip_faiss.errors import InputError
 from simskip_faiss.integrations import stores
@@ -70,7 +70,7 @@ def test_langchain_store_read_back():
 
 def test_langchain_refuses_a_refined_store():
     pytest.importorskip("onnx")
-    from test_integrations import mlp_refiner_bytes
+    from helpers import mlp_refiner_bytes
     import simskip_faiss as sf
     from simskip_faiss.integrations.langchain import RefinedEmbeddings
 
@@ -163,7 +163,7 @@ def test_chroma_cosine_collection_trains_on_unit_rows(tmp_path):
 
 def test_chroma_copy_keeps_records_and_refuses_a_refiner_of_documents(tmp_path):
     pytest.importorskip("onnx")
-    from test_integrations import mlp_refiner_bytes
+    from helpers import mlp_refiner_bytes
     from simskip_faiss.integrations.chroma import RefinedEmbeddingFunction
 
     client, coll = chroma_collection(tmp_path)
@@ -187,7 +187,7 @@ def test_chroma_copy_keeps_records_and_refuses_a_refiner_of_documents(tmp_path):
 
 def test_chroma_refuses_a_refined_collection(tmp_path):
     pytest.importorskip("onnx")
-    from test_integrations import mlp_refiner_bytes
+    from helpers import mlp_refiner_bytes
     from simskip_faiss.integrations.chroma import RefinedEmbeddingFunction
 
     client, coll = chroma_collection(tmp_path)
