@@ -120,6 +120,30 @@ def test_documents_direction_maps_stored_vectors_into_the_new_space(tmp_path):
         map_documents(r, old, faiss.IndexFlatIP(16))
 
 
+def test_a_learned_map_that_widens_exports_with_parity(tmp_path):
+    """d_in < d_out (16 -> 24) through the learned map's graph, checked against torch by export."""
+    new, old = encoders(n=300)
+    res = fit_map(old, new, direction="documents", **FAST)
+    meta = res.export(tmp_path / "w.onnx", name="learned")
+    r = Refiner.load(tmp_path / "w.onnx")
+    assert (r.d_in, r.d_out, r.apply_to) == (16, 24, "both") and meta["parity_max_abs_err"] <= 1e-5
+    np.testing.assert_allclose(r.transform(old[:20]), res.candidate("learned").transform(old[:20]), atol=1e-5)
+
+
+def test_refined_index_with_a_documents_map_refuses_new_model_queries_of_another_width():
+    """A documents map has apply_to "both" (stored dimension d_out): a RefinedIndex maps the stored old vectors,
+    but it would map its queries too; new-model queries of another width are refused, not searched."""
+    from simskip_faiss import RefinedIndex
+
+    new, old = encoders(n=300)
+    res = fit_map(old, new, direction="documents", learned=False)
+    ix = RefinedIndex(res.refiner)
+    ix.add(old)
+    assert (ix.ntotal, ix.index.d) == (300, 24)
+    with pytest.raises(InputError):
+        ix.search(new[:3], 5)
+
+
 def test_queries_direction_search_the_untouched_old_index(tmp_path):
     """queries: new-model queries mapped into the old index's space; the old index is searched as it is."""
     import faiss
