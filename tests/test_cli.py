@@ -477,7 +477,7 @@ def test_train_flags_read_help_choices_and_defaults_from_the_config_fields():
     from simskip_faiss.config import TrainConfig
 
     flags = {a.dest: a for a in _subcommands()["train"]._actions}
-    assert len(_subcommands()) == 11
+    assert len(_subcommands()) == 12
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("progress", "threads"):  # the common --quiet and --threads
             continue

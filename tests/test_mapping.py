@@ -236,7 +236,7 @@ def test_cli_train_map_round_trip_and_refusals(tmp_path, capsys):
     np.save(tmp_path / "new.npy", src)
     np.save(tmp_path / "old.npy", tgt)
     out = tmp_path / "map.onnx"
-    assert main(["train-map", str(tmp_path / "new.npy"), str(tmp_path / "old.npy"), "-o", str(out), "-q",
+    assert main(["train-map", str(tmp_path / "old.npy"), str(tmp_path / "new.npy"), "-o", str(out), "-q",
                  "--no-learned", "--seed", "1"]) == 0
     cap = capsys.readouterr()
     assert cap.out.startswith(f"wrote {out}: ") and "24-d -> 16-d" in cap.out and "re-embedded top 10" in cap.out
@@ -244,11 +244,16 @@ def test_cli_train_map_round_trip_and_refusals(tmp_path, capsys):
     r = Refiner.load(out)
     assert (r.d_in, r.d_out, r.metadata["direction"]) == (24, 16, "queries")
     assert r.metadata["map_config"]["seed"] == 1
+    docs = tmp_path / "docs.onnx"  # the other direction reads the same two files: old -> new
+    assert main(["train-map", str(tmp_path / "old.npy"), str(tmp_path / "new.npy"), "-o", str(docs), "-q",
+                 "--no-learned", "--direction", "documents"]) == 0
+    capsys.readouterr()
+    assert (Refiner.load(docs).d_in, Refiner.load(docs).d_out) == (16, 24)
 
     np.save(tmp_path / "short.npy", tgt[:-5])
     np.save(tmp_path / "nan.npy", _set(tgt.copy(), 3, np.inf))
     for bad, what in (("short.npy", "different lengths"), ("nan.npy", "row 3 holds NaN or Inf")):
         o = tmp_path / f"x-{bad}.onnx"
-        assert main(["train-map", str(tmp_path / "new.npy"), str(tmp_path / bad), "-o", str(o), "-q"]) == 2
+        assert main(["train-map", str(tmp_path / bad), str(tmp_path / "new.npy"), "-o", str(o), "-q"]) == 2
         err = capsys.readouterr().err
         assert what in err and len(err.strip().splitlines()) == 1 and not o.exists()

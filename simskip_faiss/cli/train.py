@@ -62,12 +62,17 @@ def _pair_split(data) -> str:
 
 
 def cmd_train_map(args) -> None:
-    """Fit ridge, Procrustes and a learned map SOURCE -> TARGET on the pairs, ship the best on held-out pairs,
-    export it to one ONNX file. Bad pairs are refused before anything is fitted or written."""
+    """Fit ridge, Procrustes and a learned map between OLD and NEW on the pairs (NEW -> OLD for queries, OLD -> NEW
+    for documents), ship the best on held-out pairs, export it to one ONNX file. Bad pairs are refused before
+    anything is fitted or written."""
     from ..training.mapping import check_pairs, fit_map
 
-    source, target = (load_npy(p, what, mmap=False) for p, what in ((args.source, "source"), (args.target, "target")))
-    source, target = check_pairs(source, target, names=(args.source, args.target))
+    old, new = (load_npy(p, what, mmap=False) for p, what in ((args.old, "old-model"), (args.new, "new-model")))
+    if args.direction == "queries":
+        source, target, names = new, old, (args.new, args.old)
+    else:
+        source, target, names = old, new, (args.old, args.new)
+    source, target = check_pairs(source, target, names=names)
     res = fit_map(source, target, direction=args.direction, seed=args.seed, learned=not args.no_learned,
                   threads=args.threads)
     for line in res.summary():
@@ -109,13 +114,12 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.set_defaults(func=cmd_train, output_kind="file")
 
     s = sub.add_parser("train-map", parents=[common], help="fit a map between two embedding models from paired embeddings",
-                       description="Change the embedding model without re-indexing: fit a map SOURCE -> TARGET from "
-                                   "paired embeddings (row i of both files embeds the same text; no labels), choose "
-                                   "ridge, Procrustes or a learned map on held-out pairs, and export it to one ONNX file.")
-    s.add_argument("source", help="source-model embeddings .npy (n, d_src): the new model for --direction queries, "
-                                  "the old one for --direction documents")
-    s.add_argument("target", help="target-model embeddings .npy (n, d_tgt), row i = the same text as SOURCE's row i: "
-                                  "the old model for --direction queries, the new one for --direction documents")
+                       description="Change the embedding model without re-indexing: fit a map between the old and the "
+                                   "new model's spaces from paired embeddings (row i of both files embeds the same text; "
+                                   "no labels), choose ridge, Procrustes or a learned map on held-out pairs, and export "
+                                   "it to one ONNX file.")
+    s.add_argument("old", help="old-model embeddings .npy (n, d_old): what the index holds today")
+    s.add_argument("new", help="new-model embeddings .npy (n, d_new) of the same texts, row for row")
     s.add_argument("-o", "--output", required=True, help="map .onnx to write")
     s.add_argument("--direction", default="queries", choices=["queries", "documents"],
                    help="queries (default): new-model queries are mapped into the old index's space, the index stays "
