@@ -125,7 +125,8 @@ class RefinedIndex:
     # -- FAISS-style properties -------------------------------------------------------------
     @property
     def d(self) -> int:
-        """The raw input dimension (what callers pass to add and search)."""
+        """The raw query dimension (what callers pass to search; add takes `refiner.document_dim`, the same
+        unless the refiner is a query map from another model)."""
         return self.refiner.d_in
 
     @property
@@ -148,7 +149,7 @@ class RefinedIndex:
     def refine_documents(self, x, ids=None) -> np.ndarray:
         """Documents as they are stored: through the refiner unless it is query-only (then raw), plus the
         refiner's update of each of `ids` that has one (documents.py; without ids, none is applied)."""
-        x = as_matrix(x, self.d, "x")
+        x = as_matrix(x, self.refiner.document_dim, "x")
         self._check_norms(x, 0, "x")
         return self.refiner.refine_documents(x, None if ids is None else as_ids(ids, x.shape[0]))
 
@@ -192,7 +193,7 @@ class RefinedIndex:
         be stored), and a memmap's pages are released as the scan passes.
         """
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[0] > self.chunk_size:
-            check_shape(x, self.d, name)
+            check_shape(x, self.refiner.document_dim, name)
             for s in range(0, x.shape[0], self.chunk_size):
                 e = min(s + self.chunk_size, x.shape[0])
                 block = to_float32(np.asarray(x[s:e]))
@@ -203,7 +204,7 @@ class RefinedIndex:
                 self._check_norms(block, s, name)
                 release_rows(x, s, e)
             return x
-        x = as_matrix(x, self.d, name)
+        x = as_matrix(x, self.refiner.document_dim, name)
         self._check_norms(x, 0, name)
         return x
 

@@ -186,19 +186,32 @@ def test_refined_index_serves_an_equal_width_queries_map_over_raw_old_vectors(tm
     np.testing.assert_array_equal(I, I2)
 
 
-def test_refined_index_refuses_a_queries_map_that_changes_the_width(tmp_path):
-    """The refiner interface takes a query-only refiner's stored vectors to be d_in-dimensional: a new->old map of
-    another width cannot be served by RefinedIndex (use map_queries on the old index); it is refused, not misread."""
-    from simskip_faiss import RefinedIndex
+def test_refined_index_serves_a_queries_map_that_changes_the_width(tmp_path):
+    """A new->old map of another width: RefinedIndex stores the old vectors raw at d_out and maps the new-model
+    queries, giving what map_queries + a plain FAISS index over the old vectors give; documents at the new
+    model's width are refused, nothing stored. Spark and the integrations refuse the map by name."""
+    import faiss
 
-    new, old = encoders(n=300)
+    from simskip_faiss import RefinedIndex
+    from simskip_faiss.integrations.refining import resolve_refiner
+
+    new, old = encoders(n=300)                       # 24-d new model, 16-d old model
     res = fit_map(new, old, learned=False)
-    ix = RefinedIndex(res.refiner)
-    with pytest.raises(InputError):
-        ix.add(old)
+    res.export(tmp_path / "q.onnx")
+    r = Refiner.load(tmp_path / "q.onnx")
+    assert (r.d_in, r.d_out, r.stored_dim, r.document_dim) == (24, 16, 16, 16)
+    ix = RefinedIndex(r, "Flat", metric="ip")
+    with pytest.raises(InputError, match="16"):
+        ix.add(new)                                   # new-model vectors are not what the old index holds
     assert ix.ntotal == 0
-    with pytest.raises(InputError, match="query-only refiner must keep the dimension"):
-        res.refiner.check_query_only_dim()
+    ix.add(old)
+    _, I = ix.search(new[:20], 5)
+    flat = faiss.IndexFlatIP(16)
+    flat.add(old)
+    _, want = flat.search(map_queries(r, new[:20], flat), 5)
+    np.testing.assert_array_equal(I, want)
+    with pytest.raises(InputError, match="query-only refiner must keep the dimension in the framework integrations"):
+        resolve_refiner(r)
 
 
 @pytest.mark.parametrize("fix, message", [

@@ -101,7 +101,8 @@ def test_every_kind_answers_the_store_rules_every_store_calls(case, data):
 
 
 def test_store_rules_refuse_what_no_store_can_hold():
-    """Inner product over unnormalised refined vectors, and a query-only refiner that changes the dimension."""
+    """Inner product over unnormalised refined vectors; a query-only refiner that changes the dimension (a query
+    map from another model) stores its documents raw at d_out, and the stores that cannot hold it refuse it."""
     with pytest.raises(ValueError, match="inner-product collection needs a refiner that L2-normalises"):
         _linear(normalize=False).check_metric("ip", "collection")
     _linear(normalize=False).check_metric("l2")
@@ -109,9 +110,11 @@ def test_store_rules_refuse_what_no_store_can_hold():
     IdentityRefiner(8).check_metric("ip")
     rng = np.random.default_rng(0)
     narrow = LinearRefiner(rng.standard_normal((4, 8)), np.zeros(8), apply_to="queries")
-    assert narrow.stored_dim == 8
-    with pytest.raises(ValueError, match="query-only refiner must keep the dimension.*8→4"):
-        narrow.check_query_only_dim()
+    assert (narrow.stored_dim, narrow.document_dim) == (4, 4)
+    both = LinearRefiner(rng.standard_normal((4, 8)), np.zeros(8))
+    assert (both.stored_dim, both.document_dim) == (4, 8)
+    with pytest.raises(ValueError, match="query-only refiner must keep the dimension in Spark.*8→4"):
+        narrow.check_query_only_dim("Spark")
 
 
 def faiss_stored(idx: RefinedIndex) -> np.ndarray:

@@ -26,7 +26,7 @@ def resolve_refiner(refiner, threads: int | None = 1):
     if not isinstance(refiner, BaseRefiner):
         raise InputTypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
                         f"an ONNX path or a bundle directory; got {type(refiner).__name__}")
-    refiner.check_query_only_dim()
+    refiner.check_query_only_dim("the framework integrations")
     return refiner
 
 

@@ -126,8 +126,16 @@ class BaseRefiner(ABC):
 
     @property
     def stored_dim(self) -> int:
-        """Dimension of the stored (document) vectors: d_out when documents are refined, else d_in."""
-        return self.d_out if self.refines_documents else self.d_in
+        """Dimension of the stored (document) vectors: always d_out. Documents go through the refiner (d_in ->
+        d_out) or, for a query-only refiner, are stored raw: already in the output space, which is the input
+        space for a refiner of one model's vectors (d_in == d_out) and the old model's space for a query map
+        from a new model (d_in != d_out, `training.mapping`)."""
+        return self.d_out
+
+    @property
+    def document_dim(self) -> int:
+        """Dimension of the documents a store is given: d_in when they go through the refiner, else d_out."""
+        return self.d_in if self.refines_documents else self.d_out
 
     def refine_queries(self, x, name: str = "queries") -> np.ndarray:
         """Queries, validated (`as_input`) and refined, the output checked: queries are always refined."""
@@ -148,11 +156,14 @@ class BaseRefiner(ABC):
         if self.refines_documents:
             self.refuse_norm_range(x, ids)
 
-    def check_query_only_dim(self) -> None:
-        """A query-only refiner must keep the dimension: its refined queries are searched against raw documents."""
+    def check_query_only_dim(self, store: str = "this store") -> None:
+        """For stores that take documents at the refiner's input width: refuse a query map (a query-only refiner
+        that changes the dimension; RefinedIndex and Milvus serve it, documents at d_out)."""
         if not self.refines_documents and self.d_in != self.d_out:
-            raise InputError(f"a query-only refiner must keep the dimension (queries are searched against raw "
-                             f"documents); this one maps {self.d_in}→{self.d_out}")
+            raise InputError(f"a query-only refiner must keep the dimension in {store} (queries are searched "
+                             f"against raw documents); this one maps {self.d_in}→{self.d_out}, a query map from "
+                             "another model: serve it with RefinedIndex or Milvus, which store the documents at "
+                             f"{self.d_out}-d")
 
     def check_metric(self, metric: str, store: str = "index") -> None:
         """Refuse inner product ("ip") over refined vectors a refiner does not L2-normalise (docs/design.md:

@@ -88,11 +88,10 @@ class RefinedCollection:
     # -- set-up ---------------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
-        """Dimension of the stored vectors: refined, or raw for a query-only refiner."""
+        """Dimension of the stored vectors (`BaseRefiner.stored_dim`): refined, or raw for a query-only refiner."""
         return self.refiner.stored_dim
 
     def _check_refiner(self) -> None:
-        self.refiner.check_query_only_dim()
         self.refiner.check_metric(self.metric, "collection")
 
     def _create(self, index_type: str, index_params: dict, consistency_level: str) -> None:
@@ -145,7 +144,7 @@ class RefinedCollection:
         return self._write("upsert", ids, vectors, fields)
 
     def _write(self, op: str, ids, vectors, fields: dict[str, Sequence] | None) -> int:
-        ids, x = checked_rows(ids, vectors, self.refiner.d_in)
+        ids, x = checked_rows(ids, vectors, self.refiner.document_dim)
         self.refiner.refuse_document_norms(x, ids)  # before the first write, like every other row check
         fields = fields or {}
         for k, col in fields.items():
@@ -230,7 +229,7 @@ def ingest_npy(coll: RefinedCollection, vectors_path: str | os.PathLike, ids: np
     x = load_npy(vectors_path, "vectors")
     check_shape(x, name=f"vectors {vectors_path}")
     ids = np.arange(len(x), dtype=np.int64) if ids is None else ids
-    ids, x = checked_rows(ids, x, coll.refiner.d_in)
+    ids, x = checked_rows(ids, x, coll.refiner.document_dim)
     return coll.upsert(ids, x) if upsert else coll.insert(ids, x)
 
 
@@ -252,7 +251,7 @@ def ingest_parquet(coll: RefinedCollection, path: str | os.PathLike, vector_col:
     bad, total = [], 0
     for b in data.to_batches(columns=[id_col, vector_col], batch_size=batch_rows):  # pass 1: validate all
         try:
-            _batch_arrays(b, vector_col, id_col, coll.refiner.d_in)
+            _batch_arrays(b, vector_col, id_col, coll.refiner.document_dim)
         except BadRowsError as e:
             bad += e.rows
             total += e.total
@@ -260,7 +259,7 @@ def ingest_parquet(coll: RefinedCollection, path: str | os.PathLike, vector_col:
         raise BadRowsError(bad, total=total, what=str(path))
     n = 0
     for b in data.to_batches(columns=[id_col, vector_col, *extra], batch_size=batch_rows):  # pass 2: write
-        ids, x = _batch_arrays(b, vector_col, id_col, coll.refiner.d_in)
+        ids, x = _batch_arrays(b, vector_col, id_col, coll.refiner.document_dim)
         fields = {c: b.column(c).to_pylist() for c in extra}
         n += coll.upsert(ids, x, fields) if upsert else coll.insert(ids, x, fields)
     return n

@@ -46,6 +46,7 @@ def refiner_spec(spark, refiner) -> RefinerSpec:
     if not isinstance(refiner, BaseRefiner):
         raise InputTypeError(f"Spark refinement needs a simskip_faiss refiner, got {type(refiner).__name__}")
     refiner.check_documents_loaded()
+    refiner.check_query_only_dim("Spark")  # Spark validates documents at d_in
     info, data, docs = refiner.info(), refiner.to_bytes(), refiner.documents
     rec = refiner.record()  # the worker cache's key: the refiner's identity, its sha256 first (named in errors)
     key = ":".join(str(rec[k]) for k in ("sha256", "kind", "d_in", "d_out", "normalize", "apply_to", "documents"))

@@ -33,9 +33,9 @@ Directions (`DIRECTIONS`, recorded in the file's metadata with the dimensions):
 
 * "queries": source = the NEW model, target = the OLD one. New-model queries are mapped into the old index's
   space; the index and its stored vectors are untouched. apply_to "queries" (documents are stored raw). With
-  equal dimensions a `RefinedIndex` over the old vectors serves it as is. With different dimensions the
-  refiner interface refuses it (`BaseRefiner.check_query_only_dim`: its stored-dimension rule takes raw
-  documents to be d_in-dimensional): map the queries with `map_queries` and search the old index directly.
+  equal or different dimensions a `RefinedIndex` (or a Milvus collection) over the old vectors serves it:
+  documents are stored raw at d_out (`BaseRefiner.document_dim`), queries go through the map. Spark and the
+  framework integrations refuse it (`check_query_only_dim`); map the queries with `map_queries` there.
 * "documents": source = the OLD model, target = the NEW one. Stored old vectors are mapped into the new space
   once, at ingest (`map_documents`); new-model queries are searched raw against them. apply_to "both" (the
   stored dimension is d_out, as the interface's rule says), but the interface has no "documents only": a
