@@ -27,7 +27,7 @@ STORES = ("LangChain", "LlamaIndex", "Chroma")  # the snippet trains its own ref
 FAST = dict(max_steps=20, eval_every=10, lr=1e-3, temperature=0.05, progress=False, threads=1)
 CASES = [(f, None) for f in STORES] + [("sentence-transformers", a) for a in ("both", "queries")]
 UPDATED = np.array([2, 7, 30, 41])  # corpus rows given an update when fit learns none
-SHELL_ONLY = ("Spark", "Milvus")  # command lines, parsed by tests/test_cli.py::test_readme_command_lines_parse
+SHELL_ONLY = ("Spark and Milvus",)  # command lines, parsed by tests/test_cli.py::test_readme_command_lines_parse
 
 
 def subsections() -> dict[str, str]:
