@@ -6,26 +6,10 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 pytest.importorskip("llama_index.vector_stores.faiss")
-from llama_index.core.base.embeddings.base import BaseEmbedding  # noqa: E402
 
 from helpers import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process)  # noqa: E402,F401
+from helpers_llama import FakeEmbedding  # noqa: E402
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
-
-
-class FakeEmbedding(BaseEmbedding):
-    model_name: str = "fake"
-
-    def _get_query_embedding(self, query):
-        return fake_embed([query])[0].tolist()
-
-    async def _aget_query_embedding(self, query):
-        return self._get_query_embedding(query)
-
-    def _get_text_embedding(self, text):
-        return fake_embed([text])[0].tolist()
-
-    def _get_text_embeddings(self, texts):
-        return fake_embed(texts).tolist()
 
 
 def build(refiner):

@@ -204,21 +204,10 @@ def llama_index(store_kind: str):
     pytest.importorskip("llama_index.vector_stores.faiss")
     import faiss
     from llama_index.core import Document, StorageContext, VectorStoreIndex
-    from llama_index.core.base.embeddings.base import BaseEmbedding
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.vector_stores.faiss import FaissMapVectorStore, FaissVectorStore
 
-    class Fake(BaseEmbedding):
-        model_name: str = "fake"
-
-        def _get_query_embedding(self, query):
-            return fake_embed([query])[0].tolist()
-
-        async def _aget_query_embedding(self, query):
-            return self._get_query_embedding(query)
-
-        def _get_text_embedding(self, text):
-            return fake_embed([text])[0].tolist()
+    from helpers_llama import FakeEmbedding as Fake
 
     # metadata is embedded with the text by default (MetadataMode.EMBED); one document per text
     docs = [Document(text=t, doc_id=f"d{i}", metadata={"source": f"file{i}.txt"}) for i, t in zip(SHUFFLE, TEXTS)]

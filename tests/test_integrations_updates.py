@@ -293,21 +293,10 @@ def llama_index(store_kind: str, source=None):
     pytest.importorskip("llama_index.vector_stores.faiss")
     import faiss
     from llama_index.core import StorageContext, VectorStoreIndex
-    from llama_index.core.base.embeddings.base import BaseEmbedding
     from llama_index.core.schema import TextNode
     from llama_index.vector_stores.faiss import FaissMapVectorStore, FaissVectorStore
 
-    class Fake(BaseEmbedding):
-        model_name: str = "fake"
-
-        def _get_query_embedding(self, query):
-            return fake_embed([query])[0].tolist()
-
-        async def _aget_query_embedding(self, query):
-            return self._get_query_embedding(query)
-
-        def _get_text_embedding(self, text):
-            return fake_embed([text])[0].tolist()
+    from helpers_llama import FakeEmbedding as Fake
 
     from llama_index.core.schema import NodeRelationship, RelatedNodeInfo
 
