@@ -39,6 +39,20 @@ def combine(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor | float | Non
     return F.normalize(y, dim=-1, eps=1e-12)
 
 
+def residual_mlp(d_in: int, d_out: int, hidden: int, depth: int, activation: str) -> nn.Sequential:
+    """f: `depth` hidden layers of width `hidden`, then a linear layer to d_out initialised at zero, so that
+    x + alpha * f(x) (or P x + alpha * f(.)) starts as the identity (or as P)."""
+    layers: list[nn.Module] = []
+    width = d_in
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
+        width = hidden
+    last = nn.Linear(width, d_out)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
 class SimSkip(nn.Module):
     """refined = normalize?(x + alpha * f(x)); f's last layer is zero-initialised so the untrained net is the identity."""
 
@@ -46,15 +60,7 @@ class SimSkip(nn.Module):
                  normalize: bool = True, apply_to: str = "both"):
         super().__init__()
         self.apply_to = apply_to  # "queries": trained to refine queries only (documents stay raw)
-        layers: list[nn.Module] = []
-        width = d
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
-            width = hidden
-        last = nn.Linear(width, d)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.f = nn.Sequential(*layers, last)
+        self.f = residual_mlp(d, d, hidden, depth, activation)
         self.normalize = normalize
         self.register_buffer("alpha", torch.tensor(1.0))
 
@@ -83,18 +89,8 @@ class MapSkip(nn.Module):
         self.d_in, self.d_out, self.apply_to = int(d_in), int(d_out), apply_to
         self.residual_input, self.normalize = residual_input, normalize
         self.proj = nn.Linear(d_in, d_out)
-        if hidden:
-            layers: list[nn.Module] = []
-            width = d_out if residual_input == "projected" else d_in
-            for _ in range(depth):
-                layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
-                width = hidden
-            last = nn.Linear(width, d_out)
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-            self.f: nn.Sequential | None = nn.Sequential(*layers, last)
-        else:
-            self.f = None
+        self.f: nn.Sequential | None = (residual_mlp(d_out if residual_input == "projected" else d_in, d_out, hidden,
+                                                     depth, activation) if hidden else None)
         self.register_buffer("alpha", torch.tensor(1.0))
 
     def init_projection(self, A, bias) -> "MapSkip":
