@@ -7,33 +7,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("chromadb")
-from chromadb.api.types import Documents, EmbeddingFunction  # noqa: E402
-from chromadb.utils.embedding_functions import register_embedding_function  # noqa: E402
-
 from helpers import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process)  # noqa: E402,F401
+from helpers_chroma import FakeEF  # noqa: E402
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
 
 HNSW = {"space": "ip", "ef_construction": 400, "ef_search": 400}  # ef >= n: the graph search is exhaustive here
-
-
-@register_embedding_function
-class FakeEF(EmbeddingFunction[Documents]):
-    def __init__(self, dim: int = 16):
-        self.dim = dim
-
-    def __call__(self, input):
-        return list(fake_embed(input))
-
-    @staticmethod
-    def name():
-        return "simskip_test_fake"
-
-    def get_config(self):
-        return {"dim": self.dim}
-
-    @staticmethod
-    def build_from_config(config):
-        return FakeEF(**config)
 
 
 def build(client, name: str, refiner):

@@ -103,30 +103,10 @@ def test_langchain_normalize_l2_store_and_ivf_index_are_read_without_change():
 # -- Chroma -------------------------------------------------------------------------------------------------
 def chroma_collection(tmp_path, space="ip"):
     chromadb = pytest.importorskip("chromadb")
-    from chromadb.api.types import Documents, EmbeddingFunction
-    from chromadb.utils.embedding_functions import register_embedding_function
-
-    @register_embedding_function
-    class StoresFakeEF(EmbeddingFunction[Documents]):
-        def __init__(self):
-            pass
-
-        def __call__(self, input):
-            return list(fake_embed(input))
-
-        @staticmethod
-        def name():
-            return "simskip_test_stores_fake"
-
-        def get_config(self):
-            return {}
-
-        @staticmethod
-        def build_from_config(config):
-            return StoresFakeEF()
+    from helpers_chroma import FakeEF
 
     client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
-    coll = client.create_collection("docs", embedding_function=StoresFakeEF(), configuration={"hnsw": {"space": space}})
+    coll = client.create_collection("docs", embedding_function=FakeEF(), configuration={"hnsw": {"space": space}})
     coll.add(ids=[f"c{i}" for i in SHUFFLE], documents=TEXTS)
     return client, coll
 

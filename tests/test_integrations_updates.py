@@ -202,30 +202,10 @@ def test_langchain_cosine_store(tmp_path):
 # -- Chroma -------------------------------------------------------------------------------------------------
 def chroma_collection(tmp_path, space="ip", texts=TEXTS, name="docs"):
     chromadb = pytest.importorskip("chromadb")
-    from chromadb.api.types import Documents, EmbeddingFunction
-    from chromadb.utils.embedding_functions import register_embedding_function
-
-    @register_embedding_function
-    class UpdatesFakeEF(EmbeddingFunction[Documents]):
-        def __init__(self):
-            pass
-
-        def __call__(self, input):
-            return list(fake_embed(input))
-
-        @staticmethod
-        def name():
-            return "simskip_test_updates_fake"
-
-        def get_config(self):
-            return {}
-
-        @staticmethod
-        def build_from_config(config):
-            return UpdatesFakeEF()
+    from helpers_chroma import FakeEF
 
     client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
-    coll = client.create_collection(name, embedding_function=UpdatesFakeEF(), configuration={"hnsw": {"space": space}},
+    coll = client.create_collection(name, embedding_function=FakeEF(), configuration={"hnsw": {"space": space}},
                                     metadata={"owner": "tests"})
     coll.add(ids=[f"c{DOCS.index(t)}" for t in texts], documents=texts)
     return client, coll
