@@ -112,6 +112,7 @@ class RefinedIndex:
     def __init__(self, refiner, index="Flat", metric="ip", chunk_size: int = 16384, progress: bool = False):
         if isinstance(refiner, (str, os.PathLike)):
             refiner = Refiner.load(refiner)
+        refiner.refuse_migration_map("a RefinedIndex (and so a bundle: build, spark-build, search)")
         self.refiner = refiner
         self.metric = metric_code(metric)
         self.chunk_size = int(chunk_size)
@@ -125,8 +126,8 @@ class RefinedIndex:
     # -- FAISS-style properties -------------------------------------------------------------
     @property
     def d(self) -> int:
-        """The raw query dimension (what callers pass to search; add takes `refiner.document_dim`, the same
-        unless the refiner is a query map from another model)."""
+        """The raw query dimension (what callers pass to search; add takes `refiner.document_dim`: d_in, or
+        d_out for a query-only refiner)."""
         return self.refiner.d_in
 
     @property

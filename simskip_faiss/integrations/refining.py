@@ -20,12 +20,11 @@ def resolve_refiner(refiner, threads: int | None = 1):
         refiner = refiner.refiner
     if isinstance(refiner, (str, os.PathLike)):
         p = Path(refiner)
-        if p.is_dir():
-            return bundle_refiner(p, threads)
-        return Refiner.load(p, threads=threads)
+        refiner = bundle_refiner(p, threads) if p.is_dir() else Refiner.load(p, threads=threads)
     if not isinstance(refiner, BaseRefiner):
         raise InputTypeError(f"expected a refiner (Refiner, LinearRefiner, IdentityRefiner), a RefinedIndex, "
                         f"an ONNX path or a bundle directory; got {type(refiner).__name__}")
+    refiner.refuse_migration_map("the framework integrations")
     refiner.check_query_only_dim("the framework integrations")
     return refiner
 

@@ -79,8 +79,8 @@ class BaseRefiner(ABC):
 
     The store rules live here, once, and every store calls them (RefinedIndex, Spark, Milvus, the
     framework integrations): `refine_queries`, `refine_documents` (the apply_to rule), `stored_dim`,
-    `check_metric`, `check_query_only_dim`, `refuse_document_norms`, and `record()`, the refiner's
-    identity that a store keeps beside the vectors it made.
+    `check_metric`, `check_query_only_dim`, `refuse_migration_map` (serving stores), `refuse_document_norms`,
+    and `record()`, the refiner's identity that a store keeps beside the vectors it made.
     """
 
     kind: ClassVar[str]
@@ -164,6 +164,24 @@ class BaseRefiner(ABC):
                              f"against raw documents); this one maps {self.d_in}→{self.d_out}, a query map from "
                              "another model: serve it with RefinedIndex or Milvus, which store the documents at "
                              f"{self.d_out}-d")
+
+    @property
+    def map_direction(self) -> str | None:
+        """The direction of a map between two models' spaces (`training.mapping`): its metadata's "direction"
+        ("queries" or "documents") when the metadata kind is "map"; None for any other refiner."""
+        meta = self.metadata if isinstance(getattr(self, "metadata", None), dict) else {}
+        return meta.get("direction") if meta.get("kind") == "map" else None
+
+    def refuse_migration_map(self, where: str) -> None:
+        """Raise when this is a documents map (old stored vectors -> the new model's space): a one-time migration
+        pass, not a serving refiner. Every serving path (`where`: RefinedIndex and its bundles, Milvus, the
+        framework integrations) calls it; its queries are the new model's own and must be searched raw, but
+        a store would refine them too (silently wrong when the widths are equal)."""
+        if self.map_direction == "documents":
+            raise InputError(f"{where} cannot serve this map: it is a documents map (old stored vectors -> the new "
+                             f"model's space, {self.d_in}→{self.d_out}-d), a one-time migration pass; apply it once "
+                             "with map_documents, Refiner.transform or simskip-faiss spark-refine, then search the "
+                             "new-model queries raw in a plain index (a serving store would map the queries too)")
 
     def check_metric(self, metric: str, store: str = "index") -> None:
         """Refuse inner product ("ip") over refined vectors a refiner does not L2-normalise (docs/design.md:

@@ -92,6 +92,7 @@ class RefinedCollection:
         return self.refiner.stored_dim
 
     def _check_refiner(self) -> None:
+        self.refiner.refuse_migration_map("a Milvus collection (create, ingest, search)")
         self.refiner.check_metric(self.metric, "collection")
 
     def _create(self, index_type: str, index_params: dict, consistency_level: str) -> None:

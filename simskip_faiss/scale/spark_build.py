@@ -88,6 +88,7 @@ def build_index(source, refiner, output: str | os.PathLike, factory: str | None 
     from .quantizer import check_method, train_ivf
 
     t0 = time.perf_counter()
+    refiner.refuse_migration_map("spark-build (a bundle serves queries)")
     if trained_index is not None:
         if trained_index.ntotal:
             raise InputError(f"trained_index must be empty, it holds {trained_index.ntotal} vectors")
