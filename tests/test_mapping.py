@@ -11,8 +11,8 @@ pytest.importorskip("torch")
 from simskip_faiss import Refiner  # noqa: E402
 from simskip_faiss.errors import InputError  # noqa: E402
 from simskip_faiss.refiners import LinearRefiner  # noqa: E402
-from simskip_faiss.training.mapping import (MapConfig, check_pairs, fit_map, map_documents,  # noqa: E402
-                                            map_queries, procrustes, ridge_maps)
+from simskip_faiss.training.mapping import (MapConfig, check_pairs, fit_map,  # noqa: E402
+                                            procrustes, ridge_maps)
 
 FAST = dict(max_steps=40, eval_every=20, patience=1, hidden=16, threads=1)
 
@@ -88,7 +88,7 @@ def test_every_candidate_exports_to_one_onnx_file_with_parity_and_d_in_ne_d_out(
     src, res = fitted
     meta = res.export(tmp_path / "map.onnx", name=name)
     r = Refiner.load(tmp_path / "map.onnx")
-    assert (r.d_in, r.d_out) == (24, 16) and r.apply_to == "queries" and r.normalize
+    assert (r.d_in, r.d_out) == (24, 16) and r.apply_to == "both" and r.normalize
     assert meta["parity_max_abs_err"] <= 1e-5
     assert r.metadata["direction"] == "queries" and r.metadata["map"] == name
     assert set(r.metadata["guard"]["candidates"]) == {"procrustes", "ridge", "learned"}
@@ -100,26 +100,6 @@ def test_every_candidate_exports_to_one_onnx_file_with_parity_and_d_in_ne_d_out(
         np.testing.assert_allclose(r.transform(src[:50]), lin.transform(src[:50]), atol=1e-5)
 
 
-def test_documents_direction_maps_stored_vectors_into_the_new_space(tmp_path):
-    """documents: old stored vectors (source, 16-d) go to the new 24-d space once; new-model queries search them raw."""
-    import faiss
-
-    new, old = encoders(n=400)
-    res = fit_map(old, new, direction="documents", learned=False)
-    res.export(tmp_path / "docs.onnx")
-    r = Refiner.load(tmp_path / "docs.onnx")
-    assert (r.d_in, r.d_out, r.apply_to, r.stored_dim) == (16, 24, "both", 24)
-    index = faiss.IndexFlatIP(24)
-    stored = map_documents(r, old, index)
-    index.add(stored)
-    _, I = index.search(new[:50], 10)
-    assert np.mean([i in row for i, row in enumerate(I)]) > 0.5  # the text's own old vector is among the top 10
-    with pytest.raises(InputError, match="trained for direction 'documents'.*map_documents"):
-        map_queries(r, new[:3])
-    with pytest.raises(InputError, match="index holds 16-d vectors but this map outputs 24-d"):
-        map_documents(r, old, faiss.IndexFlatIP(16))
-
-
 def test_a_learned_map_that_widens_exports_with_parity(tmp_path):
     """d_in < d_out (16 -> 24) through the learned map's graph, checked against torch by export."""
     new, old = encoders(n=300)
@@ -128,90 +108,6 @@ def test_a_learned_map_that_widens_exports_with_parity(tmp_path):
     r = Refiner.load(tmp_path / "w.onnx")
     assert (r.d_in, r.d_out, r.apply_to) == (16, 24, "both") and meta["parity_max_abs_err"] <= 1e-5
     np.testing.assert_allclose(r.transform(old[:20]), res.candidate("learned").transform(old[:20]), atol=1e-5)
-
-
-def test_refined_index_with_a_documents_map_refuses_new_model_queries_of_another_width():
-    """A documents map has apply_to "both" (stored dimension d_out): a RefinedIndex maps the stored old vectors,
-    but it would map its queries too; new-model queries of another width are refused, not searched."""
-    from simskip_faiss import RefinedIndex
-
-    new, old = encoders(n=300)
-    res = fit_map(old, new, direction="documents", learned=False)
-    ix = RefinedIndex(res.refiner)
-    ix.add(old)
-    assert (ix.ntotal, ix.index.d) == (300, 24)
-    with pytest.raises(InputError):
-        ix.search(new[:3], 5)
-
-
-def test_queries_direction_search_the_untouched_old_index(tmp_path):
-    """queries: new-model queries mapped into the old index's space; the old index is searched as it is."""
-    import faiss
-
-    new, old = encoders(n=400)
-    res = fit_map(new, old, learned=False)
-    index = faiss.IndexFlatIP(16)
-    index.add(old)
-    before = faiss.serialize_index(index)
-    _, I = index.search(map_queries(res.refiner, new[:50], index), 10)
-    assert np.mean([i in row for i, row in enumerate(I)]) > 0.5
-    with pytest.raises(InputError, match="queries have dimension 16 but this map takes 24-d new-model vectors"):
-        map_queries(res.refiner, old[:3], index)  # old vectors fed to a new->old map: the wrong way round
-    with pytest.raises(InputError, match="not 'documents'"):
-        map_documents(res.refiner, new[:3])
-    with pytest.raises(InputError, match="index holds 24-d vectors"):
-        map_queries(res.refiner, new[:3], faiss.IndexFlatIP(24))
-    with pytest.raises(InputError, match="not a map"):
-        map_queries(LinearRefiner.centring(new), new[:3])
-    assert faiss.serialize_index(index).tobytes() == before.tobytes()
-
-
-def test_refined_index_serves_an_equal_width_queries_map_over_raw_old_vectors(tmp_path):
-    """apply_to "queries": a RefinedIndex stores the old vectors raw and maps the new-model queries; with equal
-    widths the interface's stored-dimension rule (d_in) holds. Searches match mapping the queries by hand."""
-    import faiss
-
-    from simskip_faiss import RefinedIndex
-
-    new, old = encoders(n=400, d_src=16, d_tgt=16)
-    res = fit_map(new, old, **FAST)
-    res.export(tmp_path / "q.onnx")
-    ix = RefinedIndex(tmp_path / "q.onnx")
-    ix.add(old)
-    np.testing.assert_array_equal(faiss.rev_swig_ptr(ix.index.get_xb(), old.size).reshape(old.shape), old)  # raw
-    D, I = ix.search(new[:20], 5)
-    flat = faiss.IndexFlatIP(16)
-    flat.add(old)
-    _, I2 = flat.search(Refiner.load(tmp_path / "q.onnx").transform(new[:20]), 5)
-    np.testing.assert_array_equal(I, I2)
-
-
-def test_refined_index_serves_a_queries_map_that_changes_the_width(tmp_path):
-    """A new->old map of another width: RefinedIndex stores the old vectors raw at d_out and maps the new-model
-    queries, giving what map_queries + a plain FAISS index over the old vectors give; documents at the new
-    model's width are refused, nothing stored. Spark and the integrations refuse the map by name."""
-    import faiss
-
-    from simskip_faiss import RefinedIndex
-    from simskip_faiss.integrations.refining import resolve_refiner
-
-    new, old = encoders(n=300)                       # 24-d new model, 16-d old model
-    res = fit_map(new, old, learned=False)
-    res.export(tmp_path / "q.onnx")
-    r = Refiner.load(tmp_path / "q.onnx")
-    assert (r.d_in, r.d_out, r.stored_dim, r.document_dim) == (24, 16, 16, 16)
-    ix = RefinedIndex(r, "Flat", metric="ip")
-    with pytest.raises(InputError, match="16"):
-        ix.add(new)                                   # new-model vectors are not what the old index holds
-    assert ix.ntotal == 0
-    ix.add(old)
-    _, I = ix.search(new[:20], 5)
-    flat = faiss.IndexFlatIP(16)
-    flat.add(old)
-    _, want = flat.search(map_queries(r, new[:20], flat), 5)
-    np.testing.assert_array_equal(I, want)
-    with pytest.raises(InputError, match="query-only refiner must keep the dimension in the framework integrations"):
-        resolve_refiner(r)
 
 
 @pytest.mark.parametrize("fix, message", [
