@@ -73,8 +73,12 @@ def cmd_train_map(args) -> None:
     else:
         source, target, names = old, new, (args.old, args.new)
     source, target = check_pairs(source, target, names=names)
+    relevant = None
+    if args.relevant:
+        relevant = tuple(load_npy(p, what, mmap=False) for p, what in zip(args.relevant, ("relevant source",
+                                                                                        "relevant target")))
     res = fit_map(source, target, direction=args.direction, seed=args.seed, learned=not args.no_learned,
-                  threads=args.threads)
+                  threads=args.threads, relevant=relevant)
     for line in res.summary():
         print(line, file=sys.stderr)
     meta = res.export(args.output)
@@ -122,11 +126,16 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("new", help="new-model embeddings .npy (n, d_new) of the same texts, row for row")
     s.add_argument("-o", "--output", required=True, help="map .onnx to write")
     s.add_argument("--direction", default="queries", choices=["queries", "documents"],
-                   help="queries (default): new-model queries are mapped into the old index's space, the index stays "
-                        "as it is (apply_to queries); documents: old stored vectors are mapped into the new model's "
+                   help="queries (default): new-model queries (and new documents) are mapped into the old index's "
+                        "space, the vectors it holds stay as they are; documents: old stored vectors are mapped into the new model's "
                         "space once, new-model queries search them raw")
     s.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split of the pairs (default: 0)")
     s.add_argument("--no-learned", action="store_true", help="fit only the closed-form maps (ridge, Procrustes)")
+    s.add_argument("--relevant", nargs=2, metavar=("SOURCE.npy", "TARGET.npy"),
+                   help="relevance judgements across the models, row for row (optional): queries direction, new-model "
+                        "queries and the old-model vectors of their relevant documents; documents direction, "
+                        "old-model document vectors and new-model queries that should find them. The learned map "
+                        "trains on them and the guard judges every map on a held-out 10%% of them")
     s.set_defaults(func=cmd_train_map, output_kind="file")
 
     s = sub.add_parser("quantize", parents=[common], help="convert an fp32 refiner to int8 or fp16",

@@ -19,6 +19,7 @@ DIRECTIONS = ("queries", "documents")
 CLOSED_FORM = ("procrustes", "ridge")
 ROLE = {"queries": ("new", "old"), "documents": ("old", "new")}  # (source model, target model) per direction
 MIN_PAIRS = 40
+MIN_RELEVANT = 20
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class MapConfig:
     train_projection: bool = False     # also train P (False: P stays the closed-form map)
     temperature: float = 0.05
     neighbour_weight: float = 1.0      # weight of the in-batch neighbourhood KL against the target's
+    relevant_weight: float = 1.0       # weight of the InfoNCE on the relevant pairs, when given
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256
@@ -53,7 +55,8 @@ class MapConfig:
 
 
 # -- input ------------------------------------------------------------------------------------------------
-def check_pairs(source, target, names: tuple[str, str] = ("source", "target")) -> tuple[np.ndarray, np.ndarray]:
+def check_pairs(source, target, names: tuple[str, str] = ("source", "target"),
+                min_pairs: int = MIN_PAIRS) -> tuple[np.ndarray, np.ndarray]:
     """Two (n, d) float32 arrays whose row i embeds the same text, or InputError (one line)."""
     out = []
     for x, name in zip((source, target), names):
@@ -66,8 +69,9 @@ def check_pairs(source, target, names: tuple[str, str] = ("source", "target")) -
     if len(s) != len(t):
         raise InputError(f"the pair files have different lengths: {ns} has {len(s)} rows, {nt} {len(t)}; "
                          "row i of both must embed the same text")
-    if len(s) < MIN_PAIRS:
-        raise InputError(f"{len(s)} pairs are too few to fit and check a map: give at least {MIN_PAIRS}")
+    if len(s) < min_pairs:
+        raise InputError(f"{len(s)} {'pairs' if min_pairs == MIN_PAIRS else ns.split()[0] + ' pairs'} are too few "
+                         f"to fit and check a map: give at least {min_pairs}")
     arrays = []
     for x, name, other in ((s, ns, nt), (t, nt, ns)):
         with np.errstate(over="ignore", invalid="ignore"):
@@ -89,6 +93,24 @@ def check_direction(direction: str) -> str:
         raise InputError(f"direction must be 'queries' (new-model queries into the old index's space) or "
                          f"'documents' (old stored vectors into the new space), got {direction!r}")
     return direction
+
+
+def check_relevant(relevant, d_in: int, d_out: int, direction: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`relevant` = (S, T): S (m, d_in) source-model vectors, T (m, d_out) target-model vectors that each S row
+    should find once mapped (or be found by: the documents direction), row for row. Returns float32 S, T and
+    the group of each row (rows with the same T, or the same S in the documents direction, share a group: the
+    same document, so never an in-batch negative of each other). InputError (one line) otherwise."""
+    if not isinstance(relevant, (tuple, list)) or len(relevant) != 2:
+        raise InputError("relevant must be a pair (source-model vectors, target-model vectors), row for row")
+    src, tgt = ROLE[direction]
+    S, T = check_pairs(relevant[0], relevant[1], ("relevant source", "relevant target"), min_pairs=MIN_RELEVANT)
+    for x, d, name, model in ((S, d_in, "relevant source", src), (T, d_out, "relevant target", tgt)):
+        if x.shape[1] != d:
+            raise InputError(f"{name} vectors have dimension {x.shape[1]} but the pairs' {model} model has {d}: "
+                             f"give {'new' if model == 'new' else 'old'}-model vectors of width {d}")
+    docs = T if direction == "queries" else S
+    group = np.unique(docs, axis=0, return_inverse=True)[1].reshape(-1)
+    return S, T, group.astype(np.int64)
 
 
 def split_pairs(n: int, val_fraction: float, seed: int, max_val: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,17 +205,79 @@ class MapGuard:
                 f"mrr@{k}": own[f"mrr@{k}"], f"recall@{k}": own[f"recall@{k}"]}
 
 
-def _score(m: dict) -> float:
-    """One number to pick a ridge lambda or a learned checkpoint: mean of the guard metrics."""
-    return float(np.mean(list(m.values())))
+class TaskGuard:
+    """Scores a map on held-out relevant pairs: does the mapped source find its own target among the corpus
+    (queries direction: mapped new-model queries over old-model documents), or is the mapped source found by
+    its target (documents direction: new-model queries over mapped old-model documents)? `task_mrr@k` and
+    `task_recall@k` of each held-out pair's own document; the corpus is the held-out documents (one row per
+    group) and the text-pair guard's corpus rows (copies of a held-out document left out)."""
+
+    def __init__(self, S: np.ndarray, T: np.ndarray, group: np.ndarray, source: np.ndarray, target: np.ndarray,
+                 rows: np.ndarray, direction: str, k: int):
+        self.direction = direction
+        docs, queries = (T, S) if direction == "queries" else (S, T)
+        first = np.unique(group, return_index=True)[1]          # one row per held-out document
+        self.docs = docs[first]
+        held = {r.tobytes() for r in self.docs}
+        pool = target if direction == "queries" else source
+        self.extra = pool[[r for r in rows if pool[r].tobytes() not in held]]
+        # the held-out documents come after the others: a tie (a degenerate map) never favours them
+        self.own = [np.array([len(self.extra) + j]) for j in np.searchsorted(group[first], group)]
+        self.queries = queries
+        self.k = min(k, len(self.docs) + len(self.extra))
+
+    def __call__(self, f) -> dict[str, float]:
+        """Task metrics of the map `f` (numpy (n, d_in) -> (n, d_out))."""
+        import faiss
+
+        from ..metrics.ranking import retrieval_metrics_qrels
+
+        if self.direction == "queries":
+            corpus, q = _normalize(np.vstack([self.extra, self.docs])), f(self.queries)
+        else:
+            corpus, q = f(np.vstack([self.extra, self.docs])), _normalize(self.queries)
+        index = faiss.IndexFlatIP(corpus.shape[1])
+        index.add(np.ascontiguousarray(corpus, dtype=np.float32))
+        I = index.search(np.ascontiguousarray(q, dtype=np.float32), self.k)[1]
+        m = retrieval_metrics_qrels(I, self.own, ks=(self.k,))
+        return {f"task_mrr@{self.k}": m[f"mrr@{self.k}"], f"task_recall@{self.k}": m[f"recall@{self.k}"]}
+
+
+def _score(m: dict, keys=None) -> float:
+    """One number to pick a ridge lambda or a learned checkpoint: mean of the judged guard metrics (`keys`,
+    default all)."""
+    return float(np.mean([m[k] for k in (keys or m)]))
 
 
 # -- the learned map ------------------------------------------------------------------------------------------
-def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, val_x: np.ndarray, guard: MapGuard,
-                  init: LinearRefiner, cfg: MapConfig, apply_to: str = "both"):
-    """Train a `MapSkip` from the closed-form map `init`; returns (model at its best held-out score, metrics, steps)."""
+def pair_loss(out, tgt, cfg: MapConfig, mask=None):
+    """In-batch InfoNCE of the mapped sources `out` against their targets `tgt` (normalised), plus
+    `cfg.neighbour_weight` times the KL from the target's in-batch similarity distribution to the mapped
+    source's (own target and `mask`ed rows left out): rank the other targets as the target itself does."""
     import torch
     import torch.nn.functional as F
+
+    from .losses import info_nce
+
+    loss = info_nce(out, tgt, cfg.temperature, mask=mask)
+    if cfg.neighbour_weight:
+        skip = torch.eye(len(out), dtype=torch.bool) if mask is None else mask | torch.eye(len(out), dtype=torch.bool)
+        t_logp = F.log_softmax((tgt @ tgt.T / cfg.temperature).masked_fill(skip, float("-inf")), 1).masked_fill(skip, 0)
+        m_logp = F.log_softmax((F.normalize(out, dim=-1) @ tgt.T / cfg.temperature).masked_fill(skip, float("-inf")),
+                               1).masked_fill(skip, 0)
+        loss = loss + cfg.neighbour_weight * (t_logp.exp() * (t_logp - m_logp)).sum(1).mean()
+    return loss
+
+
+def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, score, keys: list[str],
+                  init: LinearRefiner, cfg: MapConfig, apply_to: str = "both", relevant=None, direction: str = "queries"):
+    """Train a `MapSkip` from the closed-form map `init`; returns (model at its best held-out score, metrics, steps).
+
+    `score(f)`: the guard's metrics of a numpy map f; the checkpoint kept has the best mean of `keys`.
+    `relevant`: None or the training relevant pairs (S, T, group): each step adds `cfg.relevant_weight` times an
+    in-batch InfoNCE on a batch of them (mapped S finds its T; documents direction: T finds its mapped S), other
+    rows of the same group masked."""
+    import torch
 
     from .loop import torch_threads
     from .losses import info_nce
@@ -207,14 +291,20 @@ def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, val_x: n
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                 weight_decay=cfg.weight_decay)
         xt, yt = torch.from_numpy(X), torch.from_numpy(_normalize(Y))
-        vx = torch.from_numpy(val_x)
         rng = np.random.default_rng(cfg.seed)
         batch = max(2, min(cfg.batch_size, len(train_rows)))
+        if relevant is not None:
+            rs, rt, rg = torch.from_numpy(relevant[0]), torch.from_numpy(_normalize(relevant[1])), relevant[2]
+            rbatch = max(2, min(cfg.batch_size, len(rg)))
+            rorder, rpos = rng.permutation(len(rg)), 0
+
+        def f(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
         def evaluate() -> dict:
             model.eval()
-            with torch.no_grad():
-                m = guard(model(vx).numpy())
+            m = score(f)
             model.train()
             return m
 
@@ -227,21 +317,26 @@ def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, val_x: n
                 order, pos = rng.permutation(train_rows), 0
             idx = torch.from_numpy(order[pos:pos + batch])
             pos += batch
-            out, tgt = model(xt[idx]), yt[idx]
-            loss = info_nce(out, tgt, cfg.temperature)
-            if cfg.neighbour_weight:  # rank the other targets as the re-embedded query does (own target left out)
-                eye = torch.eye(len(idx), dtype=torch.bool)
-                t_logp = F.log_softmax((tgt @ tgt.T / cfg.temperature).masked_fill(eye, float("-inf")), 1).masked_fill(eye, 0)
-                m_logp = F.log_softmax((F.normalize(out, dim=-1) @ tgt.T / cfg.temperature).masked_fill(eye, float("-inf")),
-                                       1).masked_fill(eye, 0)
-                loss = loss + cfg.neighbour_weight * (t_logp.exp() * (t_logp - m_logp)).sum(1).mean()
+            loss = pair_loss(model(xt[idx]), yt[idx], cfg)
+            if relevant is not None and cfg.relevant_weight:
+                if rpos + rbatch > len(rorder):
+                    rorder, rpos = rng.permutation(len(rg)), 0
+                ridx = rorder[rpos:rpos + rbatch]
+                rpos += rbatch
+                g = torch.from_numpy(rg[ridx])
+                same = (g[:, None] == g[None, :]) & ~torch.eye(len(ridx), dtype=torch.bool)
+                mapped, other = model(rs[ridx]), rt[ridx]
+                if direction == "queries":
+                    loss = loss + cfg.relevant_weight * pair_loss(mapped, other, cfg, same)
+                else:
+                    loss = loss + cfg.relevant_weight * info_nce(other, mapped, cfg.temperature, mask=same)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 m = evaluate()
-                if _score(m) > _score(best):
+                if _score(m, keys) > _score(best, keys):
                     best, best_state, best_step, bad = m, copy.deepcopy(model.state_dict()), step, 0
                 else:
                     bad += 1

@@ -57,9 +57,9 @@ import numpy as np
 from ..errors import InputError
 from ..refiners import BaseRefiner, LinearRefiner
 
-from .map_candidates import (CLOSED_FORM, DIRECTIONS, MIN_PAIRS, ROLE, MapConfig, MapGuard,  # noqa: F401
-                             _score, check_direction, check_linear_module, check_pairs, linear_module,
-                             procrustes, ridge_maps, split_pairs, train_learned)
+from .map_candidates import (CLOSED_FORM, DIRECTIONS, MIN_PAIRS, ROLE, MapConfig, MapGuard, TaskGuard,  # noqa: F401
+                             _score, check_direction, check_linear_module, check_pairs, check_relevant,
+                             linear_module, procrustes, ridge_maps, split_pairs, train_learned)
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,15 @@ class MapResult:
     config: MapConfig
     linear: dict[str, LinearRefiner] = field(default_factory=dict)  # the closed-form maps (refitted on every pair with config.refit)
     model: object = None               # the learned MapSkip (torch), when trained
+    n_relevant: int = 0                # relevant pairs given (0: none; the maps were judged on the text pairs)
+    judged: list = field(default_factory=list)  # the guard metrics the shipping rule compared
     _refiner: BaseRefiner | None = None
 
     @property
     def apply_to(self) -> str:
-        return "queries" if self.direction == "queries" else "both"
+        """"both" in either direction: every vector handed to the map is the source model's (see the module
+        docstring: what is already stored in the target space is not handed to it)."""
+        return "both"
 
     def metadata(self, name: str | None = None) -> dict:
         """What the map's file records: direction, apply_to, the models' roles, the guard's scores, the config."""
@@ -97,7 +101,7 @@ class MapResult:
                 "guard": {"metric": f"reembedded@{self.config.k}", "recovered": self.candidates[name][f"reembedded@{self.config.k}"],
                           "candidates": {n: dict(c) for n, c in self.candidates.items()},
                           "n_pairs": self.n_pairs, "n_train": self.n_train, "n_val": self.n_val,
-                          "n_corpus": self.n_corpus},
+                          "n_corpus": self.n_corpus, "n_relevant": self.n_relevant, "judged": list(self.judged)},
                 "map_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()}}
 
     def torch_model(self, name: str | None = None):
@@ -159,22 +163,30 @@ class MapResult:
         for name, c in self.candidates.items():
             extra = f" lambda={c['lambda']:g}" if "lambda" in c else ""
             extra += f" steps={c['steps']}" if "steps" in c else ""
-            lines.append(f"{name:<10} reembedded@{k} {c[f'reembedded@{k}']:.4f}  mrr@{k} {c[f'mrr@{k}']:.4f}  "
+            task = (f"task_mrr@{k} {c[f'task_mrr@{k}']:.4f}  task_recall@{k} {c[f'task_recall@{k}']:.4f}  "
+                    if self.n_relevant else "")
+            lines.append(f"{name:<10} {task}reembedded@{k} {c[f'reembedded@{k}']:.4f}  mrr@{k} {c[f'mrr@{k}']:.4f}  "
                          f"recall@{k} {c[f'recall@{k}']:.4f}  objective {c['objective']:+.4f}"
                          f"{'' if c['feasible'] else ' (below the reference)'}{'' if c['margin'] else ' (gain < min_gain)'}  fit {c['seconds']:.1f}s{extra}")
         src, tgt = ROLE[self.direction]
         lines.append(f"shipped {self.shipped} ({self.direction}: {src} {self.d_in}-d -> {tgt} {self.d_out}-d): reproduces "
                      f"{self.recovered:.1%} of the re-embedded top {k} on {self.n_val} held-out pairs "
-                     f"(over {self.n_corpus} target rows)")
+                     f"(over {self.n_corpus} target rows)"
+                     + (f"; judged on {self.n_relevant} relevant pairs' held-out share" if self.n_relevant else ""))
         return lines
 
 # -- fit ----------------------------------------------------------------------------------------------------
-def fit_map(source, target, config: MapConfig | None = None, direction: str = "queries", **overrides) -> MapResult:
+def fit_map(source, target, config: MapConfig | None = None, direction: str = "queries", relevant=None,
+            **overrides) -> MapResult:
     """Fit source -> target maps on paired embeddings (row i of both = the same text) and ship the best.
 
     direction "queries": source = new-model embeddings, target = old-model ones (new queries into the old
     index); "documents": source = old, target = new (stored vectors into the new space). `overrides` set
-    MapConfig fields. See the module docstring for the candidates, the guard and the shipping rule.
+    MapConfig fields. `relevant` (optional): a pair (S, T) of relevance judgements across the two models, row
+    for row: queries direction, S = new-model queries and T = the old-model vectors of their relevant documents;
+    documents direction, S = old-model document vectors and T = new-model queries that should find them. With
+    it, the learned map also trains on them and the guard judges every map on held-out ones (task metrics:
+    what serving sees) instead of on the text pairs. See the module docstring for the rest.
     """
     from ..metrics.scoring import judge, ship
 
@@ -182,39 +194,49 @@ def fit_map(source, target, config: MapConfig | None = None, direction: str = "q
     check_direction(direction)
     t0 = time.perf_counter()
     X, Y = check_pairs(source, target)
-    apply_to = "queries" if direction == "queries" else "both"
+    apply_to = "both"
     train_rows, val_rows = split_pairs(len(X), cfg.val_fraction, cfg.seed, cfg.max_val)
     guard = MapGuard(Y, val_rows, train_rows, cfg)
     Xt, Yt, Xv = X[train_rows], Y[train_rows], X[val_rows]
+    task, rel_train, n_rel = None, None, 0
+    if relevant is not None:
+        S, T, group = check_relevant(relevant, X.shape[1], Y.shape[1], direction)
+        g_train, g_val = split_pairs(int(group.max()) + 1, cfg.val_fraction, cfg.seed, cfg.max_val)
+        held = np.isin(group, g_val)
+        task = TaskGuard(S[held], T[held], group[held], X, Y, guard.rows, direction, cfg.k)
+        rel_train, n_rel = (S[~held], T[~held], group[~held]), len(S)
+    keys = task_keys(cfg) if task else guard_keys(cfg)   # what the maps are judged on
+
+    def score(f) -> dict[str, float]:
+        return {**guard(f(Xv)), **(task(f) if task else {})}
+
     cands: dict[str, dict] = {}
     linear: dict[str, LinearRefiner] = {}
 
     t = time.perf_counter()
     linear["procrustes"] = procrustes(Xt, Yt, apply_to=apply_to)
-    cands["procrustes"] = {**guard(linear["procrustes"].transform(Xv)), "seconds": time.perf_counter() - t}
+    cands["procrustes"] = {**score(linear["procrustes"].transform), "seconds": time.perf_counter() - t}
 
     t = time.perf_counter()
-    scored = [(lam, lin, guard(lin.transform(Xv))) for lam, lin in ridge_maps(Xt, Yt, cfg.ridge_grid, apply_to).items()]
-    lam, lin, m = max(scored, key=lambda s: _score(s[2]))  # the first of equal scores: the smallest lambda given first
+    scored = [(lam, lin, score(lin.transform)) for lam, lin in ridge_maps(Xt, Yt, cfg.ridge_grid, apply_to).items()]
+    lam, lin, m = max(scored, key=lambda s: _score(s[2], keys))  # the first of equal scores: the smallest lambda given first
     linear["ridge"] = lin
     cands["ridge"] = {**m, "lambda": lam, "seconds": time.perf_counter() - t}
 
     # the reference is Procrustes unless init says otherwise: the most constrained map (it keeps the angles
     # between source vectors), which carries over best from the pairs (documents) to queries on WordNet
-    base = cfg.init if cfg.init in CLOSED_FORM else max(CLOSED_FORM, key=lambda n: _score(
-        {k: cands[n][k] for k in guard_keys(cfg)}))
+    base = cfg.init if cfg.init in CLOSED_FORM else max(CLOSED_FORM, key=lambda n: _score(cands[n], keys))
     model = None
     if cfg.learned:
         t = time.perf_counter()
-        model, m, steps = train_learned(X, Y, train_rows, Xv, guard, linear[base], cfg, apply_to)
+        model, m, steps = train_learned(X, Y, train_rows, score, keys, linear[base], cfg, apply_to, rel_train, direction)
         cands["learned"] = {**m, "init": base, "steps": steps, "seconds": time.perf_counter() - t}
 
-    keys = guard_keys(cfg)
     ref = {k: cands[base][k] for k in keys}
     names = list(cands)
     for n in names:
         feasible, objective = judge({k: cands[n][k] for k in keys}, ref, cfg.tolerance)
-        # another map must also beat the reference by min_gain (mean relative change of the guard metrics)
+        # another map must also beat the reference by min_gain (mean relative change of the judged metrics)
         cands[n].update(feasible=feasible, objective=objective, margin=n == base or objective > cfg.min_gain)
     order = [base] + [n for n in names if n != base]  # the reference first: it wins ties
     shipped = order[ship([{**cands[n], "feasible": cands[n]["feasible"] and cands[n]["margin"]} for n in order],
@@ -223,16 +245,22 @@ def fit_map(source, target, config: MapConfig | None = None, direction: str = "q
         linear["procrustes"] = procrustes(X, Y, apply_to=apply_to)
         linear["ridge"] = ridge_maps(X, Y, (cands["ridge"]["lambda"],), apply_to)[cands["ridge"]["lambda"]]
     res = MapResult(shipped=shipped, direction=direction, d_in=X.shape[1], d_out=Y.shape[1], candidates=cands,
-                    recovered=float(cands[shipped][keys[0]]), n_pairs=len(X), n_train=len(train_rows),
+                    recovered=float(cands[shipped][guard_keys(cfg)[0]]), n_pairs=len(X), n_train=len(train_rows),
                     n_val=len(val_rows), n_corpus=len(guard.rows), seconds=time.perf_counter() - t0, config=cfg,
-                    linear=linear, model=model)
+                    linear=linear, model=model, n_relevant=n_rel, judged=keys)
     log.info("map fitted in %.1fs: %s", res.seconds, "; ".join(res.summary()))
     return res
 
 
 def guard_keys(cfg: MapConfig) -> list[str]:
+    """The text-pair guard's metrics: judged when no relevant pairs are given."""
     k = cfg.k
     return [f"reembedded@{k}", f"mrr@{k}", f"recall@{k}"]
+
+
+def task_keys(cfg: MapConfig) -> list[str]:
+    """The relevant pairs' metrics: judged when relevant pairs are given."""
+    return [f"task_mrr@{cfg.k}", f"task_recall@{cfg.k}"]
 
 
 # -- applying a map ---------------------------------------------------------------------------------------------
