@@ -302,3 +302,52 @@ def test_langchain_embeds_documents_and_queries_through_a_queries_map_like_refin
     ix.add(new[:300])
     _, want = ix.search(new[300:340], 5)
     assert got == want.tolist()
+
+
+# -- `simskip-faiss build` with a queries map: CORPUS is one model's or the other's, and must be said -------
+@pytest.mark.parametrize("d_new, d_old", WIDTHS)
+def test_build_with_a_queries_map_needs_corpus_model_and_serves_old_vectors_as_they_are(tmp_path, capsys, d_new, d_old):
+    """Without --corpus-model: refused with one line, nothing written (an equal-width map would otherwise map
+    the old vectors silently). --corpus-model old: the old vectors are stored bit for bit and the bundle's
+    search of new-model queries equals map_queries + a flat index over them. --corpus-model new: the corpus
+    goes through the map."""
+    from simskip_faiss.cli import main
+
+    r, new, old = exported(tmp_path, "queries", d_new, d_old)
+    np.save(tmp_path / "old.npy", old)
+    np.save(tmp_path / "new.npy", new)
+    np.save(tmp_path / "q.npy", new[:25])
+    path = str(tmp_path / f"queries-{d_new}-{d_old}.onnx")
+    bundle = tmp_path / "b"
+    assert main(["build", path, str(tmp_path / "old.npy"), "-o", str(bundle), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--corpus-model old" in err and len(err.strip().splitlines()) == 1 and not bundle.exists()
+    if d_new != d_old:  # the width says the corpus is not the new model's
+        assert main(["build", path, str(tmp_path / "old.npy"), "-o", str(bundle), "-q", "--corpus-model", "new"]) == 2
+        assert f"new-model vectors are {d_new}-d" in capsys.readouterr().err and not bundle.exists()
+
+    assert main(["build", path, str(tmp_path / "old.npy"), "-o", str(bundle), "-q", "--corpus-model", "old"]) == 0
+    assert "stored as they are" in capsys.readouterr().out
+    ix = RefinedIndex.load(bundle)
+    np.testing.assert_array_equal(ix.reconstruct_n(0, ix.ntotal), old)
+    assert main(["search", str(bundle), str(tmp_path / "q.npy"), "-k", "5", "-o", str(tmp_path / "r.npz"), "-q"]) == 0
+    capsys.readouterr()
+    flat = faiss.IndexFlatIP(d_old)
+    flat.add(old)
+    _, want = flat.search(map_queries(r, new[:25], flat), 5)
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npz")["I"], want)
+
+    b2 = tmp_path / "b2"
+    assert main(["build", path, str(tmp_path / "new.npy"), "-o", str(b2), "-q", "--corpus-model", "new"]) == 0
+    capsys.readouterr()
+    np.testing.assert_allclose(RefinedIndex.load(b2).reconstruct_n(0, len(new)), r.transform(new), atol=1e-6)
+
+
+def test_corpus_model_is_refused_for_a_refiner_that_is_not_a_queries_map(tmp_path, capsys):
+    from simskip_faiss.cli import main
+
+    _, new, old = exported(tmp_path, "documents", 16, 16)
+    np.save(tmp_path / "old.npy", old)
+    assert main(["build", "identity", str(tmp_path / "old.npy"), "-o", str(tmp_path / "b"), "-q",
+                 "--corpus-model", "old"]) == 2
+    assert "--corpus-model is for a queries map" in capsys.readouterr().err and not (tmp_path / "b").exists()

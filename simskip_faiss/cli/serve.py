@@ -21,12 +21,12 @@ def cmd_build(args) -> None:
     x = load_npy(args.corpus, "corpus")
     check_shape(x, name=f"corpus {args.corpus}")
     refiner = load_refiner(args.refiner, d=x.shape[1], threads=args.threads)
+    ids = load_npy(args.ids, "ids", mmap=False) if args.ids else None
+    if _old_corpus(refiner, args, x):
+        return _build_old(refiner, x, ids, args)
     index = RefinedIndex(refiner, args.factory, args.metric, progress=not args.quiet)
     if not index.is_trained:
-        n = min(len(x), args.train_size)
-        sample = np.sort(np.random.default_rng(0).choice(len(x), n, replace=False))
-        index.train(np.asarray(x[sample]))
-    ids = load_npy(args.ids, "ids", mmap=False) if args.ids else None
+        index.train(_train_sample(x, args.train_size))
     docs = refiner.documents
     if docs is not None:  # the whole corpus is added: every updated document must be in it, under its id
         held = np.arange(len(x)) if ids is None else np.asarray(ids).reshape(-1)
@@ -42,6 +42,51 @@ def cmd_build(args) -> None:
     index.save(args.output)
     print(f"wrote bundle {args.output}: {index}"
           + (f", {len(docs)} document updates applied" if docs is not None else ""))
+
+
+def _train_sample(x, size: int) -> np.ndarray:
+    n = min(len(x), size)
+    return np.asarray(x[np.sort(np.random.default_rng(0).choice(len(x), n, replace=False))])
+
+
+def _old_corpus(refiner, args, x) -> bool:
+    """For a queries map (new model -> the old model's space): whether CORPUS holds old-model vectors (stored as
+    they are) or new-model ones (mapped like the queries). The file cannot tell, and guessing wrong is silent when
+    the widths are equal, so `--corpus-model` must say it."""
+    if refiner.map_direction != "queries":
+        if args.corpus_model:
+            raise CLIError(f"--corpus-model is for a queries map between two models; {args.refiner} is not one")
+        return False
+    if not args.corpus_model:
+        raise CLIError(f"{args.refiner} maps new-model vectors into the old model's {refiner.d_out}-d space: say which "
+                       f"model embedded {args.corpus} with --corpus-model old (stored as they are; the bundle serves "
+                       "new-model queries) or --corpus-model new (mapped like the queries)")
+    want = refiner.d_out if args.corpus_model == "old" else refiner.d_in
+    if x.shape[1] != want:
+        raise CLIError(f"{args.corpus} holds {x.shape[1]}-d vectors but {args.corpus_model}-model vectors are "
+                       f"{want}-d for this map ({refiner.d_in}-d new -> {refiner.d_out}-d old)")
+    return args.corpus_model == "old"
+
+
+def _build_old(refiner, x, ids, args) -> None:
+    """A bundle over old-model vectors stored as they are, behind a queries map: the FAISS index is built from the
+    raw vectors, then wrapped (`RefinedIndex(map, index=...)` maps the new-model queries and later additions)."""
+    from ..errors import faiss_reason
+    from ..faiss_utils import build_index
+    from ..index import RefinedIndex
+
+    raw = build_index(args.factory, refiner.d_out, args.metric, refiner)
+    if not raw.is_trained:
+        raw.train(np.ascontiguousarray(_train_sample(x, args.train_size), dtype=np.float32))
+    wrapped = RefinedIndex(refiner, raw, args.metric)  # refused (documents map, metric) before anything is added
+    rows = np.ascontiguousarray(x, dtype=np.float32)
+    try:
+        raw.add(rows) if ids is None else raw.add_with_ids(rows, np.ascontiguousarray(ids, dtype=np.int64))
+    except RuntimeError as e:
+        raise CLIError(f"FAISS could not add {args.corpus}: {faiss_reason(e)}") from None
+    wrapped.save(args.output)
+    print(f"wrote bundle {args.output}: {wrapped} (old-model vectors stored as they are; new-model queries and "
+          "additions go through the map)")
 
 
 def cmd_search(args) -> None:
@@ -133,6 +178,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
     s.add_argument("--ids", help="int64 ids .npy, one per vector (use an IDMap factory for HNSW)")
     s.add_argument("--train-size", type=positive_int, default=INDEX_TRAIN_SIZE, help="vectors sampled to train IVF/PQ indexes")
+    s.add_argument("--corpus-model", choices=["old", "new"],
+                   help="with a queries map between two models (train-map): old = CORPUS holds the old model's vectors, "
+                        "stored as they are; new = the new model's, mapped like the queries (required for such a map)")
     s.set_defaults(func=cmd_build, output_kind="dir")
 
     s = sub.add_parser("search", parents=[common], help="search a bundle",
