@@ -59,6 +59,11 @@ def test_relevant_pairs_teach_the_map_what_document_pairs_cannot_and_the_guard_s
     assert got["learned"] > got["procrustes"] + 0.1, got
     assert res.candidates["learned"]["task_recall@10"] > res.candidates["procrustes"]["task_recall@10"]
     assert res.shipped == "learned"
+    # with judgements, the margin is a paired-bootstrap test on the held-out ones: recorded, and what decided
+    for name in ("ridge", "learned"):
+        lo, hi = res.candidates[name]["task_gain_ci"]
+        assert lo <= hi and res.candidates[name]["margin"] == (lo > 0)
+    assert res.candidates["learned"]["task_gain_ci"][0] > 0
     meta = res.metadata()
     assert meta["guard"]["judged"] == ["task_mrr@10", "task_recall@10"] and meta["guard"]["n_relevant"] == 600
     assert "task_mrr@10" in res.summary()[0] and "relevant pairs" in res.summary()[-1]

@@ -49,7 +49,8 @@ class MapConfig:
     init: str = "procrustes"           # the reference map and the learned map's start: procrustes, ridge or best
     tolerance: float = 0.005           # another map may lose at most this on any guard metric vs the reference
     refit: bool = True                 # refit the closed-form maps on all pairs once scored (the learned map is not)
-    min_gain: float = 0.02             # ... and must beat it by this much (mean relative change of the metrics)
+    min_gain: float = 0.02             # ... and must beat it by this much (mean relative change of the metrics;
+                                       # with relevant pairs a paired-bootstrap test replaces it: mapping.py)
     k: int = 10
     threads: int | None = None         # torch threads while training (None: leave as is)
 
@@ -228,9 +229,19 @@ class TaskGuard:
 
     def __call__(self, f) -> dict[str, float]:
         """Task metrics of the map `f` (numpy (n, d_in) -> (n, d_out))."""
-        import faiss
-
         from ..metrics.ranking import retrieval_metrics_qrels
+
+        m = retrieval_metrics_qrels(self._search(f), self.own, ks=(self.k,))
+        return {f"task_mrr@{self.k}": m[f"mrr@{self.k}"], f"task_recall@{self.k}": m[f"recall@{self.k}"]}
+
+    def reciprocal_ranks(self, f) -> np.ndarray:
+        """Per held-out pair: 1 / rank of its own document in the top k (0 when absent), for paired comparisons."""
+        from ..metrics.ranking import per_query_metrics
+
+        return per_query_metrics(self._search(f), self.own, ks=(self.k,))[f"mrr@{self.k}"]
+
+    def _search(self, f) -> np.ndarray:
+        import faiss
 
         if self.direction == "queries":
             corpus, q = _normalize(np.vstack([self.extra, self.docs])), f(self.queries)
@@ -238,9 +249,7 @@ class TaskGuard:
             corpus, q = f(np.vstack([self.extra, self.docs])), _normalize(self.queries)
         index = faiss.IndexFlatIP(corpus.shape[1])
         index.add(np.ascontiguousarray(corpus, dtype=np.float32))
-        I = index.search(np.ascontiguousarray(q, dtype=np.float32), self.k)[1]
-        m = retrieval_metrics_qrels(I, self.own, ks=(self.k,))
-        return {f"task_mrr@{self.k}": m[f"mrr@{self.k}"], f"task_recall@{self.k}": m[f"recall@{self.k}"]}
+        return index.search(np.ascontiguousarray(q, dtype=np.float32), self.k)[1]
 
 
 def _score(m: dict, keys=None) -> float:
