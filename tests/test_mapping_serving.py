@@ -351,3 +351,44 @@ def test_corpus_model_is_refused_for_a_refiner_that_is_not_a_queries_map(tmp_pat
     assert main(["build", "identity", str(tmp_path / "old.npy"), "-o", str(tmp_path / "b"), "-q",
                  "--corpus-model", "old"]) == 2
     assert "--corpus-model is for a queries map" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_an_existing_langchain_store_of_old_vectors_serves_new_model_queries_through_a_queries_map(tmp_path):
+    """The migration users ask for: a LangChain FAISS store built and saved by LangChain alone with the OLD
+    model, reopened with the NEW model behind the map. Nothing is re-embedded (the stored vectors stay bit for
+    bit); new-model queries search it through the map, giving map_queries + a flat index's ids; texts added
+    afterwards are embedded by the new model and stored mapped."""
+    pytest.importorskip("langchain_community")
+    from langchain_community.vectorstores import FAISS
+    from langchain_community.vectorstores.utils import DistanceStrategy
+    from langchain_core.embeddings import Embeddings
+
+    from simskip_faiss.integrations.langchain import RefinedEmbeddings
+
+    r, new, old = exported(tmp_path, "queries", 24, 16)
+    texts = [f"text {i}" for i in range(400)]
+    rows = {t: i for i, t in enumerate(texts)}
+
+    class Model(Embeddings):
+        def __init__(self, vectors):
+            self.vectors = vectors
+
+        def embed_documents(self, batch):
+            return self.vectors[[rows[t] for t in batch]].tolist()
+
+        def embed_query(self, text):
+            return self.vectors[rows[text]].tolist()
+
+    FAISS.from_texts(texts[:300], Model(old), metadatas=[{"i": i} for i in range(300)],
+                     distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT).save_local(str(tmp_path / "store"))
+    store = FAISS.load_local(str(tmp_path / "store"), RefinedEmbeddings(Model(new), r),
+                             allow_dangerous_deserialization=True,
+                             distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
+    np.testing.assert_array_equal(store.index.reconstruct_n(0, 300), old[:300])
+    got = [[d.metadata["i"] for d in store.similarity_search(t, k=5)] for t in texts[300:340]]
+    flat = faiss.IndexFlatIP(16)
+    flat.add(old[:300])
+    _, want = flat.search(map_queries(r, new[300:340], flat), 5)
+    assert got == want.tolist()
+    store.add_texts(texts[340:400], metadatas=[{"i": i} for i in range(340, 400)])
+    np.testing.assert_allclose(store.index.reconstruct_n(300, 60), r.transform(new[340:400]), atol=1e-6)
