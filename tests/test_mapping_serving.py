@@ -392,3 +392,48 @@ def test_an_existing_langchain_store_of_old_vectors_serves_new_model_queries_thr
     assert got == want.tolist()
     store.add_texts(texts[340:400], metadatas=[{"i": i} for i in range(340, 400)])
     np.testing.assert_allclose(store.index.reconstruct_n(300, 60), r.transform(new[340:400]), atol=1e-6)
+
+
+def test_spark_and_milvus_commands_need_corpus_model_with_a_queries_map(tmp_path, capsys):
+    """spark-refine (documents), spark-build and milvus-ingest map the vectors they are given: with a queries map
+    they refuse to guess which model embedded them (one line, before Spark or Milvus is touched, nothing written),
+    and refuse --corpus-model for a refiner that is not such a map."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from simskip_faiss.cli import main
+
+    r, new, old = exported(tmp_path, "queries", 16, 16)
+    path = str(tmp_path / "queries-16-16.onnx")
+    pq.write_table(pa.table({"id": np.arange(len(old)), "vector": pa.array([v.tolist() for v in old],
+                                                                           pa.list_(pa.float32()))}), tmp_path / "v.parquet")
+    np.save(tmp_path / "v.npy", old)
+    for argv in (["spark-refine", path, str(tmp_path / "v.parquet"), "-o", str(tmp_path / "out")],
+                 ["spark-build", path, str(tmp_path / "v.parquet"), "-o", str(tmp_path / "out")],
+                 ["milvus-ingest", path, str(tmp_path / "v.npy"), "--uri", str(tmp_path / "m.db"), "--collection", "c"]):
+        assert main(argv + ["-q"]) == 2, argv[0]
+        err = capsys.readouterr().err
+        assert "--corpus-model new" in err and len(err.strip().splitlines()) == 1, (argv[0], err)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()
+    assert main(["spark-refine", "identity", str(tmp_path / "v.parquet"), "-o", str(tmp_path / "out"), "-q",
+                 "--corpus-model", "new"]) == 2
+    assert "--corpus-model is for a queries map" in capsys.readouterr().err
+
+
+def test_milvus_ingest_with_corpus_model_new_stores_the_mapped_vectors(tmp_path, capsys):
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    from simskip_faiss.cli import main
+
+    r, new, old = exported(tmp_path, "queries", 24, 16)
+    np.save(tmp_path / "new.npy", new[:300])
+    np.save(tmp_path / "q.npy", new[300:320])
+    common = ["--uri", str(tmp_path / "m.db"), "--collection", "c", "-q"]
+    path = str(tmp_path / "queries-24-16.onnx")
+    assert main(["milvus-ingest", path, str(tmp_path / "new.npy"), "--index-type", "FLAT", "--corpus-model", "new",
+                 *common]) == 0
+    capsys.readouterr()
+    assert main(["milvus-search", path, str(tmp_path / "q.npy"), "-k", "5", "-o", str(tmp_path / "r.npz"), *common]) == 0
+    ix = RefinedIndex(r)
+    ix.add(new[:300])
+    _, want = ix.search(new[300:320], 5)
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npz")["I"], want)

@@ -169,3 +169,33 @@ def write_results(path: str | os.PathLike, D: np.ndarray, I: np.ndarray) -> None
     buf = io.BytesIO()
     np.savez(buf, D=D, I=I)
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+# -- which model embedded the vectors given with a queries map (training/mapping.py) ---------------------------
+CORPUS_MODEL_HELP = ("with a queries map between two models (train-map): which model embedded the input vectors; "
+                     "new = the new model's, mapped like the queries (required for such a map)")
+
+
+def add_corpus_model_option(p: argparse.ArgumentParser, old: bool = False) -> None:
+    """`--corpus-model` (`old` too where the vectors can be stored as they are: `build`)."""
+    p.add_argument("--corpus-model", choices=["old", "new"] if old else ["new"],
+                   help=CORPUS_MODEL_HELP + ("; old = the old model's, stored as they are" if old else ""))
+
+
+def corpus_model(refiner, args, what: str, old_ok: bool = False) -> str | None:
+    """The model that embedded the input vectors (`what` names them) when `refiner` is a queries map: "new" (they go
+    through the map) or "old" (stored as they are, where the command allows it). The file cannot tell, and a wrong
+    guess is silent when the widths are equal, so the user must say it: CLIError otherwise. None for other refiners
+    (and --corpus-model is refused for them)."""
+    given = getattr(args, "corpus_model", None)
+    if getattr(refiner, "map_direction", None) != "queries":
+        if given:
+            raise CLIError(f"--corpus-model is for a queries map between two models; {args.refiner} is not one")
+        return None
+    if not given:
+        raise CLIError(f"{args.refiner} maps new-model vectors into the old model's {refiner.d_out}-d space: say which "
+                       f"model embedded {what} with --corpus-model new (mapped like the queries)"
+                       + (" or --corpus-model old (stored as they are; the bundle serves new-model queries)" if old_ok else
+                          "; old-model vectors need no map: store them with 'identity', or build a bundle with "
+                          "simskip-faiss build --corpus-model old"))
+    return given

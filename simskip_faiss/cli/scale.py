@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from ..config import INDEX_TRAIN_SIZE, MERGEABLE_FACTORY, METRICS
-from .common import CLIError, Parser, load_npy, positive_int, write_results
+from .common import (CLIError, Parser, add_corpus_model_option, corpus_model, load_npy, positive_int,
+                     write_results)
 
 
 @contextlib.contextmanager
@@ -108,9 +109,21 @@ def _spark_refiner(args, df, vector_col: str):
     return load_refiner(None, d=int(first["d"]))
 
 
+def _check_corpus_model(args) -> None:
+    """`common.corpus_model` for the document column of a Spark job, before Spark starts (a map is a file)."""
+    from ..refiners import load_refiner
+
+    if str(args.refiner) == "identity":
+        if args.corpus_model:
+            raise CLIError("--corpus-model is for a queries map between two models; identity is not one")
+    elif getattr(args, "role", "documents") == "documents":
+        corpus_model(load_refiner(args.refiner, threads=1), args, f"the {args.vector_col} column of {args.input}")
+
+
 def cmd_spark_refine(args) -> None:
     from ..scale.spark import write_refined
 
+    _check_corpus_model(args)
     with _spark_job(args) as spark:
         refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
         n = write_refined(args.input, refiner, args.output, args.vector_col, args.id_col, args.output_col, args.role,
@@ -121,6 +134,7 @@ def cmd_spark_refine(args) -> None:
 def cmd_spark_build(args) -> None:
     from ..scale.spark import build_index
 
+    _check_corpus_model(args)
     with _spark_job(args) as spark:
         refiner = _spark_refiner(args, spark.read.parquet(args.input), args.vector_col)
         res = build_index(args.input, refiner, args.output, factory=args.factory, metric=args.metric,
@@ -139,6 +153,8 @@ def _milvus_collection(args, d: int | None):
     if str(args.refiner) == "identity" and d is None:
         raise CLIError("an identity refiner needs the input dimension")
     refiner = load_refiner(args.refiner, d=d, threads=args.threads)
+    if hasattr(args, "corpus_model"):  # ingest: the vectors written
+        corpus_model(refiner, args, args.input)
     client = connect(args.uri, token=args.token or os.environ.get("MILVUS_TOKEN"), db_name=args.db)
     new = {k: getattr(args, k) for k in ("index_type", "batch_size") if hasattr(args, k)}  # ingest's; search: defaults
     return RefinedCollection(client, args.collection, refiner, args.metric, create=getattr(args, "create", False), **new)
@@ -220,6 +236,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--output-col", help="write refined vectors to this column (default: replace --vector-col)")
     s.add_argument("--role", default="documents", choices=["documents", "queries"],
                    help="documents stay raw under a query-only refiner (default: documents)")
+    add_corpus_model_option(s)
     s.set_defaults(func=cmd_spark_refine, output_kind="dir")
 
     s = sub.add_parser("spark-build", parents=[common, spark], help="build a refined index bundle on Spark",
@@ -243,6 +260,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                         "lower recall at equal nprobe); see bench/results/scale.md")
     s.add_argument("--shard-dir", help="where executors write shards: a path the driver sees too "
                                        "(default: a temporary directory beside the output)")
+    add_corpus_model_option(s)
     s.set_defaults(func=cmd_spark_build, output_kind="dir")
 
     milvus = Parser(add_help=False)
@@ -266,6 +284,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--upsert", action="store_true", help="replace rows with the same ids (idempotent re-runs)")
     s.add_argument("--index-type", default="AUTOINDEX", help="Milvus index of a new collection (default: AUTOINDEX)")
     s.add_argument("--batch-size", type=int, default=2000, help="rows per insert request")
+    add_corpus_model_option(s)
     s.set_defaults(func=cmd_milvus_ingest, create=True)
 
     s = sub.add_parser("milvus-search", parents=[common, milvus], help="search a refined Milvus collection",

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import INDEX_FACTORY, INDEX_TRAIN_SIZE, METRICS
-from .common import CLIError, check_output, load_npy, positive_int, write_results
+from .common import (CLIError, add_corpus_model_option, check_output, corpus_model, load_npy, positive_int,
+                     write_results)
 
 
 def cmd_build(args) -> None:
@@ -50,22 +51,16 @@ def _train_sample(x, size: int) -> np.ndarray:
 
 
 def _old_corpus(refiner, args, x) -> bool:
-    """For a queries map (new model -> the old model's space): whether CORPUS holds old-model vectors (stored as
-    they are) or new-model ones (mapped like the queries). The file cannot tell, and guessing wrong is silent when
-    the widths are equal, so `--corpus-model` must say it."""
-    if refiner.map_direction != "queries":
-        if args.corpus_model:
-            raise CLIError(f"--corpus-model is for a queries map between two models; {args.refiner} is not one")
+    """Whether CORPUS holds old-model vectors to store as they are behind a queries map (`--corpus-model old`);
+    with such a map its width must be the model's side (common.corpus_model says which side is required)."""
+    model = corpus_model(refiner, args, args.corpus, old_ok=True)
+    if model is None:
         return False
-    if not args.corpus_model:
-        raise CLIError(f"{args.refiner} maps new-model vectors into the old model's {refiner.d_out}-d space: say which "
-                       f"model embedded {args.corpus} with --corpus-model old (stored as they are; the bundle serves "
-                       "new-model queries) or --corpus-model new (mapped like the queries)")
-    want = refiner.d_out if args.corpus_model == "old" else refiner.d_in
+    want = refiner.d_out if model == "old" else refiner.d_in
     if x.shape[1] != want:
-        raise CLIError(f"{args.corpus} holds {x.shape[1]}-d vectors but {args.corpus_model}-model vectors are "
+        raise CLIError(f"{args.corpus} holds {x.shape[1]}-d vectors but {model}-model vectors are "
                        f"{want}-d for this map ({refiner.d_in}-d new -> {refiner.d_out}-d old)")
-    return args.corpus_model == "old"
+    return model == "old"
 
 
 def _build_old(refiner, x, ids, args) -> None:
@@ -178,9 +173,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="index metric: inner product (cosine on normalised vectors) or L2 (default: ip)")
     s.add_argument("--ids", help="int64 ids .npy, one per vector (use an IDMap factory for HNSW)")
     s.add_argument("--train-size", type=positive_int, default=INDEX_TRAIN_SIZE, help="vectors sampled to train IVF/PQ indexes")
-    s.add_argument("--corpus-model", choices=["old", "new"],
-                   help="with a queries map between two models (train-map): old = CORPUS holds the old model's vectors, "
-                        "stored as they are; new = the new model's, mapped like the queries (required for such a map)")
+    add_corpus_model_option(s, old=True)
     s.set_defaults(func=cmd_build, output_kind="dir")
 
     s = sub.add_parser("search", parents=[common], help="search a bundle",
