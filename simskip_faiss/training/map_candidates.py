@@ -259,6 +259,16 @@ def _score(m: dict, keys=None) -> float:
 
 
 # -- the learned map ------------------------------------------------------------------------------------------
+def as_numpy(model):
+    """A torch map as a numpy function (n, d_in) float -> (n, d_out) float32, without gradients."""
+    import torch
+
+    def f(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+    return f
+
+
 def pair_loss(out, tgt, cfg: MapConfig, mask=None):
     """In-batch InfoNCE of the mapped sources `out` against their targets `tgt` (normalised), plus
     `cfg.neighbour_weight` times the KL from the target's in-batch similarity distribution to the mapped
@@ -307,9 +317,7 @@ def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, score, k
             rbatch = max(2, min(cfg.batch_size, len(rg)))
             rorder, rpos = rng.permutation(len(rg)), 0
 
-        def f(x: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        f = as_numpy(model)
 
         def evaluate() -> dict:
             model.eval()

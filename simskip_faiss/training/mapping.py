@@ -73,7 +73,7 @@ from ..errors import InputError
 from ..refiners import BaseRefiner, LinearRefiner
 
 from .map_candidates import (CLOSED_FORM, DIRECTIONS, MIN_PAIRS, ROLE, MapConfig, MapGuard, TaskGuard,  # noqa: F401
-                             _score, check_direction, check_linear_module, check_pairs, check_relevant,
+                             _score, as_numpy, check_direction, check_linear_module, check_pairs, check_relevant,
                              linear_module, procrustes, ridge_maps, split_pairs, train_learned)
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def fit_map(source, target, config: MapConfig | None = None, direction: str = "q
     names = list(cands)
     funcs = {n: linear[n].transform for n in CLOSED_FORM}  # the 90% fits the guard scored (before any refit)
     if model is not None:
-        funcs["learned"] = _numpy(model)
+        funcs["learned"] = as_numpy(model)
     for n in names:
         feasible, objective = judge({k: cands[n][k] for k in keys}, ref, cfg.tolerance)
         cands[n].update(feasible=feasible, objective=objective, margin=n == base or _margin(
@@ -295,16 +295,6 @@ def _margin(name: str, base: str, objective: float, decide, funcs: dict, cands: 
                           seed=cfg.seed)
     cands[name]["task_gain_ci"] = [float(pb["ci_low"]), float(pb["ci_high"])]
     return bool(pb["ci_low"] > 0)
-
-
-def _numpy(model):
-    """A torch map as a numpy function (n, d_in) -> (n, d_out)."""
-    import torch
-
-    def f(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-    return f
 
 
 def guard_keys(cfg: MapConfig) -> list[str]:
