@@ -27,10 +27,10 @@ those WordNet numbers (no other data set with two models' embeddings was at hand
 Relevance judgements across the two models (`relevant=(S, T)`, `train-map --relevant`), when the user has them
 (logged queries and the documents they found, the queries embedded by the new model): the learned map trains on
 them too (the same loss as the text pairs, rows of one document never each other's negatives), and every map is
-judged on a held-out 10% of them, split by judgement (`TaskGuard`: `task_mrr@10`, `task_recall@10` of the own
+judged on a held-out 10% of them, split by document (`TaskGuard`: `task_mrr@10`, `task_recall@10` of the own
 document among the held-out documents and the text-pair guard's corpus) instead of on the text pairs: what
 serving sees. The text-pair metrics are still reported. The margin is then a noise test instead of `min_gain`:
-the held-out judgements are split in two halves, one picks (ridge's lambda, the learned checkpoint, the task
+the held-out documents are split in two halves, one picks (ridge's lambda, the learned checkpoint, the task
 metrics reported), the other decides: another map ships only when the 95% paired-bootstrap interval of its
 per-pair reciprocal-rank gain over the reference, on the deciding half, lies above 0 (`task_gain_ci`). Why: with
 a tenth of ~900 WordNet judgements held out, shipping on the mean gain sent ridge or the learned map out on some
@@ -216,16 +216,13 @@ def fit_map(source, target, config: MapConfig | None = None, direction: str = "q
     task, decide, rel_train, n_rel = None, None, None, 0
     if relevant is not None:
         S, T, group = check_relevant(relevant, X.shape[1], Y.shape[1], direction)
-        # held out by judgement, not by document: a held-out query's document may have training judgements, as
-        # tomorrow's logged queries hit documents that yesterday's found (the regime a log of a served corpus is in)
-        _, val = split_pairs(len(S), cfg.val_fraction, cfg.seed, cfg.max_val)
-        held = np.zeros(len(S), dtype=bool)
-        held[val] = True
-        # two halves of the held-out judgements: one picks (ridge's lambda, the learned checkpoint, the judge's
+        g_train, g_val = split_pairs(int(group.max()) + 1, cfg.val_fraction, cfg.seed, cfg.max_val)
+        held = np.isin(group, g_val)
+        # two halves of the held-out documents: one picks (ridge's lambda, the learned checkpoint, the judge's
         # scores), the other decides whether a map beats the reference: a gain measured where it was picked is
         # biased upwards (the best of several noisy scores)
-        pick = np.zeros(len(S), dtype=bool)
-        pick[np.random.default_rng(cfg.seed + 2).permutation(val)[: len(val) // 2]] = True
+        g_pick = np.random.default_rng(cfg.seed + 2).permutation(g_val)[: len(g_val) // 2]
+        pick = held & np.isin(group, g_pick)
         task = TaskGuard(S[pick], T[pick], group[pick], X, Y, guard.rows, direction, cfg.k)
         decide = TaskGuard(S[held & ~pick], T[held & ~pick], group[held & ~pick], X, Y, guard.rows, direction, cfg.k)
         rel_train, n_rel = (S[~held], T[~held], group[~held]), len(S)
@@ -285,7 +282,7 @@ def _margin(name: str, base: str, objective: float, decide, funcs: dict, cands: 
     Without relevant pairs: its mean relative change of the judged metrics exceeds `min_gain` (the text pairs are
     not what serving sees: see the module docstring). With them: the held-out pairs are what serving sees, but few
     (a tenth of the judgements), so the gain must be outside noise: the 95% paired-bootstrap interval of its
-    per-pair reciprocal-rank gain over the reference, on the half of the held-out judgements (`decide`) that did
+    per-pair reciprocal-rank gain over the reference, on the half of the held-out documents (`decide`) that did
     not pick the candidate, lies above 0 (`metrics.ranking.paired_bootstrap`, recorded as `task_gain_ci`)."""
     from ..metrics.ranking import paired_bootstrap
 
