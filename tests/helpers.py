@@ -41,6 +41,22 @@ def clustered(n=600, d=16, n_classes=6, seed=0, spread=0.35):
     return x.astype(np.float32), labels.astype(np.int64)
 
 
+def unit(x) -> np.ndarray:
+    """Rows L2-normalised, float32."""
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def two_encoders(n=600, d_src=24, d_tgt=16, noise=0.02, seed=0):
+    """Two deterministic fake encoders of the same n texts (for maps between models, training/mapping.py):
+    latent topics seen through different widths; target = normalize(tanh(source @ R)) + noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((12, d_src))
+    src = unit(centres[rng.integers(0, 12, n)] + 0.6 * rng.standard_normal((n, d_src)))
+    R = rng.standard_normal((d_src, d_tgt)) / np.sqrt(d_src)
+    tgt = unit(unit(np.tanh(2 * src @ R)) + noise * rng.standard_normal((n, d_tgt)))
+    return src, tgt
+
+
 # -- a deterministic fake embedding model ------------------------------------------------------------
 def fake_embed(texts) -> np.ndarray:
     """Unit vectors seeded by each text's sha256; 'q: <doc>' is near <doc>, so queries have neighbours."""

@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from helpers import two_encoders as encoders, unit  # noqa: E402
+
 from simskip_faiss import Refiner  # noqa: E402
 from simskip_faiss.errors import InputError  # noqa: E402
 from simskip_faiss.refiners import LinearRefiner  # noqa: E402
@@ -15,21 +17,6 @@ from simskip_faiss.training.mapping import (MapConfig, check_pairs, fit_map,  # 
                                             procrustes, ridge_maps)
 
 FAST = dict(max_steps=40, eval_every=20, patience=1, hidden=16, threads=1)
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def encoders(n=600, d_src=24, d_tgt=16, noise=0.02, seed=0):
-    """Two deterministic fake encoders of the same texts: latent topics seen through different widths;
-    target = normalize(tanh(source @ R)) + noise."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((12, d_src))
-    src = unit(centres[rng.integers(0, 12, n)] + 0.6 * rng.standard_normal((n, d_src)))
-    R = rng.standard_normal((d_src, d_tgt)) / np.sqrt(d_src)
-    tgt = unit(unit(np.tanh(2 * src @ R)) + noise * rng.standard_normal((n, d_tgt)))
-    return src, tgt
 
 
 def test_an_exactly_linear_relation_is_recovered_by_procrustes_and_ridge():

@@ -8,15 +8,13 @@ import pytest
 
 pytest.importorskip("torch")
 
+from helpers import unit  # noqa: E402
+
 from simskip_faiss import Refiner  # noqa: E402
 from simskip_faiss.errors import InputError  # noqa: E402
 from simskip_faiss.training.mapping import fit_map  # noqa: E402
 
 FAST = dict(max_steps=300, eval_every=50, patience=3, hidden=32, threads=1)
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def world(n_docs=600, n_queries=900, d_new=24, d_old=16, shift=1.5, seed=0):

@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from helpers import two_encoders as encoders  # noqa: E402
+
 import faiss  # noqa: E402
 
 from simskip_faiss import RefinedIndex, Refiner  # noqa: E402
@@ -22,21 +24,6 @@ from simskip_faiss.errors import InputError  # noqa: E402
 from simskip_faiss.training.mapping import fit_map, map_documents, map_queries  # noqa: E402
 
 REFUSED = r"cannot serve this map: it is a documents map \(old stored vectors -> the new model's space"
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def encoders(n=600, d_src=24, d_tgt=16, noise=0.02, seed=0):
-    """Two deterministic fake encoders of the same texts: latent topics seen through different widths;
-    target = normalize(tanh(source @ R)) + noise."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((12, d_src))
-    src = unit(centres[rng.integers(0, 12, n)] + 0.6 * rng.standard_normal((n, d_src)))
-    R = rng.standard_normal((d_src, d_tgt)) / np.sqrt(d_src)
-    tgt = unit(unit(np.tanh(2 * src @ R)) + noise * rng.standard_normal((n, d_tgt)))
-    return src, tgt
 
 
 WIDTHS = [(24, 16), (16, 16)]  # (new model, old model): a width-changing map and an equal-width one
