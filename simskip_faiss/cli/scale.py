@@ -113,11 +113,9 @@ def _check_corpus_model(args) -> None:
     """`common.corpus_model` for the document column of a Spark job, before Spark starts (a map is a file)."""
     from ..refiners import load_refiner
 
-    if str(args.refiner) == "identity":
-        if args.corpus_model:
-            raise CLIError("--corpus-model is for a queries map between two models; identity is not one")
-    elif getattr(args, "role", "documents") == "documents":
-        corpus_model(load_refiner(args.refiner, threads=1), args, f"the {args.vector_col} column of {args.input}")
+    if getattr(args, "role", "documents") == "documents" or args.corpus_model:
+        refiner = None if str(args.refiner) == "identity" else load_refiner(args.refiner, threads=1)  # not a map
+        corpus_model(refiner, args, f"the {args.vector_col} column of {args.input}")
 
 
 def cmd_spark_refine(args) -> None:
