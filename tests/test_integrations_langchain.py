@@ -10,19 +10,10 @@ import pytest
 
 pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_community")
-from langchain_core.embeddings import Embeddings  # noqa: E402
-
 from helpers import (DOCS, K, QUERIES, expected_ids, fake_embed, in_new_process)  # noqa: E402,F401
+from helpers_langchain import FakeEmbeddings  # noqa: E402
 from simskip_faiss import IdentityRefiner  # noqa: E402
 from simskip_faiss.integrations.base import MissingRefinerError, RefinerMismatchError  # noqa: E402
-
-
-class FakeEmbeddings(Embeddings):
-    def embed_documents(self, texts):
-        return fake_embed(texts).tolist()
-
-    def embed_query(self, text):
-        return fake_embed([text])[0].tolist()
 
 
 def build(kind: str, refiner):

@@ -38,18 +38,11 @@ def check_pairs(corpus, pairs, row_of_text):
 # -- LangChain --------------------------------------------------------------------------------------------
 def langchain_store(**kw):
     pytest.importorskip("langchain_community")
+    from helpers_langchain import FakeEmbeddings
     from langchain_community.vectorstores import FAISS
-    from langchain_core.embeddings import Embeddings
-
-    class Fake(Embeddings):
-        def embed_documents(self, texts):
-            return fake_embed(texts).tolist()
-
-        def embed_query(self, text):
-            return fake_embed([text])[0].tolist()
 
     ids = [f"doc-{i}" for i in SHUFFLE]
-    return FAISS.from_texts(TEXTS, Fake(), ids=ids, **kw)
+    return FAISS.from_texts(TEXTS, FakeEmbeddings(), ids=ids, **kw)
 
 
 def test_langchain_store_read_back():

@@ -81,18 +81,11 @@ def check_refused_twice(store, full, corpus, read, match="in the store already")
 # -- LangChain ----------------------------------------------------------------------------------------------
 def langchain_store(texts=TEXTS, ids=None, **kw):
     pytest.importorskip("langchain_community")
+    from helpers_langchain import FakeEmbeddings
     from langchain_community.vectorstores import FAISS
-    from langchain_core.embeddings import Embeddings
-
-    class Fake(Embeddings):
-        def embed_documents(self, texts):
-            return fake_embed(texts).tolist()
-
-        def embed_query(self, text):
-            return fake_embed([text])[0].tolist()
 
     ids = ids or [f"doc-{DOCS.index(t)}" for t in texts]
-    return FAISS.from_texts(texts, Fake(), ids=ids, **kw)
+    return FAISS.from_texts(texts, FakeEmbeddings(), ids=ids, **kw)
 
 
 def lc_vectors(store):

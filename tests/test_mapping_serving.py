@@ -260,7 +260,7 @@ def test_langchain_embeds_documents_and_queries_through_a_queries_map_like_refin
     pytest.importorskip("langchain_community")
     from langchain_community.vectorstores import FAISS
     from langchain_community.vectorstores.utils import DistanceStrategy
-    from langchain_core.embeddings import Embeddings
+    from helpers_langchain import TableEmbeddings
 
     from simskip_faiss.integrations.langchain import RefinedEmbeddings
 
@@ -269,16 +269,7 @@ def test_langchain_embeds_documents_and_queries_through_a_queries_map_like_refin
     queries = [f"text {i}" for i in range(300, 340)]
     rows = {t: i for i, t in enumerate(docs + queries)}
 
-    class NewModel(Embeddings):
-        """The fake 24-d new model: each text's vector is the encoders' new side of its row."""
-
-        def embed_documents(self, texts):
-            return new[[rows[t] for t in texts]].tolist()
-
-        def embed_query(self, text):
-            return new[rows[text]].tolist()
-
-    emb = RefinedEmbeddings(NewModel(), tmp_path / "queries-24-16.onnx")
+    emb = RefinedEmbeddings(TableEmbeddings(new, rows), tmp_path / "queries-24-16.onnx")  # the fake 24-d new model
     np.testing.assert_allclose(emb.embed_documents(docs[:5]), r.transform(new[:5]), atol=1e-6)
     np.testing.assert_allclose(emb.embed_query(queries[0]), r.transform(new[300:301])[0], atol=1e-6)
     store = FAISS.from_texts(docs, emb, metadatas=[{"i": i} for i in range(300)],
@@ -348,7 +339,7 @@ def test_an_existing_langchain_store_of_old_vectors_serves_new_model_queries_thr
     pytest.importorskip("langchain_community")
     from langchain_community.vectorstores import FAISS
     from langchain_community.vectorstores.utils import DistanceStrategy
-    from langchain_core.embeddings import Embeddings
+    from helpers_langchain import TableEmbeddings
 
     from simskip_faiss.integrations.langchain import RefinedEmbeddings
 
@@ -356,19 +347,9 @@ def test_an_existing_langchain_store_of_old_vectors_serves_new_model_queries_thr
     texts = [f"text {i}" for i in range(400)]
     rows = {t: i for i, t in enumerate(texts)}
 
-    class Model(Embeddings):
-        def __init__(self, vectors):
-            self.vectors = vectors
-
-        def embed_documents(self, batch):
-            return self.vectors[[rows[t] for t in batch]].tolist()
-
-        def embed_query(self, text):
-            return self.vectors[rows[text]].tolist()
-
-    FAISS.from_texts(texts[:300], Model(old), metadatas=[{"i": i} for i in range(300)],
+    FAISS.from_texts(texts[:300], TableEmbeddings(old, rows), metadatas=[{"i": i} for i in range(300)],
                      distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT).save_local(str(tmp_path / "store"))
-    store = FAISS.load_local(str(tmp_path / "store"), RefinedEmbeddings(Model(new), r),
+    store = FAISS.load_local(str(tmp_path / "store"), RefinedEmbeddings(TableEmbeddings(new, rows), r),
                              allow_dangerous_deserialization=True,
                              distance_strategy=DistanceStrategy.MAX_INNER_PRODUCT)
     np.testing.assert_array_equal(store.index.reconstruct_n(0, 300), old[:300])
