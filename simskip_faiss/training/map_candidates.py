@@ -56,8 +56,8 @@ class MapConfig:
 
 
 # -- input ------------------------------------------------------------------------------------------------
-def check_pairs(source, target, names: tuple[str, str] = ("source", "target"),
-                min_pairs: int = MIN_PAIRS) -> tuple[np.ndarray, np.ndarray]:
+def check_pairs(source, target, names: tuple[str, str] = ("source", "target"), min_pairs: int = MIN_PAIRS,
+                what: str = "pairs") -> tuple[np.ndarray, np.ndarray]:
     """Two (n, d) float32 arrays whose row i embeds the same text, or InputError (one line)."""
     out = []
     for x, name in zip((source, target), names):
@@ -71,8 +71,7 @@ def check_pairs(source, target, names: tuple[str, str] = ("source", "target"),
         raise InputError(f"the pair files have different lengths: {ns} has {len(s)} rows, {nt} {len(t)}; "
                          "row i of both must embed the same text")
     if len(s) < min_pairs:
-        raise InputError(f"{len(s)} {'pairs' if min_pairs == MIN_PAIRS else ns.split()[0] + ' pairs'} are too few "
-                         f"to fit and check a map: give at least {min_pairs}")
+        raise InputError(f"{len(s)} {what} are too few to fit and check a map: give at least {min_pairs}")
     arrays = []
     for x, name, other in ((s, ns, nt), (t, nt, ns)):
         with np.errstate(over="ignore", invalid="ignore"):
@@ -104,7 +103,8 @@ def check_relevant(relevant, d_in: int, d_out: int, direction: str) -> tuple[np.
     if not isinstance(relevant, (tuple, list)) or len(relevant) != 2:
         raise InputError("relevant must be a pair (source-model vectors, target-model vectors), row for row")
     src, tgt = ROLE[direction]
-    S, T = check_pairs(relevant[0], relevant[1], ("relevant source", "relevant target"), min_pairs=MIN_RELEVANT)
+    S, T = check_pairs(relevant[0], relevant[1], ("relevant source", "relevant target"), min_pairs=MIN_RELEVANT,
+                        what="relevant pairs")
     for x, d, name, model in ((S, d_in, "relevant source", src), (T, d_out, "relevant target", tgt)):
         if x.shape[1] != d:
             raise InputError(f"{name} vectors have dimension {x.shape[1]} but the pairs' {model} model has {d}: "
@@ -288,6 +288,22 @@ def pair_loss(out, tgt, cfg: MapConfig, mask=None):
     return loss
 
 
+class _Cycle:
+    """Seeded batches of `rows` without replacement, reshuffled (by `rng`) when fewer than a batch are left; the
+    first shuffle is drawn at construction (so the draws from a shared rng keep their order)."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, rng: np.random.Generator):
+        self.rows, self.rng = rows, rng
+        self.batch = max(2, min(batch_size, len(rows)))
+        self.order, self.pos = rng.permutation(rows), 0
+
+    def next(self) -> np.ndarray:
+        if self.pos + self.batch > len(self.order):
+            self.order, self.pos = self.rng.permutation(self.rows), 0
+        self.pos += self.batch
+        return self.order[self.pos - self.batch:self.pos]
+
+
 def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, score, keys: list[str],
                   init: LinearRefiner, cfg: MapConfig, apply_to: str = "both", relevant=None, direction: str = "queries"):
     """Train a `MapSkip` from the closed-form map `init`; returns (model at its best held-out score, metrics, steps).
@@ -311,11 +327,9 @@ def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, score, k
                                 weight_decay=cfg.weight_decay)
         xt, yt = torch.from_numpy(X), torch.from_numpy(_normalize(Y))
         rng = np.random.default_rng(cfg.seed)
-        batch = max(2, min(cfg.batch_size, len(train_rows)))
         if relevant is not None:
             rs, rt, rg = torch.from_numpy(relevant[0]), torch.from_numpy(_normalize(relevant[1])), relevant[2]
-            rbatch = max(2, min(cfg.batch_size, len(rg)))
-            rorder, rpos = rng.permutation(len(rg)), 0
+            rbatches = _Cycle(np.arange(len(rg)), cfg.batch_size, rng)
 
         f = as_numpy(model)
 
@@ -327,19 +341,13 @@ def train_learned(X: np.ndarray, Y: np.ndarray, train_rows: np.ndarray, score, k
 
         best = evaluate()
         best_state, best_step, bad, step = copy.deepcopy(model.state_dict()), 0, 0, 0
-        order, pos = rng.permutation(train_rows), 0
+        batches = _Cycle(train_rows, cfg.batch_size, rng)
         model.train()
         while step < cfg.max_steps:
-            if pos + batch > len(order):
-                order, pos = rng.permutation(train_rows), 0
-            idx = torch.from_numpy(order[pos:pos + batch])
-            pos += batch
+            idx = torch.from_numpy(batches.next())
             loss = pair_loss(model(xt[idx]), yt[idx], cfg)
             if relevant is not None and cfg.relevant_weight:
-                if rpos + rbatch > len(rorder):
-                    rorder, rpos = rng.permutation(len(rg)), 0
-                ridx = rorder[rpos:rpos + rbatch]
-                rpos += rbatch
+                ridx = rbatches.next()
                 g = torch.from_numpy(rg[ridx])
                 same = (g[:, None] == g[None, :]) & ~torch.eye(len(ridx), dtype=torch.bool)
                 mapped, other = model(rs[ridx]), rt[ridx]
